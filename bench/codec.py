@@ -1,0 +1,137 @@
+"""Codec benchmark: QINCo against faiss PQ, OPQ, RQ and LSQ at the same code size.
+
+For each data set and code size, every codec is trained on the same learn set,
+encodes the same base, and is judged in the same run:
+  MSE          mean squared reconstruction error over the base
+  R@1, R@10    exhaustive search of the queries over the decoded base
+  encode/s     base vectors encoded per second
+  decode/s     codes decoded per second
+QINCo rows come from models trained by `qinco train` (one row per encoder
+setting).  The decode speed of a faiss IndexQINCo of the same architecture is
+printed next to ours.
+
+    python bench/codec.py --dataset glove-50 --bytes 8 --model runs/glove-50-8B.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from model import datasets
+from model.io import load_model, to_faiss_qinco
+from model.network import ENCODERS, decode, encode
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def evaluate(name: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, recon: np.ndarray,
+             t_encode: float, t_decode: float) -> dict:
+    index = faiss.IndexFlatL2(xb.shape[1])
+    index.add(recon)
+    _, ids = index.search(xq, 10)
+    return {"codec": name, "mse": float(((xb - recon) ** 2).sum(1).mean()),
+            "R@1": datasets.recall_at(ids, gt, 1), "R@10": datasets.recall_at(ids, gt, 10),
+            "encode_per_s": len(xb) / t_encode, "decode_per_s": len(xb) / t_decode}
+
+
+def faiss_codecs(d: int, nbytes: int) -> dict[str, str]:
+    M = nbytes
+    opq_d = d if d % M == 0 else (d // M + 1) * M
+    return {f"PQ{M}x8": f"PQ{M}", f"OPQ{M}_{opq_d},PQ{M}x8": f"OPQ{M}_{opq_d},PQ{M}",
+            f"RQ{M}x8 (beam 5)": f"RQ{M}x8", f"LSQ{M}x8": f"LSQ{M}x8"}
+
+
+def bench_faiss(key: str, xt, xb, xq, gt) -> dict:
+    index = faiss.index_factory(xt.shape[1], key)
+    if key.startswith("RQ"):
+        index.rq.max_beam_size = 5
+    index.train(xt)
+    codes, t_enc = timed(index.sa_encode, xb)
+    recon, t_dec = timed(index.sa_decode, codes)
+    return evaluate("", xb, xq, gt, recon, t_enc, t_dec)
+
+
+def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
+    model = load_model(path)
+    rows = []
+    codes = None
+    for name in encoders:
+        enc = ENCODERS[name]
+        codes, t_enc = timed(encode, model, xb, enc)
+        recon, t_dec = timed(decode, model, codes)
+        row = evaluate("", xb, xq, gt, recon, t_enc, t_dec)
+        row["codec"] = f"QINCo {name} (A={min(enc.A, model.cfg.K)}, B={enc.B})"
+        rows.append(row)
+    if model.cfg.nlist == 0 and model.cfg.de == 0 and model.cfg.rank == 0 and codes is not None:
+        index = to_faiss_qinco(model)
+        n = min(len(codes), 20_000)
+        (recon, t_dec) = timed(index.sa_decode, np.ascontiguousarray(codes[:n]))
+        ours = model.denormalize(torch.from_numpy(recon)).numpy()
+        agree = float(np.abs(ours - decode(model, codes[:n])).max())
+        rows.append({"codec": "faiss IndexQINCo decode (same network)", "decode_per_s": n / t_dec,
+                     "max_abs_diff_vs_ours": agree})
+    return rows
+
+
+def print_table(title: str, rows: list[dict]):
+    print(f"\n## {title}\n")
+    print("| codec | MSE | R@1 | R@10 | encode vec/s | decode vec/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [r["codec"]] + [f"{r[k]:.4f}" if k in r else "" for k in ("mse", "R@1", "R@10")]
+        cells += [f"{r[k]:,.0f}" if k in r else "" for k in ("encode_per_s", "decode_per_s")]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=datasets.NAMES, required=True)
+    p.add_argument("--bytes", type=int, default=8)
+    p.add_argument("--model", action="append", default=[], help="QINCo model(s) trained on this set's learn split")
+    p.add_argument("--encoders", default="fast,quality", help="QINCo encoder settings, e.g. greedy,fast,quality")
+    p.add_argument("--nb", type=int, default=0, help="use the first NB base vectors (default: all)")
+    p.add_argument("--nq", type=int, default=2000, help="queries (default 2000)")
+    p.add_argument("--skip-faiss", action="store_true")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+
+    ds = datasets.load(args.dataset)
+    xb = ds.base[:args.nb] if args.nb else ds.base
+    xq = ds.queries[:args.nq]
+    if args.nb:
+        index = faiss.IndexFlatL2(ds.d)
+        index.add(xb)
+        gt = index.search(xq, 10)[1]
+    else:
+        gt = datasets.ground_truth(ds)[:args.nq]
+    print(f"{args.dataset}: learn {ds.learn.shape}, base {xb.shape}, queries {xq.shape}, "
+          f"{args.bytes} bytes per vector, {torch.get_num_threads()} threads")
+    rows = []
+    if not args.skip_faiss:
+        for name, key in faiss_codecs(ds.d, args.bytes).items():
+            row = bench_faiss(key, ds.learn, xb, xq, gt)
+            row["codec"] = f"faiss {name}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for path in args.model:
+        for row in bench_qinco(Path(path), xb, xq, gt, args.encoders.split(",")):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print_table(f"{args.dataset}, {args.bytes} bytes per vector, base {len(xb):,}, {len(xq):,} queries", rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Training: k-means (IVF) and faiss RQ initialisation, then Adam on the QINCo loss.
+
+The loss is the sum over steps of ||x - x̂(m)||², so every code prefix is a
+valid lower-rate code.  Codes are searched without gradient (pre-selection +
+beam search, the expensive part), then the network is evaluated once per step
+on the chosen codewords with gradient: the backward pass costs one decode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .io import load_model, save_model
+from .network import ENCODERS, Encoder, Qinco, QincoConfig, check_vectors
+
+
+@dataclass
+class TrainConfig:
+    max_minutes: float = 60.0  # wall-clock budget, initialisation included
+    A: int = 16  # pre-selected candidates per beam while training
+    B: int = 4  # beams while training
+    lr: float = 1e-3
+    batch: int = 256
+    chunk_batches: int = 8  # batches encoded together before the gradient passes
+    reuse: int = 4  # gradient passes over each encoded chunk
+    seed: int = 0
+    val: int = 5000  # held-out vectors for validation (taken from the data)
+    eval_every: int = 50_000  # training vectors between validations
+    patience: int = 2  # validations without progress before lr /= 10
+    stop_patience: int = 5  # validations without progress before stopping
+    min_lr: float = 1e-6
+    kmeans_iters: int = 20
+    threads: int = 0  # 0: all cores
+    bf16: bool = True  # bf16 autocast for the training-time code search
+
+
+@dataclass
+class TrainState:
+    """What --resume needs, stored in the checkpoint's metadata."""
+
+    lr: float
+    best_val_mse: float = math.inf  # raw-space MSE with the training encoder
+    vectors_seen: int = 0
+    seconds: float = 0.0
+    stale: int = 0
+    history: list = field(default_factory=list)  # (minutes, val_mse)
+    rq_val_mse: float = math.nan  # faiss RQ beam 5 on the same validation set
+    init_val_mse: float = math.nan
+
+
+def log(msg: str):
+    tqdm.write(msg)
+
+
+def split_learn(x: np.ndarray, val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0 < val < len(x) // 2:
+        raise ValueError(f"--val must be between 1 and half the data ({len(x) // 2}), got {val}")
+    perm = np.random.default_rng(seed).permutation(len(x))
+    return x[perm[val:]], x[perm[:val]]
+
+
+def train_centroids(xn: np.ndarray, nlist: int, iters: int, seed: int) -> np.ndarray:
+    if nlist > len(xn):
+        raise ValueError(f"nlist={nlist} needs at least that many training vectors, got {len(xn)}")
+    km = faiss.Kmeans(xn.shape[1], nlist, niter=iters, seed=seed, max_points_per_centroid=256)
+    km.train(xn)
+    return km.centroids
+
+
+def train_rq(residuals: np.ndarray, cfg: QincoConfig) -> faiss.ResidualQuantizer:
+    rq = faiss.ResidualQuantizer(cfg.d, cfg.M, cfg.nbits)
+    rq.max_beam_size = 5
+    rq.train(residuals)
+    return rq
+
+
+def rq_codebooks(rq: faiss.ResidualQuantizer, cfg: QincoConfig) -> np.ndarray:
+    return faiss.vector_to_array(rq.codebooks).reshape(cfg.M, 1 << cfg.nbits, cfg.d)[:, :cfg.K]
+
+
+def mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a - b) ** 2).sum(1).mean())
+
+
+@torch.inference_mode()
+def validation_mse(model: Qinco, xval: torch.Tensor, lval, encoder: Encoder, batch: int = 1024) -> float:
+    """Raw-space MSE of normalised validation vectors."""
+    total = 0.0
+    for i0 in range(0, len(xval), batch):
+        xb = xval[i0:i0 + batch]
+        _, xhat = model.encode_normalized(xb, encoder, None if lval is None else lval[i0:i0 + batch])
+        total += float((xb - xhat).square().sum())
+    return total / len(xval) * float(model.scale) ** 2
+
+
+def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfig) -> tuple[Qinco, float]:
+    """A model equal to the faiss RQ it starts from; returns it and RQ's validation MSE."""
+    model = Qinco(cfg)
+    mean = x.mean(0)
+    scale = float(np.sqrt(((x - mean) ** 2).sum(1).mean() / cfg.d))  # per-coordinate RMS
+    model.mean.copy_(torch.from_numpy(mean))
+    model.scale.fill_(scale)
+    xn, valn = (x - mean) / scale, (xval - mean) / scale
+    if cfg.nlist:
+        t0 = time.time()
+        model.set_centroids(torch.from_numpy(train_centroids(xn, cfg.nlist, tc.kmeans_iters, tc.seed)))
+        log(f"k-means: {cfg.nlist} centroids in {time.time() - t0:.0f}s")
+        xn = xn - model.centroids[model.assign(torch.from_numpy(xn))].numpy()
+        valn = valn - model.centroids[model.assign(torch.from_numpy(valn))].numpy()
+    t0 = time.time()
+    rq = train_rq(np.ascontiguousarray(xn, dtype=np.float32), cfg)
+    with torch.no_grad():
+        for step, cb in zip(model.steps, rq_codebooks(rq, cfg)):
+            step.codebook.copy_(torch.from_numpy(cb))
+    valn = np.ascontiguousarray(valn, dtype=np.float32)
+    rq_mse = mse(valn, rq.decode(rq.compute_codes(valn))) * scale ** 2
+    log(f"faiss RQ {cfg.M}x{cfg.nbits} (beam 5) initialisation in {time.time() - t0:.0f}s, "
+        f"validation MSE {rq_mse:.5g}")
+    return model, rq_mse
+
+
+def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConfig(),
+          resume: bool = False) -> Qinco:
+    """Train a QINCo model on raw vectors `data` (n, d) and save it to `out`.
+
+    The best model by validation MSE is saved after every improvement, so an
+    interrupted run leaves a usable file; `resume` continues from it.
+    """
+    start = time.time()
+    budget = tc.max_minutes * 60
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    out = Path(out)
+    x = np.asarray(data)
+    if x.ndim != 2:
+        raise ValueError(f"training data must be 2-D (n, d), got shape {x.shape}")
+    x = check_vectors(x, x.shape[1], "training vectors")
+    xtrain, xval = split_learn(x, tc.val, tc.seed)
+
+    if resume:
+        model, extra = load_model(out, with_extra=True)
+        if model.cfg.d != x.shape[1]:
+            raise ValueError(f"expected dim {model.cfg.d}, got {x.shape[1]}")
+        state = TrainState(**extra["training"]["state"])
+        cfg = model.cfg
+        log(f"resuming {out}: {state.seconds / 60:.1f} min done, best validation MSE {state.best_val_mse:.5g}")
+    else:
+        if cfg is None:
+            raise ValueError("a new model needs a QincoConfig")
+        if cfg.d != x.shape[1]:
+            raise ValueError(f"expected dim {cfg.d}, got {x.shape[1]}")
+        model, rq_mse = initialise(xtrain, xval, cfg, tc)
+        state = TrainState(lr=tc.lr, rq_val_mse=rq_mse)
+
+    model.train()
+    xt = model.normalize(torch.from_numpy(xtrain))
+    xv = model.normalize(torch.from_numpy(xval))
+    lt = model.assign(xt) if cfg.nlist else None
+    lv = model.assign(xv) if cfg.nlist else None
+    train_encoder = Encoder(A=tc.A, B=tc.B)
+    optimizer = torch.optim.Adam(model.parameters(), lr=state.lr)
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def checkpoint():
+        state.seconds = prior + time.time() - start
+        extra = {"training": {"config": asdict(tc), "state": asdict(state), "n_train": len(xtrain)}}
+        current = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best)
+        save_model(model, out, extra)
+        model.load_state_dict(current)
+
+    prior = state.seconds
+    if not resume:
+        state.init_val_mse = state.best_val_mse = validation_mse(model, xv, lv, train_encoder)
+        state.history.append((round((time.time() - start) / 60, 2), state.best_val_mse))
+        log(f"QINCo at initialisation (A={tc.A}, B={tc.B}): validation MSE {state.best_val_mse:.5g}")
+        checkpoint()
+
+    gen = torch.Generator().manual_seed(tc.seed + state.vectors_seen)
+    bar = tqdm(total=round(budget), unit="s", desc="training", dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}s [ETA {remaining}] {postfix}")
+    bar.update(round(time.time() - start))
+    since_eval, chunk_seconds, stop = 0, 0.0, False
+    chunk_start = time.time()
+    chunk = min(tc.batch * tc.chunk_batches, len(xt))
+    while not stop:
+        perm = torch.randperm(len(xt), generator=gen)
+        for c0 in range(0, len(perm) - chunk + 1, chunk):
+            xc = xt[perm[c0:c0 + chunk]]
+            lc = None if lt is None else lt[perm[c0:c0 + chunk]]
+            # The code search needs no gradient and tolerates bf16 (1.7x faster here).
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+                codes = torch.cat([model.encode_normalized(xc[i:i + tc.batch], train_encoder,
+                                                           None if lc is None else lc[i:i + tc.batch])[0]
+                                   for i in range(0, chunk, tc.batch)])
+            # The search dominates the cost, so each chunk's codes serve several gradient passes.
+            for _ in range(tc.reuse):
+                order = torch.randperm(chunk, generator=gen)
+                for b0 in range(0, chunk, tc.batch):
+                    b = order[b0:b0 + tc.batch]
+                    xb, lb = xc[b], None if lc is None else lc[b]
+                    recon = model(codes[b], lb)  # (M, batch, d)
+                    loss = (xb - recon).square().sum(-1).mean(-1).sum()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            state.vectors_seen += chunk
+            since_eval += chunk
+            elapsed = time.time() - start
+            bar.update(max(0, round(elapsed) - bar.n))
+            bar.set_postfix_str(f"step-mean MSE={loss.item() * float(model.scale) ** 2 / cfg.M:.4g} "
+                                f"val={state.best_val_mse:.5g} lr={state.lr:.0e}", refresh=False)
+            # Stop before the rest of this chunk (training + validation) would overrun the budget.
+            if elapsed + 1.1 * chunk_seconds * (1 - since_eval / tc.eval_every) > budget:
+                stop = True
+            if since_eval >= tc.eval_every or (stop and since_eval >= tc.eval_every // 10):
+                val = validation_mse(model, xv, lv, train_encoder)
+                chunk_seconds, chunk_start, since_eval = time.time() - chunk_start, time.time(), 0
+                state.history.append((round((time.time() - start + prior) / 60, 2), val))
+                if val < state.best_val_mse * (1 - 1e-4):
+                    state.best_val_mse, state.stale = val, 0
+                    best = {k: v.clone() for k, v in model.state_dict().items()}
+                    checkpoint()
+                else:
+                    state.stale += 1
+                    if state.stale >= tc.stop_patience:
+                        log("validation MSE stopped improving: early stop")
+                        stop = True
+                    elif state.stale % tc.patience == 0:
+                        state.lr = max(state.lr / 10, tc.min_lr)
+                        for g in optimizer.param_groups:
+                            g["lr"] = state.lr
+                log(f"{(time.time() - start + prior) / 60:5.1f} min  {state.vectors_seen:>9} vectors  "
+                    f"validation MSE {val:.5g} (best {state.best_val_mse:.5g}, lr {state.lr:.0e})")
+            if stop:
+                break
+    bar.close()
+    model.load_state_dict(best)
+    checkpoint()
+    model.eval()
+    summarize(model, xv, lv, state)
+    return model
+
+
+def summarize(model: Qinco, xv: torch.Tensor, lv, state: TrainState):
+    rows = [("faiss RQ (beam 5), initialisation", state.rq_val_mse),
+            ("QINCo at initialisation, training encoder", state.init_val_mse)]
+    for name in ("fast", "quality"):
+        enc = ENCODERS[name]
+        rows.append((f"QINCo trained, {name} encoder (A={min(enc.A, model.cfg.K)}, B={enc.B})",
+                     validation_mse(model, xv, lv, enc)))
+    log(f"\nvalidation MSE after {state.seconds / 60:.1f} min, {state.vectors_seen} vectors seen")
+    for name, value in rows:
+        ratio = value / state.rq_val_mse if state.rq_val_mse == state.rq_val_mse else math.nan
+        log(f"  {name:<52} {value:10.5g}   {ratio:6.3f} x RQ")

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.network import Qinco, QincoConfig
+
+DATA = Path(__file__).parent / "data"
+
+
+def random_model(cfg: QincoConfig, seed: int = 0) -> Qinco:
+    """A model whose every layer matters (no zero-initialised outputs)."""
+    torch.manual_seed(seed)
+    model = Qinco(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.3 if "codebook" in name else 0.1)
+        if cfg.nlist:
+            model.set_centroids(torch.randn(cfg.nlist, cfg.d))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def glove_sample() -> np.ndarray:
+    """8,000 real GloVe 50-d vectors (unit norm), float32."""
+    return np.load(DATA / "glove-50-sample.f16.npy").astype(np.float32)
+
+
+@pytest.fixture
+def gaussian():
+    return np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
