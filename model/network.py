@@ -168,6 +168,11 @@ class Qinco(nn.Module):
         self.register_buffer("mean", torch.zeros(cfg.d))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("centroids", torch.zeros(cfg.nlist, cfg.d))  # normalised space
+        if cfg.nlist:
+            # The IVF index's approximate decoder (model/codebooks.py): raw-space tables
+            # fitted to this model's codes, and the range of the norms it stores.
+            self.register_buffer("tables", torch.zeros(cfg.M, cfg.K, cfg.d))
+            self.register_buffer("norm_range", torch.zeros(2))
         first = QincoStep if cfg.nlist else PlainStep
         self.steps = nn.ModuleList([first(cfg)] + [QincoStep(cfg) for _ in range(cfg.M - 1)])
         self._coarse = None  # faiss index over the centroids, built on first use
@@ -201,6 +206,9 @@ class Qinco(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._coarse = None
         super()._load_from_state_dict(*args, **kwargs)
+
+    def centroids_raw(self) -> np.ndarray:
+        return self.denormalize(self.centroids).detach().numpy()
 
     def assign(self, xn: torch.Tensor) -> torch.Tensor:
         """Nearest centroid of normalised vectors: (n, d) -> (n,) int64."""

@@ -30,3 +30,12 @@ def glove_sample() -> np.ndarray:
 @pytest.fixture
 def gaussian():
     return np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def ivf_model(glove_sample, tmp_path_factory):
+    """A small IVF-QINCo model (4 bytes, 16 lists) trained briefly on real GloVe vectors."""
+    from model.train import TrainConfig, train
+    cfg = QincoConfig(d=50, M=2, K=256, L=1, h=32, nlist=16)
+    out = tmp_path_factory.mktemp("ivf") / "ivf.safetensors"
+    return train(glove_sample[:4000], out, cfg, TrainConfig(max_minutes=0.1, A=8, B=2, batch=128, val=500))

@@ -1,0 +1,352 @@
+"""The IVF-HNSW search index: fixed-table shortlist, neural re-ranking.
+
+Layout: a faiss `IVF{nlist}_HNSW32,RQ{M}x8_Nqint8` index whose HNSW coarse
+quantizer holds the model's centroids and whose RQ codebooks are the model's
+fixed tables.  Vectors are encoded once by QINCo and their codes written
+straight into the inverted lists (faiss never re-encodes them).
+
+Search: HNSW finds `nprobe` lists (`ef_search`) -> faiss scores their codes with
+the tables and keeps `nshort` candidates with their codes -> QINCo decodes the
+shortlist -> exact L2 to the query -> top k.
+
+An index directory holds index.faiss, model.safetensors (with the tables),
+tuning.json and manifest.json (format, sizes, checksums).  Saving is atomic;
+loading checks the manifest and never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from .io import CheckpointError, load_model, save_model
+from .network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, split_codes
+
+FORMAT = "qinco-search/index"
+FORMAT_VERSION = 1
+MAX_K = 10_000
+MAX_NSHORT = 100_000
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    nprobe: int = 16
+    ef_search: int = 64
+    nshort: int = 100  # shortlist re-ranked by the neural decoder
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    params: SearchParams
+    recall: float  # recall@k of the tuning queries, k as tuned
+    ms_per_query: float
+
+
+class QincoIndexError(ValueError):
+    """A bad request to the index (wrong shape, bad parameter) or a damaged index directory."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_faiss_index(model: Qinco) -> faiss.IndexIVFResidualQuantizer:
+    """An empty IVF-HNSW-RQ index holding the model's centroids and fixed tables."""
+    cfg = model.cfg
+    if not cfg.nlist:
+        raise QincoIndexError("an index needs an IVF model (train with --nlist)")
+    if cfg.K != 256:
+        raise QincoIndexError(f"an index needs K = 256 (one byte per step), got K = {cfg.K}")
+    if float(model.norm_range[1]) <= 0:
+        raise QincoIndexError("the model has no fitted tables (it was not trained by `qinco train --nlist`)")
+    index = faiss.index_factory(cfg.d, f"IVF{cfg.nlist}_HNSW32,RQ{cfg.M}x8_Nqint8")
+    quantizer = faiss.downcast_index(index.quantizer)
+    quantizer.add(model.centroids_raw())
+    rq = index.rq
+    faiss.copy_array_to_vector(model.tables.numpy().astype(np.float32).ravel(), rq.codebooks)
+    rq.is_trained = True
+    lo, hi = (float(v) for v in model.norm_range)
+    norms = np.array([lo, hi], dtype=np.float32)
+    rq.train_norm(2, faiss.swig_ptr(norms))
+    index.is_trained = True
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
+
+
+class QincoIndex:
+    """A QINCo model and its IVF-HNSW index, searched with neural re-ranking."""
+
+    def __init__(self, model: Qinco, index: faiss.IndexIVFResidualQuantizer | None = None,
+                 tuning: dict | None = None):
+        self.model = model.eval()
+        self.index = index if index is not None else make_faiss_index(model)
+        self.tuning = tuning or {}  # {"k": int, "points": [OperatingPoint as dict]}
+        self.listno_bytes = self.index.coarse_code_size()
+        self.code_bytes = self.index.code_size
+
+    @property
+    def d(self) -> int:
+        return self.model.cfg.d
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    # ---- writing -----------------------------------------------------------------
+    def encode(self, x, encoder: Encoder = ENCODERS["quality"], progress=None) -> np.ndarray:
+        """Raw vectors -> (n, 1 + M) int32 codes, IVF list first (the slow part: no lock needed)."""
+        return encode(self.model, x, encoder, progress=progress)
+
+    def add(self, x, ids=None, encoder: Encoder = ENCODERS["quality"], progress=None) -> np.ndarray:
+        """Encode and add vectors; existing ids are replaced.  Returns the ids."""
+        x = check_vectors(x, self.d)
+        ids = self._check_ids(ids if ids is not None else np.arange(self.ntotal, self.ntotal + len(x)), len(x))
+        self.add_codes(self.encode(x, encoder, progress), ids)
+        return ids
+
+    def add_codes(self, codes: np.ndarray, ids) -> None:
+        """Write precomputed codes into the inverted lists (upsert: an existing id is replaced)."""
+        qcodes, lists = split_codes(self.model, codes)
+        if qcodes.shape[1] != self.model.cfg.M:
+            raise QincoIndexError(f"codes must hold all {self.model.cfg.M} steps, got {qcodes.shape[1]}")
+        ids = self._check_ids(ids, len(qcodes))
+        self.remove(ids)
+        self.index.add_sa_codes(self._pack(qcodes.numpy(), lists.numpy()), ids)
+
+    def _pack(self, qcodes: np.ndarray, lists: np.ndarray) -> np.ndarray:
+        """faiss sa codes: list number (little-endian) then the packed RQ code with its norm."""
+        n = len(qcodes)
+        centroids = self.model.centroids_raw()[lists]
+        packed = np.zeros((n, self.code_bytes), dtype=np.uint8)
+        codes32 = np.ascontiguousarray(qcodes, dtype=np.int32)
+        # Norms of centroid + table reconstruction, as faiss's own encoder stores them.
+        self.index.rq.pack_codes(n, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1, None,
+                                 faiss.swig_ptr(np.ascontiguousarray(centroids, dtype=np.float32)))
+        listno = lists.astype("<i8").view(np.uint8).reshape(n, 8)[:, :self.listno_bytes]
+        return np.ascontiguousarray(np.hstack([listno, packed]))
+
+    def _unpack(self, sa_codes: np.ndarray) -> np.ndarray:
+        """(n, listno + code bytes) -> (n, 1 + M) int64 codes, list first."""
+        n = len(sa_codes)
+        wide = np.zeros((n, 8), dtype=np.uint8)
+        wide[:, :self.listno_bytes] = sa_codes[:, :self.listno_bytes]
+        lists = wide.view("<i8")[:, 0]
+        M = self.model.cfg.M
+        qcodes = sa_codes[:, self.listno_bytes:self.listno_bytes + M].astype(np.int64)
+        return np.hstack([lists[:, None], qcodes])
+
+    def remove(self, ids) -> int:
+        """Remove ids (absent ones are ignored); returns how many were removed."""
+        ids = np.unique(self._check_ids(ids, None, unique=False))
+        if not len(ids) or not self.ntotal:
+            return 0
+        present = np.array([self._contains(i) for i in ids], dtype=bool)
+        if not present.any():
+            return 0
+        return self.index.remove_ids(faiss.IDSelectorArray(ids[present]))
+
+    def _contains(self, i: int) -> bool:
+        try:
+            self.index.direct_map.get(int(i))
+            return True
+        except RuntimeError:
+            return False
+
+    def reconstruct(self, i: int) -> np.ndarray:
+        """The neural decoding of a stored vector (d,)."""
+        if not self._contains(i):
+            raise KeyError(f"id {i} is not in the index")
+        lo = self.index.direct_map.get(int(i))
+        list_no, offset = lo >> 32, lo & 0xFFFFFFFF
+        ptr = self.index.invlists.get_single_code(list_no, offset)
+        code = np.array(faiss.rev_swig_ptr(ptr, self.code_bytes), dtype=np.uint8)
+        self.index.invlists.release_codes(list_no, ptr)
+        full = np.concatenate([np.zeros(self.listno_bytes, np.uint8), code])[None]
+        codes = self._unpack(full)
+        codes[:, 0] = list_no
+        return decode(self.model, codes)[0]
+
+    @staticmethod
+    def _check_ids(ids, n: int | None, unique: bool = True) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (n is not None and len(ids) != n):
+            raise QincoIndexError(f"ids must be a 1-D array of {n} integers, got shape {ids.shape}")
+        if len(ids) and not np.issubdtype(ids.dtype, np.integer):
+            raise QincoIndexError(f"ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if len(ids) and ids.min() < 0:
+            raise QincoIndexError("ids must be >= 0")
+        if unique and len(np.unique(ids)) != len(ids):
+            raise QincoIndexError("duplicate ids in one batch")
+        return ids
+
+    # ---- searching ---------------------------------------------------------------
+    def check_params(self, k: int, params: SearchParams) -> SearchParams:
+        nlist = self.model.cfg.nlist
+        if not 1 <= k <= MAX_K:
+            raise QincoIndexError(f"k must be between 1 and {MAX_K}, got {k}")
+        if not 1 <= params.nprobe <= nlist:
+            raise QincoIndexError(f"nprobe must be between 1 and nlist={nlist}, got {params.nprobe}")
+        if params.ef_search < 1:
+            raise QincoIndexError(f"ef_search must be >= 1, got {params.ef_search}")
+        if not 1 <= params.nshort <= MAX_NSHORT:
+            raise QincoIndexError(f"nshort must be between 1 and {MAX_NSHORT}, got {params.nshort}")
+        # The shortlist must hold k candidates, and HNSW must return nprobe lists.
+        return SearchParams(params.nprobe, max(params.ef_search, params.nprobe), max(params.nshort, k))
+
+    def shortlist(self, xq: np.ndarray, params: SearchParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fixed-table scoring: distances, ids (nq, nshort), and codes (nq, nshort, 1 + M)."""
+        sp = faiss.SearchParametersIVF(nprobe=params.nprobe,
+                                       quantizer_params=faiss.SearchParametersHNSW(efSearch=params.ef_search))
+        D, I, codes = self.index.search_and_return_codes(xq, params.nshort, include_listnos=True, params=sp)
+        return D, I, self._unpack(codes.reshape(-1, codes.shape[-1])).reshape(len(xq), params.nshort, -1)
+
+    def search(self, queries, k: int = 10, params: SearchParams | None = None, target_recall: float | None = None,
+               rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest neighbours: distances (nq, k') float32 and ids (nq, k') int64.
+
+        k' = min(k, ntotal): every row holds k' real results and no -1 padding.
+        When the probed lists hold fewer than k' vectors for a query, that query
+        is searched again over every list.  `rerank=False` returns the
+        fixed-table shortlist order (the approximate decoder alone).
+        """
+        if target_recall is not None:
+            params = self.params_for_recall(target_recall)
+        params = self.check_params(k, params or SearchParams())
+        xq = check_vectors(queries, self.d, "queries")
+        kk = min(k, self.ntotal)
+        if kk == 0:
+            return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
+        D, I, codes = self.shortlist(xq, params)
+        short = (I >= 0).sum(1) < kk
+        if short.any():  # too few vectors in the probed lists: probe them all
+            nlist = self.model.cfg.nlist
+            wide = SearchParams(nlist, max(params.ef_search, nlist), params.nshort)
+            D[short], I[short], codes[short] = self.shortlist(xq[short], wide)
+        if rerank:
+            D = self.rerank_distances(xq, I, codes)
+        order = np.argsort(D, axis=1, kind="stable")[:, :kk]
+        return np.take_along_axis(D, order, 1).astype(np.float32), np.take_along_axis(I, order, 1)
+
+    @torch.inference_mode()
+    def rerank_distances(self, xq: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Exact L2 from each query to the neural decoding of its shortlist; +inf where empty."""
+        nq, ns, _ = codes.shape
+        valid = ids >= 0
+        flat = torch.from_numpy(codes.reshape(nq * ns, -1)[valid.ravel()])
+        out = np.full((nq, ns), np.inf, dtype=np.float32)
+        if len(flat):
+            xn = self.model.decode_normalized(flat[:, 1:], flat[:, 0])
+            xhat = self.model.denormalize(xn)
+            q = torch.from_numpy(xq).unsqueeze(1).expand(nq, ns, -1).reshape(nq * ns, -1)[valid.ravel()]
+            out[valid] = (q - xhat).square().sum(-1).numpy()
+        return out
+
+    # ---- tuning ------------------------------------------------------------------
+    def tune(self, queries, ground_truth: np.ndarray, k: int = 10, grid: dict | None = None) -> list[OperatingPoint]:
+        """Sweep search parameters on held-out queries; keep and return the Pareto front.
+
+        ground_truth (nq, >= 1): the true nearest neighbour ids.  Recall is
+        recall@k: the true nearest neighbour is among the k results.
+        """
+        xq = check_vectors(queries, self.d, "queries")
+        gt = np.asarray(ground_truth)[:, 0]
+        nlist = self.model.cfg.nlist
+        grid = grid or {}
+        nprobes = grid.get("nprobe") or sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= nlist})
+        nshorts = grid.get("nshort") or [s for s in (k, 2 * k, 5 * k, 10 * k, 20 * k, 50 * k) if s <= MAX_NSHORT]
+        points = []
+        for nprobe in nprobes:
+            for nshort in nshorts:
+                params = SearchParams(nprobe, max(32, 2 * nprobe), nshort)
+                t0 = time.perf_counter()
+                _, ids = self.search(xq, k, params)
+                ms = (time.perf_counter() - t0) * 1000 / len(xq)
+                recall = float((ids == gt[:, None]).any(1).mean())
+                points.append(OperatingPoint(params, recall, ms))
+        front = pareto_front(points)
+        self.tuning = {"k": k, "points": [asdict(p) for p in front]}
+        return front
+
+    def params_for_recall(self, target: float) -> SearchParams:
+        """The fastest tuned operating point reaching `target`, else the most accurate one."""
+        if not 0 < target <= 1:
+            raise QincoIndexError(f"target_recall must be in (0, 1], got {target}")
+        points = self.tuning.get("points")
+        if not points:
+            raise QincoIndexError("this index has not been tuned: run `qinco tune` or pass search parameters")
+        ok = [p for p in points if p["recall"] >= target]
+        best = min(ok, key=lambda p: p["ms_per_query"]) if ok else max(points, key=lambda p: p["recall"])
+        return SearchParams(**best["params"])
+
+    # ---- persistence ---------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the index directory atomically: a temporary sibling, then renames."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        faiss.write_index(self.index, str(tmp / "index.faiss"))
+        save_model(self.model, tmp / "model.safetensors")
+        (tmp / "tuning.json").write_text(json.dumps(self.tuning, indent=1))
+        files = ("index.faiss", "model.safetensors", "tuning.json")
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "d": self.d,
+                    "M": self.model.cfg.M, "nlist": self.model.cfg.nlist, "ntotal": self.ntotal,
+                    "bytes_per_vector": self.code_bytes, "sha256": {f: _sha256(tmp / f) for f in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for f in list(files) + ["manifest.json"]:
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path) -> "QincoIndex":
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise QincoIndexError(f"{path}: not an index directory (no manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise QincoIndexError(f"{path}: damaged manifest ({e})") from None
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise QincoIndexError(f"{path}: unsupported index format {manifest.get('format')!r} "
+                              f"version {manifest.get('format_version')!r}")
+        for name, digest in manifest.get("sha256", {}).items():
+            if not (path / name).is_file() or _sha256(path / name) != digest:
+                raise QincoIndexError(f"{path}: {name} is missing or does not match its checksum")
+        try:
+            model = load_model(path / "model.safetensors")
+        except CheckpointError as e:
+            raise QincoIndexError(str(e)) from None
+        index = faiss.read_index(str(path / "index.faiss"))
+        if not isinstance(index, faiss.IndexIVFResidualQuantizer) or index.ntotal != manifest["ntotal"] or index.d != model.cfg.d:
+            raise QincoIndexError(f"{path}: index.faiss does not match the manifest")
+        return cls(model, index, json.loads((path / "tuning.json").read_text()))
+
+
+def pareto_front(points: list[OperatingPoint]) -> list[OperatingPoint]:
+    """Points that no other point beats on both recall and time, by increasing time."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p.ms_per_query, -p.recall)):
+        if p.recall > best:
+            front.append(p)
+            best = p.recall
+    return front

@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import faiss
+
+from model.codebooks import decode_tables, fit_tables
+from model.index import QincoIndex, QincoIndexError, SearchParams
+from model.network import Encoder
+
+ENC = Encoder(A=16, B=2)
+WIDE = SearchParams(nprobe=16, ef_search=32, nshort=200)
+
+
+@pytest.fixture
+def base(glove_sample):
+    return glove_sample[4000:7000]
+
+
+@pytest.fixture
+def index(ivf_model, base):
+    idx = QincoIndex(ivf_model)
+    idx.add(base, np.arange(len(base)) * 3 + 7, ENC)
+    return idx
+
+
+def exact_neighbours(base, queries, k):
+    flat = faiss.IndexFlatL2(base.shape[1])
+    flat.add(base)
+    return flat.search(queries, k)[1]
+
+
+def test_fit_tables_recovers_an_additive_code():
+    rng = np.random.default_rng(0)
+    tables = rng.standard_normal((3, 16, 8)).astype(np.float32)
+    codes = rng.integers(0, 16, (2000, 3))
+    fitted = fit_tables(codes, decode_tables(tables, codes), 16)
+    np.testing.assert_allclose(decode_tables(fitted, codes), decode_tables(tables, codes), atol=1e-3)
+
+
+def test_indexed_vector_is_its_own_nearest_neighbour(index, base):
+    ids = np.arange(len(base)) * 3 + 7
+    _, found = index.search(base[:300], 1, WIDE)
+    assert found.shape == (300, 1) and found.dtype == np.int64
+    assert (found[:, 0] == ids[:300]).mean() > 0.9
+
+
+def test_reranking_beats_the_fixed_table_shortlist(index, base, glove_sample):
+    queries = glove_sample[7000:7500]
+    gt = exact_neighbours(base, queries, 1)[:, 0] * 3 + 7
+    _, reranked = index.search(queries, 10, WIDE)
+    _, shortlist = index.search(queries, 10, WIDE, rerank=False)
+    r1 = (reranked[:, 0] == gt).mean()
+    assert r1 > (shortlist[:, 0] == gt).mean() + 0.02, (r1, (shortlist[:, 0] == gt).mean())
+    assert r1 > 0.08  # 2 bytes + list id on 50-d GloVe
+
+
+def test_removed_ids_never_return(index, base):
+    gone = np.arange(0, 200) * 3 + 7
+    assert index.remove(np.concatenate([gone, [10**9]])) == 200
+    assert index.ntotal == len(base) - 200
+    _, found = index.search(base[:200], 10, WIDE)
+    assert not np.isin(found, gone).any()
+    assert index.remove(gone) == 0
+
+
+def test_upsert_replaces_never_duplicates(index, base):
+    n = index.ntotal
+    index.add(base[[5]], [7], ENC)  # id 7 held base[0]; now it holds base[5]
+    assert index.ntotal == n
+    _, found = index.search(base[[5]], 2, WIDE)
+    assert 7 in found[0]
+    np.testing.assert_allclose(index.reconstruct(7), index.reconstruct(5 * 3 + 7), atol=1e-5)
+    with pytest.raises(QincoIndexError, match="duplicate ids"):
+        index.add(base[:2], [1, 1], ENC)
+
+
+def test_reconstruct_is_the_neural_decoding(index, base):
+    err = ((index.reconstruct(7) - base[0]) ** 2).sum()
+    assert err < (base[0] ** 2).sum()
+    with pytest.raises(KeyError):
+        index.reconstruct(8)
+
+
+def test_save_load_gives_identical_results(index, base, tmp_path):
+    index.tune(base[:100], np.arange(100)[:, None] * 3 + 7, k=1, grid={"nprobe": [1, 4], "nshort": [10, 50]})
+    index.save(tmp_path / "idx")
+    index.save(tmp_path / "idx")  # overwriting is atomic too
+    loaded = QincoIndex.load(tmp_path / "idx")
+    D1, I1 = index.search(base[:50], 10, WIDE)
+    D2, I2 = loaded.search(base[:50], 10, WIDE)
+    assert (I1 == I2).all() and np.allclose(D1, D2)
+    assert loaded.tuning == index.tuning and loaded.ntotal == index.ntotal
+
+
+def test_damaged_index_directory_is_refused(index, tmp_path):
+    index.save(tmp_path / "idx")
+    with open(tmp_path / "idx" / "index.faiss", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(QincoIndexError, match="checksum"):
+        QincoIndex.load(tmp_path / "idx")
+    with pytest.raises(QincoIndexError, match="not an index directory"):
+        QincoIndex.load(tmp_path / "nothing")
+
+
+def test_tuning_gives_a_pareto_front_and_target_recall(index, base):
+    queries = base[:200]
+    gt = (np.arange(200) * 3 + 7)[:, None]
+    front = index.tune(queries, gt, k=10, grid={"nprobe": [1, 2, 8], "nshort": [10, 100]})
+    times = [p.ms_per_query for p in front]
+    recalls = [p.recall for p in front]
+    assert times == sorted(times) and recalls == sorted(recalls)
+    top = max(recalls)
+    params = index.params_for_recall(top)
+    assert params in [p.params for p in front]
+    _, found = index.search(queries, 10, target_recall=top)
+    assert (found == gt).any(1).mean() >= top - 0.05  # same queries, timing-independent recall
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda i, q: i.search(q, 0, WIDE), "k must be between 1"),
+    (lambda i, q: i.search(q, 10, SearchParams(nprobe=17)), "nprobe must be between 1 and nlist=16"),
+    (lambda i, q: i.search(q[:, :40], 10, WIDE), "expected dim 50, got 40"),
+    (lambda i, q: i.search(np.full_like(q, np.nan), 10, WIDE), "NaN or Inf"),
+    (lambda i, q: i.search(q, 10, target_recall=0.9), "not been tuned"),
+    (lambda i, q: i.add(q, [1, 2], ENC), "ids must be a 1-D array of 3"),
+    (lambda i, q: i.add(q, [-1, 2, 3], ENC), "ids must be >= 0"),
+])
+def test_bad_requests_raise_clear_errors(index, base, call, message):
+    n = index.ntotal
+    with pytest.raises(ValueError, match=message):
+        call(index, base[:3].copy())
+    assert index.ntotal == n
+
+
+def test_empty_and_small_indexes(ivf_model, base):
+    idx = QincoIndex(ivf_model)
+    D, I = idx.search(base[:4], 10, WIDE)
+    assert D.shape == (4, 0) and I.shape == (4, 0)
+    idx.add(base[:3], [1, 2, 3], ENC)
+    # Fewer vectors than k, and probes that miss them: every row still has all 3, no -1.
+    D, I = idx.search(base[100:104], 10, SearchParams(nprobe=1, ef_search=16, nshort=10))
+    assert I.shape == (4, 3) and (np.sort(I, 1) == [1, 2, 3]).all()
+    assert np.isfinite(D).all()
