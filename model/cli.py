@@ -1,16 +1,18 @@
-"""`qinco` command line: train, encode, decode (the service adds `serve`)."""
+"""`qinco` command line: train, encode, decode, build, tune, search, eval (the service adds `serve`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import fields
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import io
+from . import datasets, io
+from .index import QincoIndex, SearchParams
 from .network import ENCODERS, Encoder, QincoConfig, decode, encode
 from .train import TrainConfig, train
 
@@ -63,6 +65,135 @@ def cmd_decode(args):
     print(f"wrote {x.shape} float32 vectors to {args.out}")
 
 
+def cmd_build(args):
+    model = io.load_model(args.model)
+    x = io.read_vectors(args.base, mmap=True)
+    ids = np.load(args.ids, allow_pickle=False) if args.ids else np.arange(len(x))
+    if len(ids) != len(x):
+        raise ValueError(f"{len(ids)} ids for {len(x)} vectors")
+    index = QincoIndex(model)
+    encoder = encoder_from_args(args)
+    with tqdm(total=len(x), unit="vec", desc="encoding + adding") as bar:
+        for i0 in range(0, len(x), args.batch):  # batches keep memory flat on big files
+            codes = index.encode(x[i0:i0 + args.batch], encoder)
+            index.add_codes(codes, ids[i0:i0 + args.batch])
+            bar.update(len(codes))
+    index.save(args.out)
+    print(f"wrote {args.out}: {index.ntotal} vectors, {index.code_bytes} bytes each + list id")
+
+
+def load_ground_truth(args, index: QincoIndex, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact neighbour ids of the queries, from --gt or by exhaustive search of --base."""
+    if args.gt:
+        gt = np.load(args.gt, allow_pickle=False)
+        if gt.ndim != 2 or len(gt) != len(queries):
+            raise ValueError(f"--gt must have one row per query, got shape {gt.shape}")
+        return gt
+    if not args.base:
+        raise ValueError("tuning and evaluation need exact ground truth: pass --gt GT.npy or --base BASE")
+    base = io.as_float32(io.read_vectors(args.base))
+    ids = np.load(args.ids, allow_pickle=False) if args.ids else np.arange(len(base))
+    return ids[datasets.exact_knn(base, queries, k)]
+
+
+def add_ground_truth_args(p: argparse.ArgumentParser):
+    p.add_argument("--gt", help="exact neighbour ids (nq, k) .npy")
+    p.add_argument("--base", help="or: the indexed vectors, to compute exact neighbours")
+    p.add_argument("--ids", help="ids of --base rows (default: row numbers)")
+
+
+def cmd_tune(args):
+    index = QincoIndex.load(args.index)
+    queries = io.as_float32(io.read_vectors(args.queries))
+    gt = load_ground_truth(args, index, queries, args.k)
+    front = index.tune(queries, gt, args.k)
+    print(f"Pareto front, recall@{args.k} ({len(queries)} queries):")
+    print(f"{'nprobe':>7} {'ef':>5} {'nshort':>7} {'recall':>7} {'ms/query':>9}")
+    for p in front:
+        print(f"{p.params.nprobe:>7} {p.params.ef_search:>5} {p.params.nshort:>7} {p.recall:>7.3f} {p.ms_per_query:>9.3f}")
+    index.save(args.index)
+    if args.target_recall:
+        print(f"target recall {args.target_recall}: {index.params_for_recall(args.target_recall)}")
+
+
+def search_params_from_args(args) -> SearchParams:
+    default = SearchParams()
+    return SearchParams(args.nprobe or default.nprobe, args.ef_search or default.ef_search,
+                        args.nshort or default.nshort)
+
+
+def cmd_search(args):
+    index = QincoIndex.load(args.index)
+    queries = io.as_float32(io.read_vectors(args.queries))
+    if args.target_recall:
+        D, I = index.search(queries, args.k, target_recall=args.target_recall)
+    else:
+        D, I = index.search(queries, args.k, search_params_from_args(args))
+    io.write_vectors(args.out, I)
+    if args.distances:
+        io.write_vectors(args.distances, D)
+    print(f"wrote {I.shape} int64 ids to {args.out}")
+
+
+def cmd_eval(args):
+    index = QincoIndex.load(args.index)
+    queries = io.as_float32(io.read_vectors(args.queries))
+    gt = load_ground_truth(args, index, queries, 1)
+    rows = evaluate_grid(index, queries, gt[:, 0])
+    print(f"{'nprobe':>7} {'ef':>5} {'nshort':>7} {'R@1':>6} {'R@10':>6} {'R@100':>6} {'QPS':>9}")
+    for r in rows:
+        p = r["params"]
+        print(f"{p.nprobe:>7} {p.ef_search:>5} {p.nshort:>7} {r['R@1']:>6.3f} {r['R@10']:>6.3f} "
+              f"{r['R@100']:>6.3f} {r['qps']:>9.0f}")
+    if args.plot:
+        plot_recall_qps({"QINCo IVF-HNSW": rows}, args.plot, f"{args.index}")
+        print(f"wrote {args.plot}")
+
+
+def evaluate_grid(index: QincoIndex, queries: np.ndarray, nearest: np.ndarray, nprobes=None, nshorts=None,
+                  rerank: bool = True) -> list[dict]:
+    """R@1/10/100 and QPS (one batch of all queries) over a grid of search parameters."""
+    nlist = index.model.cfg.nlist
+    nprobes = nprobes or [p for p in (1, 2, 4, 8, 16, 32, 64, 128) if p <= nlist]
+    nshorts = nshorts or (100, 200, 500, 1000)
+    rows = []
+    for nprobe in nprobes:
+        for nshort in nshorts:
+            params = SearchParams(nprobe, max(32, 2 * nprobe), nshort)
+            t0 = time.perf_counter()
+            _, ids = index.search(queries, 100, params, rerank=rerank)
+            qps = len(queries) / (time.perf_counter() - t0)
+            rows.append({"params": params, "qps": qps,
+                         **{f"R@{k}": datasets.recall_at(ids, nearest[:, None], k) for k in (1, 10, 100)}})
+    return rows
+
+
+def plot_recall_qps(curves: dict[str, list[dict]], path: str, title: str, recall_key: str = "R@10"):
+    """Recall vs QPS (log scale), one line per method, Pareto points only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in curves.items():
+        pts = sorted(((r[recall_key], r["qps"]) for r in rows), key=lambda t: -t[1])
+        front, best = [], -1.0
+        for rec, qps in pts:
+            if rec > best:
+                front.append((rec, qps))
+                best = rec
+        ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", label=name)
+    ax.set_xlabel(recall_key)
+    ax.set_ylabel("queries per second")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qinco", description="QINCo Search: neural vector compression and search")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
@@ -84,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=arch.rank, help="low-rank concatenation, QINCo-LR (default 0: off)")
     for name, kind, help_ in [("A", int, "training pre-selection"), ("B", int, "training beam"),
                               ("lr", float, "learning rate"), ("batch", int, "batch size"),
-                              ("seed", int, "random seed"), ("val", int, "validation vectors")]:
+                              ("seed", int, "random seed"), ("val", int, "validation vectors"),
+                              ("reuse", int, "gradient passes over each encoded chunk")]:
         p.add_argument(f"--{name}", type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
     p.set_defaults(func=cmd_train)
 
@@ -101,6 +233,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="float32 .npy")
     p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("build", help="build an IVF-HNSW index from an IVF model and base vectors")
+    p.add_argument("base")
+    p.add_argument("--model", required=True, help="an IVF model (trained with --nlist)")
+    p.add_argument("--out", required=True, help="index directory to write")
+    p.add_argument("--ids", help="int64 ids .npy, one per base vector (default: row numbers)")
+    add_encoder_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("tune", help="sweep search parameters on held-out queries, store the Pareto front")
+    p.add_argument("index")
+    p.add_argument("queries")
+    p.add_argument("--k", type=int, default=10, help="recall@k to tune for (default 10)")
+    p.add_argument("--target-recall", dest="target_recall", type=float, help="print the parameters for this recall")
+    add_ground_truth_args(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("search", help="k-NN search; writes an int64 (nq, k) id array")
+    p.add_argument("index")
+    p.add_argument("queries")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--ef-search", dest="ef_search", type=int)
+    p.add_argument("--nshort", type=int)
+    p.add_argument("--target-recall", dest="target_recall", type=float, help="use the tuned operating point")
+    p.add_argument("--out", required=True)
+    p.add_argument("--distances", help="also write float32 squared L2 distances here")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", help="recall@1/10/100 and QPS over a parameter grid")
+    p.add_argument("index")
+    p.add_argument("queries")
+    p.add_argument("--plot", help="write a recall-vs-QPS PNG here")
+    add_ground_truth_args(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

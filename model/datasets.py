@@ -156,12 +156,17 @@ def ground_truth(ds: Dataset, k: int = 100) -> np.ndarray:
         gt = np.load(path)
         if gt.shape == (len(ds.queries), k):
             return gt
-    index = faiss.IndexFlatL2(ds.d)
-    index.add(ds.base)
-    _, gt = index.search(ds.queries, k)
+    gt = exact_knn(ds.base, ds.queries, k)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, gt)
     return gt
+
+
+def exact_knn(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k row numbers (nq, k) by L2."""
+    index = faiss.IndexFlatL2(base.shape[1])
+    index.add(np.ascontiguousarray(base, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
 
 
 def recall_at(ids: np.ndarray, gt: np.ndarray, k: int) -> float:

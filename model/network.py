@@ -286,6 +286,8 @@ def check_vectors(x, d: int, what: str = "vectors") -> np.ndarray:
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise ValueError(f"{what} must be real numbers, got dtype {x.dtype}")
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if not x.flags.writeable:  # a memory-mapped file: torch wants its own copy
+        x = x.copy()
     if not np.isfinite(x).all():
         raise ValueError(f"{what} contain NaN or Inf")
     return x

@@ -28,15 +28,15 @@ class TrainConfig:
     max_minutes: float = 60.0  # wall-clock budget, initialisation included
     A: int = 16  # pre-selected candidates per beam while training
     B: int = 4  # beams while training
-    lr: float = 1e-3
+    lr: float = 1e-4
     batch: int = 256
     chunk_batches: int = 8  # batches encoded together before the gradient passes
     reuse: int = 4  # gradient passes over each encoded chunk
     seed: int = 0
     val: int = 5000  # held-out vectors for validation (taken from the data)
     eval_every: int = 50_000  # training vectors between validations
-    patience: int = 2  # validations without progress before lr /= 10
-    stop_patience: int = 5  # validations without progress before stopping
+    warmup: int = 100_000  # training vectors of linear learning-rate warm-up
+    patience: int = 3  # validations without progress before lr /= 10 (or stopping at min_lr)
     min_lr: float = 1e-6
     kmeans_iters: int = 20
     table_sample: int = 50_000  # IVF models: vectors encoded to fit the index's fixed tables
@@ -210,6 +210,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                 codes = torch.cat([model.encode_normalized(xc[i:i + tc.batch], train_encoder,
                                                            None if lc is None else lc[i:i + tc.batch])[0]
                                    for i in range(0, chunk, tc.batch)])
+            for g in optimizer.param_groups:  # linear warm-up, then the plateau schedule
+                g["lr"] = state.lr * min(1.0, (state.vectors_seen + chunk) / max(1, tc.warmup))
             # The search dominates the cost, so each chunk's codes serve several gradient passes.
             for _ in range(tc.reuse):
                 order = torch.randperm(chunk, generator=gen)
@@ -238,15 +240,13 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                     state.best_val_mse, state.stale = val, 0
                     best = {k: v.clone() for k, v in model.state_dict().items()}
                     checkpoint()
-                else:
+                elif state.vectors_seen > tc.warmup:  # leaving the RQ optimum costs a little at first
                     state.stale += 1
-                    if state.stale >= tc.stop_patience:
-                        log("validation MSE stopped improving: early stop")
+                    if state.stale >= tc.patience and state.lr <= tc.min_lr:
+                        log("validation MSE stopped improving at the smallest learning rate: early stop")
                         stop = True
-                    elif state.stale % tc.patience == 0:
-                        state.lr = max(state.lr / 10, tc.min_lr)
-                        for g in optimizer.param_groups:
-                            g["lr"] = state.lr
+                    elif state.stale >= tc.patience:
+                        state.lr, state.stale = max(state.lr / 10, tc.min_lr), 0
                 log(f"{(time.time() - start + prior) / 60:5.1f} min  {state.vectors_seen:>9} vectors  "
                     f"validation MSE {val:.5g} (best {state.best_val_mse:.5g}, lr {state.lr:.0e})")
             if stop:

@@ -26,3 +26,27 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
         main(["encode", str(tmp_path / "none.npy"), "--model", str(tmp_path / "none.safetensors"), "--out", "x.npy"])
     assert e.value.code == 2
     assert "no such model file" in capsys.readouterr().err
+
+
+def test_build_tune_search_eval(tmp_path, ivf_model, glove_sample, capsys):
+    from model.io import save_model
+    model = tmp_path / "ivf.safetensors"
+    save_model(ivf_model, model)
+    base, queries = tmp_path / "base.npy", tmp_path / "queries.npy"
+    np.save(base, glove_sample[4000:6000])
+    np.save(queries, glove_sample[7000:7200])
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.arange(2000, dtype=np.int64) + 100)
+    index = tmp_path / "index"
+    main(["build", str(base), "--model", str(model), "--out", str(index), "--ids", str(ids), "--encoder", "fast"])
+    main(["tune", str(index), str(queries), "--base", str(base), "--ids", str(ids), "--target-recall", "0.5"])
+    assert "Pareto front" in capsys.readouterr().out
+    out = tmp_path / "found.npy"
+    main(["search", str(index), str(queries), "--k", "5", "--target-recall", "0.5", "--out", str(out)])
+    found = np.load(out)
+    assert found.shape == (200, 5) and found.dtype == np.int64 and found.min() >= 100
+    main(["search", str(index), str(queries), "--k", "5", "--nprobe", "4", "--nshort", "50", "--out", str(out)])
+    plot = tmp_path / "curve.png"
+    main(["eval", str(index), str(queries), "--base", str(base), "--ids", str(ids), "--plot", str(plot)])
+    assert "R@10" in capsys.readouterr().out
+    assert plot.read_bytes()[:4] == b"\x89PNG"

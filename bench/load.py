@@ -1,0 +1,166 @@
+"""Load benchmark: concurrent HTTP clients on loopback against the same calls in-process.
+
+Starts `qinco serve` on a fresh data directory, creates a collection from an IVF
+model, and loads it with real vectors (timed: that is the insert duration).
+Then, each phase bounded in time:
+  - search: C concurrent clients send single-query searches;
+  - upsert: C concurrent clients send batches of points;
+and the same searches called in-process on the same index (no HTTP).
+Reports QPS and p50/p95/p99 latency for each, and the REST/in-process ratio.
+
+    python bench/load.py --dataset glove-50 --model runs/glove-50-ivf-8B.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from model import datasets
+from model.index import QincoIndex, SearchParams
+from model.io import load_model
+
+
+def percentiles(lat: list[float]) -> str:
+    a = np.array(lat) * 1000
+    return f"p50 {np.percentile(a, 50):.2f} ms, p95 {np.percentile(a, 95):.2f} ms, p99 {np.percentile(a, 99):.2f} ms"
+
+
+def run_clients(n_clients: int, seconds: float, make_request) -> tuple[int, list[float]]:
+    """Each client loops make_request(client, i) until the time is up; returns (requests, latencies)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def loop(c):
+        local = []
+        with httpx.Client(timeout=30) as client:
+            i = c
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                r = make_request(client, i)
+                if r.status_code != 200:
+                    raise RuntimeError(r.text)
+                local.append(time.perf_counter() - t0)
+                i += n_clients
+        with lock:
+            latencies.extend(local)
+
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(n_clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(latencies), latencies, time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="glove-50", choices=datasets.NAMES)
+    p.add_argument("--model", required=True, help="IVF model trained on this set")
+    p.add_argument("--nb", type=int, default=50_000, help="points loaded before the phases")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--batch", type=int, default=100, help="points per upsert request")
+    args = p.parse_args()
+
+    ds = datasets.load(args.dataset)
+    base, queries = ds.base[:args.nb], ds.queries
+    data_dir = Path(tempfile.mkdtemp(prefix="qinco-load-"))
+    (data_dir / "models").mkdir()
+    shutil.copy(args.model, data_dir / "models" / "m.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir),
+                               "--port", str(port), "--no-demo"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise SystemExit("server did not start")
+            time.sleep(0.2)
+        httpx.put(f"{url}/collections/bench", json={"model": "models/m.safetensors"}).raise_for_status()
+
+        t0 = time.perf_counter()
+        with httpx.Client(timeout=300) as client:
+            for i0 in range(0, len(base), 1000):
+                pts = [{"id": i0 + k, "vector": v.tolist()} for k, v in enumerate(base[i0:i0 + 1000])]
+                client.put(f"{url}/collections/bench/points", json={"points": pts}).raise_for_status()
+        load_s = time.perf_counter() - t0
+        print(f"{args.dataset}: loaded {len(base):,} points over HTTP in {load_s:.1f}s "
+              f"({len(base) / load_s:,.0f} points/s), {args.clients} clients, {args.seconds:.0f}s per phase")
+
+        params = SearchParams()
+
+        def search(client, i):
+            body = {"vector": queries[i % len(queries)].tolist(), "limit": 10,
+                    "params": {"nprobe": params.nprobe, "ef_search": params.ef_search, "nshort": params.nshort}}
+            return client.post(f"{url}/collections/bench/points/search", json=body)
+
+        n, lat, wall = run_clients(args.clients, args.seconds, search)
+        rest_qps = n / wall
+        print(f"REST search:       {rest_qps:8,.0f} QPS   {percentiles(lat)}")
+
+        def upsert(client, i):
+            ids = range(10**7 + i * args.batch, 10**7 + (i + 1) * args.batch)
+            rows = np.arange(i * args.batch, (i + 1) * args.batch) % len(base)
+            pts = [{"id": j, "vector": base[r].tolist()} for j, r in zip(ids, rows)]
+            return client.put(f"{url}/collections/bench/points", json={"points": pts})
+
+        n, lat, wall = run_clients(args.clients, args.seconds, upsert)
+        print(f"REST upsert:       {n / wall:8,.0f} requests/s ({n * args.batch / wall:,.0f} points/s)   "
+              f"{percentiles(lat)}")
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    # The same searches in-process: same model, same points, same parameters, same thread count.
+    index = QincoIndex(load_model(args.model))
+    for i0 in range(0, len(base), 4096):
+        index.add(base[i0:i0 + 4096], np.arange(i0, i0 + len(base[i0:i0 + 4096])))
+    lat = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + args.seconds
+
+    def local(c):
+        i, mine = c, []
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            index.search(queries[i % len(queries)][None], 10, params)
+            mine.append(time.perf_counter() - t0)
+            i += args.clients
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=local, args=(c,)) for c in range(args.clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    local_qps = len(lat) / (time.perf_counter() - t0)
+    print(f"in-process search: {local_qps:8,.0f} QPS   {percentiles(lat)}")
+    print(f"REST / in-process search throughput: {rest_qps / local_qps:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Search benchmark: the QINCo IVF-HNSW pipeline against faiss IVF-PQ and IVF-RQ.
+
+All three use the same nlist and the same HNSW coarse quantizer (the QINCo
+model's centroids), are trained on the same learn set and hold the same
+number of code bytes per vector (RQ layouts add one byte for the norm).
+One run measures, on the full base:
+  - recall@1 and recall@10 (true nearest neighbour among the first k) and QPS
+    (all queries in one batch, every core) over a grid of search parameters;
+  - the same for the fixed-table shortlist alone (what re-ranking adds);
+  - load duration (encode + add) and index size.
+Prints a table of Pareto operating points, QPS at R@10 = 0.9 (or the best
+recall each reaches), and writes recall-vs-QPS plots.
+
+    python bench/search.py --dataset glove-50 --model runs/glove-50-ivf-8B.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from model import datasets
+from model.cli import plot_recall_qps
+from model.index import QincoIndex, SearchParams
+from model.io import load_model
+from model.network import ENCODERS
+
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def build_qinco(model_path: Path, base: np.ndarray, encoder: str, cache: Path) -> tuple[QincoIndex, float]:
+    """Encode and add the base (cached by model file and encoder: encoding is the slow part)."""
+    stamp = f"{model_path.stem}-{model_path.stat().st_mtime_ns}-{encoder}-{len(base)}"
+    folder = cache / "indexes" / stamp
+    if (folder / "manifest.json").exists():
+        meta = json.loads((folder / "load.json").read_text())
+        return QincoIndex.load(folder), meta["seconds"]
+    index = QincoIndex(load_model(model_path))
+    t0 = time.perf_counter()
+    with tqdm(total=len(base), unit="vec", desc=f"encoding base ({encoder})") as bar:
+        for i0 in range(0, len(base), 4096):
+            codes = index.encode(base[i0:i0 + 4096], ENCODERS[encoder])
+            index.add_codes(codes, np.arange(i0, i0 + len(codes)))
+            bar.update(len(codes))
+    seconds = time.perf_counter() - t0
+    index.save(folder)
+    (folder / "load.json").write_text(json.dumps({"seconds": seconds}))
+    return index, seconds
+
+
+def build_faiss(kind: str, model, learn: np.ndarray, base: np.ndarray, nbytes: int):
+    """IVF-PQ or IVF-RQ over the model's centroids; returns (index, seconds to add the base)."""
+    d, nlist = model.cfg.d, model.cfg.nlist
+    centroids = model.centroids_raw()
+    pad = (-d) % nbytes if kind == "PQ" else 0  # PQ needs d divisible by M: zero-pad (changes no distance)
+    inner = d + pad
+    codec = f"PQ{nbytes}x8" if kind == "PQ" else f"RQ{nbytes}x8_Nqint8"
+    ivf = faiss.index_factory(inner, f"IVF{nlist}_HNSW32,{codec}")
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    quantizer.add(np.pad(centroids, ((0, 0), (0, pad))))
+    quantizer.is_trained = True
+    index = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, inner, True), ivf) if pad else ivf
+    index.train(learn)
+    t0 = time.perf_counter()
+    index.add(base)
+    return index, time.perf_counter() - t0, ivf
+
+
+def recall_row(ids: np.ndarray, nearest: np.ndarray, seconds: float, **params) -> dict:
+    return {**params, "qps": len(ids) / seconds,
+            "R@1": datasets.recall_at(ids, nearest[:, None], 1),
+            "R@10": datasets.recall_at(ids, nearest[:, None], 10)}
+
+
+def sweep_qinco(index: QincoIndex, xq, nearest, rerank: bool, nshorts) -> list[dict]:
+    rows = []
+    for nprobe in [p for p in NPROBES if p <= index.model.cfg.nlist]:
+        for nshort in nshorts:
+            params = SearchParams(nprobe, max(32, 2 * nprobe), nshort)
+            t0 = time.perf_counter()
+            _, ids = index.search(xq, 10, params, rerank=rerank)
+            rows.append(recall_row(ids, nearest, time.perf_counter() - t0, nprobe=nprobe, nshort=nshort))
+    return rows
+
+
+def sweep_faiss(index, ivf, xq, nearest) -> list[dict]:
+    rows = []
+    ps = faiss.ParameterSpace()
+    for nprobe in [p for p in NPROBES if p <= ivf.nlist]:
+        ps.set_index_parameter(index, "nprobe", nprobe)
+        ps.set_index_parameter(index, "quantizer_efSearch", max(32, 2 * nprobe))
+        t0 = time.perf_counter()
+        _, ids = index.search(xq, 10)
+        rows.append(recall_row(ids, nearest, time.perf_counter() - t0, nprobe=nprobe))
+    return rows
+
+
+def qps_at(rows: list[dict], target: float, key: str = "R@10") -> str:
+    ok = [r for r in rows if r[key] >= target]
+    if ok:
+        return f"{max(r['qps'] for r in ok):,.0f} QPS at {key} >= {target}"
+    best = max(rows, key=lambda r: (r[key], r["qps"]))
+    return f"never reaches {target}: best {key} {best[key]:.3f} at {best['qps']:,.0f} QPS"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=datasets.NAMES, required=True)
+    p.add_argument("--model", required=True, help="IVF QINCo model trained on this set's learn split")
+    p.add_argument("--encoder", default="fast", choices=sorted(ENCODERS))
+    p.add_argument("--nq", type=int, default=2000)
+    p.add_argument("--nshort", default="10,20,50,100,200,500")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON rows and PNG plots")
+    args = p.parse_args()
+
+    ds = datasets.load(args.dataset)
+    xq = ds.queries[:args.nq]
+    nearest = datasets.ground_truth(ds)[:args.nq, 0]
+    model = load_model(args.model)
+    nbytes = model.cfg.code_bytes
+    print(f"{args.dataset}: base {ds.base.shape}, {len(xq)} queries, nlist {model.cfg.nlist}, "
+          f"{nbytes} code bytes per vector, {torch.get_num_threads()} threads")
+
+    index, qinco_load = build_qinco(Path(args.model), ds.base, args.encoder, datasets.cache_dir() / args.dataset)
+    nshorts = [int(s) for s in args.nshort.split(",")]
+    curves = {f"QINCo IVF-HNSW, re-ranked ({nbytes}+1 B)": sweep_qinco(index, xq, nearest, True, nshorts),
+              f"fixed-table shortlist alone ({nbytes}+1 B)": sweep_qinco(index, xq, nearest, False, [10])}
+    loads = dict.fromkeys(curves, qinco_load)
+    for kind in ("PQ", "RQ"):
+        fidx, seconds, ivf = build_faiss(kind, model, ds.learn, ds.base, nbytes)
+        name = f"faiss IVF-{kind} ({nbytes}+1 B)" if kind == "RQ" else f"faiss IVF-{kind} ({nbytes} B)"
+        curves[name] = sweep_faiss(fidx, ivf, xq, nearest)
+        loads[name] = seconds
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"search-{args.dataset}-{nbytes}B"
+    (out / f"{stem}.json").write_text(json.dumps({"curves": curves, "load_seconds": loads}, indent=1))
+    for key in ("R@1", "R@10"):
+        plot_recall_qps(curves, str(out / f"{stem}-{key[2:]}.png"), f"{args.dataset}, {nbytes} bytes", key)
+
+    print(f"\n## {args.dataset}, {nbytes} bytes per vector, {len(ds.base):,} base, {len(xq):,} queries\n")
+    print("| method | best R@1 | best R@10 | at R@10 = 0.9 | load (s) |")
+    print("|---|---|---|---|---|")
+    for name, rows in curves.items():
+        print(f"| {name} | {max(r['R@1'] for r in rows):.3f} | {max(r['R@10'] for r in rows):.3f} | "
+              f"{qps_at(rows, 0.9)} | {loads[name]:.1f} |")
+    print("\nOperating points (nprobe, nshort: R@1 / R@10 / QPS):")
+    for name, rows in curves.items():
+        pts = ", ".join(f"({r['nprobe']},{r.get('nshort', '-')}: {r['R@1']:.3f}/{r['R@10']:.3f}/{r['qps']:,.0f})"
+                        for r in rows)
+        print(f"- {name}: {pts}")
+    print(f"\nplots: {out / stem}-1.png, {out / stem}-10.png")
+
+
+if __name__ == "__main__":
+    main()

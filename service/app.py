@@ -1,0 +1,270 @@
+"""The FastAPI app: thin routes over service.store, auth, limits, errors, metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import schemas
+from .settings import Settings
+from .store import BadRequest, Collection, Conflict, NotFound, Store
+
+log = logging.getLogger("qinco.service")
+PUBLIC = {"/healthz", "/readyz"}
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("qinco_requests_total", "HTTP requests", ["route", "method", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("qinco_request_seconds", "HTTP request latency", ["route", "method"],
+                                 registry=self.registry)
+        self.points = Gauge("qinco_points", "points per collection", ["collection"], registry=self.registry)
+        self.encode = Histogram("qinco_encode_seconds", "QINCo encoding time per upsert batch",
+                                registry=self.registry)
+        self.search = Histogram("qinco_search_seconds", "search time per request (all its queries)",
+                                registry=self.registry)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status": {"error": message}, "time": 0.0}, status_code=status)
+
+
+def ok(result, started: float) -> dict:
+    return {"result": result, "status": "ok", "time": round(time.perf_counter() - started, 6)}
+
+
+def create_app(settings: Settings | None = None, start_loading: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    store = Store(settings.data_dir, settings.snapshot_every)
+    metrics = Metrics()
+    state = {"ready": False, "error": None}
+
+    def load():
+        try:
+            store.open_all()
+            if settings.demo and not store.collections:
+                from .demo import create_demo_collection
+                create_demo_collection(store, settings)
+            state["ready"] = True
+        except Exception as e:  # reported by /readyz; the process stays up for diagnosis
+            log.exception("loading collections failed")
+            state["error"] = str(e)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        if start_loading:
+            threading.Thread(target=load, daemon=True, name="loader").start()
+        yield
+        store.close()
+
+    app = FastAPI(title="QINCo Search", version="0.1.0", lifespan=lifespan,
+                  description="Vector search over QINCo-compressed vectors. `score` is the squared L2 "
+                              "distance for l2 collections (lower is nearer) and the cosine similarity "
+                              "for cosine collections (higher is nearer).")
+    app.state.store, app.state.settings, app.state.metrics, app.state.load = store, settings, metrics, load
+
+    # ---- middleware: body size limit, auth, metrics ---------------------------------------
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        route = request.url.path
+        if settings.api_key and route not in PUBLIC:
+            given = request.headers.get("api-key") or ""
+            auth = request.headers.get("authorization") or ""
+            if not given and auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                return error(401, "missing or wrong API key (send the 'api-key' header or 'Authorization: Bearer')")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return error(413, f"request body over the limit of {settings.max_body_bytes} bytes")
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > settings.max_body_bytes:
+                    return error(413, f"request body over the limit of {settings.max_body_bytes} bytes")
+            request._body = body
+        response = await call_next(request)
+        template = request.scope.get("route").path if request.scope.get("route") else "unmatched"
+        metrics.requests.labels(template, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(template, request.method).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {e.get('msg')}" if where else e.get("msg", "invalid"))
+        return error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    # ---- dependencies ---------------------------------------------------------------------
+    def ready():
+        if not state["ready"]:
+            raise ApiError(503, state["error"] or "collections are still loading")
+
+    def collection(name: str, _=Depends(ready)) -> Collection:
+        try:
+            return store.get(name)
+        except NotFound as e:
+            raise ApiError(404, e.args[0]) from None
+
+    def translate(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NotFound as e:
+            raise ApiError(404, e.args[0]) from None
+        except Conflict as e:
+            raise ApiError(409, str(e)) from None
+        except BadRequest as e:
+            raise ApiError(400, str(e)) from None
+
+    def check_batch(n: int, what: str):
+        if n > settings.max_batch:
+            raise ApiError(413, f"{n} {what} in one request; the limit is {settings.max_batch}")
+
+    def check_limit(limit: int):
+        if limit > settings.max_limit:
+            raise ApiError(400, f"limit must be at most {settings.max_limit}, got {limit}")
+
+    # ---- health and metrics ---------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        if not state["ready"]:
+            return error(503, state["error"] or "collections are still loading")
+        return {"status": "ready", "collections": len(store.collections)}
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        for name, c in list(store.collections.items()):
+            metrics.points.labels(name).set(c.count())
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- collections ----------------------------------------------------------------------
+    @app.get("/collections")
+    def list_collections(_=Depends(ready)):
+        t0 = time.perf_counter()
+        return ok({"collections": [{"name": n} for n in sorted(store.collections)]}, t0)
+
+    @app.put("/collections/{name}")
+    def create_collection(name: schemas.CollectionName, body: schemas.CreateCollection, _=Depends(ready)):
+        t0 = time.perf_counter()
+        source = translate(store.resolve, body.model or body.index)
+        c = translate(store.create, name, body.metric.value, body.encoder.value, source, body.index is not None)
+        return ok(c.info(), t0)
+
+    @app.get("/collections/{name}")
+    def get_collection(c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        return ok(c.info(), t0)
+
+    @app.delete("/collections/{name}")
+    def delete_collection(name: str, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        translate(store.delete, name)
+        metrics.points.remove(name) if name in metrics.points._metrics else None
+        return ok(True, t0)
+
+    # ---- points ---------------------------------------------------------------------------
+    @app.put("/collections/{name}/points")
+    def upsert(body: schemas.UpsertPoints, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        check_batch(len(body.points), "points")
+        ids = [p.id for p in body.points]
+        seq, encode_seconds = translate(c.upsert, ids, [p.vector for p in body.points],
+                                        [p.payload for p in body.points])
+        metrics.encode.observe(encode_seconds)
+        return ok({"operation_id": seq, "status": "completed", "count": len(ids)}, t0)
+
+    @app.post("/collections/{name}/points/delete")
+    def delete_points(body: schemas.DeletePoints, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        check_batch(len(body.points), "ids")
+        seq, existed = translate(c.delete, body.points)
+        return ok({"operation_id": seq, "status": "completed", "count": existed}, t0)
+
+    @app.get("/collections/{name}/points/count")
+    def count(c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        return ok({"count": c.count()}, t0)
+
+    @app.get("/collections/{name}/points/{point_id}")
+    def get_point(point_id: int, with_vector: bool = False, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        return ok(translate(c.get, point_id, with_vector), t0)
+
+    def run_search(c: Collection, searches: list[schemas.SearchRequest]) -> list[list[dict]]:
+        """Group queries that share their options so they go through the decoder together."""
+        results: list = [None] * len(searches)
+        groups: dict = {}
+        for i, s in enumerate(searches):
+            check_limit(s.limit)
+            key = (s.limit, s.params.model_dump_json() if s.params else "", s.with_payload, s.with_vector)
+            groups.setdefault(key, []).append(i)
+        t0 = time.perf_counter()
+        for (limit, _, with_payload, with_vector), members in groups.items():
+            params = searches[members[0]].params
+            hits = translate(c.search, [searches[i].vector for i in members], limit,
+                             params.model_dump() if params else None, with_payload, with_vector)
+            for i, h in zip(members, hits):
+                results[i] = [{k: v for k, v in vars(x).items() if v is not None or k == "payload" and with_payload}
+                              for x in h]
+        metrics.search.observe(time.perf_counter() - t0)
+        return results
+
+    @app.post("/collections/{name}/points/search")
+    def search(body: schemas.SearchRequest, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        return ok(run_search(c, [body])[0], t0)
+
+    @app.post("/collections/{name}/points/search/batch")
+    def search_batch(body: schemas.SearchBatch, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        check_batch(len(body.searches), "searches")
+        return ok(run_search(c, body.searches), t0)
+
+    @app.post("/collections/{name}/points/recommend")
+    def recommend(body: schemas.RecommendRequest, c: Collection = Depends(collection)):
+        """Neighbours of stored points (their mean decoded vector), the points themselves excluded."""
+        t0 = time.perf_counter()
+        check_limit(body.limit)
+        vectors = [translate(c.vector, i) for i in body.positive]
+        query = sum(vectors) / len(vectors)
+        hits = translate(c.search, [query], body.limit, body.params.model_dump() if body.params else None,
+                         body.with_payload, False, exclude=[set(body.positive)])[0]
+        return ok([{k: v for k, v in vars(x).items() if v is not None or k == "payload" and body.with_payload}
+                   for x in hits], t0)
+
+    return app

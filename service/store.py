@@ -1,0 +1,468 @@
+"""Durable collections: SQLite is the record of truth, the faiss index is rebuilt from it.
+
+One folder per collection under <data_dir>/collections/<name>:
+  collection.json    name, metric, encoder (written once, atomically)
+  model.safetensors  the QINCo model with its fixed tables
+  tuning.json        tuned operating points (when created from a tuned index)
+  points.sqlite      id -> codes (IVF list first), payload, seq; deleted ids with their seq
+  snapshot/          the faiss index as of sequence number S, written atomically
+
+A write batch gets one sequence number and is one SQLite transaction
+(WAL, synchronous=FULL): it is acknowledged only after the commit, and a crash
+leaves either all of it or none.  On open, the snapshot is loaded and every id
+changed after S is re-applied from SQLite; without a snapshot the index is
+rebuilt from all rows.  Codes are stored, so recovery never re-encodes.
+
+Locks: encoding runs outside every lock; `write_lock` orders writers (SQLite
+commit, then the in-memory insert); `index_lock` is a readers-writer lock, so
+searches run in parallel and wait only for in-memory inserts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from model.index import QincoIndex, SearchParams
+from model.io import CheckpointError, atomic_write, load_model, save_model
+from model.network import ENCODERS, check_vectors
+
+log = logging.getLogger("qinco.store")
+
+
+class NotFound(KeyError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds new readers back."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (id INTEGER PRIMARY KEY, codes BLOB NOT NULL, payload TEXT, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS points_seq ON points(seq);
+CREATE TABLE IF NOT EXISTS deleted (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('seq', 0);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
+    return conn
+
+
+@dataclass
+class Hit:
+    id: int
+    score: float
+    payload: dict | None = None
+    vector: list[float] | None = None
+
+
+class Collection:
+    def __init__(self, folder: Path, snapshot_every: int = 50_000):
+        self.folder = folder
+        self.meta = json.loads((folder / "collection.json").read_text())
+        self.name = self.meta["name"]
+        self.metric = self.meta["metric"]
+        self.encoder = ENCODERS[self.meta["encoder"]]
+        self.snapshot_every = snapshot_every
+        model = load_model(folder / "model.safetensors")
+        tuning_path = folder / "tuning.json"
+        tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
+        self.write_lock = threading.Lock()
+        self.index_lock = ReadWriteLock()
+        self.db = connect(folder / "points.sqlite")
+        self.db.executescript(SCHEMA)
+        self._local = threading.local()
+        self.index, self.snapshot_seq = self._recover(model, tuning)
+        self.changed_since_snapshot = 0
+        self._snapshotting = threading.Lock()
+        self.closed = False
+
+    # ---- recovery and snapshots -------------------------------------------------------
+    def _recover(self, model, tuning) -> tuple[QincoIndex, int]:
+        t0 = time.time()
+        index, seq = QincoIndex(model, tuning=tuning), 0
+        snap = self.folder / "snapshot"
+        if (snap / "snapshot.json").exists():
+            try:
+                info = json.loads((snap / "snapshot.json").read_text())
+                faiss_index = faiss.read_index(str(snap / "index.faiss"))
+                if faiss_index.ntotal != info["ntotal"] or faiss_index.d != model.cfg.d:
+                    raise ValueError("snapshot does not match its manifest")
+                index, seq = QincoIndex(model, faiss_index, tuning), int(info["seq"])
+            except (ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+                log.warning("%s: ignoring unreadable snapshot (%s); rebuilding from the database", self.folder, e)
+        changed = [r[0] for r in self.db.execute(
+            "SELECT id FROM points WHERE seq > ? UNION SELECT id FROM deleted WHERE seq > ?", (seq, seq))]
+        if changed and index.ntotal:
+            index.remove(np.array(changed, dtype=np.int64))
+        rows = self.db.execute("SELECT id, codes FROM points WHERE seq > ? ORDER BY id", (seq,))
+        while batch := rows.fetchmany(50_000):
+            ids = np.array([r[0] for r in batch], dtype=np.int64)
+            codes = np.frombuffer(b"".join(r[1] for r in batch), dtype=np.int32).reshape(len(batch), -1)
+            index.add_codes(codes, ids)
+        log.info("%s: %d points ready in %.1fs (snapshot seq %d, %d changed after it)",
+                 self.name, index.ntotal, time.time() - t0, seq, len(changed))
+        return index, seq
+
+    def last_seq(self) -> int:
+        return self.db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]
+
+    def snapshot(self) -> int:
+        """Write the index as of the current sequence number; returns it."""
+        with self._snapshotting:
+            with self.write_lock:  # no write between reading seq and copying the index
+                seq = self.last_seq()
+                blob = faiss.serialize_index(self.index.index)
+                ntotal = self.index.ntotal
+            snap = self.folder / "snapshot"
+            tmp = self.folder / ".snapshot.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            atomic_write(tmp / "index.faiss", lambda f: f.write(blob.tobytes()))
+            atomic_write(tmp / "snapshot.json",
+                         lambda f: f.write(json.dumps({"seq": seq, "ntotal": ntotal}).encode()))
+            old = self.folder / ".snapshot.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if snap.exists():
+                os.replace(snap, old)
+            os.replace(tmp, snap)
+            shutil.rmtree(old, ignore_errors=True)
+            fd = os.open(self.folder, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            with self.write_lock:
+                self.db.execute("DELETE FROM deleted WHERE seq <= ?", (seq,))
+            self.snapshot_seq = seq
+            return seq
+
+    def _maybe_snapshot(self, changed: int):
+        self.changed_since_snapshot += changed
+        if self.changed_since_snapshot >= self.snapshot_every and not self._snapshotting.locked():
+            self.changed_since_snapshot = 0
+            threading.Thread(target=self._snapshot_quietly, daemon=True).start()
+
+    def _snapshot_quietly(self):
+        try:
+            if not self.closed:
+                self.snapshot()
+        except Exception:  # a failed snapshot loses nothing: SQLite still has every row
+            log.exception("%s: snapshot failed", self.name)
+
+    # ---- reads ---------------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.folder / "points.sqlite")
+        return conn
+
+    @property
+    def dimension(self) -> int:
+        return self.index.d
+
+    def count(self) -> int:
+        return self.index.ntotal
+
+    def prepare(self, vectors) -> np.ndarray:
+        try:
+            x = check_vectors(vectors, self.dimension)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        if self.metric == "cosine":
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise BadRequest("cosine collections cannot hold or search the zero vector")
+            x = x / norms
+        return x
+
+    def payloads(self, ids) -> dict[int, dict | None]:
+        ids = [int(i) for i in ids]
+        out = {}
+        for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[i0:i0 + 900]
+            q = f"SELECT id, payload FROM points WHERE id IN ({','.join('?' * len(chunk))})"
+            for i, payload in self._reader().execute(q, chunk):
+                out[i] = json.loads(payload) if payload is not None else None
+        return out
+
+    def get(self, point_id: int, with_vector: bool) -> dict:
+        row = self._reader().execute("SELECT payload FROM points WHERE id = ?", (point_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"point {point_id} not found in collection {self.name!r}")
+        out = {"id": point_id, "payload": json.loads(row[0]) if row[0] is not None else None}
+        if with_vector:
+            out["vector"] = self.vector(point_id).tolist()
+        return out
+
+    def vector(self, point_id: int) -> np.ndarray:
+        with self.index_lock.read():
+            try:
+                return self.index.reconstruct(point_id)
+            except KeyError:
+                raise NotFound(f"point {point_id} not found in collection {self.name!r}") from None
+
+    def search(self, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
+               exclude: list[set[int]] | None = None) -> list[list[Hit]]:
+        x = self.prepare(queries)
+        params = params or {}
+        target = params.get("target_recall")
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        try:
+            with self.index_lock.read():
+                if target is not None:
+                    D, I = self.index.search(x, limit + extra, target_recall=target)
+                else:
+                    default = SearchParams()
+                    sp = SearchParams(params.get("nprobe") or min(default.nprobe, self.index.model.cfg.nlist),
+                                      params.get("ef_search") or default.ef_search,
+                                      params.get("nshort") or default.nshort)
+                    D, I = self.index.search(x, limit + extra, sp)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        found = {int(i) for i in I.ravel()}
+        payloads = self.payloads(found) if with_payload else {}
+        results = []
+        for q in range(len(x)):
+            hits = []
+            for dist, i in zip(D[q], I[q]):
+                i = int(i)
+                if exclude and i in exclude[q]:
+                    continue
+                score = float(1 - dist / 2) if self.metric == "cosine" else float(dist)
+                hits.append(Hit(i, score, payloads.get(i) if with_payload else None))
+                if len(hits) == limit:
+                    break
+            results.append(hits)
+        if with_vector:
+            for hits in results:
+                for h in hits:
+                    h.vector = self.vector(h.id).tolist()
+        return results
+
+    # ---- writes --------------------------------------------------------------------------
+    def upsert(self, ids: list[int], vectors, payloads: list[dict | None]) -> tuple[int, float]:
+        """Encode (no lock), commit to SQLite, then insert in memory.  Returns (seq, encode seconds)."""
+        if len(set(ids)) != len(ids):
+            raise BadRequest("duplicate ids in one batch")
+        x = self.prepare(vectors)
+        t0 = time.perf_counter()
+        codes = self.index.encode(x, self.encoder).astype(np.int32)
+        encode_seconds = time.perf_counter() - t0
+        rows = [(i, codes[k].tobytes(), None if p is None else json.dumps(p)) for k, (i, p) in
+                enumerate(zip(ids, payloads))]
+        with self.write_lock:
+            self._check_open()
+            seq = self.last_seq() + 1
+            with self._transaction():
+                self.db.executemany("INSERT OR REPLACE INTO points (id, codes, payload, seq) VALUES (?, ?, ?, ?)",
+                                    [r + (seq,) for r in rows])
+                self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+            with self.index_lock.write():
+                self.index.add_codes(codes, np.array(ids, dtype=np.int64))
+        self._maybe_snapshot(len(ids))
+        return seq, encode_seconds
+
+    def delete(self, ids: list[int]) -> tuple[int, int]:
+        """Returns (seq, number of points that existed)."""
+        ids = sorted(set(ids))
+        with self.write_lock:
+            self._check_open()
+            seq = self.last_seq() + 1
+            with self._transaction():
+                existing = 0
+                for i0 in range(0, len(ids), 900):
+                    chunk = ids[i0:i0 + 900]
+                    existing += self.db.execute(
+                        f"DELETE FROM points WHERE id IN ({','.join('?' * len(chunk))})", chunk).rowcount
+                self.db.executemany("INSERT OR REPLACE INTO deleted (id, seq) VALUES (?, ?)",
+                                    [(i, seq) for i in ids])
+                self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+            with self.index_lock.write():
+                self.index.remove(np.array(ids, dtype=np.int64))
+        self._maybe_snapshot(len(ids))
+        return seq, existing
+
+    @contextmanager
+    def _transaction(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _check_open(self):
+        if self.closed:
+            raise NotFound(f"collection {self.name!r} was deleted")
+
+    def close(self):
+        with self.write_lock:
+            self.closed = True
+            self.db.close()
+
+    def info(self) -> dict:
+        cfg = self.index.model.cfg
+        default = SearchParams()
+        return {"name": self.name, "status": "green", "dimension": cfg.d, "metric": self.metric,
+                "points_count": self.count(), "bytes_per_vector": self.index.code_bytes, "nlist": cfg.nlist,
+                "encoder": self.meta["encoder"], "tuned": bool(self.index.tuning.get("points")),
+                "default_params": {"nprobe": min(default.nprobe, cfg.nlist), "ef_search": default.ef_search,
+                                   "nshort": default.nshort}}
+
+
+class Store:
+    """The collections of a data directory."""
+
+    def __init__(self, data_dir: Path, snapshot_every: int = 50_000):
+        self.data_dir = Path(data_dir).resolve()
+        self.root = self.data_dir / "collections"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.snapshot_every = snapshot_every
+        self.collections: dict[str, Collection] = {}
+        self.lock = threading.Lock()
+
+    def open_all(self):
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith("."):
+                shutil.rmtree(folder, ignore_errors=True)  # an interrupted create or delete
+            elif (folder / "collection.json").exists():
+                self.collections[folder.name] = Collection(folder, self.snapshot_every)
+
+    def get(self, name: str) -> Collection:
+        try:
+            return self.collections[name]
+        except KeyError:
+            raise NotFound(f"collection {name!r} not found") from None
+
+    def resolve(self, path: str) -> Path:
+        """A user-given path, inside the data directory only."""
+        p = (self.data_dir / path).resolve()
+        if not p.is_relative_to(self.data_dir):
+            raise BadRequest(f"path {path!r} is outside the data directory")
+        if not p.exists():
+            raise BadRequest(f"path {path!r} does not exist in the data directory")
+        return p
+
+    def create(self, name: str, metric: str, encoder: str, source: Path, from_index: bool = False) -> Collection:
+        """A new collection from a model file or an index directory (a path already checked)."""
+        with self.lock:
+            if name in self.collections:
+                raise Conflict(f"collection {name!r} already exists")
+            tmp = self.root / f".new-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            try:
+                self._populate(tmp, name, metric, encoder, source, from_index)
+                os.replace(tmp, self.root / name)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            collection = Collection(self.root / name, self.snapshot_every)
+            self.collections[name] = collection
+            return collection
+
+    @staticmethod
+    def _populate(folder: Path, name: str, metric: str, encoder: str, source: Path, from_index: bool):
+        try:
+            if from_index:
+                index = QincoIndex.load(source)
+            else:
+                index = QincoIndex(load_model(source))  # checks it can serve: IVF, fitted tables
+        except (CheckpointError, ValueError) as e:
+            raise BadRequest(f"cannot use {source.name}: {e}") from None
+        save_model(index.model, folder / "model.safetensors")
+        if index.tuning:
+            atomic_write(folder / "tuning.json", lambda f: f.write(json.dumps(index.tuning).encode()))
+        if index.ntotal:  # import the index's codes as the first write
+            db = connect(folder / "points.sqlite")
+            db.executescript(SCHEMA)
+            db.execute("BEGIN")
+            invlists = index.index.invlists
+            for list_no in range(invlists.nlist):
+                n = invlists.list_size(list_no)
+                if not n:
+                    continue
+                ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), n).copy()
+                raw = faiss.rev_swig_ptr(invlists.get_codes(list_no), n * index.code_bytes).copy()
+                raw = raw.reshape(n, index.code_bytes)
+                codes = index._unpack(np.hstack([np.zeros((n, index.listno_bytes), np.uint8), raw]))
+                codes[:, 0] = list_no
+                db.executemany("INSERT INTO points (id, codes, payload, seq) VALUES (?, ?, NULL, 1)",
+                               [(int(i), c.astype(np.int32).tobytes()) for i, c in zip(ids, codes)])
+            db.execute("UPDATE meta SET value = 1 WHERE key='seq'")
+            db.execute("COMMIT")
+            db.close()
+        meta = {"name": name, "metric": metric, "encoder": encoder, "created": time.time()}
+        atomic_write(folder / "collection.json", lambda f: f.write(json.dumps(meta).encode()))
+
+    def delete(self, name: str):
+        with self.lock:
+            collection = self.get(name)
+            del self.collections[name]
+            collection.close()
+            trash = self.root / f".deleted-{name}-{os.getpid()}"
+            os.replace(collection.folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def close(self):
+        for c in self.collections.values():
+            c.close()

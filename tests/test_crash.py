@@ -1,0 +1,108 @@
+"""kill -9 a real `qinco serve` process during concurrent upserts; nothing acknowledged is lost."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from model.io import save_model
+from service.store import Store
+
+ROUNDS, CLIENTS, BATCH = 3, 4, 25
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir), "--port", str(port),
+           "--no-demo"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "QINCO_SNAPSHOT_EVERY": "120"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "server exited during start"
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not become ready")
+
+
+def writer(url, vectors, first_id, acked, attempted, stop):
+    with httpx.Client(base_url=url, timeout=30) as client:
+        next_id = first_id
+        while not stop.is_set():
+            ids = list(range(next_id, next_id + BATCH))
+            next_id += BATCH
+            rows = np.random.default_rng(ids[0]).integers(0, len(vectors), BATCH)
+            points = [{"id": i, "vector": vectors[r].tolist(), "payload": {"row": int(r)}} for i, r in zip(ids, rows)]
+            attempted.append((ids, rows))
+            try:
+                r = client.put("/collections/c/points", json={"points": points})
+            except httpx.HTTPError:
+                return  # the server died mid-request: this batch is unacknowledged
+            if r.status_code == 200:
+                acked.append((ids, rows))
+
+
+def test_kill_9_during_concurrent_upserts_loses_nothing_acknowledged(tmp_path, ivf_model, glove_sample):
+    save_model(ivf_model, tmp_path / "ivf.safetensors")
+    store = Store(tmp_path)
+    store.create("c", "l2", "fast", tmp_path / "ivf.safetensors")
+    store.close()
+    vectors = glove_sample[:2000]
+    acked, attempted = [], []
+    for round_ in range(ROUNDS):
+        port = free_port()
+        proc = start_server(tmp_path, port)
+        stop = threading.Event()
+        threads = [threading.Thread(target=writer, args=(f"http://127.0.0.1:{port}", vectors,
+                                                         10**6 * (round_ * CLIENTS + t + 1), acked, attempted, stop))
+                   for t in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5 + round_)  # die at a different moment each round
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(acked) >= ROUNDS, "the clients got too few acknowledgements to test anything"
+
+    port = free_port()
+    proc = start_server(tmp_path, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            present = set()
+            for ids, rows in attempted:  # every batch is all there or not at all
+                found = [client.get(f"/collections/c/points/{i}").status_code == 200 for i in ids]
+                assert all(found) or not any(found), f"half-applied batch {ids[0]}.."
+                if all(found):
+                    present.update(ids)
+            for ids, _ in acked:
+                assert set(ids) <= present, f"acknowledged batch {ids[0]}.. lost"
+            assert client.get("/collections/c/points/count").json()["result"]["count"] == len(present)
+            # Acknowledged points are findable by their vector.
+            ids, rows = acked[-1]
+            searches = [{"vector": vectors[r].tolist(), "limit": 50, "params": {"nprobe": 16, "nshort": 500}}
+                        for r in rows]
+            results = client.post("/collections/c/points/search/batch", json={"searches": searches}).json()
+            found = [i in [h["id"] for h in hits] for i, hits in zip(ids, results["result"])]
+            assert np.mean(found) > 0.9
+    finally:
+        proc.kill()
+        proc.wait()
