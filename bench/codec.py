@@ -52,10 +52,12 @@ def faiss_codecs(d: int, nbytes: int) -> dict[str, str]:
             f"RQ{M}x8 (beam 5)": f"RQ{M}x8", f"LSQ{M}x8": f"LSQ{M}x8"}
 
 
-def bench_faiss(key: str, xt, xb, xq, gt) -> dict:
+def bench_faiss(key: str, xt, xb, xq, gt, lsq_train: int) -> dict:
     index = faiss.index_factory(xt.shape[1], key)
     if key.startswith("RQ"):
         index.rq.max_beam_size = 5
+    if key.startswith("LSQ") and lsq_train:  # LSQ training encodes its set many times over
+        xt = xt[:lsq_train]
     index.train(xt)
     codes, t_enc = timed(index.sa_encode, xb)
     recon, t_dec = timed(index.sa_decode, codes)
@@ -103,6 +105,7 @@ def main():
     p.add_argument("--nb", type=int, default=0, help="use the first NB base vectors (default: all)")
     p.add_argument("--nq", type=int, default=2000, help="queries (default 2000)")
     p.add_argument("--skip-faiss", action="store_true")
+    p.add_argument("--lsq-train", type=int, default=0, help="train LSQ on the first N learn vectors (default: all)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
 
@@ -120,7 +123,7 @@ def main():
     rows = []
     if not args.skip_faiss:
         for name, key in faiss_codecs(ds.d, args.bytes).items():
-            row = bench_faiss(key, ds.learn, xb, xq, gt)
+            row = bench_faiss(key, ds.learn, xb, xq, gt, args.lsq_train)
             row["codec"] = f"faiss {name}"
             rows.append(row)
             print(json.dumps(row), flush=True)

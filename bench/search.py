@@ -44,12 +44,18 @@ def build_qinco(model_path: Path, base: np.ndarray, encoder: str, cache: Path) -
         return QincoIndex.load(folder), meta["seconds"]
     index = QincoIndex(load_model(model_path))
     t0 = time.perf_counter()
+    add_seconds = []  # writing codes into the lists must not slow down as the index grows
     with tqdm(total=len(base), unit="vec", desc=f"encoding base ({encoder})") as bar:
         for i0 in range(0, len(base), 4096):
             codes = index.encode(base[i0:i0 + 4096], ENCODERS[encoder])
+            t1 = time.perf_counter()
             index.add_codes(codes, np.arange(i0, i0 + len(codes)))
+            add_seconds.append(time.perf_counter() - t1)
             bar.update(len(codes))
     seconds = time.perf_counter() - t0
+    k = max(1, len(add_seconds) // 5)
+    print(f"adding codes: first {k} batches {np.mean(add_seconds[:k]) * 1000:.1f} ms/batch, "
+          f"last {k} {np.mean(add_seconds[-k:]) * 1000:.1f} ms/batch (4096 vectors each)")
     index.save(folder)
     (folder / "load.json").write_text(json.dumps({"seconds": seconds}))
     return index, seconds

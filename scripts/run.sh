@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Install (idempotent), then train a small 8-byte QINCo model on real GloVe vectors
-# for a few minutes and print its validation error next to faiss RQ's.
-# (Replaced by `qinco serve` once the service lands.)
+# Install (idempotent), then start the service on its built-in defaults:
+# http://127.0.0.1:6343, data in ./data, and on first start the demo collection
+# `glove` (100,000 GloVe words compressed to 8 bytes each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-mkdir -p runs
-.venv/bin/python -c "from model import datasets as D; import numpy as np; np.save('runs/glove-50-learn.npy', D.load('glove-50').learn)"
-exec .venv/bin/qinco train runs/glove-50-learn.npy --bytes 8 --out runs/demo-glove-50-8B.safetensors --max-minutes "${MINUTES:-5}"
+exec .venv/bin/qinco serve "$@"

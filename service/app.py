@@ -194,7 +194,10 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     def delete_collection(name: str, c: Collection = Depends(collection)):
         t0 = time.perf_counter()
         translate(store.delete, name)
-        metrics.points.remove(name) if name in metrics.points._metrics else None
+        try:
+            metrics.points.remove(name)
+        except KeyError:  # never scraped: no gauge yet
+            pass
         return ok(True, t0)
 
     # ---- points ---------------------------------------------------------------------------

@@ -1,45 +1,17 @@
 """kill -9 a real `qinco serve` process during concurrent upserts; nothing acknowledged is lost."""
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
 from model.io import save_model
 from service.store import Store
+from tests.server import free_port, serve
 
 ROUNDS, CLIENTS, BATCH = 3, 4, 25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(data_dir: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir), "--port", str(port),
-           "--no-demo"]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "QINCO_SNAPSHOT_EVERY": "120"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, "server exited during start"
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not become ready")
 
 
 def writer(url, vectors, first_id, acked, attempted, stop):
@@ -68,7 +40,7 @@ def test_kill_9_during_concurrent_upserts_loses_nothing_acknowledged(tmp_path, i
     acked, attempted = [], []
     for round_ in range(ROUNDS):
         port = free_port()
-        proc = start_server(tmp_path, port)
+        proc = serve(tmp_path, port, "--no-demo", env={"QINCO_SNAPSHOT_EVERY": "120"})
         stop = threading.Event()
         threads = [threading.Thread(target=writer, args=(f"http://127.0.0.1:{port}", vectors,
                                                          10**6 * (round_ * CLIENTS + t + 1), acked, attempted, stop))
@@ -84,7 +56,7 @@ def test_kill_9_during_concurrent_upserts_loses_nothing_acknowledged(tmp_path, i
     assert len(acked) >= ROUNDS, "the clients got too few acknowledgements to test anything"
 
     port = free_port()
-    proc = start_server(tmp_path, port)
+    proc = serve(tmp_path, port, "--no-demo")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             present = set()

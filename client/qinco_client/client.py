@@ -1,0 +1,214 @@
+"""Client and AsyncClient: the same methods, the same typed results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Sequence
+
+import httpx
+
+from . import _requests as rq
+from .errors import ConnectionFailed, QincoError, ServerError, from_response
+from .models import CollectionInfo, Record, ScoredPoint, UpdateResult
+
+
+class _Base:
+    def __init__(self, url: str = "http://127.0.0.1:6343", api_key: str | None = None, timeout: float = 30.0,
+                 retries: int = 3, backoff: float = 0.25):
+        self.url = url.rstrip("/")
+        self.headers = {"api-key": api_key} if api_key else {}
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def _retryable(self, call: rq.Call, error: Exception | None, status: int | None) -> bool:
+        if isinstance(error, httpx.ConnectError):
+            return True  # never reached the server: safe for any call
+        if not call.idempotent:
+            return False
+        return isinstance(error, httpx.TransportError) or (status is not None and status >= 500)
+
+    def _delay(self, attempt: int) -> float:
+        return self.backoff * 2 ** attempt
+
+    @staticmethod
+    def _result(call: rq.Call, response: httpx.Response):
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            raise from_response(response.status_code, body)
+        return call.parse(body["result"] if call.enveloped else body)
+
+
+class Client(_Base):
+    """Synchronous client.  `with Client(url) as c: c.search("glove", vector)`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._http.close()
+
+    def _send(self, call: rq.Call):
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+                status = response.status_code
+                if not (status >= 500 and attempt < self.retries and self._retryable(call, None, status)):
+                    return self._result(call, response)
+            except httpx.TransportError as e:
+                if attempt == self.retries or not self._retryable(call, e, None):
+                    raise ConnectionFailed(f"{call.method} {call.path}: {e!r}") from e
+            time.sleep(self._delay(attempt))
+        raise ServerError(f"{call.method} {call.path}: still failing after {self.retries} retries")
+
+    # collections
+    def create_collection(self, name: str, model: str | None = None, index: str | None = None,
+                          metric: str = "l2", encoder: str = "fast") -> CollectionInfo:
+        return self._send(rq.create_collection(name, model, index, metric, encoder))
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        return self._send(rq.get_collection(name))
+
+    def list_collections(self) -> list[str]:
+        return self._send(rq.list_collections())
+
+    def delete_collection(self, name: str) -> bool:
+        return self._send(rq.delete_collection(name))
+
+    # points
+    def upsert(self, collection: str, ids: Sequence[int], vectors, payloads: Sequence[dict | None] | None = None,
+               batch_size: int = 256, progress: bool = True) -> int:
+        """Upload points in batches; returns how many were written.  Accepts numpy arrays."""
+        bar = rq.progress_bar(len(ids), progress)
+        done = 0
+        try:
+            for b_ids, b_vec, b_pay in rq.batches(ids, vectors, payloads, batch_size):
+                done += self._send(rq.upsert_batch(collection, b_ids, b_vec, b_pay)).count
+                if bar is not None:
+                    bar.update(len(b_ids))
+        finally:
+            if bar is not None:
+                bar.close()
+        return done
+
+    def search(self, collection: str, vector, limit: int = 10, params: dict | None = None,
+               target_recall: float | None = None, with_payload: bool = True,
+               with_vector: bool = False) -> list[ScoredPoint]:
+        return self._send(rq.search(collection, vector, limit, params, target_recall, with_payload, with_vector))
+
+    def search_batch(self, collection: str, vectors, limit: int = 10, params: dict | None = None,
+                     target_recall: float | None = None, with_payload: bool = True,
+                     with_vector: bool = False) -> list[list[ScoredPoint]]:
+        return self._send(rq.search_batch(collection, vectors, limit, params, target_recall, with_payload,
+                                          with_vector))
+
+    def recommend(self, collection: str, positive: Sequence[int], limit: int = 10,
+                  with_payload: bool = True) -> list[ScoredPoint]:
+        return self._send(rq.recommend(collection, positive, limit, with_payload))
+
+    def get(self, collection: str, point_id: int, with_vector: bool = False) -> Record:
+        return self._send(rq.get(collection, point_id, with_vector))
+
+    def delete(self, collection: str, ids: Sequence[int]) -> UpdateResult:
+        return self._send(rq.delete(collection, ids))
+
+    def count(self, collection: str) -> int:
+        return self._send(rq.count(collection))
+
+    def health(self) -> dict[str, Any]:
+        return self._send(rq.health())
+
+
+class AsyncClient(_Base):
+    """Asynchronous client with the methods of Client, awaited."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=self.timeout)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self):
+        await self._http.aclose()
+
+    async def _send(self, call: rq.Call):
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+                status = response.status_code
+                if not (status >= 500 and attempt < self.retries and self._retryable(call, None, status)):
+                    return self._result(call, response)
+            except httpx.TransportError as e:
+                if attempt == self.retries or not self._retryable(call, e, None):
+                    raise ConnectionFailed(f"{call.method} {call.path}: {e!r}") from e
+            await asyncio.sleep(self._delay(attempt))
+        raise ServerError(f"{call.method} {call.path}: still failing after {self.retries} retries")
+
+    async def create_collection(self, name: str, model: str | None = None, index: str | None = None,
+                                metric: str = "l2", encoder: str = "fast") -> CollectionInfo:
+        return await self._send(rq.create_collection(name, model, index, metric, encoder))
+
+    async def get_collection(self, name: str) -> CollectionInfo:
+        return await self._send(rq.get_collection(name))
+
+    async def list_collections(self) -> list[str]:
+        return await self._send(rq.list_collections())
+
+    async def delete_collection(self, name: str) -> bool:
+        return await self._send(rq.delete_collection(name))
+
+    async def upsert(self, collection: str, ids: Sequence[int], vectors,
+                     payloads: Sequence[dict | None] | None = None, batch_size: int = 256,
+                     progress: bool = True) -> int:
+        bar = rq.progress_bar(len(ids), progress)
+        done = 0
+        try:
+            for b_ids, b_vec, b_pay in rq.batches(ids, vectors, payloads, batch_size):
+                done += (await self._send(rq.upsert_batch(collection, b_ids, b_vec, b_pay))).count
+                if bar is not None:
+                    bar.update(len(b_ids))
+        finally:
+            if bar is not None:
+                bar.close()
+        return done
+
+    async def search(self, collection: str, vector, limit: int = 10, params: dict | None = None,
+                     target_recall: float | None = None, with_payload: bool = True,
+                     with_vector: bool = False) -> list[ScoredPoint]:
+        return await self._send(rq.search(collection, vector, limit, params, target_recall, with_payload,
+                                          with_vector))
+
+    async def search_batch(self, collection: str, vectors, limit: int = 10, params: dict | None = None,
+                           target_recall: float | None = None, with_payload: bool = True,
+                           with_vector: bool = False) -> list[list[ScoredPoint]]:
+        return await self._send(rq.search_batch(collection, vectors, limit, params, target_recall, with_payload,
+                                                with_vector))
+
+    async def recommend(self, collection: str, positive: Sequence[int], limit: int = 10,
+                        with_payload: bool = True) -> list[ScoredPoint]:
+        return await self._send(rq.recommend(collection, positive, limit, with_payload))
+
+    async def get(self, collection: str, point_id: int, with_vector: bool = False) -> Record:
+        return await self._send(rq.get(collection, point_id, with_vector))
+
+    async def delete(self, collection: str, ids: Sequence[int]) -> UpdateResult:
+        return await self._send(rq.delete(collection, ids))
+
+    async def count(self, collection: str) -> int:
+        return await self._send(rq.count(collection))
+
+    async def health(self) -> dict[str, Any]:
+        return await self._send(rq.health())
