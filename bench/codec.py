@@ -26,7 +26,7 @@ import torch
 
 from model import datasets
 from model.io import load_model, to_faiss_qinco
-from model.network import ENCODERS, decode, encode
+from model.network import ENCODERS, Encoder, decode, encode
 
 
 def timed(fn, *args):
@@ -53,7 +53,14 @@ def faiss_codecs(d: int, nbytes: int) -> dict[str, str]:
 
 
 def bench_faiss(key: str, xt, xb, xq, gt, lsq_train: int) -> dict:
-    index = faiss.index_factory(xt.shape[1], key)
+    d = xt.shape[1]
+    if key.startswith("PQ") and d % int(key[2:]):  # PQ needs d divisible by M: zero-pad (changes no distance)
+        M = int(key[2:])
+        padded = d + (-d) % M
+        index = faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, padded, True),
+                                        faiss.IndexPQ(padded, M, 8))
+    else:
+        index = faiss.index_factory(d, key)
     if key.startswith("RQ"):
         index.rq.max_beam_size = 5
     if key.startswith("LSQ") and lsq_train:  # LSQ training encodes its set many times over
@@ -68,8 +75,8 @@ def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
     model = load_model(path)
     rows = []
     codes = None
-    for name in encoders:
-        enc = ENCODERS[name]
+    for name in encoders:  # a named setting, or "AxB" such as 64x16
+        enc = ENCODERS[name] if name in ENCODERS else Encoder(*map(int, name.split("x")))
         codes, t_enc = timed(encode, model, xb, enc)
         recon, t_dec = timed(decode, model, codes)
         row = evaluate("", xb, xq, gt, recon, t_enc, t_dec)
@@ -101,7 +108,8 @@ def main():
     p.add_argument("--dataset", choices=datasets.NAMES, required=True)
     p.add_argument("--bytes", type=int, default=8)
     p.add_argument("--model", action="append", default=[], help="QINCo model(s) trained on this set's learn split")
-    p.add_argument("--encoders", default="fast,quality", help="QINCo encoder settings, e.g. greedy,fast,quality")
+    p.add_argument("--encoders", default="greedy,fast,quality",
+                   help="QINCo encoder settings: names (greedy,fast,quality) or AxB such as 64x16")
     p.add_argument("--nb", type=int, default=0, help="use the first NB base vectors (default: all)")
     p.add_argument("--nq", type=int, default=2000, help="queries (default 2000)")
     p.add_argument("--skip-faiss", action="store_true")

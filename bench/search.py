@@ -85,9 +85,9 @@ def recall_row(ids: np.ndarray, nearest: np.ndarray, seconds: float, **params) -
             "R@10": datasets.recall_at(ids, nearest[:, None], 10)}
 
 
-def sweep_qinco(index: QincoIndex, xq, nearest, rerank: bool, nshorts) -> list[dict]:
+def sweep_qinco(index: QincoIndex, xq, nearest, rerank: bool, nshorts, nprobes) -> list[dict]:
     rows = []
-    for nprobe in [p for p in NPROBES if p <= index.model.cfg.nlist]:
+    for nprobe in [p for p in nprobes if p <= index.model.cfg.nlist]:
         for nshort in nshorts:
             params = SearchParams(nprobe, max(32, 2 * nprobe), nshort)
             t0 = time.perf_counter()
@@ -96,10 +96,10 @@ def sweep_qinco(index: QincoIndex, xq, nearest, rerank: bool, nshorts) -> list[d
     return rows
 
 
-def sweep_faiss(index, ivf, xq, nearest) -> list[dict]:
+def sweep_faiss(index, ivf, xq, nearest, nprobes) -> list[dict]:
     rows = []
     ps = faiss.ParameterSpace()
-    for nprobe in [p for p in NPROBES if p <= ivf.nlist]:
+    for nprobe in [p for p in nprobes if p <= ivf.nlist]:
         ps.set_index_parameter(index, "nprobe", nprobe)
         ps.set_index_parameter(index, "quantizer_efSearch", max(32, 2 * nprobe))
         t0 = time.perf_counter()
@@ -123,6 +123,7 @@ def main():
     p.add_argument("--encoder", default="fast", choices=sorted(ENCODERS))
     p.add_argument("--nq", type=int, default=2000)
     p.add_argument("--nshort", default="10,20,50,100,200,500")
+    p.add_argument("--nprobe", default=",".join(map(str, NPROBES)))
     p.add_argument("--out", default="bench/results", help="folder for the JSON rows and PNG plots")
     args = p.parse_args()
 
@@ -136,13 +137,14 @@ def main():
 
     index, qinco_load = build_qinco(Path(args.model), ds.base, args.encoder, datasets.cache_dir() / args.dataset)
     nshorts = [int(s) for s in args.nshort.split(",")]
-    curves = {f"QINCo IVF-HNSW, re-ranked ({nbytes}+1 B)": sweep_qinco(index, xq, nearest, True, nshorts),
-              f"fixed-table shortlist alone ({nbytes}+1 B)": sweep_qinco(index, xq, nearest, False, [10])}
+    nprobes = [int(s) for s in args.nprobe.split(",")]
+    curves = {f"QINCo IVF-HNSW, re-ranked ({nbytes}+1 B)": sweep_qinco(index, xq, nearest, True, nshorts, nprobes),
+              f"fixed-table shortlist alone ({nbytes}+1 B)": sweep_qinco(index, xq, nearest, False, [10], nprobes)}
     loads = dict.fromkeys(curves, qinco_load)
     for kind in ("PQ", "RQ"):
         fidx, seconds, ivf = build_faiss(kind, model, ds.learn, ds.base, nbytes)
         name = f"faiss IVF-{kind} ({nbytes}+1 B)" if kind == "RQ" else f"faiss IVF-{kind} ({nbytes} B)"
-        curves[name] = sweep_faiss(fidx, ivf, xq, nearest)
+        curves[name] = sweep_faiss(fidx, ivf, xq, nearest, nprobes)
         loads[name] = seconds
 
     out = Path(args.out)

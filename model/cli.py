@@ -17,9 +17,9 @@ from .network import ENCODERS, Encoder, QincoConfig, decode, encode
 from .train import TrainConfig, train
 
 
-def add_encoder_args(p: argparse.ArgumentParser):
-    p.add_argument("--encoder", choices=sorted(ENCODERS), default="quality",
-                   help="named encoder setting (default: quality); -A/-B override it")
+def add_encoder_args(p: argparse.ArgumentParser, default: str):
+    p.add_argument("--encoder", choices=sorted(ENCODERS), default=default,
+                   help=f"named encoder setting (default: {default}); -A/-B override it")
     p.add_argument("-A", type=int, help="pre-selected candidates per beam")
     p.add_argument("-B", type=int, help="beam size")
     p.add_argument("--batch", type=int, default=1024)
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="codes .npy: (n, M) uint8, or (n, M+1) with the IVF list first")
     p.add_argument("--int32", action="store_true", help="write int32 codes")
-    add_encoder_args(p)
+    add_encoder_args(p, "quality")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="decode codes into vectors")
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="an IVF model (trained with --nlist)")
     p.add_argument("--out", required=True, help="index directory to write")
     p.add_argument("--ids", help="int64 ids .npy, one per base vector (default: row numbers)")
-    add_encoder_args(p)
+    add_encoder_args(p, "fast")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("tune", help="sweep search parameters on held-out queries, store the Pareto front")

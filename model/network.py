@@ -86,7 +86,7 @@ class Encoder:
 ENCODERS = {
     "greedy": Encoder(A=1 << 30, B=1),  # the reference: all K codewords, one beam
     "fast": Encoder(A=32, B=1),
-    "quality": Encoder(A=32, B=8),
+    "quality": Encoder(A=32, B=32),
 }
 
 

@@ -146,6 +146,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     if x.ndim != 2:
         raise ValueError(f"training data must be 2-D (n, d), got shape {x.shape}")
     x = check_vectors(x, x.shape[1], "training vectors")
+    if cfg is not None and not resume and cfg.d != x.shape[1]:
+        raise ValueError(f"expected dim {cfg.d}, got {x.shape[1]}")
     xtrain, xval = split_learn(x, tc.val, tc.seed)
 
     if resume:

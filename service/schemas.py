@@ -92,39 +92,3 @@ class RecommendRequest(Strict):
     limit: int = Field(10, ge=1)
     params: SearchParams | None = None
     with_payload: bool = True
-
-
-class ScoredPoint(BaseModel):
-    id: int
-    score: float
-    payload: dict[str, Any] | None = None
-    vector: list[float] | None = None
-
-
-class Record(BaseModel):
-    id: int
-    payload: dict[str, Any] | None = None
-    vector: list[float] | None = None
-
-
-class CollectionInfo(BaseModel):
-    name: str
-    status: str
-    dimension: int
-    metric: Metric
-    points_count: int
-    bytes_per_vector: int
-    nlist: int
-    encoder: Encoder
-    default_params: dict[str, Any]
-    tuned: bool
-
-
-class UpdateResult(BaseModel):
-    operation_id: int
-    status: str = "completed"
-    count: int
-
-
-class CountResult(BaseModel):
-    count: int
