@@ -57,8 +57,9 @@ def fit_model_tables(model: Qinco, x: np.ndarray, encoder: Encoder) -> float:
     codes = encode(model, x, encoder)
     centroids = model.centroids_raw()[codes[:, 0]]
     tables = fit_tables(codes[:, 1:], x - centroids, model.cfg.K)
-    approx = centroids + decode_tables(tables, codes[:, 1:])
-    norms = (approx ** 2).sum(1)
+    residual = decode_tables(tables, codes[:, 1:])
+    approx = centroids + residual
+    norms = (residual ** 2).sum(1)  # faiss's IVF scanner adds ||r̂||² to its look-up-table sums
     with torch.no_grad():
         model.tables.copy_(torch.from_numpy(tables))
         model.norm_range.copy_(torch.tensor([norms.min(), norms.max()]))

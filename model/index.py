@@ -129,12 +129,11 @@ class QincoIndex:
     def _pack(self, qcodes: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """faiss sa codes: list number (little-endian) then the packed RQ code with its norm."""
         n = len(qcodes)
-        centroids = self.model.centroids_raw()[lists]
         packed = np.zeros((n, self.code_bytes), dtype=np.uint8)
         codes32 = np.ascontiguousarray(qcodes, dtype=np.int32)
-        # Norms of centroid + table reconstruction, as faiss's own encoder stores them.
-        self.index.rq.pack_codes(n, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1, None,
-                                 faiss.swig_ptr(np.ascontiguousarray(centroids, dtype=np.float32)))
+        # faiss computes the norm ||r̂||² of the table reconstruction of the residual, as its
+        # IVF scanner expects (a centroid-inclusive norm skews every distance).
+        self.index.rq.pack_codes(n, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1, None, None)
         listno = lists.astype("<i8").view(np.uint8).reshape(n, 8)[:, :self.listno_bytes]
         return np.ascontiguousarray(np.hstack([listno, packed]))
 
