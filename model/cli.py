@@ -82,7 +82,7 @@ def cmd_build(args):
     print(f"wrote {args.out}: {index.ntotal} vectors, {index.code_bytes} bytes each + list id")
 
 
-def load_ground_truth(args, index: QincoIndex, queries: np.ndarray, k: int) -> np.ndarray:
+def load_ground_truth(args, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact neighbour ids of the queries, from --gt or by exhaustive search of --base."""
     if args.gt:
         gt = np.load(args.gt, allow_pickle=False)
@@ -105,7 +105,7 @@ def add_ground_truth_args(p: argparse.ArgumentParser):
 def cmd_tune(args):
     index = QincoIndex.load(args.index)
     queries = io.as_float32(io.read_vectors(args.queries))
-    gt = load_ground_truth(args, index, queries, args.k)
+    gt = load_ground_truth(args, queries, args.k)
     front = index.tune(queries, gt, args.k)
     print(f"Pareto front, recall@{args.k} ({len(queries)} queries):")
     print(f"{'nprobe':>7} {'ef':>5} {'nshort':>7} {'recall':>7} {'ms/query':>9}")
@@ -138,7 +138,7 @@ def cmd_search(args):
 def cmd_eval(args):
     index = QincoIndex.load(args.index)
     queries = io.as_float32(io.read_vectors(args.queries))
-    gt = load_ground_truth(args, index, queries, 1)
+    gt = load_ground_truth(args, queries, 1)
     rows = evaluate_grid(index, queries, gt[:, 0])
     print(f"{'nprobe':>7} {'ef':>5} {'nshort':>7} {'R@1':>6} {'R@10':>6} {'R@100':>6} {'QPS':>9}")
     for r in rows:

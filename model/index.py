@@ -139,12 +139,10 @@ class QincoIndex:
 
     def _unpack(self, sa_codes: np.ndarray) -> np.ndarray:
         """(n, listno + code bytes) -> (n, 1 + M) int64 codes, list first."""
-        n = len(sa_codes)
-        wide = np.zeros((n, 8), dtype=np.uint8)
+        wide = np.zeros((len(sa_codes), 8), dtype=np.uint8)
         wide[:, :self.listno_bytes] = sa_codes[:, :self.listno_bytes]
         lists = wide.view("<i8")[:, 0]
-        M = self.model.cfg.M
-        qcodes = sa_codes[:, self.listno_bytes:self.listno_bytes + M].astype(np.int64)
+        qcodes = sa_codes[:, self.listno_bytes:self.listno_bytes + self.model.cfg.M].astype(np.int64)
         return np.hstack([lists[:, None], qcodes])
 
     def remove(self, ids) -> int:
@@ -152,31 +150,33 @@ class QincoIndex:
         ids = np.unique(self._check_ids(ids, None, unique=False))
         if not len(ids) or not self.ntotal:
             return 0
-        present = np.array([self._contains(i) for i in ids], dtype=bool)
-        if not present.any():
-            return 0
-        return self.index.remove_ids(faiss.IDSelectorArray(ids[present]))
+        # The hashtable direct map finds each id directly and skips absent ones.
+        return self.index.remove_ids(faiss.IDSelectorArray(ids))
 
-    def _contains(self, i: int) -> bool:
-        try:
-            self.index.direct_map.get(int(i))
-            return True
-        except RuntimeError:
-            return False
+    def stored_codes(self, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids (n,) and QINCo codes (n, 1 + M), list first, of one inverted list."""
+        invlists = self.index.invlists
+        n = invlists.list_size(list_no)
+        ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), n).copy()
+        raw = faiss.rev_swig_ptr(invlists.get_codes(list_no), n * self.code_bytes).copy()
+        return ids, self._with_list(raw.reshape(n, self.code_bytes), list_no)
+
+    def _with_list(self, packed: np.ndarray, list_no: int) -> np.ndarray:
+        """Packed RQ codes (n, code bytes) of one list -> (n, 1 + M) int64 codes."""
+        qcodes = packed[:, :self.model.cfg.M].astype(np.int64)
+        return np.hstack([np.full((len(packed), 1), list_no, dtype=np.int64), qcodes])
 
     def reconstruct(self, i: int) -> np.ndarray:
         """The neural decoding of a stored vector (d,)."""
-        if not self._contains(i):
-            raise KeyError(f"id {i} is not in the index")
-        lo = self.index.direct_map.get(int(i))
+        try:
+            lo = self.index.direct_map.get(int(i))
+        except RuntimeError:
+            raise KeyError(f"id {i} is not in the index") from None
         list_no, offset = lo >> 32, lo & 0xFFFFFFFF
         ptr = self.index.invlists.get_single_code(list_no, offset)
         code = np.array(faiss.rev_swig_ptr(ptr, self.code_bytes), dtype=np.uint8)
         self.index.invlists.release_codes(list_no, ptr)
-        full = np.concatenate([np.zeros(self.listno_bytes, np.uint8), code])[None]
-        codes = self._unpack(full)
-        codes[:, 0] = list_no
-        return decode(self.model, codes)[0]
+        return decode(self.model, self._with_list(code[None], list_no))[0]
 
     @staticmethod
     def _check_ids(ids, n: int | None, unique: bool = True) -> np.ndarray:

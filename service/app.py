@@ -46,6 +46,11 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": {"error": message}, "time": 0.0}, status_code=status)
 
 
+def hit_json(hit, with_payload: bool) -> dict:
+    """A search hit: id and score, payload when asked for (even null), vector when present."""
+    return {k: v for k, v in vars(hit).items() if v is not None or (k == "payload" and with_payload)}
+
+
 def ok(result, started: float) -> dict:
     return {"result": result, "status": "ok", "time": round(time.perf_counter() - started, 6)}
 
@@ -242,8 +247,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
             hits = translate(c.search, [searches[i].vector for i in members], limit,
                              params.model_dump() if params else None, with_payload, with_vector)
             for i, h in zip(members, hits):
-                results[i] = [{k: v for k, v in vars(x).items() if v is not None or k == "payload" and with_payload}
-                              for x in h]
+                results[i] = [hit_json(x, with_payload) for x in h]
         metrics.search.observe(time.perf_counter() - t0)
         return results
 
@@ -267,7 +271,6 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         query = sum(vectors) / len(vectors)
         hits = translate(c.search, [query], body.limit, body.params.model_dump() if body.params else None,
                          body.with_payload, False, exclude=[set(body.positive)])[0]
-        return ok([{k: v for k, v in vars(x).items() if v is not None or k == "payload" and body.with_payload}
-                   for x in hits], t0)
+        return ok([hit_json(x, body.with_payload) for x in hits], t0)
 
     return app

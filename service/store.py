@@ -436,16 +436,8 @@ class Store:
             db = connect(folder / "points.sqlite")
             db.executescript(SCHEMA)
             db.execute("BEGIN")
-            invlists = index.index.invlists
-            for list_no in range(invlists.nlist):
-                n = invlists.list_size(list_no)
-                if not n:
-                    continue
-                ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), n).copy()
-                raw = faiss.rev_swig_ptr(invlists.get_codes(list_no), n * index.code_bytes).copy()
-                raw = raw.reshape(n, index.code_bytes)
-                codes = index._unpack(np.hstack([np.zeros((n, index.listno_bytes), np.uint8), raw]))
-                codes[:, 0] = list_no
+            for list_no in range(index.model.cfg.nlist):
+                ids, codes = index.stored_codes(list_no)
                 db.executemany("INSERT INTO points (id, codes, payload, seq) VALUES (?, ?, NULL, 1)",
                                [(int(i), c.astype(np.int32).tobytes()) for i, c in zip(ids, codes)])
             db.execute("UPDATE meta SET value = 1 WHERE key='seq'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -104,7 +105,8 @@ def health() -> Call:
     return Call("GET", "/readyz", enveloped=False)
 
 
-def batches(ids, vectors, payloads, batch_size):
+def upsert_batches(collection, ids, vectors, payloads, batch_size):
+    """One upsert call per batch of points."""
     ids = [int(i) for i in ids]
     rows = as_rows(vectors)
     if len(rows) != len(ids):
@@ -113,15 +115,25 @@ def batches(ids, vectors, payloads, batch_size):
     if len(payloads) != len(ids):
         raise ValueError(f"{len(ids)} ids but {len(payloads)} payloads")
     for i0 in range(0, len(ids), batch_size):
-        yield ids[i0:i0 + batch_size], rows[i0:i0 + batch_size], payloads[i0:i0 + batch_size]
+        sl = slice(i0, i0 + batch_size)
+        yield upsert_batch(collection, ids[sl], rows[sl], payloads[sl])
 
 
-def progress_bar(total: int, enabled: bool):
-    """tqdm when installed, else nothing: the client depends only on httpx and pydantic."""
+@contextmanager
+def progress(total: int, enabled: bool):
+    """Yields advance(n): a tqdm bar when installed and enabled, else nothing shown.
+
+    The client depends only on httpx and pydantic.
+    """
+    bar = None
     if enabled:
         try:
             from tqdm.auto import tqdm
-            return tqdm(total=total, unit="pt", desc="upsert")
+            bar = tqdm(total=total, unit="pt", desc="upsert")
         except ImportError:
             pass
-    return None
+    try:
+        yield (bar.update if bar is not None else lambda n: None)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import httpx
 
 from . import _requests as rq
-from .errors import ConnectionFailed, QincoError, ServerError, from_response
+from .errors import ConnectionFailed, from_response
 from .models import CollectionInfo, Record, ScoredPoint, UpdateResult
 
 
@@ -20,14 +20,19 @@ class _Base:
         self.headers = {"api-key": api_key} if api_key else {}
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
 
-    def _retryable(self, call: rq.Call, error: Exception | None, status: int | None) -> bool:
-        if isinstance(error, httpx.ConnectError):
-            return True  # never reached the server: safe for any call
-        if not call.idempotent:
-            return False
-        return isinstance(error, httpx.TransportError) or (status is not None and status >= 500)
+    def _retry_delay(self, call: rq.Call, attempt: int, response: httpx.Response | None = None,
+                     error: httpx.TransportError | None = None) -> float | None:
+        """Seconds to wait before re-sending, or None to answer with `response`.
 
-    def _delay(self, attempt: int) -> float:
+        Raises ConnectionFailed when a transport error is final.
+        """
+        last = attempt == self.retries
+        if error is not None:
+            # A connect error never reached the server: safe to re-send any call.
+            if last or not (call.idempotent or isinstance(error, httpx.ConnectError)):
+                raise ConnectionFailed(f"{call.method} {call.path}: {error!r}") from error
+        elif last or response.status_code < 500 or not call.idempotent:
+            return None
         return self.backoff * 2 ** attempt
 
     @staticmethod
@@ -61,14 +66,12 @@ class Client(_Base):
         for attempt in range(self.retries + 1):
             try:
                 response = self._http.request(call.method, call.path, json=call.json, params=call.params)
-                status = response.status_code
-                if not (status >= 500 and attempt < self.retries and self._retryable(call, None, status)):
-                    return self._result(call, response)
+                delay = self._retry_delay(call, attempt, response=response)
             except httpx.TransportError as e:
-                if attempt == self.retries or not self._retryable(call, e, None):
-                    raise ConnectionFailed(f"{call.method} {call.path}: {e!r}") from e
-            time.sleep(self._delay(attempt))
-        raise ServerError(f"{call.method} {call.path}: still failing after {self.retries} retries")
+                response, delay = None, self._retry_delay(call, attempt, error=e)
+            if delay is None:
+                return self._result(call, response)
+            time.sleep(delay)
 
     # collections
     def create_collection(self, name: str, model: str | None = None, index: str | None = None,
@@ -88,16 +91,11 @@ class Client(_Base):
     def upsert(self, collection: str, ids: Sequence[int], vectors, payloads: Sequence[dict | None] | None = None,
                batch_size: int = 256, progress: bool = True) -> int:
         """Upload points in batches; returns how many were written.  Accepts numpy arrays."""
-        bar = rq.progress_bar(len(ids), progress)
         done = 0
-        try:
-            for b_ids, b_vec, b_pay in rq.batches(ids, vectors, payloads, batch_size):
-                done += self._send(rq.upsert_batch(collection, b_ids, b_vec, b_pay)).count
-                if bar is not None:
-                    bar.update(len(b_ids))
-        finally:
-            if bar is not None:
-                bar.close()
+        with rq.progress(len(ids), progress) as advance:
+            for batch in rq.upsert_batches(collection, ids, vectors, payloads, batch_size):
+                done += self._send(batch).count
+                advance(len(batch.json["points"]))
         return done
 
     def search(self, collection: str, vector, limit: int = 10, params: dict | None = None,
@@ -148,14 +146,12 @@ class AsyncClient(_Base):
         for attempt in range(self.retries + 1):
             try:
                 response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
-                status = response.status_code
-                if not (status >= 500 and attempt < self.retries and self._retryable(call, None, status)):
-                    return self._result(call, response)
+                delay = self._retry_delay(call, attempt, response=response)
             except httpx.TransportError as e:
-                if attempt == self.retries or not self._retryable(call, e, None):
-                    raise ConnectionFailed(f"{call.method} {call.path}: {e!r}") from e
-            await asyncio.sleep(self._delay(attempt))
-        raise ServerError(f"{call.method} {call.path}: still failing after {self.retries} retries")
+                response, delay = None, self._retry_delay(call, attempt, error=e)
+            if delay is None:
+                return self._result(call, response)
+            await asyncio.sleep(delay)
 
     async def create_collection(self, name: str, model: str | None = None, index: str | None = None,
                                 metric: str = "l2", encoder: str = "fast") -> CollectionInfo:
@@ -173,16 +169,11 @@ class AsyncClient(_Base):
     async def upsert(self, collection: str, ids: Sequence[int], vectors,
                      payloads: Sequence[dict | None] | None = None, batch_size: int = 256,
                      progress: bool = True) -> int:
-        bar = rq.progress_bar(len(ids), progress)
         done = 0
-        try:
-            for b_ids, b_vec, b_pay in rq.batches(ids, vectors, payloads, batch_size):
-                done += (await self._send(rq.upsert_batch(collection, b_ids, b_vec, b_pay))).count
-                if bar is not None:
-                    bar.update(len(b_ids))
-        finally:
-            if bar is not None:
-                bar.close()
+        with rq.progress(len(ids), progress) as advance:
+            for batch in rq.upsert_batches(collection, ids, vectors, payloads, batch_size):
+                done += (await self._send(batch)).count
+                advance(len(batch.json["points"]))
         return done
 
     async def search(self, collection: str, vector, limit: int = 10, params: dict | None = None,
