@@ -111,6 +111,7 @@ def main():
     p.add_argument("--encoders", default="greedy,fast,quality",
                    help="QINCo encoder settings: names (greedy,fast,quality) or AxB such as 64x16")
     p.add_argument("--nb", type=int, default=0, help="use the first NB base vectors (default: all)")
+    p.add_argument("--nt", type=int, default=0, help="train faiss codecs on the first NT learn vectors (default: all)")
     p.add_argument("--nq", type=int, default=2000, help="queries (default 2000)")
     p.add_argument("--skip-faiss", action="store_true")
     p.add_argument("--lsq-train", type=int, default=0, help="train LSQ on the first N learn vectors (default: all)")
@@ -118,6 +119,8 @@ def main():
     args = p.parse_args()
 
     ds = datasets.load(args.dataset)
+    if args.nt:
+        ds.learn = ds.learn[:args.nt]
     xb = ds.base[:args.nb] if args.nb else ds.base
     xq = ds.queries[:args.nq]
     if args.nb:

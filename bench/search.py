@@ -120,16 +120,24 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=datasets.NAMES, required=True)
     p.add_argument("--model", required=True, help="IVF QINCo model trained on this set's learn split")
-    p.add_argument("--encoder", default="fast", choices=sorted(ENCODERS))
+    p.add_argument("--encoder", default="balanced", choices=sorted(ENCODERS))
+    p.add_argument("--nt", type=int, default=0, help="train faiss codecs on the first NT learn vectors (default: all)")
     p.add_argument("--nq", type=int, default=2000)
+    p.add_argument("--nb", type=int, default=0, help="use the first NB base vectors (default: all)")
     p.add_argument("--nshort", default="10,20,50,100,200,500")
     p.add_argument("--nprobe", default=",".join(map(str, NPROBES)))
     p.add_argument("--out", default="bench/results", help="folder for the JSON rows and PNG plots")
     args = p.parse_args()
 
     ds = datasets.load(args.dataset)
+    if args.nt:
+        ds.learn = ds.learn[:args.nt]
     xq = ds.queries[:args.nq]
-    nearest = datasets.ground_truth(ds)[:args.nq, 0]
+    if args.nb:
+        ds.base = ds.base[:args.nb]
+        nearest = datasets.exact_knn(ds.base, xq, 1)[:, 0]
+    else:
+        nearest = datasets.ground_truth(ds)[:args.nq, 0]
     model = load_model(args.model)
     nbytes = model.cfg.code_bytes
     print(f"{args.dataset}: base {ds.base.shape}, {len(xq)} queries, nlist {model.cfg.nlist}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from dataclasses import fields
 
 import numpy as np
@@ -44,6 +45,19 @@ def cmd_train(args):
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in tc_fields and v is not None})
     train(data, args.out, cfg, tc, resume=args.resume)
     print(f"saved {args.out}")
+
+
+def cmd_data(args):
+    try:
+        ds = datasets.load(args.name)
+    except datasets.DatasetUnavailable as e:
+        raise ValueError(str(e)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"learn": ds.learn, "base": ds.base, "queries": ds.queries, "gt100": datasets.ground_truth(ds)}
+    for name, array in arrays.items():
+        io.atomic_write(out / f"{name}.npy", lambda f, a=array: np.save(f, a))
+        print(f"{out / name}.npy  {array.shape} {array.dtype}")
 
 
 def cmd_encode(args):
@@ -217,8 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
                               ("lr", float, "learning rate"), ("batch", int, "batch size"),
                               ("seed", int, "random seed"), ("val", int, "validation vectors"),
                               ("reuse", int, "gradient passes over each encoded chunk")]:
-        p.add_argument(f"--{name}", type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,
+                       help=f"{help_} (default {getattr(TrainConfig, name)})")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="write a benchmark data set's splits and ground truth as .npy files")
+    p.add_argument("name", choices=datasets.NAMES)
+    p.add_argument("--out", required=True, help="folder for learn.npy, base.npy, queries.npy, gt100.npy")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("encode", help="encode vectors into codes")
     p.add_argument("data")
@@ -239,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="an IVF model (trained with --nlist)")
     p.add_argument("--out", required=True, help="index directory to write")
     p.add_argument("--ids", help="int64 ids .npy, one per base vector (default: row numbers)")
-    add_encoder_args(p, "fast")
+    add_encoder_args(p, "balanced")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("tune", help="sweep search parameters on held-out queries, store the Pareto front")

@@ -106,11 +106,11 @@ class QincoIndex:
         return self.index.ntotal
 
     # ---- writing -----------------------------------------------------------------
-    def encode(self, x, encoder: Encoder = ENCODERS["fast"], progress=None) -> np.ndarray:
+    def encode(self, x, encoder: Encoder = ENCODERS["balanced"], progress=None) -> np.ndarray:
         """Raw vectors -> (n, 1 + M) int32 codes, IVF list first (the slow part: no lock needed)."""
         return encode(self.model, x, encoder, progress=progress)
 
-    def add(self, x, ids=None, encoder: Encoder = ENCODERS["fast"], progress=None) -> np.ndarray:
+    def add(self, x, ids=None, encoder: Encoder = ENCODERS["balanced"], progress=None) -> np.ndarray:
         """Encode and add vectors; existing ids are replaced.  Returns the ids."""
         x = check_vectors(x, self.d)
         ids = self._check_ids(ids if ids is not None else np.arange(self.ntotal, self.ntotal + len(x)), len(x))

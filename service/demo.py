@@ -41,7 +41,7 @@ def create_demo_collection(store: Store, settings: Settings):
         log.warning("no demo collection: %s", e)
         return
     log.info("creating the demo collection 'glove' (%d words, first start only)", len(words))
-    collection = store.create("glove", "cosine", "fast", DEMO_MODEL)
+    collection = store.create("glove", "cosine", "balanced", DEMO_MODEL)
     for i0 in range(0, len(words), BATCH):
         ids = list(range(i0, min(i0 + BATCH, len(words))))
         collection.upsert(ids, vectors[i0:i0 + BATCH], [{"word": words[i]} for i in ids])

@@ -30,6 +30,7 @@ class Metric(str, Enum):
 
 class Encoder(str, Enum):
     fast = "fast"
+    balanced = "balanced"
     quality = "quality"
     greedy = "greedy"
 
@@ -38,7 +39,7 @@ class CreateCollection(Strict):
     model: str | None = Field(None, description="a trained IVF model file, inside the data directory")
     index: str | None = Field(None, description="or a built index directory, inside the data directory")
     metric: Metric = Metric.l2
-    encoder: Encoder = Field(Encoder.fast, description="QINCo encoder used for upserts")
+    encoder: Encoder = Field(Encoder.balanced, description="QINCo encoder used for upserts")
 
     @model_validator(mode="after")
     def one_source(self):

@@ -50,3 +50,13 @@ def test_build_tune_search_eval(tmp_path, ivf_model, glove_sample, capsys):
     main(["eval", str(index), str(queries), "--base", str(base), "--ids", str(ids), "--plot", str(plot)])
     assert "R@10" in capsys.readouterr().out
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_data_names_the_missing_source(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QINCO_SHARED_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("QINCO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:
+        main(["data", "wordnet-minilm-384", "--out", str(tmp_path / "wn")])
+    assert e.value.code == 2
+    assert "QINCO_SHARED_DATA" in capsys.readouterr().err
+    assert not (tmp_path / "wn").exists()  # nothing written

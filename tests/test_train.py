@@ -15,7 +15,7 @@ def test_short_training_on_real_data_beats_rq_initialisation(tmp_path, glove_sam
     model, extra = load_model(out, with_extra=True)
     state = extra["training"]["state"]
     # The RQ start and the trained model, measured with the same training encoder.
-    assert state["best_val_mse"] < 0.98 * state["init_val_mse"], state["history"]
+    assert state["best_val_mse"] < 0.99 * state["init_val_mse"], state["history"]
     assert state["init_val_mse"] < 1.05 * state["rq_val_mse"]  # starts at the RQ solution
     assert state["seconds"] < 0.5 * 60 + 20  # the budget holds (plus the final save)
 

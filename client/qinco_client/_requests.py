@@ -46,9 +46,10 @@ def hits(result) -> list[ScoredPoint]:
     return [ScoredPoint(**h) for h in result]
 
 
-def create_collection(name, model=None, index=None, metric="l2", encoder="fast") -> Call:
-    body = {k: v for k, v in (("model", model), ("index", index)) if v is not None}
-    return Call("PUT", f"/collections/{name}", {**body, "metric": metric, "encoder": encoder},
+def create_collection(name, model=None, index=None, metric="l2", encoder=None) -> Call:
+    """encoder None: the server's default."""
+    body = {k: v for k, v in (("model", model), ("index", index), ("encoder", encoder)) if v is not None}
+    return Call("PUT", f"/collections/{name}", {**body, "metric": metric},
                 idempotent=False, parse=lambda r: CollectionInfo(**r))
 
 

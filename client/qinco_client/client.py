@@ -75,7 +75,7 @@ class Client(_Base):
 
     # collections
     def create_collection(self, name: str, model: str | None = None, index: str | None = None,
-                          metric: str = "l2", encoder: str = "fast") -> CollectionInfo:
+                          metric: str = "l2", encoder: str | None = None) -> CollectionInfo:
         return self._send(rq.create_collection(name, model, index, metric, encoder))
 
     def get_collection(self, name: str) -> CollectionInfo:
@@ -154,7 +154,7 @@ class AsyncClient(_Base):
             await asyncio.sleep(delay)
 
     async def create_collection(self, name: str, model: str | None = None, index: str | None = None,
-                                metric: str = "l2", encoder: str = "fast") -> CollectionInfo:
+                                metric: str = "l2", encoder: str | None = None) -> CollectionInfo:
         return await self._send(rq.create_collection(name, model, index, metric, encoder))
 
     async def get_collection(self, name: str) -> CollectionInfo:
