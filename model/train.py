@@ -118,6 +118,8 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
         log(f"k-means: {cfg.nlist} centroids in {time.time() - t0:.0f}s")
         xn = xn - model.centroids[model.assign(torch.from_numpy(xn))].numpy()
         valn = valn - model.centroids[model.assign(torch.from_numpy(valn))].numpy()
+    if len(xn) < cfg.K:  # faiss k-means would abort with a C++ traceback
+        raise ValueError(f"training needs at least K={cfg.K} vectors besides the validation ones, got {len(xn)}")
     t0 = time.time()
     rq = train_rq(np.ascontiguousarray(xn, dtype=np.float32), cfg)
     with torch.no_grad():

@@ -106,7 +106,7 @@ def test_cli_and_benchmark_commands_work_as_written(tmp_path, glove_sample):
     (tmp_path / "bench").mkdir()  # copies: the benchmarks write their results beside themselves
     for script in (ROOT / "bench").glob("*.py"):
         (tmp_path / "bench" / script.name).write_text(script.read_text())
-    for name, rows in {"vectors": slice(0, 200), "learn": slice(0, 2500), "base": slice(4000, 6000),
+    for name, rows in {"vectors": slice(0, 400), "learn": slice(0, 2500), "base": slice(4000, 6000),
                        "queries": slice(6000, 6100)}.items():
         np.save(tmp_path / f"{name}.npy", glove_sample[rows])
     env = {**os.environ, "QINCO_CACHE": str(tmp_path / "cache")}

@@ -53,3 +53,9 @@ def test_training_rejects_bad_data(tmp_path, data, message):
 def test_training_rejects_wrong_dimension(tmp_path, glove_sample):
     with pytest.raises(ValueError, match="expected dim 8, got 50"):
         train(glove_sample[:1000], tmp_path / "m.safetensors", QincoConfig(d=8, M=1, K=4), QUICK)
+
+
+def test_too_few_vectors_for_the_codebooks_is_a_clear_error(tmp_path, glove_sample):
+    with pytest.raises(ValueError, match="at least K=256 vectors"):
+        train(glove_sample[:200], tmp_path / "m.safetensors", QincoConfig(d=50, M=2), TrainConfig(val=20))
+    assert not (tmp_path / "m.safetensors").exists()
