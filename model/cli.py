@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -231,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                               ("lr", float, "learning rate"), ("batch", int, "batch size"),
                               ("seed", int, "random seed"), ("val", int, "validation vectors"),
                               ("reuse", int, "gradient passes over each encoded chunk")]:
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,
-                       help=f"{help_} (default {getattr(TrainConfig, name)})")
+        p.add_argument(f"--{name}", type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="write a benchmark data set's splits and ground truth as .npy files")
