@@ -133,7 +133,7 @@ def cmd_tune(args):
 def search_params_from_args(args) -> SearchParams:
     default = SearchParams()
     return SearchParams(args.nprobe or default.nprobe, args.ef_search or default.ef_search,
-                        args.nshort or default.nshort)
+                        default.nshort if args.nshort is None else args.nshort)
 
 
 def cmd_search(args):
@@ -164,18 +164,18 @@ def cmd_eval(args):
         print(f"wrote {args.plot}")
 
 
-def evaluate_grid(index: QincoIndex, queries: np.ndarray, nearest: np.ndarray, nprobes=None, nshorts=None,
-                  rerank: bool = True) -> list[dict]:
-    """R@1/10/100 and QPS (one batch of all queries) over a grid of search parameters."""
+def evaluate_grid(index: QincoIndex, queries: np.ndarray, nearest: np.ndarray, nprobes=None,
+                  nshorts=None) -> list[dict]:
+    """R@1/10/100 and QPS (one batch of all queries) over a grid of search parameters (nshort 0: no re-ranking)."""
     nlist = index.model.cfg.nlist
     nprobes = nprobes or [p for p in (1, 2, 4, 8, 16, 32, 64, 128) if p <= nlist]
-    nshorts = nshorts or (100, 200, 500, 1000)
+    nshorts = nshorts or (0, 100, 200, 500, 1000)
     rows = []
     for nprobe in nprobes:
         for nshort in nshorts:
             params = SearchParams(nprobe, max(32, 2 * nprobe), nshort)
             t0 = time.perf_counter()
-            _, ids = index.search(queries, 100, params, rerank=rerank)
+            _, ids = index.search(queries, 100, params)
             qps = len(queries) / (time.perf_counter() - t0)
             rows.append({"params": params, "qps": qps,
                          **{f"R@{k}": datasets.recall_at(ids, nearest[:, None], k) for k in (1, 10, 100)}})
@@ -196,7 +196,9 @@ def plot_recall_qps(curves: dict[str, list[dict]], path: str, title: str, recall
             if rec > best:
                 front.append((rec, qps))
                 best = rec
-        ax.plot([p[0] for p in front], [p[1] for p in front], marker="o", label=name)
+        part = name.startswith(" ")  # an indented name is a part of the curve above it
+        ax.plot([p[0] for p in front], [p[1] for p in front], marker="." if part else "o",
+                linestyle="--" if part else "-", label=name.strip())
     ax.set_xlabel(recall_key)
     ax.set_ylabel("queries per second")
     ax.set_yscale("log")
@@ -275,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nprobe", type=int)
     p.add_argument("--ef-search", dest="ef_search", type=int)
-    p.add_argument("--nshort", type=int)
+    p.add_argument("--nshort", type=int, help="candidates re-ranked by the neural decoder (0: none)")
     p.add_argument("--target-recall", dest="target_recall", type=float, help="use the tuned operating point")
     p.add_argument("--out", required=True)
     p.add_argument("--distances", help="also write float32 squared L2 distances here")

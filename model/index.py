@@ -26,7 +26,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 
 from .io import CheckpointError, load_model, save_model
 from .network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, split_codes
@@ -41,7 +40,7 @@ MAX_NSHORT = 100_000
 class SearchParams:
     nprobe: int = 16
     ef_search: int = 64
-    nshort: int = 100  # shortlist re-ranked by the neural decoder
+    nshort: int = 20  # shortlist re-ranked by the neural decoder; 0: none, the fixed-table order
 
 
 @dataclass(frozen=True)
@@ -201,26 +200,32 @@ class QincoIndex:
             raise QincoIndexError(f"nprobe must be between 1 and nlist={nlist}, got {params.nprobe}")
         if params.ef_search < 1:
             raise QincoIndexError(f"ef_search must be >= 1, got {params.ef_search}")
-        if not 1 <= params.nshort <= MAX_NSHORT:
-            raise QincoIndexError(f"nshort must be between 1 and {MAX_NSHORT}, got {params.nshort}")
-        # The shortlist must hold k candidates, and HNSW must return nprobe lists.
-        return SearchParams(params.nprobe, max(params.ef_search, params.nprobe), max(params.nshort, k))
+        if not 0 <= params.nshort <= MAX_NSHORT:
+            raise QincoIndexError(f"nshort must be between 0 and {MAX_NSHORT}, got {params.nshort}")
+        # HNSW must return nprobe lists, and a re-ranked shortlist must hold k candidates.
+        nshort = max(params.nshort, k) if params.nshort else 0
+        return SearchParams(params.nprobe, max(params.ef_search, params.nprobe), nshort)
 
-    def shortlist(self, xq: np.ndarray, params: SearchParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Fixed-table scoring: distances, ids (nq, nshort), and codes (nq, nshort, 1 + M)."""
+    def shortlist(self, xq: np.ndarray, n: int, params: SearchParams,
+                  with_codes: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Fixed-table scoring of the probed lists: the n best as distances and ids (nq, n),
+        and their codes (nq, n, 1 + M) when asked for."""
         sp = faiss.SearchParametersIVF(nprobe=params.nprobe,
                                        quantizer_params=faiss.SearchParametersHNSW(efSearch=params.ef_search))
-        D, I, codes = self.index.search_and_return_codes(xq, params.nshort, include_listnos=True, params=sp)
-        return D, I, self._unpack(codes.reshape(-1, codes.shape[-1])).reshape(len(xq), params.nshort, -1)
+        if not with_codes:
+            D, I = self.index.search(xq, n, params=sp)
+            return D, I, None
+        D, I, codes = self.index.search_and_return_codes(xq, n, include_listnos=True, params=sp)
+        return D, I, self._unpack(codes.reshape(-1, codes.shape[-1])).reshape(len(xq), n, -1)
 
-    def search(self, queries, k: int = 10, params: SearchParams | None = None, target_recall: float | None = None,
-               rerank: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int = 10, params: SearchParams | None = None,
+               target_recall: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """k nearest neighbours: distances (nq, k') float32 and ids (nq, k') int64.
 
         k' = min(k, ntotal): every row holds k' real results and no -1 padding.
         When the probed lists hold fewer than k' vectors for a query, that query
-        is searched again over every list.  `rerank=False` returns the
-        fixed-table shortlist order (the approximate decoder alone).
+        is searched again over every list.  `nshort=0` skips the neural re-ranking:
+        the fixed-table order and distances (the approximate decoder alone).
         """
         if target_recall is not None:
             params = self.params_for_recall(target_recall)
@@ -229,29 +234,30 @@ class QincoIndex:
         kk = min(k, self.ntotal)
         if kk == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-        D, I, codes = self.shortlist(xq, params)
+        rerank = params.nshort > 0
+        n = params.nshort or kk
+        D, I, codes = self.shortlist(xq, n, params, with_codes=rerank)
         short = (I >= 0).sum(1) < kk
         if short.any():  # too few vectors in the probed lists: probe them all
             nlist = self.model.cfg.nlist
             wide = SearchParams(nlist, max(params.ef_search, nlist), params.nshort)
-            D[short], I[short], codes[short] = self.shortlist(xq[short], wide)
+            D[short], I[short], wide_codes = self.shortlist(xq[short], n, wide, with_codes=rerank)
+            if rerank:
+                codes[short] = wide_codes
         if rerank:
             D = self.rerank_distances(xq, I, codes)
         order = np.argsort(D, axis=1, kind="stable")[:, :kk]
         return np.take_along_axis(D, order, 1).astype(np.float32), np.take_along_axis(I, order, 1)
 
-    @torch.inference_mode()
     def rerank_distances(self, xq: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Exact L2 from each query to the neural decoding of its shortlist; +inf where empty."""
         nq, ns, _ = codes.shape
         valid = ids >= 0
-        flat = torch.from_numpy(codes.reshape(nq * ns, -1)[valid.ravel()])
         out = np.full((nq, ns), np.inf, dtype=np.float32)
-        if len(flat):
-            xn = self.model.decode_normalized(flat[:, 1:], flat[:, 0])
-            xhat = self.model.denormalize(xn)
-            q = torch.from_numpy(xq).unsqueeze(1).expand(nq, ns, -1).reshape(nq * ns, -1)[valid.ravel()]
-            out[valid] = (q - xhat).square().sum(-1).numpy()
+        if valid.any():
+            xhat = decode(self.model, codes[valid])
+            q = np.broadcast_to(xq[:, None, :], (nq, ns, self.d))[valid]
+            out[valid] = ((q - xhat) ** 2).sum(-1)
         return out
 
     # ---- tuning ------------------------------------------------------------------
@@ -266,7 +272,7 @@ class QincoIndex:
         nlist = self.model.cfg.nlist
         grid = grid or {}
         nprobes = grid.get("nprobe") or sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= nlist})
-        nshorts = grid.get("nshort") or [s for s in (k, 2 * k, 5 * k, 10 * k, 20 * k, 50 * k) if s <= MAX_NSHORT]
+        nshorts = grid.get("nshort") or [s for s in (0, k, 2 * k, 5 * k, 10 * k, 20 * k, 50 * k) if s <= MAX_NSHORT]
         points = []
         for nprobe in nprobes:
             for nshort in nshorts:

@@ -39,7 +39,7 @@ class TrainConfig:
     patience: int = 3  # validations without progress before lr /= 10 (or stopping at min_lr)
     min_lr: float = 1e-6
     kmeans_iters: int = 20
-    table_sample: int = 50_000  # IVF models: vectors encoded to fit the index's fixed tables
+    table_sample: int = 100_000  # IVF models: vectors encoded to fit the index's fixed tables (more is better)
     threads: int = 0  # 0: all cores
     bf16: bool = True  # bf16 autocast for the training-time code search
 
@@ -261,7 +261,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     model.eval()
     if cfg.nlist:
         t0 = time.time()
-        table_mse = fit_model_tables(model, xtrain[:n_tables], train_encoder)
+        # Fitted to the codes of the index's default encoder: the codes the tables will score.
+        table_mse = fit_model_tables(model, xtrain[:n_tables], ENCODERS["balanced"])
         log(f"fixed tables (approximate decoder) fitted on {n_tables} vectors in {time.time() - t0:.0f}s: "
             f"MSE {table_mse:.5g}")
         best = {k: v.clone() for k, v in model.state_dict().items()}

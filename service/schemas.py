@@ -51,7 +51,7 @@ class CreateCollection(Strict):
 class SearchParams(Strict):
     nprobe: int | None = Field(None, ge=1)
     ef_search: int | None = Field(None, ge=1)
-    nshort: int | None = Field(None, ge=1, le=100_000)
+    nshort: int | None = Field(None, ge=0, le=100_000, description="candidates re-ranked by the neural decoder (0: none)")
     target_recall: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")

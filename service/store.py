@@ -273,7 +273,7 @@ class Collection:
                     default = SearchParams()
                     sp = SearchParams(params.get("nprobe") or min(default.nprobe, self.index.model.cfg.nlist),
                                       params.get("ef_search") or default.ef_search,
-                                      params.get("nshort") or default.nshort)
+                                      default.nshort if params.get("nshort") is None else params["nshort"])
                     D, I = self.index.search(x, limit + extra, sp)
         except ValueError as e:
             raise BadRequest(str(e)) from None

@@ -47,7 +47,7 @@ def test_reranking_beats_the_fixed_table_shortlist(index, base, glove_sample):
     queries = glove_sample[7000:7500]
     gt = exact_neighbours(base, queries, 1)[:, 0] * 3 + 7
     _, reranked = index.search(queries, 10, WIDE)
-    _, shortlist = index.search(queries, 10, WIDE, rerank=False)
+    _, shortlist = index.search(queries, 10, SearchParams(WIDE.nprobe, WIDE.ef_search, nshort=0))
     r1 = (reranked[:, 0] == gt).mean()
     assert r1 > (shortlist[:, 0] == gt).mean(), (r1, (shortlist[:, 0] == gt).mean())
     assert r1 > 0.08  # 2 bytes + list id on 50-d GloVe
@@ -121,6 +121,7 @@ def test_tuning_gives_a_pareto_front_and_target_recall(index, base):
     (lambda i, q: i.search(q[:, :40], 10, WIDE), "expected dim 50, got 40"),
     (lambda i, q: i.search(np.full_like(q, np.nan), 10, WIDE), "NaN or Inf"),
     (lambda i, q: i.search(q, 10, target_recall=0.9), "not been tuned"),
+    (lambda i, q: i.search(q, 10, SearchParams(nshort=-1)), "nshort must be between 0"),
     (lambda i, q: i.add(q, [1, 2], ENC), "ids must be a 1-D array of 3"),
     (lambda i, q: i.add(q, [-1, 2, 3], ENC), "ids must be >= 0"),
 ])
@@ -137,16 +138,17 @@ def test_empty_and_small_indexes(ivf_model, base):
     assert D.shape == (4, 0) and I.shape == (4, 0)
     idx.add(base[:3], [1, 2, 3], ENC)
     # Fewer vectors than k, and probes that miss them: every row still has all 3, no -1.
-    D, I = idx.search(base[100:104], 10, SearchParams(nprobe=1, ef_search=16, nshort=10))
-    assert I.shape == (4, 3) and (np.sort(I, 1) == [1, 2, 3]).all()
-    assert np.isfinite(D).all()
+    for nshort in (10, 0):  # re-ranked, and fixed tables alone
+        D, I = idx.search(base[100:104], 10, SearchParams(nprobe=1, ef_search=16, nshort=nshort))
+        assert I.shape == (4, 3) and (np.sort(I, 1) == [1, 2, 3]).all()
+        assert np.isfinite(D).all()
 
 
 def test_shortlist_distances_are_exact_table_distances(index, base, glove_sample):
     """faiss's LUT distance must be ||q - (centroid + table reconstruction)||² (norms stored right)."""
     from model.codebooks import decode_tables
     queries = glove_sample[7000:7050]
-    D, I, codes = index.shortlist(queries, SearchParams(nprobe=16, ef_search=32, nshort=20))
+    D, I, codes = index.shortlist(queries, 20, SearchParams(nprobe=16, ef_search=32))
     model = index.model
     approx = model.centroids_raw()[codes[..., 0]] + decode_tables(model.tables.numpy(),
                                                                   codes[..., 1:].reshape(-1, model.cfg.M)
@@ -154,3 +156,15 @@ def test_shortlist_distances_are_exact_table_distances(index, base, glove_sample
     exact = ((queries[:, None, :] - approx) ** 2).sum(-1)
     valid = I >= 0
     assert np.abs(D[valid] - exact[valid]).mean() < 0.01 * exact[valid].mean()
+
+
+def test_nshort_zero_is_the_fixed_table_order_and_distances(index, glove_sample):
+    queries = glove_sample[7000:7050]
+    params = SearchParams(nprobe=16, ef_search=32, nshort=0)
+    D, I = index.search(queries, 10, params)
+    Ds, Is, _ = index.shortlist(queries, 10, params)
+    assert (I == Is).all() and np.allclose(D, Ds)
+    # Re-ranking the same 10 candidates reorders them with the neural decoder's exact distances.
+    Dr, Ir = index.search(queries, 10, SearchParams(nprobe=16, ef_search=32, nshort=10))
+    assert (np.sort(Ir, 1) == np.sort(I, 1)).all() and not np.allclose(Dr, D)
+    assert (np.diff(Dr, axis=1) >= 0).all()

@@ -48,7 +48,7 @@ SCALE_DOWN = [("--max-minutes 60", "--max-minutes 0.1"), ("--nlist 1024", "--nli
 EXTRA_FLAGS = {
     "train runs/": "--limit 2500",
     "bench/codec.py": "--nt 2000 --nb 500 --nq 100 --lsq-train 500 --encoders fast",
-    "bench/search.py": "--nt 2000 --nb 1000 --nq 100 --nprobe 1,4 --nshort 10,50",
+    "bench/search.py": "--nt 2000 --nb 1000 --nq 100 --nprobe 1,4 --nshort 0,10",
     "bench/load.py": "--nb 500 --clients 2 --seconds 1",
 }
 

@@ -102,6 +102,9 @@ def test_upsert_search_get_count_delete(client, vectors):
                           "params": {"nprobe": 4, "nshort": 50}})
     hit = r.json()["result"][0]
     assert "payload" not in hit and len(hit["vector"]) == D
+    r = client.post("/collections/c/points/search",  # nshort 0: fixed tables alone, no neural re-ranking
+                    json={"vector": vectors[3].tolist(), "limit": 3, "params": {"nprobe": 16, "nshort": 0}})
+    assert r.status_code == 200 and len(r.json()["result"]) == 3
     batch = client.post("/collections/c/points/search/batch",
                         json={"searches": [{"vector": vectors[i].tolist(), "limit": 2} for i in range(20)]})
     found = [hs[0]["id"] for hs in batch.json()["result"]]
@@ -221,6 +224,7 @@ def bad_requests(v):
         ("post", "/collections/c/points/search", {"vector": ok, "limit": 10**6}),
         ("post", "/collections/c/points/search", {"vector": ok, "params": {"nprobe": 0}}),
         ("post", "/collections/c/points/search", {"vector": ok, "params": {"nprobe": 17}}),  # > nlist
+        ("post", "/collections/c/points/search", {"vector": ok, "params": {"nshort": -1}}),
         ("post", "/collections/c/points/search", {"vector": ok, "params": {"bogus": 1}}),
         ("post", "/collections/c/points/search", {"vector": ok, "params": {"target_recall": 1.5}}),
         ("post", "/collections/c/points/search", {"vector": ok, "params": {"target_recall": 0.9}}),  # untuned
