@@ -158,7 +158,7 @@ def main():
     curves = {f"QINCo IVF-HNSW ({nbytes}+1 B)": rows,
               f"  of which re-ranked (nshort > 0)": [r for r in rows if r["nshort"]],
               f"  of which fixed tables alone (nshort 0)": [r for r in rows if not r["nshort"]]}
-    curves = {name: rows for name, rows in curves.items() if rows}
+    curves = {name: points for name, points in curves.items() if points}  # e.g. no nshort 0 in the grid
     loads = dict.fromkeys(curves, qinco_load)
     for kind in ("PQ", "RQ"):
         fidx, seconds, ivf = build_faiss(kind, model, ds.learn, ds.base, nbytes)
