@@ -31,6 +31,7 @@ from model.cli import plot_recall_qps
 from model.index import QincoIndex, SearchParams
 from model.io import load_model
 from model.network import ENCODERS
+from model.threads import set_threads
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -131,9 +132,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and faiss (default: all cores)")
     p.add_argument("--targets", default="0.5,0.6,0.7,0.8,0.85,0.9", help="R@10 levels of the QPS table")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        faiss.omp_set_num_threads(args.threads)
+    set_threads(args.threads)
 
     ds = datasets.load(args.dataset)
     if args.nt:

@@ -9,12 +9,12 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from . import datasets, io
 from .index import QincoIndex, SearchParams
 from .network import ENCODERS, Encoder, QincoConfig, decode, encode
+from .threads import set_threads
 from .train import TrainConfig, train
 
 
@@ -294,8 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(parser: argparse.ArgumentParser, argv=None):
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError

@@ -5,9 +5,10 @@ quantizer holds the model's centroids and whose RQ codebooks are the model's
 fixed tables.  Vectors are encoded once by QINCo and their codes written
 straight into the inverted lists (faiss never re-encodes them).
 
-Search: HNSW finds `nprobe` lists (`ef_search`) -> faiss scores their codes with
-the tables and keeps `nshort` candidates with their codes -> QINCo decodes the
-shortlist -> exact L2 to the query -> top k.
+Search: HNSW finds `nprobe` lists (`ef_search`) -> their codes are scored with
+the tables, one look-up table per query (model/scan.py; faiss's own scanner
+rebuilds one per probed list) -> the `nshort` best, with their codes -> QINCo
+decodes the shortlist -> exact L2 to the query -> top k.
 
 An index directory holds index.faiss, model.safetensors (with the tables),
 tuning.json and manifest.json (format, sizes, checksums).  Saving is atomic;
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +31,13 @@ import numpy as np
 
 from .io import CheckpointError, load_model, save_model
 from .network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, split_codes
+from .scan import FlatLists, list_terms, norm_of_byte, query_tables, scan, warm_up
 
 FORMAT = "qinco-search/index"
 FORMAT_VERSION = 1
 MAX_K = 10_000
 MAX_NSHORT = 100_000
+SCAN_BATCH = 2048  # queries per look-up-table block: (batch, M, K) float32
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,15 @@ class QincoIndex:
         self.tuning = tuning or {}  # {"k": int, "points": [OperatingPoint as dict]}
         self.listno_bytes = self.index.coarse_code_size()
         self.code_bytes = self.index.code_size
+        # The scan's constants come from the faiss index itself, so that its distances are faiss's.
+        cfg, rq = model.cfg, self.index.rq
+        self.tables = faiss.vector_to_array(rq.codebooks).reshape(cfg.M, cfg.K, cfg.d)
+        centroids = self.index.quantizer.reconstruct_n(0, cfg.nlist)
+        self.list_terms = list_terms(centroids, self.tables)  # (nlist, M, K): 4 * nlist * M * K bytes
+        self.norms = norm_of_byte(rq.norm_min, rq.norm_max)
+        self._flat: FlatLists | None = None  # copy of the inverted lists, rebuilt after writes
+        self._flat_lock = threading.Lock()
+        warm_up()  # compile the scan here, not in (and timed with) the first search
 
     @property
     def d(self) -> int:
@@ -124,6 +137,7 @@ class QincoIndex:
         ids = self._check_ids(ids, len(qcodes))
         self.remove(ids)
         self.index.add_sa_codes(self._pack(qcodes.numpy(), lists.numpy()), ids)
+        self._flat = None
 
     def _pack(self, qcodes: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """faiss sa codes: list number (little-endian) then the packed RQ code with its norm."""
@@ -136,21 +150,27 @@ class QincoIndex:
         listno = lists.astype("<i8").view(np.uint8).reshape(n, 8)[:, :self.listno_bytes]
         return np.ascontiguousarray(np.hstack([listno, packed]))
 
-    def _unpack(self, sa_codes: np.ndarray) -> np.ndarray:
-        """(n, listno + code bytes) -> (n, 1 + M) int64 codes, list first."""
-        wide = np.zeros((len(sa_codes), 8), dtype=np.uint8)
-        wide[:, :self.listno_bytes] = sa_codes[:, :self.listno_bytes]
-        lists = wide.view("<i8")[:, 0]
-        qcodes = sa_codes[:, self.listno_bytes:self.listno_bytes + self.model.cfg.M].astype(np.int64)
-        return np.hstack([lists[:, None], qcodes])
-
     def remove(self, ids) -> int:
         """Remove ids (absent ones are ignored); returns how many were removed."""
         ids = np.unique(self._check_ids(ids, None, unique=False))
         if not len(ids) or not self.ntotal:
             return 0
         # The hashtable direct map finds each id directly and skips absent ones.
-        return self.index.remove_ids(faiss.IDSelectorArray(ids))
+        removed = self.index.remove_ids(faiss.IDSelectorArray(ids))
+        if removed:
+            self._flat = None
+        return removed
+
+    def flat_lists(self) -> FlatLists:
+        """The inverted lists as flat arrays for the scan, copied on the first search after a write.
+
+        Safe under the service's readers-writer lock: writers exclude readers, and
+        concurrent readers build the copy once.
+        """
+        with self._flat_lock:
+            if self._flat is None:
+                self._flat = FlatLists.copy_from(self.index.invlists)
+            return self._flat
 
     def stored_codes(self, list_no: int) -> tuple[np.ndarray, np.ndarray]:
         """ids (n,) and QINCo codes (n, 1 + M), list first, of one inverted list."""
@@ -206,17 +226,25 @@ class QincoIndex:
         nshort = max(params.nshort, k) if params.nshort else 0
         return SearchParams(params.nprobe, max(params.ef_search, params.nprobe), nshort)
 
-    def shortlist(self, xq: np.ndarray, n: int, params: SearchParams,
-                  with_codes: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def shortlist(self, xq: np.ndarray, n: int, params: SearchParams
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Fixed-table scoring of the probed lists: the n best as distances and ids (nq, n),
-        and their codes (nq, n, 1 + M) when asked for."""
-        sp = faiss.SearchParametersIVF(nprobe=params.nprobe,
-                                       quantizer_params=faiss.SearchParametersHNSW(efSearch=params.ef_search))
-        if not with_codes:
-            D, I = self.index.search(xq, n, params=sp)
-            return D, I, None
-        D, I, codes = self.index.search_and_return_codes(xq, n, include_listnos=True, params=sp)
-        return D, I, self._unpack(codes.reshape(-1, codes.shape[-1])).reshape(len(xq), n, -1)
+        ascending, and their codes (nq, n, 1 + M); inf, -1 and zero codes past the last found."""
+        flat = self.flat_lists()
+        M = self.model.cfg.M
+        D = np.empty((len(xq), n), dtype=np.float32)
+        I = np.full((len(xq), n), -1, dtype=np.int64)
+        codes = np.zeros((len(xq), n, 1 + M), dtype=np.int64)
+        hnsw = faiss.SearchParametersHNSW(efSearch=params.ef_search)
+        for q0 in range(0, len(xq), SCAN_BATCH):
+            block = slice(q0, q0 + SCAN_BATCH)
+            coarse_dis, probes = self.index.quantizer.search(xq[block], params.nprobe, params=hnsw)
+            D[block], rows = scan(query_tables(xq[block], self.tables), coarse_dis, probes,
+                                  self.list_terms, self.norms, flat, n)
+            found = rows >= 0
+            I[block][found] = flat.ids[rows[found]]
+            codes[block][found] = np.hstack([flat.list_of(rows[found])[:, None], flat.codes[rows[found], :M]])
+        return D, I, codes
 
     def search(self, queries, k: int = 10, params: SearchParams | None = None,
                target_recall: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -234,17 +262,13 @@ class QincoIndex:
         kk = min(k, self.ntotal)
         if kk == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-        rerank = params.nshort > 0
-        n = params.nshort or kk
-        D, I, codes = self.shortlist(xq, n, params, with_codes=rerank)
+        D, I, codes = self.shortlist(xq, params.nshort or kk, params)
         short = (I >= 0).sum(1) < kk
         if short.any():  # too few vectors in the probed lists: probe them all
             nlist = self.model.cfg.nlist
             wide = SearchParams(nlist, max(params.ef_search, nlist), params.nshort)
-            D[short], I[short], wide_codes = self.shortlist(xq[short], n, wide, with_codes=rerank)
-            if rerank:
-                codes[short] = wide_codes
-        if rerank:
+            D[short], I[short], codes[short] = self.shortlist(xq[short], params.nshort or kk, wide)
+        if params.nshort:
             D = self.rerank_distances(xq, I, codes)
         order = np.argsort(D, axis=1, kind="stable")[:, :kk]
         return np.take_along_axis(D, order, 1).astype(np.float32), np.take_along_axis(I, order, 1)

@@ -152,12 +152,19 @@ class QincoStep(nn.Module):
         return self.concat_codeword(self._embed(self.codebook))
 
     def candidates(self, idx: torch.Tensor, xhat: torch.Tensor, codeword_half=None) -> torch.Tensor:
-        """idx (n, B, A) codeword ids, xhat (n, B, d) -> codewords (n, B, A, d)."""
-        if codeword_half is None:
-            codeword_half = self.codeword_half()
+        """idx (n, B, A) codeword ids, xhat (n, B, d) -> codewords (n, B, A, d).
+
+        codeword_half: `codeword_half()`, when the caller reuses it; without it, fewer
+        than K codewords get their half computed alone (a 20-row re-ranking decode
+        need not pay for all K rows), more than K from the whole table.
+        """
         c = self.codebook[idx]  # (n, B, A, d)
         e = c if self.project_in is None else self.project_in(c)
-        mix = codeword_half[idx] + self.concat_context(self._embed(xhat)).unsqueeze(2)
+        if codeword_half is not None:
+            half = codeword_half[idx]
+        else:
+            half = self.concat_codeword(e) if idx.numel() < self.codebook.shape[0] else self.codeword_half()[idx]
+        mix = half + self.concat_context(self._embed(xhat)).unsqueeze(2)
         if self.concat_up is not None:
             mix = self.concat_up(mix)
         z = self.blocks(e + mix)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .codebooks import fit_model_tables
 from .io import load_model, save_model
 from .network import ENCODERS, Encoder, Qinco, QincoConfig, check_vectors
+from .threads import set_threads
 
 
 @dataclass
@@ -141,8 +142,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     """
     start = time.time()
     budget = tc.max_minutes * 60
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    set_threads(tc.threads)
     torch.manual_seed(tc.seed)
     out = Path(out)
     x = np.asarray(data)

@@ -8,12 +8,13 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.threads import set_threads
 
 from . import schemas
 from .settings import Settings
@@ -74,8 +75,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        set_threads(settings.threads)
         if start_loading:
             threading.Thread(target=load, daemon=True, name="loader").start()
         yield

@@ -43,6 +43,16 @@ def test_encoder_reconstruction_equals_decode(gaussian):
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_IVF])
+def test_small_decodes_equal_large_ones(cfg, gaussian):
+    """Fewer rows than K take the per-row codeword half, more take the table: same result."""
+    model = random_model(cfg)
+    codes = encode(model, gaussian, ENCODERS["fast"])
+    whole = decode(model, codes)  # 300 rows > K
+    np.testing.assert_allclose(np.vstack([decode(model, codes[i:i + 5]) for i in range(0, 300, 5)]),
+                               whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_IVF])
 def test_prefix_decode_equals_stepwise_reconstruction(cfg, gaussian):
     model = random_model(cfg)
     codes = encode(model, gaussian, Encoder(A=8, B=2))

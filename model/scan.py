@@ -1,0 +1,151 @@
+"""The fixed-table scan of inverted lists, with one look-up table per query.
+
+A vector in list l with code (i_1 .. i_M) is approximated by c_l + r, r = sum_m T_m[i_m]:
+
+    ||q - c_l - r||² = ||q - c_l||² + ||r||² + sum_m (2 <c_l, T_m[i_m]> - 2 <q, T_m[i_m]>)
+                       coarse        stored    per-list term            per-query term
+
+faiss's additive-quantizer IVF scanner builds a table <q - c_l, T_m> for every probed
+list (M x K x d multiply-adds each: at d = 384 that costs more than scanning the list).
+Here the per-query term is one matmul for all lists, and the per-list term is computed
+once per index (nlist x M x K floats), as faiss's IVF-PQ does with its "precomputed
+tables".  The distances are faiss's own (tests/test_index.py checks them against
+`index.search`), with ||r||² read from faiss's 8-bit norm byte.
+
+The lists are read from a flat copy of faiss's inverted lists (`FlatLists`), rebuilt
+after writes, so that the numba kernel sees three plain arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numba
+import numpy as np
+import torch
+
+# The service scans from several request threads at once: numba's fallback "workqueue"
+# layer aborts on concurrent launches, so insist on OpenMP (libgomp) or TBB.
+numba.config.THREADING_LAYER = "threadsafe"
+
+
+@dataclass(frozen=True)
+class FlatLists:
+    """All inverted lists back to back: list l holds rows offsets[l]:offsets[l + 1]."""
+
+    offsets: np.ndarray  # (nlist + 1,) int64
+    codes: np.ndarray  # (ntotal, code bytes) uint8: M code bytes, then the norm byte
+    ids: np.ndarray  # (ntotal,) int64
+
+    @classmethod
+    def copy_from(cls, invlists: faiss.InvertedLists) -> "FlatLists":
+        nlist, code_size = invlists.nlist, invlists.code_size
+        sizes = np.array([invlists.list_size(l) for l in range(nlist)], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        codes = np.empty((offsets[-1], code_size), dtype=np.uint8)
+        ids = np.empty(offsets[-1], dtype=np.int64)
+        for l in np.flatnonzero(sizes):
+            n, rows = int(sizes[l]), slice(offsets[l], offsets[l + 1])
+            codes[rows] = faiss.rev_swig_ptr(invlists.get_codes(int(l)), n * code_size).reshape(n, code_size)
+            ids[rows] = faiss.rev_swig_ptr(invlists.get_ids(int(l)), n)
+        return cls(offsets, codes, ids)
+
+    def list_of(self, rows: np.ndarray) -> np.ndarray:
+        """The list number of each row (any shape)."""
+        return np.searchsorted(self.offsets, rows, side="right") - 1
+
+
+def list_terms(centroids: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """2 <c_l, T_m[k]>: (nlist, d), (M, K, d) -> (nlist, M, K) float32."""
+    M, K, d = tables.shape
+    t = torch.from_numpy(np.ascontiguousarray(tables, dtype=np.float32)).view(M * K, d)
+    return (2 * torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)) @ t.T).view(-1, M, K).numpy()
+
+
+def norm_of_byte(norm_min: float, norm_max: float) -> np.ndarray:
+    """faiss's 8-bit norm code -> ||r||² (AdditiveQuantizer::decode_qint8), (256,) float32."""
+    return ((np.arange(256) + 0.5) / 256 * (norm_max - norm_min) + norm_min).astype(np.float32)
+
+
+def query_tables(queries: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """-2 <q, T_m[k]>: (nq, d), (M, K, d) -> (nq, M, K) float32."""
+    M, K, d = tables.shape
+    t = torch.from_numpy(np.ascontiguousarray(tables, dtype=np.float32)).view(M * K, d)
+    return (-2 * torch.from_numpy(queries) @ t.T).view(-1, M, K).numpy()
+
+
+def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms: np.ndarray,
+         norms: np.ndarray, flat: FlatLists, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n nearest codes of each query's probed lists by table distance.
+
+    qtables (nq, M, K), coarse_dis and probes (nq, nprobe) from the coarse quantizer
+    (probes -1: none), lterms (nlist, M, K), norms (256,).  Returns distances (nq, n)
+    float32, ascending, and rows of `flat` (nq, n) int64; +inf and -1 past the end.
+    """
+    nq = len(qtables)
+    dis = np.full((nq, n), np.inf, dtype=np.float32)
+    rows = np.full((nq, n), -1, dtype=np.int64)
+    if n and nq:
+        _scan(qtables, np.ascontiguousarray(coarse_dis, dtype=np.float32), np.ascontiguousarray(probes),
+              lterms, norms, flat.offsets, flat.codes, dis, rows)
+    return dis, rows
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _scan(qtables, coarse_dis, probes, lterms, norms, offsets, codes, dis, rows):
+    nq, nprobe = probes.shape
+    M, K = qtables.shape[1], qtables.shape[2]
+    n = dis.shape[1]
+    for q in numba.prange(nq):
+        table = np.empty((M, K), dtype=np.float32)
+        heap_dis, heap_rows = dis[q], rows[q]  # max-heap on distance, root = worst kept
+        for j in range(nprobe):
+            l = probes[q, j]
+            if l < 0:
+                continue
+            for m in range(M):
+                for k in range(K):
+                    table[m, k] = lterms[l, m, k] + qtables[q, m, k]
+            bias = coarse_dis[q, j]
+            for r in range(offsets[l], offsets[l + 1]):
+                d = bias + norms[codes[r, M]]
+                for m in range(M):
+                    d += table[m, codes[r, m]]
+                if d < heap_dis[0]:
+                    _sift_down(heap_dis, heap_rows, d, r, n)
+        _sort_heap(heap_dis, heap_rows, n)
+
+
+@numba.njit(inline="always")
+def _sift_down(hd, hr, d, r, end):
+    """Put (d, r) at the root of the max-heap hd[:end], hr[:end] and sift it down."""
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= end:
+            break
+        if c + 1 < end and hd[c + 1] > hd[c]:
+            c += 1
+        if hd[c] <= d:
+            break
+        hd[i], hr[i] = hd[c], hr[c]
+        i = c
+    hd[i], hr[i] = d, r
+
+
+@numba.njit
+def _sort_heap(hd, hr, n):
+    """Heapsort in place: the max-heap becomes ascending (+inf, -1 entries last)."""
+    for end in range(n - 1, 0, -1):
+        d, r = hd[end], hr[end]
+        hd[end], hr[end] = hd[0], hr[0]
+        _sift_down(hd, hr, d, r, end)
+
+
+def warm_up() -> None:
+    """Compile the scan (seconds the first time on a machine, then loaded from numba's cache;
+    free once done in this process)."""
+    empty = FlatLists(np.zeros(2, np.int64), np.zeros((0, 2), np.uint8), np.zeros(0, np.int64))
+    scan(np.zeros((1, 1, 256), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int64),
+         np.zeros((1, 1, 256), np.float32), np.zeros(256, np.float32), empty, 1)
