@@ -5,7 +5,8 @@ model's centroids), are trained on the same learn set and hold the same
 number of code bytes per vector (RQ layouts add one byte for the norm).
 One run measures, on the full base:
   - recall@1 and recall@10 (true nearest neighbour among the first k) and QPS
-    (all queries in one batch, every core) over a grid of search parameters;
+    (all queries in one batch; best of up to 5 runs where one takes under a second)
+    over a grid of search parameters;
   - the same for the fixed-table shortlist alone (what re-ranking adds);
   - load duration (encode + add) and index size.
 Prints a table of Pareto operating points, QPS at R@10 = 0.9 (or the best
@@ -30,7 +31,8 @@ from model import datasets
 from model.cli import plot_recall_qps
 from model.index import QincoIndex, SearchParams
 from model.io import load_model
-from model.network import ENCODERS
+from model.codebooks import decode_tables
+from model.network import ENCODERS, decode
 from model.threads import set_threads
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -87,28 +89,54 @@ def recall_row(ids: np.ndarray, nearest: np.ndarray, seconds: float, **params) -
             "R@10": datasets.recall_at(ids, nearest[:, None], 10)}
 
 
+def best_time(search, budget: float = 1.0, most: int = 5) -> tuple[np.ndarray, float]:
+    """ids and the best wall time of repeated runs: fast points (tens of ms) are noisy,
+    so they run up to `most` times; a run that alone exceeds `budget` seconds runs once."""
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < most and spent < budget:
+        t0 = time.perf_counter()
+        ids = search()
+        seconds = time.perf_counter() - t0
+        best, spent, runs = min(best, seconds), spent + seconds, runs + 1
+    return ids, best
+
+
 def sweep_qinco(index: QincoIndex, xq, nearest, nshorts, nprobes) -> list[dict]:
     """nshort 0 rows are the fixed-table shortlist alone (no neural re-ranking)."""
     rows = []
+    index.search(xq[:100], 10, SearchParams(nshort=10))  # untimed: first-call set-up (list copy, kernels)
     for nprobe in [p for p in nprobes if p <= index.model.cfg.nlist]:
         for nshort in nshorts:
             params = SearchParams(nprobe, max(32, 2 * nprobe), nshort)
-            t0 = time.perf_counter()
-            _, ids = index.search(xq, 10, params)
-            rows.append(recall_row(ids, nearest, time.perf_counter() - t0, nprobe=nprobe, nshort=nshort))
+            ids, seconds = best_time(lambda: index.search(xq, 10, params)[1])
+            rows.append(recall_row(ids, nearest, seconds, nprobe=nprobe, nshort=nshort))
     return rows
 
 
 def sweep_faiss(index, ivf, xq, nearest, nprobes) -> list[dict]:
     rows = []
+    index.search(xq[:100], 10)  # untimed, as for the pipeline
     ps = faiss.ParameterSpace()
     for nprobe in [p for p in nprobes if p <= ivf.nlist]:
         ps.set_index_parameter(index, "nprobe", nprobe)
         ps.set_index_parameter(index, "quantizer_efSearch", max(32, 2 * nprobe))
-        t0 = time.perf_counter()
-        _, ids = index.search(xq, 10)
-        rows.append(recall_row(ids, nearest, time.perf_counter() - t0, nprobe=nprobe))
+        ids, seconds = best_time(lambda: index.search(xq, 10)[1])
+        rows.append(recall_row(ids, nearest, seconds, nprobe=nprobe))
     return rows
+
+
+def exhaustive_recall(index: QincoIndex, xq: np.ndarray, nearest: np.ndarray) -> dict:
+    """R@1 and R@10 of exact search over every stored vector's decoding: by the neural decoder
+    (the most re-ranking can reach) and by the fixed tables (the shortlist's own ceiling)."""
+    flat = index.flat_lists()
+    codes = flat.qinco_codes(np.arange(len(flat.ids)), index.model.cfg.M)
+    decodings = {"neural decoder": decode(index.model, codes),
+                 "fixed tables": index.model.centroids_raw()[codes[:, 0]] + decode_tables(index.tables, codes[:, 1:])}
+    out = {}
+    for name, vectors in decodings.items():
+        found = flat.ids[datasets.exact_knn(vectors, xq, 10)]
+        out[name] = {k: datasets.recall_at(found, nearest[:, None], int(k[2:])) for k in ("R@1", "R@10")}
+    return out
 
 
 def qps_at(rows: list[dict], target: float, key: str = "R@10") -> str:
@@ -152,6 +180,7 @@ def main():
     nshorts = [int(s) for s in args.nshort.split(",")]
     nprobes = [int(s) for s in args.nprobe.split(",")]
     rows = sweep_qinco(index, xq, nearest, nshorts, nprobes)
+    ceilings = exhaustive_recall(index, xq, nearest)
     # The pipeline is every operating point (the tuner picks nshort 0 where re-ranking does not pay);
     # its parts are shown apart so that what re-ranking adds can be seen.
     curves = {f"QINCo IVF-HNSW ({nbytes}+1 B)": rows,
@@ -168,7 +197,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"search-{args.dataset}-{nbytes}B"
-    (out / f"{stem}.json").write_text(json.dumps({"curves": curves, "load_seconds": loads}, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps({"curves": curves, "load_seconds": loads,
+                                                  "exhaustive": ceilings}, indent=1))
     for key in ("R@1", "R@10"):
         plot_recall_qps(curves, str(out / f"{stem}-{key[2:]}.png"), f"{args.dataset}, {nbytes} bytes", key)
 
@@ -181,6 +211,8 @@ def main():
     for name, rows in curves.items():
         print(f"| {name} | {max(r['R@1'] for r in rows):.3f} | {max(r['R@10'] for r in rows):.3f} | "
               + " | ".join(qps_at(rows, t) for t in targets) + f" | {loads[name]:.1f} |")
+    print("\nExact search over all stored decodings (no IVF, no shortlist): "
+          + ", ".join(f"{name} R@1 {r['R@1']:.3f} / R@10 {r['R@10']:.3f}" for name, r in ceilings.items()))
     print("\nOperating points (nprobe, nshort: R@1 / R@10 / QPS):")
     for name, rows in curves.items():
         pts = ", ".join(f"({r['nprobe']},{r.get('nshort', '-')}: {r['R@1']:.3f}/{r['R@10']:.3f}/{r['qps']:,.0f})"

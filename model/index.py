@@ -31,7 +31,7 @@ import numpy as np
 
 from .io import CheckpointError, load_model, save_model
 from .network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, split_codes
-from .scan import FlatLists, list_terms, norm_of_byte, query_tables, scan, warm_up
+from .scan import FlatLists, list_terms, native_bf16, norm_of_byte, query_tables, scan, scan_tables, warm_up
 
 FORMAT = "qinco-search/index"
 FORMAT_VERSION = 1
@@ -102,6 +102,7 @@ class QincoIndex:
         # The scan's constants come from the faiss index itself, so that its distances are faiss's.
         cfg, rq = model.cfg, self.index.rq
         self.tables = faiss.vector_to_array(rq.codebooks).reshape(cfg.M, cfg.K, cfg.d)
+        self.scan_tables = scan_tables(self.tables, bf16=native_bf16())
         centroids = self.index.quantizer.reconstruct_n(0, cfg.nlist)
         self.list_terms = list_terms(centroids, self.tables)  # (nlist, M, K): 4 * nlist * M * K bytes
         self.norms = norm_of_byte(rq.norm_min, rq.norm_max)
@@ -239,11 +240,11 @@ class QincoIndex:
         for q0 in range(0, len(xq), SCAN_BATCH):
             block = slice(q0, q0 + SCAN_BATCH)
             coarse_dis, probes = self.index.quantizer.search(xq[block], params.nprobe, params=hnsw)
-            D[block], rows = scan(query_tables(xq[block], self.tables), coarse_dis, probes,
+            D[block], rows = scan(query_tables(xq[block], self.scan_tables, M), coarse_dis, probes,
                                   self.list_terms, self.norms, flat, n)
             found = rows >= 0
             I[block][found] = flat.ids[rows[found]]
-            codes[block][found] = np.hstack([flat.list_of(rows[found])[:, None], flat.codes[rows[found], :M]])
+            codes[block][found] = flat.qinco_codes(rows[found], M)
         return D, I, codes
 
     def search(self, queries, k: int = 10, params: SearchParams | None = None,
