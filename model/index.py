@@ -101,6 +101,8 @@ class QincoIndex:
         self.code_bytes = self.index.code_size
         # The scan's constants come from the faiss index itself, so that its distances are faiss's.
         cfg, rq = model.cfg, self.index.rq
+        if rq.search_type != faiss.AdditiveQuantizer.ST_norm_qint8 or self.code_bytes != cfg.M + 1:
+            raise QincoIndexError("the index must be IVF{nlist}_HNSW32,RQ{M}x8_Nqint8 (M code bytes, then the norm)")
         self.tables = faiss.vector_to_array(rq.codebooks).reshape(cfg.M, cfg.K, cfg.d)
         self.scan_tables = scan_tables(self.tables, bf16=native_bf16())
         centroids = self.index.quantizer.reconstruct_n(0, cfg.nlist)

@@ -57,13 +57,6 @@ class FlatLists:
         return np.hstack([lists[:, None], self.codes[rows, :M]]).astype(np.int64)
 
 
-def list_terms(centroids: np.ndarray, tables: np.ndarray) -> np.ndarray:
-    """2 <c_l, T_m[k]>: (nlist, d), (M, K, d) -> (nlist, M, K) float32."""
-    M, K, d = tables.shape
-    t = torch.from_numpy(np.ascontiguousarray(tables, dtype=np.float32)).view(M * K, d)
-    return (2 * torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)) @ t.T).view(-1, M, K).numpy()
-
-
 def norm_of_byte(norm_min: float, norm_max: float) -> np.ndarray:
     """faiss's 8-bit norm code -> ||r||² (AdditiveQuantizer::decode_qint8), (256,) float32."""
     return ((np.arange(256) + 0.5) / 256 * (norm_max - norm_min) + norm_min).astype(np.float32)
@@ -91,6 +84,12 @@ def query_tables(queries: np.ndarray, tables: torch.Tensor, M: int) -> np.ndarra
     """-2 <q, T_m[k]>: (nq, d) and scan_tables (M * K, d) -> (nq, M, K) float32."""
     products = torch.from_numpy(queries).to(tables.dtype) @ tables.T
     return products.float().view(len(queries), M, -1).numpy()
+
+
+def list_terms(centroids: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """2 <c_l, T_m[k]>: (nlist, d), (M, K, d) -> (nlist, M, K) float32 (always float32: made once)."""
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    return -query_tables(c, scan_tables(tables, bf16=False), tables.shape[0])
 
 
 def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms: np.ndarray,
