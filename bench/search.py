@@ -129,13 +129,12 @@ def sweep_faiss(index, ivf, xq, nearest, nprobes) -> list[dict]:
 def exhaustive_recall(index: QincoIndex, xq: np.ndarray, nearest: np.ndarray) -> dict:
     """R@1 and R@10 of exact search over every stored vector's decoding: by the neural decoder
     (the most re-ranking can reach) and by the fixed tables (the shortlist's own ceiling)."""
-    flat = index.flat_lists()
-    codes = flat.qinco_codes(np.arange(len(flat.ids)), index.model.cfg.M)
+    ids, codes = index.stored_codes()
     decodings = {"neural decoder": decode(index.model, codes),
                  "fixed tables": index.model.centroids_raw()[codes[:, 0]] + decode_tables(index.tables, codes[:, 1:])}
     out = {}
     for name, vectors in decodings.items():
-        found = flat.ids[datasets.exact_knn(vectors, xq, 10)]
+        found = ids[datasets.exact_knn(vectors, xq, 10)]
         out[name] = {k: datasets.recall_at(found, nearest[:, None], int(k[2:])) for k in ("R@1", "R@10")}
     return out
 

@@ -175,13 +175,10 @@ class QincoIndex:
                 self._flat = FlatLists.copy_from(self.index.invlists)
             return self._flat
 
-    def stored_codes(self, list_no: int) -> tuple[np.ndarray, np.ndarray]:
-        """ids (n,) and QINCo codes (n, 1 + M), list first, of one inverted list."""
-        invlists = self.index.invlists
-        n = invlists.list_size(list_no)
-        ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), n).copy()
-        raw = faiss.rev_swig_ptr(invlists.get_codes(list_no), n * self.code_bytes).copy()
-        return ids, self._with_list(raw.reshape(n, self.code_bytes), list_no)
+    def stored_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """ids (ntotal,) and QINCo codes (ntotal, 1 + M), list first, of every stored vector."""
+        flat = self.flat_lists()
+        return flat.ids, flat.qinco_codes(np.arange(len(flat.ids)), self.model.cfg.M)
 
     def _with_list(self, packed: np.ndarray, list_no: int) -> np.ndarray:
         """Packed RQ codes (n, code bytes) of one list -> (n, 1 + M) int64 codes."""

@@ -436,10 +436,9 @@ class Store:
             db = connect(folder / "points.sqlite")
             db.executescript(SCHEMA)
             db.execute("BEGIN")
-            for list_no in range(index.model.cfg.nlist):
-                ids, codes = index.stored_codes(list_no)
-                db.executemany("INSERT INTO points (id, codes, payload, seq) VALUES (?, ?, NULL, 1)",
-                               [(int(i), c.astype(np.int32).tobytes()) for i, c in zip(ids, codes)])
+            ids, codes = index.stored_codes()
+            db.executemany("INSERT INTO points (id, codes, payload, seq) VALUES (?, ?, NULL, 1)",
+                           [(int(i), c.astype(np.int32).tobytes()) for i, c in zip(ids, codes)])
             db.execute("UPDATE meta SET value = 1 WHERE key='seq'")
             db.execute("COMMIT")
             db.close()
