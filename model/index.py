@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 MAX_K = 10_000
 MAX_NSHORT = 100_000
 SCAN_BATCH = 2048  # queries per look-up-table block: (batch, M, K) float32
+RERANK_BLOCK = 65_536  # shortlisted candidates decoded at once
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class QincoIndex:
         centroids = self.index.quantizer.reconstruct_n(0, cfg.nlist)
         self.list_terms = list_terms(centroids, self.tables)  # (nlist, M, K): 4 * nlist * M * K bytes
         self.norms = norm_of_byte(rq.norm_min, rq.norm_max)
-        self._flat: FlatLists | None = None  # copy of the inverted lists, rebuilt after writes
+        self._flat: FlatLists | None = None  # copy of the inverted lists for the scan
+        self._dirty: set[int] = set()  # lists written since the copy was made
         self._flat_lock = threading.Lock()
         warm_up()  # compile the scan here, not in (and timed with) the first search
 
@@ -140,7 +142,7 @@ class QincoIndex:
         ids = self._check_ids(ids, len(qcodes))
         self.remove(ids)
         self.index.add_sa_codes(self._pack(qcodes.numpy(), lists.numpy()), ids)
-        self._flat = None
+        self._dirty.update(np.unique(lists.numpy()).tolist())
 
     def _pack(self, qcodes: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """faiss sa codes: list number (little-endian) then the packed RQ code with its norm."""
@@ -158,21 +160,32 @@ class QincoIndex:
         ids = np.unique(self._check_ids(ids, None, unique=False))
         if not len(ids) or not self.ntotal:
             return 0
-        # The hashtable direct map finds each id directly and skips absent ones.
+        # The hashtable direct map finds each id directly and skips absent ones.  A removal
+        # shrinks every list it touches (faiss moves the list's last entry into the hole).
+        before = self._list_sizes()
         removed = self.index.remove_ids(faiss.IDSelectorArray(ids))
         if removed:
-            self._flat = None
+            self._dirty.update(np.flatnonzero(self._list_sizes() != before).tolist())
         return removed
 
+    def _list_sizes(self) -> np.ndarray:
+        invlists = self.index.invlists
+        return np.array([invlists.list_size(l) for l in range(invlists.nlist)], dtype=np.int64)
+
     def flat_lists(self) -> FlatLists:
-        """The inverted lists as flat arrays for the scan, copied on the first search after a write.
+        """The inverted lists as flat arrays for the scan, brought up to date on the first
+        search after a write by reading again only the lists written since.
 
         Safe under the service's readers-writer lock: writers exclude readers, and
-        concurrent readers build the copy once.
+        concurrent readers update the copy once.  A new copy is made each time, so a
+        search still holding the old one is never disturbed.
         """
         with self._flat_lock:
             if self._flat is None:
                 self._flat = FlatLists.copy_from(self.index.invlists)
+            elif self._dirty:
+                self._flat = self._flat.updated(self.index.invlists, self._dirty)
+            self._dirty = set()
             return self._flat
 
     def stored_codes(self) -> tuple[np.ndarray, np.ndarray]:
@@ -276,12 +289,15 @@ class QincoIndex:
     def rerank_distances(self, xq: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Exact L2 from each query to the neural decoding of its shortlist; +inf where empty."""
         nq, ns, _ = codes.shape
-        valid = ids >= 0
         out = np.full((nq, ns), np.inf, dtype=np.float32)
-        if valid.any():
-            xhat = decode(self.model, codes[valid])
-            q = np.broadcast_to(xq[:, None, :], (nq, ns, self.d))[valid]
-            out[valid] = ((q - xhat) ** 2).sum(-1)
+        step = max(1, RERANK_BLOCK // max(ns, 1))  # queries per block: memory stays flat on big batches
+        for q0 in range(0, nq, step):
+            block = slice(q0, q0 + step)
+            valid = ids[block] >= 0
+            if valid.any():
+                xhat = decode(self.model, codes[block][valid])
+                q = np.broadcast_to(xq[block, None, :], (len(valid), ns, self.d))[valid]
+                out[block][valid] = ((q - xhat) ** 2).sum(-1)
         return out
 
     # ---- tuning ------------------------------------------------------------------

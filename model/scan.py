@@ -12,8 +12,8 @@ once per index (nlist x M x K floats), as faiss's IVF-PQ does with its "precompu
 tables".  The distances are faiss's own (tests/test_index.py checks them against
 `index.search`), with ||r||² read from faiss's 8-bit norm byte.
 
-The lists are read from a flat copy of faiss's inverted lists (`FlatLists`), rebuilt
-after writes, so that the numba kernel sees three plain arrays.
+The lists are read from a flat copy of faiss's inverted lists (`FlatLists`), so that the
+numba kernel sees three plain arrays; after a write only the lists it touched are read again.
 """
 
 from __future__ import annotations
@@ -43,18 +43,48 @@ class FlatLists:
         nlist, code_size = invlists.nlist, invlists.code_size
         sizes = np.array([invlists.list_size(l) for l in range(nlist)], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        codes = np.empty((offsets[-1], code_size), dtype=np.uint8)
-        ids = np.empty(offsets[-1], dtype=np.int64)
+        flat = cls(offsets, np.empty((offsets[-1], code_size), dtype=np.uint8), np.empty(offsets[-1], dtype=np.int64))
         for l in np.flatnonzero(sizes):
-            n, rows = int(sizes[l]), slice(offsets[l], offsets[l + 1])
-            codes[rows] = faiss.rev_swig_ptr(invlists.get_codes(int(l)), n * code_size).reshape(n, code_size)
-            ids[rows] = faiss.rev_swig_ptr(invlists.get_ids(int(l)), n)
-        return cls(offsets, codes, ids)
+            flat._read_list(invlists, int(l))
+        return flat
+
+    def updated(self, invlists: faiss.InvertedLists, touched) -> "FlatLists":
+        """A new copy where only the `touched` lists are read again from faiss; the others
+        are moved over from this copy with one vectorised gather (no per-list Python loop)."""
+        touched = np.unique(np.asarray(list(touched), dtype=np.int64))
+        sizes = np.diff(self.offsets)
+        new_sizes = sizes.copy()
+        new_sizes[touched] = [invlists.list_size(int(l)) for l in touched]
+        offsets = np.concatenate([[0], np.cumsum(new_sizes)])
+        keep = np.ones(len(sizes), dtype=bool)
+        keep[touched] = False
+        old_rows, new_rows = _rows_of(self.offsets, keep), _rows_of(offsets, keep)
+        codes = np.empty((offsets[-1], self.codes.shape[1]), dtype=np.uint8)
+        ids = np.empty(offsets[-1], dtype=np.int64)
+        codes[new_rows], ids[new_rows] = self.codes[old_rows], self.ids[old_rows]
+        flat = FlatLists(offsets, codes, ids)
+        for l in touched:
+            flat._read_list(invlists, int(l))
+        return flat
+
+    def _read_list(self, invlists: faiss.InvertedLists, l: int) -> None:
+        n, code_size = int(self.offsets[l + 1] - self.offsets[l]), self.codes.shape[1]
+        if n:
+            rows = slice(self.offsets[l], self.offsets[l + 1])
+            self.codes[rows] = faiss.rev_swig_ptr(invlists.get_codes(l), n * code_size).reshape(n, code_size)
+            self.ids[rows] = faiss.rev_swig_ptr(invlists.get_ids(l), n)
 
     def qinco_codes(self, rows: np.ndarray, M: int) -> np.ndarray:
         """QINCo codes of some rows (n,) -> (n, 1 + M) int64, the list number first."""
         lists = np.searchsorted(self.offsets, rows, side="right") - 1
         return np.hstack([lists[:, None], self.codes[rows, :M]]).astype(np.int64)
+
+
+def _rows_of(offsets: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """Row numbers of the lists selected by the mask `lists`, back to back: (sum of their sizes,)."""
+    starts, sizes = offsets[:-1][lists], np.diff(offsets)[lists]
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return np.repeat(starts - first, sizes) + np.arange(sizes.sum())
 
 
 def norm_of_byte(norm_min: float, norm_max: float) -> np.ndarray:

@@ -8,20 +8,21 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.threads import set_threads
+from model.threads import use_threads
 
 from . import schemas
 from .settings import Settings
-from .store import BadRequest, Collection, Conflict, NotFound, Store
+from .store import BadRequest, Collection, Conflict, NotFound, Store, Unavailable
 
 log = logging.getLogger("qinco.service")
-PUBLIC = {"/healthz", "/readyz"}
+PUBLIC = {"/healthz", "/readyz"}  # /metrics needs the key, as in Qdrant: see the README for Prometheus
+MAX_ERRORS_SHOWN = 5
 
 
 class Metrics:
@@ -47,6 +48,89 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": {"error": message}, "time": 0.0}, status_code=status)
 
 
+class Guard:
+    """Pure ASGI middleware: API key, body size limit, request metrics.
+
+    The body limit counts bytes as they arrive (chunked bodies too) and answers 413
+    before the route sees the body; the body is then replayed to the app.
+    """
+
+    def __init__(self, app, settings: Settings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        rejection = self._check_key(scope) or self._check_length(scope)
+        if rejection is None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            rejection, receive = await self._read_body(receive)
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if rejection is not None:
+                await rejection(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(template, scope["method"], str(status[0])).inc()
+            self.metrics.latency.labels(template, scope["method"]).observe(time.perf_counter() - started)
+
+    def _check_key(self, scope):
+        if self.key is None or scope["path"] in PUBLIC:
+            return None
+        headers = dict(scope["headers"])
+        given = headers.get(b"api-key", b"")
+        auth = headers.get(b"authorization", b"")
+        if not given and auth.lower().startswith(b"bearer "):
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given, self.key):
+            return error(401, "missing or wrong API key (send the 'api-key' header or 'Authorization: Bearer')")
+        return None
+
+    def _too_large(self):
+        return error(413, f"request body over the limit of {self.settings.max_body_bytes} bytes")
+
+    def _check_length(self, scope):
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
+            return self._too_large()
+        return None
+
+    async def _read_body(self, receive):
+        """Read the whole body, counting bytes; returns (a 413 response or None, a receive replaying it)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None, receive
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                return self._too_large(), receive
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return None, replay
+
+
 def hit_json(hit, with_payload: bool) -> dict:
     """A search hit: id and score, payload when asked for (even null), vector when present."""
     return {k: v for k, v in vars(hit).items() if v is not None or (k == "payload" and with_payload)}
@@ -57,25 +141,26 @@ def ok(result, started: float) -> dict:
 
 
 def create_app(settings: Settings | None = None, start_loading: bool = True) -> FastAPI:
+    """The app over the data directory, which it locks (a second server on it is refused)."""
     settings = settings or Settings()
-    store = Store(settings.data_dir, settings.snapshot_every)
+    store = Store(settings.data_dir, settings.snapshot_every, settings.threads)
     metrics = Metrics()
     state = {"ready": False, "error": None}
 
     def load():
+        use_threads(settings.threads)
+        store.open_all()  # a collection that fails is listed in store.failed; the others serve
         try:
-            store.open_all()
-            if settings.demo and not store.collections:
-                from .demo import create_demo_collection
-                create_demo_collection(store, settings)
-            state["ready"] = True
-        except Exception as e:  # reported by /readyz; the process stays up for diagnosis
-            log.exception("loading collections failed")
-            state["error"] = str(e)
+            if settings.demo:
+                from .demo import ensure_demo_collection
+                ensure_demo_collection(store, settings)
+        except Exception as e:
+            log.exception("creating the demo collection failed; it resumes at the next start")
+            store.failed.setdefault("glove", f"demo creation failed: {e}")
+        state["ready"] = True
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        set_threads(settings.threads)
         if start_loading:
             threading.Thread(target=load, daemon=True, name="loader").start()
         yield
@@ -87,33 +172,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
                               "for cosine collections (higher is nearer).")
     app.state.store, app.state.settings, app.state.metrics, app.state.load = store, settings, metrics, load
 
-    # ---- middleware: body size limit, auth, metrics ---------------------------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.perf_counter()
-        route = request.url.path
-        if settings.api_key and route not in PUBLIC:
-            given = request.headers.get("api-key") or ""
-            auth = request.headers.get("authorization") or ""
-            if not given and auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return error(401, "missing or wrong API key (send the 'api-key' header or 'Authorization: Bearer')")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return error(413, f"request body over the limit of {settings.max_body_bytes} bytes")
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > settings.max_body_bytes:
-                    return error(413, f"request body over the limit of {settings.max_body_bytes} bytes")
-            request._body = body
-        response = await call_next(request)
-        template = request.scope.get("route").path if request.scope.get("route") else "unmatched"
-        metrics.requests.labels(template, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(template, request.method).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -122,9 +181,12 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
         parts = []
-        for e in exc.errors():
+        errors = exc.errors()
+        for e in errors[:MAX_ERRORS_SHOWN]:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
             parts.append(f"{where}: {e.get('msg')}" if where else e.get("msg", "invalid"))
+        if len(errors) > MAX_ERRORS_SHOWN:
+            parts.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more errors")
         return error(422, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
@@ -137,12 +199,11 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
             raise ApiError(503, state["error"] or "collections are still loading")
 
     def collection(name: str, _=Depends(ready)) -> Collection:
-        try:
-            return store.get(name)
-        except NotFound as e:
-            raise ApiError(404, e.args[0]) from None
+        return translate(store.get, name)
 
     def translate(fn, *args, **kwargs):
+        """Store errors -> HTTP errors; threads are set here, in the thread that does the work."""
+        use_threads(settings.threads)
         try:
             return fn(*args, **kwargs)
         except NotFound as e:
@@ -151,6 +212,8 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
             raise ApiError(409, str(e)) from None
         except BadRequest as e:
             raise ApiError(400, str(e)) from None
+        except Unavailable as e:
+            raise ApiError(503, str(e)) from None
 
     def check_batch(n: int, what: str):
         if n > settings.max_batch:
@@ -169,7 +232,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     def readyz():
         if not state["ready"]:
             return error(503, state["error"] or "collections are still loading")
-        return {"status": "ready", "collections": len(store.collections)}
+        return {"status": "ready", "collections": len(store.collections), "failed": dict(store.failed)}
 
     @app.get("/metrics")
     def metrics_endpoint():
@@ -181,7 +244,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     @app.get("/collections")
     def list_collections(_=Depends(ready)):
         t0 = time.perf_counter()
-        return ok({"collections": [{"name": n} for n in sorted(store.collections)]}, t0)
+        return ok({"collections": [{"name": n} for n in store.names()]}, t0)
 
     @app.put("/collections/{name}")
     def create_collection(name: schemas.CollectionName, body: schemas.CreateCollection, _=Depends(ready)):
@@ -191,12 +254,15 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         return ok(c.info(), t0)
 
     @app.get("/collections/{name}")
-    def get_collection(c: Collection = Depends(collection)):
+    def get_collection(name: str, _=Depends(ready)):
+        """A collection that failed to open answers with status "red" and the reason."""
         t0 = time.perf_counter()
-        return ok(c.info(), t0)
+        if name in store.failed:
+            return ok({"name": name, "status": "red", "error": store.failed[name]}, t0)
+        return ok(translate(store.get, name).info(), t0)
 
     @app.delete("/collections/{name}")
-    def delete_collection(name: str, c: Collection = Depends(collection)):
+    def delete_collection(name: str, _=Depends(ready)):
         t0 = time.perf_counter()
         translate(store.delete, name)
         try:
@@ -229,7 +295,8 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         return ok({"count": c.count()}, t0)
 
     @app.get("/collections/{name}/points/{point_id}")
-    def get_point(point_id: int, with_vector: bool = False, c: Collection = Depends(collection)):
+    def get_point(point_id: int = Path(ge=0, le=schemas.MAX_ID), with_vector: bool = False,
+                  c: Collection = Depends(collection)):
         t0 = time.perf_counter()
         return ok(translate(c.get, point_id, with_vector), t0)
 
@@ -245,7 +312,8 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         for (limit, _, with_payload, with_vector), members in groups.items():
             params = searches[members[0]].params
             hits = translate(c.search, [searches[i].vector for i in members], limit,
-                             params.model_dump() if params else None, with_payload, with_vector)
+                             params.model_dump() if params else None, with_payload, with_vector,
+                             max_candidates=settings.max_search_candidates)
             for i, h in zip(members, hits):
                 results[i] = [hit_json(x, with_payload) for x in h]
         metrics.search.observe(time.perf_counter() - t0)
@@ -270,7 +338,8 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         vectors = [translate(c.vector, i) for i in body.positive]
         query = sum(vectors) / len(vectors)
         hits = translate(c.search, [query], body.limit, body.params.model_dump() if body.params else None,
-                         body.with_payload, False, exclude=[set(body.positive)])[0]
+                         body.with_payload, False, exclude=[set(body.positive)],
+                         max_candidates=settings.max_search_candidates)[0]
         return ok([hit_json(x, body.with_payload) for x in hits], t0)
 
     return app

@@ -13,6 +13,7 @@ def cmd_serve(args):
 
     from .app import create_app
     from .settings import Settings
+    from .store import DataDirLocked
 
     overrides = {k: v for k, v in (("data_dir", args.data_dir), ("host", args.host), ("port", args.port))
                  if v is not None}
@@ -21,8 +22,11 @@ def cmd_serve(args):
         settings.demo = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    try:
+        app = create_app(settings)
+    except DataDirLocked as e:
+        raise SystemExit(f"qinco serve: error: {e}") from None
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
 
 
 def main(argv=None):

@@ -34,17 +34,36 @@ def glove_words(n: int) -> tuple[list[str], np.ndarray]:
     return words, vectors
 
 
-def create_demo_collection(store: Store, settings: Settings):
+def ensure_demo_collection(store: Store, settings: Settings):
+    """Create the demo collection on a first start, or finish one that an interrupted start
+    left half-built.  A marker file says the demo is pending: written before the collection
+    is created, removed once every word is in."""
+    pending = store.data_dir / ".demo-pending"
+    if store.collections or store.failed:
+        if not pending.exists():
+            return  # the user's collections, or a finished demo
+        if "glove" not in store.collections:
+            if "glove" in store.failed:
+                return  # listed as failed, with its reason
+            pending.unlink()
+            return
     try:
         words, vectors = glove_words(settings.demo_points)
     except (DatasetUnavailable, ImportError) as e:
         log.warning("no demo collection: %s", e)
         return
-    log.info("creating the demo collection 'glove' (%d words, first start only)", len(words))
-    collection = store.create("glove", "cosine", "balanced", DEMO_MODEL)
-    for i0 in range(0, len(words), BATCH):
+    pending.touch()
+    collection = store.collections.get("glove") or store.create("glove", "cosine", "balanced", DEMO_MODEL)
+    # Batches are atomic and written in id order, so the first `count` ids are all there.
+    start = collection.count() // BATCH * BATCH
+    if start:
+        log.info("resuming the demo collection 'glove' at word %d of %d", start, len(words))
+    else:
+        log.info("creating the demo collection 'glove' (%d words, first start only)", len(words))
+    for i0 in range(start, len(words), BATCH):
         ids = list(range(i0, min(i0 + BATCH, len(words))))
         collection.upsert(ids, vectors[i0:i0 + BATCH], [{"word": words[i]} for i in ids])
         log.info("demo collection: %d / %d words", ids[-1] + 1, len(words))
     collection.snapshot()
+    pending.unlink()
     log.info("demo collection ready")

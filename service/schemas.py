@@ -11,12 +11,48 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MAX_ID = 2**63 - 1
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+# Vector components are bounded so that squared distances stay finite in float32 (and bf16).
+MAX_ABS = 1e12
+MAX_EF_SEARCH = 65_536
+MAX_PAYLOAD_DEPTH = 32
+Component = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS, le=MAX_ABS)]
 PointId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True, description="a non-negative 64-bit integer")]
 CollectionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+def check_json_value(value: Any, depth: int = 0) -> None:
+    """Payload values must read back as JSON: finite numbers, 64-bit integers, bounded nesting."""
+    if depth > MAX_PAYLOAD_DEPTH:
+        raise ValueError(f"payload nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if not -2**63 <= value < 2**63:
+            raise ValueError(f"payload integer {value} does not fit in 64 bits")
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("payload numbers must be finite (no NaN or Infinity)")
+    elif isinstance(value, dict):
+        for v in value.values():
+            check_json_value(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_json_value(v, depth + 1)
+    else:
+        raise ValueError(f"payload values must be JSON, got {type(value).__name__}")
+
+
+def _valid_payload(payload: dict[str, Any] | None) -> dict[str, Any] | None:
+    if payload is not None:
+        check_json_value(payload)
+    return payload
+
+
+Payload = Annotated[dict[str, Any] | None, AfterValidator(_valid_payload)]
+Vector = Annotated[list[Component], Field(min_length=1, description=f"finite numbers, |x| <= {MAX_ABS:g}")]
 
 
 class Strict(BaseModel):
@@ -49,8 +85,8 @@ class CreateCollection(Strict):
 
 
 class SearchParams(Strict):
-    nprobe: int | None = Field(None, ge=1)
-    ef_search: int | None = Field(None, ge=1)
+    nprobe: int | None = Field(None, ge=1, le=1 << 20, description="lists probed (at most nlist)")
+    ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH)
     nshort: int | None = Field(None, ge=0, le=100_000, description="candidates re-ranked by the neural decoder (0: none)")
     target_recall: float | None = Field(None, gt=0, le=1)
 
@@ -64,8 +100,8 @@ class SearchParams(Strict):
 
 class Point(Strict):
     id: PointId
-    vector: list[Finite] = Field(min_length=1)
-    payload: dict[str, Any] | None = None
+    vector: Vector
+    payload: Payload = None
 
 
 class UpsertPoints(Strict):
@@ -77,8 +113,8 @@ class DeletePoints(Strict):
 
 
 class SearchRequest(Strict):
-    vector: list[Finite] = Field(min_length=1)
-    limit: int = Field(10, ge=1)
+    vector: Vector
+    limit: int = Field(10, ge=1, le=10_000)
     params: SearchParams | None = None
     with_payload: bool = True
     with_vector: bool = False
@@ -90,6 +126,6 @@ class SearchBatch(Strict):
 
 class RecommendRequest(Strict):
     positive: list[PointId] = Field(min_length=1, max_length=64, description="ids whose neighbours to find")
-    limit: int = Field(10, ge=1)
+    limit: int = Field(10, ge=1, le=10_000)
     params: SearchParams | None = None
     with_payload: bool = True

@@ -18,7 +18,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_batch: int = Field(10_000, ge=1, description="points per upsert or delete, queries per batch search")
     max_limit: int = Field(1_000, ge=1, description="largest `limit` of a search")
-    threads: int = Field(0, ge=0, description="torch/faiss CPU threads (0: all cores)")
+    max_search_candidates: int = Field(2_000_000, ge=1, le=50_000_000,
+                                       description="queries x max(limit, nshort) in one search request")
+    threads: int = Field(0, ge=0, description="CPU threads per request for torch, faiss and numba (0: all cores)")
     snapshot_every: int = Field(50_000, ge=1, description="write a snapshot after this many changed points")
     demo: bool = Field(True, description="create the demo collection on first start when none exists")
     demo_points: int = Field(100_000, ge=100, description="GloVe words in the demo collection")

@@ -20,6 +20,7 @@ searches run in parallel and wait only for in-memory inserts.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,8 @@ import numpy as np
 
 from model.index import QincoIndex, SearchParams
 from model.io import CheckpointError, atomic_write, load_model, save_model
-from model.network import ENCODERS, check_vectors
+from model.network import ENCODERS, check_vectors, split_codes
+from model.threads import use_threads
 
 log = logging.getLogger("qinco.store")
 
@@ -51,6 +54,13 @@ class Conflict(ValueError):
 
 class BadRequest(ValueError):
     pass
+
+
+class Unavailable(RuntimeError):
+    """A collection that cannot serve right now (it failed to open or to apply a write)."""
+
+
+MAX_CANDIDATES = 2_000_000  # queries x max(limit, nshort) in one search call: bounds its memory
 
 
 class ReadWriteLock:
@@ -116,40 +126,54 @@ class Hit:
 
 
 class Collection:
-    def __init__(self, folder: Path, snapshot_every: int = 50_000):
+    def __init__(self, folder: Path, snapshot_every: int = 50_000, threads: int = 0):
         self.folder = folder
         self.meta = json.loads((folder / "collection.json").read_text())
         self.name = self.meta["name"]
+        self.uuid = self.meta.get("uuid")  # identity: a snapshot of another collection of this name is refused
         self.metric = self.meta["metric"]
         self.encoder = ENCODERS[self.meta["encoder"]]
         self.snapshot_every = snapshot_every
-        model = load_model(folder / "model.safetensors")
+        self.threads = threads
+        use_threads(threads)
+        self.model = load_model(folder / "model.safetensors")
         tuning_path = folder / "tuning.json"
-        tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
+        self.tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
         self.write_lock = threading.Lock()
         self.index_lock = ReadWriteLock()
         self.db = connect(folder / "points.sqlite")
         self.db.executescript(SCHEMA)
         self._local = threading.local()
-        self.index, self.snapshot_seq = self._recover(model, tuning)
+        self.index, self.recovery = self._recover()
+        self.snapshot_seq = self.recovery["snapshot_seq"]
         self.changed_since_snapshot = 0
         self._snapshotting = threading.Lock()
         self.closed = False
+        self.broken: str | None = None  # why writes are refused until a restart (a failed rebuild)
 
     # ---- recovery and snapshots -------------------------------------------------------
-    def _recover(self, model, tuning) -> tuple[QincoIndex, int]:
+    def _recover(self) -> tuple[QincoIndex, dict]:
+        """The index as of the last commit: the snapshot, then every id changed after it.
+
+        Returns it and what was done: {"snapshot_seq", "replayed" (ids changed after it), "seconds"}.
+        """
         t0 = time.time()
+        model, tuning = self.model, self.tuning
         index, seq = QincoIndex(model, tuning=tuning), 0
         snap = self.folder / "snapshot"
         if (snap / "snapshot.json").exists():
             try:
                 info = json.loads((snap / "snapshot.json").read_text())
+                if info.get("collection_uuid") != self.uuid:
+                    raise ValueError(f"it belongs to another collection (uuid {info.get('collection_uuid')})")
                 faiss_index = faiss.read_index(str(snap / "index.faiss"))
                 if faiss_index.ntotal != info["ntotal"] or faiss_index.d != model.cfg.d:
                     raise ValueError("snapshot does not match its manifest")
+                if int(info["seq"]) > self.last_seq():
+                    raise ValueError(f"snapshot seq {info['seq']} is ahead of the database")
                 index, seq = QincoIndex(model, faiss_index, tuning), int(info["seq"])
-            except (ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
-                log.warning("%s: ignoring unreadable snapshot (%s); rebuilding from the database", self.folder, e)
+            except (ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as e:
+                log.warning("%s: ignoring unusable snapshot (%s); rebuilding from the database", self.folder, e)
         changed = [r[0] for r in self.db.execute(
             "SELECT id FROM points WHERE seq > ? UNION SELECT id FROM deleted WHERE seq > ?", (seq, seq))]
         if changed and index.ntotal:
@@ -161,15 +185,20 @@ class Collection:
             index.add_codes(codes, ids)
         log.info("%s: %d points ready in %.1fs (snapshot seq %d, %d changed after it)",
                  self.name, index.ntotal, time.time() - t0, seq, len(changed))
-        return index, seq
+        return index, {"snapshot_seq": seq, "replayed": len(changed), "seconds": round(time.time() - t0, 3)}
 
     def last_seq(self) -> int:
         return self.db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]
 
     def snapshot(self) -> int:
-        """Write the index as of the current sequence number; returns it."""
+        """Write the index as of the current sequence number; returns it.
+
+        `close` waits for a snapshot in progress, so none can land in the folder of a
+        collection deleted (and perhaps created again) meanwhile.
+        """
         with self._snapshotting:
             with self.write_lock:  # no write between reading seq and copying the index
+                self._check_open()
                 seq = self.last_seq()
                 blob = faiss.serialize_index(self.index.index)
                 ntotal = self.index.ntotal
@@ -178,8 +207,8 @@ class Collection:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             atomic_write(tmp / "index.faiss", lambda f: f.write(blob.tobytes()))
-            atomic_write(tmp / "snapshot.json",
-                         lambda f: f.write(json.dumps({"seq": seq, "ntotal": ntotal}).encode()))
+            manifest = {"seq": seq, "ntotal": ntotal, "collection_uuid": self.uuid}
+            atomic_write(tmp / "snapshot.json", lambda f: f.write(json.dumps(manifest).encode()))
             old = self.folder / ".snapshot.old"
             shutil.rmtree(old, ignore_errors=True)
             if snap.exists():
@@ -201,9 +230,12 @@ class Collection:
             threading.Thread(target=self._snapshot_quietly, daemon=True).start()
 
     def _snapshot_quietly(self):
+        use_threads(self.threads)
         try:
             if not self.closed:
                 self.snapshot()
+        except NotFound:  # deleted meanwhile
+            pass
         except Exception:  # a failed snapshot loses nothing: SQLite still has every row
             log.exception("%s: snapshot failed", self.name)
 
@@ -260,11 +292,17 @@ class Collection:
                 raise NotFound(f"point {point_id} not found in collection {self.name!r}") from None
 
     def search(self, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
-               exclude: list[set[int]] | None = None) -> list[list[Hit]]:
+               exclude: list[set[int]] | None = None, max_candidates: int = MAX_CANDIDATES) -> list[list[Hit]]:
+        use_threads(self.threads)
         x = self.prepare(queries)
         params = params or {}
         target = params.get("target_recall")
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        candidates = len(x) * max(limit + extra, params.get("nshort") or 0)
+        if candidates > max_candidates:
+            raise BadRequest(f"this search asks for {candidates} candidates ({len(x)} queries x "
+                             f"max(limit, nshort)); the limit is {max_candidates}: send fewer queries or a "
+                             f"smaller nshort")
         try:
             with self.index_lock.read():
                 if target is not None:
@@ -277,6 +315,8 @@ class Collection:
                     D, I = self.index.search(x, limit + extra, sp)
         except ValueError as e:
             raise BadRequest(str(e)) from None
+        if not np.isfinite(D).all():  # float32 overflow: a query far outside the model's range
+            raise BadRequest("the query vector's values are too large for this collection's model")
         found = {int(i) for i in I.ravel()}
         payloads = self.payloads(found) if with_payload else {}
         results = []
@@ -299,34 +339,70 @@ class Collection:
 
     # ---- writes --------------------------------------------------------------------------
     def upsert(self, ids: list[int], vectors, payloads: list[dict | None]) -> tuple[int, float]:
-        """Encode (no lock), commit to SQLite, then insert in memory.  Returns (seq, encode seconds)."""
+        """Encode (no lock), commit to SQLite, then insert in memory.  Returns (seq, encode seconds).
+
+        Everything that can be refused is checked before the commit; the insert after it
+        cannot fail on the input (see `_apply`).
+        """
+        use_threads(self.threads)
         if len(set(ids)) != len(ids):
             raise BadRequest("duplicate ids in one batch")
+        if len(payloads) != len(ids):
+            raise BadRequest(f"{len(ids)} ids but {len(payloads)} payloads")
         x = self.prepare(vectors)
         t0 = time.perf_counter()
         codes = self.index.encode(x, self.encoder).astype(np.int32)
         encode_seconds = time.perf_counter() - t0
-        rows = [(i, codes[k].tobytes(), None if p is None else json.dumps(p)) for k, (i, p) in
-                enumerate(zip(ids, payloads))]
+        id_array = np.array(ids, dtype=np.int64)
+        try:
+            split_codes(self.model, codes)
+            if len(codes) != len(ids) or id_array.min() < 0:
+                raise ValueError("ids and codes do not match")
+            rows = [(i, codes[k].tobytes(), None if p is None else json.dumps(p, allow_nan=False))
+                    for k, (i, p) in enumerate(zip(ids, payloads))]
+        except (ValueError, TypeError, OverflowError) as e:
+            raise BadRequest(f"cannot store this batch: {e}") from None
         with self.write_lock:
-            self._check_open()
-            seq = self.last_seq() + 1
+            self._check_writable()
             with self._transaction():
+                seq = self.last_seq() + 1
                 self.db.executemany("INSERT OR REPLACE INTO points (id, codes, payload, seq) VALUES (?, ?, ?, ?)",
                                     [r + (seq,) for r in rows])
                 self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            with self.index_lock.write():
-                self.index.add_codes(codes, np.array(ids, dtype=np.int64))
+            self._apply(lambda: self.index.add_codes(codes, id_array))
         self._maybe_snapshot(len(ids))
         return seq, encode_seconds
 
+    def _apply(self, change):
+        """Apply a committed write to the in-memory index (write lock held).
+
+        Should that fail anyway, the index would miss a committed row that the next
+        snapshot then covers: rebuild it from the database instead, and refuse writes
+        (until a restart) if even that fails.
+        """
+        try:
+            with self.index_lock.write():
+                change()
+        except Exception as e:
+            log.exception("%s: in-memory write failed after its commit; rebuilding from the database", self.name)
+            try:
+                with self.index_lock.write():
+                    self.index, self.recovery = self._recover()
+            except Exception as e2:
+                self.broken = f"the index could not be rebuilt after a failed write ({e2}); restart the service"
+                log.exception("%s: rebuild failed", self.name)
+                raise Unavailable(self.broken) from e
+            self.changed_since_snapshot = 0
+
     def delete(self, ids: list[int]) -> tuple[int, int]:
         """Returns (seq, number of points that existed)."""
+        use_threads(self.threads)
         ids = sorted(set(ids))
+        id_array = np.array(ids, dtype=np.int64)
         with self.write_lock:
-            self._check_open()
-            seq = self.last_seq() + 1
+            self._check_writable()
             with self._transaction():
+                seq = self.last_seq() + 1
                 existing = 0
                 for i0 in range(0, len(ids), 900):
                     chunk = ids[i0:i0 + 900]
@@ -335,8 +411,7 @@ class Collection:
                 self.db.executemany("INSERT OR REPLACE INTO deleted (id, seq) VALUES (?, ?)",
                                     [(i, seq) for i in ids])
                 self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            with self.index_lock.write():
-                self.index.remove(np.array(ids, dtype=np.int64))
+            self._apply(lambda: self.index.remove(id_array))
         self._maybe_snapshot(len(ids))
         return seq, existing
 
@@ -354,44 +429,85 @@ class Collection:
         if self.closed:
             raise NotFound(f"collection {self.name!r} was deleted")
 
+    def _check_writable(self):
+        self._check_open()
+        if self.broken:
+            raise Unavailable(self.broken)
+
     def close(self):
-        with self.write_lock:
+        """Wait for a snapshot in progress, then refuse everything."""
+        with self._snapshotting, self.write_lock:
             self.closed = True
             self.db.close()
 
     def info(self) -> dict:
         cfg = self.index.model.cfg
         default = SearchParams()
-        return {"name": self.name, "status": "green", "dimension": cfg.d, "metric": self.metric,
-                "points_count": self.count(), "bytes_per_vector": self.index.code_bytes, "nlist": cfg.nlist,
-                "encoder": self.meta["encoder"], "tuned": bool(self.index.tuning.get("points")),
+        return {"name": self.name, "status": "red" if self.broken else "green", "dimension": cfg.d,
+                "metric": self.metric, "points_count": self.count(), "bytes_per_vector": self.index.code_bytes,
+                "nlist": cfg.nlist, "encoder": self.meta["encoder"], "tuned": bool(self.index.tuning.get("points")),
                 "default_params": {"nprobe": min(default.nprobe, cfg.nlist), "ef_search": default.ef_search,
-                                   "nshort": default.nshort}}
+                                   "nshort": default.nshort},
+                "error": self.broken}
+
+
+class DataDirLocked(RuntimeError):
+    pass
 
 
 class Store:
-    """The collections of a data directory."""
+    """The collections of a data directory, which one process at a time may own."""
 
-    def __init__(self, data_dir: Path, snapshot_every: int = 50_000):
+    def __init__(self, data_dir: Path, snapshot_every: int = 50_000, threads: int = 0):
         self.data_dir = Path(data_dir).resolve()
         self.root = self.data_dir / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._lock(self.data_dir)
         self.snapshot_every = snapshot_every
+        self.threads = threads
         self.collections: dict[str, Collection] = {}
+        self.failed: dict[str, str] = {}  # collections that could not be opened, and why
         self.lock = threading.Lock()
 
+    @staticmethod
+    def _lock(data_dir: Path):
+        """An exclusive lock on the data directory: two servers would overwrite each other's
+        snapshots and sequence numbers.  The kernel drops it when the process dies."""
+        f = open(data_dir / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise DataDirLocked(f"the data directory {data_dir} is in use by another QINCo Search process; "
+                                f"give each server its own data directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+
     def open_all(self):
+        """Open every collection; one that fails is listed in `failed` and the others serve."""
         for folder in sorted(self.root.iterdir()):
             if folder.name.startswith("."):
                 shutil.rmtree(folder, ignore_errors=True)  # an interrupted create or delete
             elif (folder / "collection.json").exists():
-                self.collections[folder.name] = Collection(folder, self.snapshot_every)
+                try:
+                    self.collections[folder.name] = Collection(folder, self.snapshot_every, self.threads)
+                except Exception as e:
+                    log.exception("collection %s could not be opened", folder.name)
+                    self.failed[folder.name] = f"{type(e).__name__}: {e}"
 
     def get(self, name: str) -> Collection:
         try:
             return self.collections[name]
         except KeyError:
+            if name in self.failed:
+                raise Unavailable(f"collection {name!r} could not be opened: {self.failed[name]}") from None
             raise NotFound(f"collection {name!r} not found") from None
+
+    def names(self) -> list[str]:
+        return sorted(set(self.collections) | set(self.failed))
 
     def resolve(self, path: str) -> Path:
         """A user-given path, inside the data directory only."""
@@ -405,7 +521,7 @@ class Store:
     def create(self, name: str, metric: str, encoder: str, source: Path, from_index: bool = False) -> Collection:
         """A new collection from a model file or an index directory (a path already checked)."""
         with self.lock:
-            if name in self.collections:
+            if name in self.collections or name in self.failed:
                 raise Conflict(f"collection {name!r} already exists")
             tmp = self.root / f".new-{name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -416,7 +532,7 @@ class Store:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            collection = Collection(self.root / name, self.snapshot_every)
+            collection = Collection(self.root / name, self.snapshot_every, self.threads)
             self.collections[name] = collection
             return collection
 
@@ -442,18 +558,25 @@ class Store:
             db.execute("UPDATE meta SET value = 1 WHERE key='seq'")
             db.execute("COMMIT")
             db.close()
-        meta = {"name": name, "metric": metric, "encoder": encoder, "created": time.time()}
+        meta = {"name": name, "uuid": str(uuid.uuid4()), "metric": metric, "encoder": encoder,
+                "created": time.time()}
         atomic_write(folder / "collection.json", lambda f: f.write(json.dumps(meta).encode()))
 
     def delete(self, name: str):
         with self.lock:
-            collection = self.get(name)
-            del self.collections[name]
-            collection.close()
+            if name in self.failed:
+                folder = self.root / name
+                del self.failed[name]
+            else:
+                collection = self.get(name)
+                del self.collections[name]
+                collection.close()  # waits for a snapshot in progress
+                folder = collection.folder
             trash = self.root / f".deleted-{name}-{os.getpid()}"
-            os.replace(collection.folder, trash)
+            os.replace(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
     def close(self):
         for c in self.collections.values():
             c.close()
+        self._lock_file.close()  # releases the data directory

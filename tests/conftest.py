@@ -39,3 +39,18 @@ def ivf_model(glove_sample, tmp_path_factory):
     cfg = QincoConfig(d=50, M=2, K=256, L=1, h=32, nlist=16)
     out = tmp_path_factory.mktemp("ivf") / "ivf.safetensors"
     return train(glove_sample[:4000], out, cfg, TrainConfig(max_minutes=0.1, A=8, B=2, batch=128, val=500))
+
+
+@pytest.fixture
+def data_dir(tmp_path, ivf_model):
+    """A data directory holding the tiny IVF model as models/ivf.safetensors."""
+    from model.io import save_model
+    (tmp_path / "models").mkdir()
+    save_model(ivf_model, tmp_path / "models" / "ivf.safetensors")
+    return tmp_path
+
+
+@pytest.fixture
+def vectors(glove_sample):
+    """400 real GloVe vectors that the tiny model was not trained on."""
+    return glove_sample[4000:4400]

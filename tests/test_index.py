@@ -198,6 +198,22 @@ def test_writes_are_seen_by_the_next_search(index, base):
     assert 10**6 not in index.search(base[:1], 10, params)[1]
 
 
+def test_the_flat_copy_is_updated_list_by_list(index, base):
+    """After writes, only the touched lists are read again: the copy equals a full one."""
+    from model.scan import FlatLists
+    rng = np.random.default_rng(0)
+    index.flat_lists()
+    for step in range(6):
+        if step % 2:
+            index.remove(rng.choice(len(base), 200, replace=False) * 3 + 7)
+        else:  # new ids and replaced ids, some moving to other lists
+            ids = np.concatenate([rng.choice(len(base), 50, replace=False) * 3 + 7, 10**6 + step * 100 + np.arange(50)])
+            index.add(base[rng.choice(len(base), 100, replace=False)], ids, ENC)
+        updated, full = index.flat_lists(), FlatLists.copy_from(index.index.invlists)
+        assert (updated.offsets == full.offsets).all() and (updated.ids == full.ids).all()
+        assert (updated.codes == full.codes).all()
+
+
 def test_concurrent_searches_agree_with_serial_ones(index, glove_sample):
     """The service searches from several threads at once (under a shared read lock)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -27,15 +27,8 @@ def wait_ready(client, timeout=60):
     raise AssertionError(client.get("/readyz").json())
 
 
-@pytest.fixture
-def data_dir(tmp_path, ivf_model):
-    (tmp_path / "models").mkdir()
-    save_model(ivf_model, tmp_path / "models" / "ivf.safetensors")
-    return tmp_path
-
-
 def make_client(data_dir, **kw):
-    settings = Settings(data_dir=data_dir, demo=False, **kw)
+    settings = Settings(data_dir=data_dir, **{"demo": False, **kw})
     return TestClient(create_app(settings))
 
 
@@ -44,11 +37,6 @@ def client(data_dir):
     with make_client(data_dir) as c:
         wait_ready(c)
         yield c
-
-
-@pytest.fixture
-def vectors(glove_sample):
-    return glove_sample[4000:4400]
 
 
 def create(client, name="c", **body):

@@ -1,0 +1,294 @@
+"""Defects found by reading the service and by sending it what users send: each one pinned down.
+
+Poisoned payloads, numbers past the range of their fields, a snapshot racing a
+delete and re-create, a write failing after its commit, two servers on one data
+directory, one broken collection beside healthy ones, an interrupted demo, threads
+in request workers, chunked bodies, /metrics and the key.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import faiss
+import numba
+import numpy as np
+import pytest
+
+from service import store as store_module
+from service.store import DataDirLocked, Store
+from tests.server import ROOT, free_port
+from tests.test_service import create, make_client, upsert, wait_ready
+
+
+@pytest.fixture
+def filled(data_dir, vectors):
+    """A client over a collection `c` of 50 points."""
+    with make_client(data_dir) as c:
+        wait_ready(c)
+        create(c)
+        upsert(c, vectors[:50], range(50))
+        yield c
+
+
+def raw(client, method, path, text):
+    return client.request(method, path, content=text, headers={"content-type": "application/json"})
+
+
+def probe(client, vectors):
+    body = {"searches": [{"vector": v.tolist(), "limit": 5} for v in vectors[:10]]}
+    r = client.post("/collections/c/points/search/batch", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["result"]
+
+
+@pytest.mark.parametrize("payload", ['{"a": NaN}', '{"a": [1, Infinity]}', '{"a": {"b": -Infinity}}',
+                                     '{"big": 18446744073709551616}', '{"deep": ' + "[" * 40 + "]" * 40 + "}"])
+def test_unservable_payloads_are_refused_and_the_collection_stays_readable(filled, vectors, payload):
+    before = probe(filled, vectors)
+    point = json.dumps({"id": 3, "vector": vectors[60].tolist()})[:-1] + f', "payload": {payload}}}'
+    r = raw(filled, "PUT", "/collections/c/points", '{"points": [%s]}' % point)
+    assert r.status_code == 422 and "payload" in r.json()["status"]["error"], r.text
+    assert filled.get("/collections/c/points/3").json()["result"]["payload"] == {"n": 3}
+    assert probe(filled, vectors) == before
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("get", "/collections/c/points/99999999999999999999999", None),
+    ("get", "/collections/c/points/-1", None),
+    ("post", "/collections/c/points/search", {"params": {"ef_search": 3_000_000_000}}),
+    ("post", "/collections/c/points/search", {"params": {"nprobe": 10**30}}),
+    ("post", "/collections/c/points/search", {"params": {"nshort": 10**30}}),
+    ("post", "/collections/c/points/search", {"limit": 10**30}),
+    ("post", "/collections/c/points/search", {"vector": [3e38] * 50}),
+    ("post", "/collections/c/points/search", {"vector": [-1e300] * 50}),
+    ("put", "/collections/c/points", {"points": [{"id": 1, "vector": [3e38] * 50}]}),
+    ("post", "/collections/c/points/recommend", {"positive": [1], "limit": 10**30}),
+    ("post", "/collections/c/points/recommend", {"positive": [1], "params": {"ef_search": 2**40}}),
+])
+def test_numbers_out_of_range_get_4xx(filled, vectors, method, path, body):
+    before = probe(filled, vectors)
+    if body is not None and path.endswith("search"):
+        body = {"vector": vectors[0].tolist(), **body}
+    r = getattr(filled, method)(path, **({"json": body} if body is not None else {}))
+    assert 400 <= r.status_code < 500, r.text
+    assert len(r.json()["status"]["error"]) > 5
+    assert filled.get("/collections/c/points/count").json()["result"]["count"] == 50
+    assert probe(filled, vectors) == before
+
+
+def test_a_search_asking_for_gigabytes_is_refused(data_dir, vectors):
+    with make_client(data_dir, max_search_candidates=10_000) as c:
+        wait_ready(c)
+        create(c)
+        upsert(c, vectors[:50], range(50))
+        searches = [{"vector": v.tolist(), "limit": 10, "params": {"nshort": 5_000}} for v in vectors[:3]]
+        r = c.post("/collections/c/points/search/batch", json={"searches": searches})
+        assert r.status_code == 400 and "15000 candidates" in r.json()["status"]["error"]
+        searches = [{"vector": v.tolist(), "limit": 10, "params": {"nshort": 1_000}} for v in vectors[:3]]
+        assert c.post("/collections/c/points/search/batch", json={"searches": searches}).status_code == 200
+
+
+def test_validation_messages_stay_short(filled):
+    r = filled.put("/collections/c/points", json={"points": [{"id": 1, "vector": ["x"] * 5000}]})
+    assert r.status_code == 422 and len(r.json()["status"]["error"]) < 1000
+    assert "more errors" in r.json()["status"]["error"]
+
+
+def test_chunked_bodies_are_counted(data_dir, vectors):
+    with make_client(data_dir, max_body_bytes=4096) as c:
+        wait_ready(c)
+        create(c)
+        small = json.dumps({"points": [{"id": 1, "vector": vectors[0].tolist()}]}).encode()
+        big = json.dumps({"points": [{"id": i, "vector": vectors[0].tolist()} for i in range(20)]}).encode()
+
+        def chunks(data):  # an iterator: httpx sends it with Transfer-Encoding: chunked
+            for i in range(0, len(data), 100):
+                yield data[i:i + 100]
+
+        headers = {"content-type": "application/json"}
+        r = c.put("/collections/c/points", content=chunks(big), headers=headers)
+        assert r.status_code == 413 and "4096" in r.json()["status"]["error"]
+        r = c.put("/collections/c/points", content=chunks(small), headers=headers)
+        assert r.status_code == 200, r.text
+        assert c.get("/collections/c/points/count").json()["result"]["count"] == 1
+
+
+def test_metrics_needs_the_key_when_one_is_set(data_dir):
+    with make_client(data_dir, api_key="k") as c:
+        wait_ready(c)
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_delete_and_recreate_during_a_slow_snapshot(data_dir, vectors, monkeypatch):
+    store = Store(data_dir)
+    old = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    old.upsert(list(range(100)), vectors[:100], [{"v": "old"}] * 100)
+    writing, release = threading.Event(), threading.Event()
+    real_write = store_module.atomic_write
+
+    def slow_write(path, write):
+        if path.name == "index.faiss":
+            writing.set()
+            release.wait(10)
+        real_write(path, write)
+
+    monkeypatch.setattr(store_module, "atomic_write", slow_write)
+    snap = threading.Thread(target=old.snapshot)
+    snap.start()
+    assert writing.wait(10)
+    deleted = threading.Thread(target=store.delete, args=("c",))
+    deleted.start()
+    time.sleep(0.3)
+    assert deleted.is_alive(), "delete must wait for the snapshot in progress"
+    release.set()
+    deleted.join(10)
+    snap.join(10)
+    monkeypatch.setattr(store_module, "atomic_write", real_write)
+    new = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    new.upsert([7, 8], vectors[200:202], [{"v": "new"}] * 2)
+    assert not (new.folder / "snapshot").exists()
+    store.close()
+
+    store = Store(data_dir)
+    store.open_all()
+    c = store.get("c")
+    assert c.count() == 2 and c.recovery["snapshot_seq"] == 0
+    assert c.payloads([7, 8, 1]) == {7: {"v": "new"}, 8: {"v": "new"}}
+    store.close()
+
+
+def test_a_snapshot_of_another_collection_is_refused(data_dir, vectors):
+    """Identity: even a snapshot copied into the folder of a same-named collection is not loaded."""
+    store = Store(data_dir)
+    old = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    old.upsert(list(range(100)), vectors[:100], [None] * 100)
+    old.snapshot()
+    shutil.copytree(old.folder / "snapshot", data_dir / "saved-snapshot")
+    store.delete("c")
+    new = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    new.upsert([1000], vectors[:1], [None])
+    store.close()
+    shutil.copytree(data_dir / "saved-snapshot", data_dir / "collections" / "c" / "snapshot")
+    store = Store(data_dir)
+    store.open_all()
+    assert store.get("c").count() == 1 and store.get("c").recovery["snapshot_seq"] == 0
+    store.close()
+
+
+def test_a_failed_insert_after_the_commit_rebuilds_the_index(data_dir, vectors):
+    store = Store(data_dir)
+    c = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    c.upsert(list(range(50)), vectors[:50], [None] * 50)
+    c.snapshot()
+    index = c.index
+    real_add = index.add_codes
+
+    def failing_add(*args):
+        real_add(*args)  # half done, then it fails
+        raise MemoryError("simulated")
+
+    index.add_codes = failing_add
+    c.upsert([100, 101], vectors[100:102], [None, None])  # committed: served after the rebuild
+    assert c.index is not index and c.count() == 52
+    hits = c.search(vectors[100:102], 1, {"nprobe": 16}, False, False)
+    assert [h[0].id for h in hits] == [100, 101]
+    seq = c.snapshot()
+    store.close()
+    store = Store(data_dir)
+    store.open_all()
+    assert store.get("c").count() == 52 and store.get("c").recovery == {
+        **store.get("c").recovery, "snapshot_seq": seq, "replayed": 0}
+    store.close()
+
+
+def test_a_second_server_on_the_same_data_directory_is_refused(data_dir):
+    store = Store(data_dir)
+    with pytest.raises(DataDirLocked, match="in use by another"):
+        Store(data_dir)
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir), "--port",
+                        str(port), "--no-demo"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "in use by another" in r.stderr
+    store.close()
+    Store(data_dir).close()  # free again once the first one closed
+
+
+def test_one_broken_collection_does_not_take_the_others_down(data_dir, vectors):
+    store = Store(data_dir)
+    for name in ("good", "bad"):
+        store.create(name, "l2", "fast", data_dir / "models" / "ivf.safetensors").upsert(
+            [1, 2], vectors[:2], [None, None])
+    store.close()
+    (data_dir / "collections" / "bad" / "model.safetensors").write_bytes(b"garbage")
+    with make_client(data_dir) as c:
+        wait_ready(c)
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and "bad" in ready.json()["failed"]
+        assert c.get("/collections/good/points/count").json()["result"]["count"] == 2
+        info = c.get("/collections/bad").json()["result"]
+        assert info["status"] == "red" and "safetensors" in info["error"]
+        assert [x["name"] for x in c.get("/collections").json()["result"]["collections"]] == ["bad", "good"]
+        r = c.post("/collections/bad/points/search", json={"vector": vectors[0].tolist()})
+        assert r.status_code == 503 and "could not be opened" in r.json()["status"]["error"]
+        assert c.put("/collections/bad", json={"model": "models/ivf.safetensors"}).status_code == 409
+        assert c.delete("/collections/bad").status_code == 200
+        create(c, "bad")
+        assert c.get("/readyz").json()["failed"] == {}
+
+
+def test_an_interrupted_demo_creation_resumes(tmp_path):
+    from service.demo import DEMO_MODEL, glove_words
+    words, vectors = glove_words(300)
+    store = Store(tmp_path)
+    (tmp_path / ".demo-pending").touch()  # as the first start leaves it when killed
+    store.create("glove", "cosine", "balanced", DEMO_MODEL).upsert(list(range(100)), vectors[:100],
+                                                                   [{"word": w} for w in words[:100]])
+    store.close()
+    settings = {"demo": True, "demo_points": 300}
+    with make_client(tmp_path, **settings) as c:
+        wait_ready(c, timeout=120)
+        assert c.get("/collections/glove/points/count").json()["result"]["count"] == 300
+        assert c.get("/collections/glove/points/299").json()["result"]["payload"] == {"word": words[299]}
+    assert not (tmp_path / ".demo-pending").exists()
+
+
+def test_thread_setting_holds_in_request_workers(data_dir, vectors, monkeypatch):
+    seen = []
+    real_search = store_module.Collection.search
+
+    def spy(self, *args, **kwargs):
+        seen.append((numba.get_num_threads(), faiss.omp_get_max_threads()))
+        return real_search(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.Collection, "search", spy)
+    with make_client(data_dir, threads=1) as c:
+        wait_ready(c)
+        create(c)
+        upsert(c, vectors[:20], range(20))
+        for v in vectors[:4]:
+            assert c.post("/collections/c/points/search", json={"vector": v.tolist()}).status_code == 200
+    assert seen and all(s == (1, 1) for s in seen), seen
+
+
+def test_restart_recovers_from_the_snapshot_plus_the_rows_after_it(data_dir, vectors):
+    store = Store(data_dir)
+    c = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    c.upsert(list(range(100)), vectors[:100], [None] * 100)
+    seq = c.snapshot()
+    c.upsert(list(range(100, 130)), vectors[100:130], [None] * 30)
+    c.delete([0, 1, 2])
+    expected = c.search(vectors[:20], 5, {"nprobe": 16}, False, False)
+    store.close()
+    store = Store(data_dir)
+    store.open_all()
+    c = store.get("c")
+    assert c.recovery["snapshot_seq"] == seq == 1 and c.recovery["replayed"] == 33
+    assert c.count() == 127
+    assert c.search(vectors[:20], 5, {"nprobe": 16}, False, False) == expected
+    store.close()
