@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -39,6 +40,7 @@ MAX_K = 10_000
 MAX_NSHORT = 100_000
 SCAN_BATCH = 2048  # queries per look-up-table block: (batch, M, K) float32
 RERANK_BLOCK = 65_536  # shortlisted candidates decoded at once
+FILTER_EXACT = 256  # a filter letting at most this many vectors through ranks them all exactly
 
 
 @dataclass(frozen=True)
@@ -239,11 +241,13 @@ class QincoIndex:
         nshort = max(params.nshort, k) if params.nshort else 0
         return SearchParams(params.nprobe, max(params.ef_search, params.nprobe), nshort)
 
-    def shortlist(self, xq: np.ndarray, n: int, params: SearchParams
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def shortlist(self, xq: np.ndarray, n: int, params: SearchParams, flat: FlatLists | None = None,
+                  allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Fixed-table scoring of the probed lists: the n best as distances and ids (nq, n),
-        ascending, and their codes (nq, n, 1 + M); inf, -1 and zero codes past the last found."""
-        flat = self.flat_lists()
+        ascending, and their codes (nq, n, 1 + M); inf, -1 and zero codes past the last found.
+
+        allowed: a bool mask over the rows of `flat` (a filter), or None for every row."""
+        flat = flat or self.flat_lists()
         M = self.model.cfg.M
         D = np.empty((len(xq), n), dtype=np.float32)
         I = np.full((len(xq), n), -1, dtype=np.int64)
@@ -253,38 +257,59 @@ class QincoIndex:
             block = slice(q0, q0 + SCAN_BATCH)
             coarse_dis, probes = self.index.quantizer.search(xq[block], params.nprobe, params=hnsw)
             D[block], rows = scan(query_tables(xq[block], self.scan_tables, M), coarse_dis, probes,
-                                  self.list_terms, self.norms, flat, n)
+                                  self.list_terms, self.norms, flat, n, allowed)
             found = rows >= 0
             I[block][found] = flat.ids[rows[found]]
             codes[block][found] = flat.qinco_codes(rows[found], M)
         return D, I, codes
 
     def search(self, queries, k: int = 10, params: SearchParams | None = None,
-               target_recall: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+               target_recall: float | None = None, allowed_ids: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest neighbours: distances (nq, k') float32 and ids (nq, k') int64.
 
         k' = min(k, ntotal): every row holds k' real results and no -1 padding.
         When the probed lists hold fewer than k' vectors for a query, that query
         is searched again over every list.  `nshort=0` skips the neural re-ranking:
         the fixed-table order and distances (the approximate decoder alone).
+
+        allowed_ids (a filter): only these ids may be returned, and k' = min(k, how many
+        of them are stored).  Other vectors never take a shortlist place; nprobe grows as
+        the filter narrows (the probed lists should hold as many allowed vectors as an
+        unfiltered search sees), and when at most max(nshort, FILTER_EXACT) are allowed,
+        all of them are decoded and ranked exactly.
         """
         if target_recall is not None:
             params = self.params_for_recall(target_recall)
         params = self.check_params(k, params or SearchParams())
         xq = check_vectors(queries, self.d, "queries")
-        kk = min(k, self.ntotal)
+        flat, mask = self.flat_lists(), None
+        n_allowed = len(flat.ids)
+        if allowed_ids is not None:
+            mask = rows_of_ids(flat.ids, allowed_ids)
+            n_allowed = int(mask.sum())
+            params = self.filtered_params(params, n_allowed, len(flat.ids), k)
+        kk = min(k, n_allowed)
         if kk == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-        D, I, codes = self.shortlist(xq, params.nshort or kk, params)
+        D, I, codes = self.shortlist(xq, params.nshort or kk, params, flat, mask)
         short = (I >= 0).sum(1) < kk
         if short.any():  # too few vectors in the probed lists: probe them all
             nlist = self.model.cfg.nlist
             wide = SearchParams(nlist, max(params.ef_search, nlist), params.nshort)
-            D[short], I[short], codes[short] = self.shortlist(xq[short], params.nshort or kk, wide)
+            D[short], I[short], codes[short] = self.shortlist(xq[short], params.nshort or kk, wide, flat, mask)
         if params.nshort:
             D = self.rerank_distances(xq, I, codes)
         order = np.argsort(D, axis=1, kind="stable")[:, :kk]
         return np.take_along_axis(D, order, 1).astype(np.float32), np.take_along_axis(I, order, 1)
+
+    def filtered_params(self, params: SearchParams, n_allowed: int, ntotal: int, k: int) -> SearchParams:
+        """Search parameters for a filter that lets n_allowed of ntotal vectors through."""
+        nlist = self.model.cfg.nlist
+        if n_allowed <= max(params.nshort, FILTER_EXACT):  # few: decode and rank every one of them
+            return SearchParams(nlist, max(params.ef_search, nlist), max(n_allowed, k, 1))
+        nprobe = min(nlist, math.ceil(params.nprobe * ntotal / max(n_allowed, 1)))
+        return SearchParams(nprobe, max(params.ef_search, nprobe), params.nshort)
 
     def rerank_distances(self, xq: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Exact L2 from each query to the neural decoding of its shortlist; +inf where empty."""
@@ -385,6 +410,15 @@ class QincoIndex:
         if not isinstance(index, faiss.IndexIVFResidualQuantizer) or index.ntotal != manifest["ntotal"] or index.d != model.cfg.d:
             raise QincoIndexError(f"{path}: index.faiss does not match the manifest")
         return cls(model, index, json.loads((path / "tuning.json").read_text()))
+
+
+def rows_of_ids(ids: np.ndarray, allowed_ids: np.ndarray) -> np.ndarray:
+    """Bool mask over `ids` (n,): which are among `allowed_ids` (any order, duplicates fine)."""
+    allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+    if not len(allowed):
+        return np.zeros(len(ids), dtype=bool)
+    at = np.minimum(np.searchsorted(allowed, ids), len(allowed) - 1)
+    return allowed[at] == ids
 
 
 def pareto_front(points: list[OperatingPoint]) -> list[OperatingPoint]:

@@ -123,24 +123,27 @@ def list_terms(centroids: np.ndarray, tables: np.ndarray) -> np.ndarray:
 
 
 def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms: np.ndarray,
-         norms: np.ndarray, flat: FlatLists, n: int) -> tuple[np.ndarray, np.ndarray]:
+         norms: np.ndarray, flat: FlatLists, n: int, allowed: np.ndarray | None = None
+         ) -> tuple[np.ndarray, np.ndarray]:
     """The n nearest codes of each query's probed lists by table distance.
 
     qtables (nq, M, K), coarse_dis and probes (nq, nprobe) from the coarse quantizer
-    (probes -1: none), lterms (nlist, M, K), norms (256,).  Returns distances (nq, n)
-    float32, ascending, and rows of `flat` (nq, n) int64; +inf and -1 past the end.
+    (probes -1: none), lterms (nlist, M, K), norms (256,); allowed: None, or a bool mask
+    over the rows of `flat` (a filter: other rows never take a place).  Returns distances
+    (nq, n) float32, ascending, and rows of `flat` (nq, n) int64; +inf and -1 past the end.
     """
     nq = len(qtables)
     dis = np.full((nq, n), np.inf, dtype=np.float32)
     rows = np.full((nq, n), -1, dtype=np.int64)
+    mask = np.zeros(0, dtype=np.bool_) if allowed is None else np.ascontiguousarray(allowed, dtype=np.bool_)
     if n and nq:
         _scan(qtables, np.ascontiguousarray(coarse_dis, dtype=np.float32), np.ascontiguousarray(probes),
-              lterms, norms, flat.offsets, flat.codes, dis, rows)
+              lterms, norms, flat.offsets, flat.codes, mask, dis, rows)
     return dis, rows
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _scan(qtables, coarse_dis, probes, lterms, norms, offsets, codes, dis, rows):
+def _scan(qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows):
     nq, nprobe = probes.shape
     M, K = qtables.shape[1], qtables.shape[2]
     n = dis.shape[1]
@@ -155,7 +158,10 @@ def _scan(qtables, coarse_dis, probes, lterms, norms, offsets, codes, dis, rows)
                 for k in range(K):
                     table[m, k] = lterms[l, m, k] + qtables[q, m, k]
             bias = coarse_dis[q, j]
+            filtered = allowed.shape[0] > 0
             for r in range(offsets[l], offsets[l + 1]):
+                if filtered and not allowed[r]:
+                    continue
                 d = bias + norms[codes[r, M]]
                 for m in range(M):
                     d += table[m, codes[r, m]]

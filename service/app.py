@@ -183,7 +183,8 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         parts = []
         errors = exc.errors()
         for e in errors[:MAX_ERRORS_SHOWN]:
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            # pydantic names union branches in the location (`list[...]`, tagged-union tags): keep the path
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body" and not str(p).startswith(("`", "function-")))
             parts.append(f"{where}: {e.get('msg')}" if where else e.get("msg", "invalid"))
         if len(errors) > MAX_ERRORS_SHOWN:
             parts.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more errors")
@@ -284,15 +285,39 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
 
     @app.post("/collections/{name}/points/delete")
     def delete_points(body: schemas.DeletePoints, c: Collection = Depends(collection)):
+        """By ids, or every point a filter lets through."""
         t0 = time.perf_counter()
-        check_batch(len(body.points), "ids")
-        seq, existed = translate(c.delete, body.points)
+        if body.filter is not None:
+            seq, existed = translate(c.delete_filtered, body.filter)
+        else:
+            check_batch(len(body.points), "ids")
+            seq, existed = translate(c.delete, body.points)
         return ok({"operation_id": seq, "status": "completed", "count": existed}, t0)
 
     @app.get("/collections/{name}/points/count")
     def count(c: Collection = Depends(collection)):
         t0 = time.perf_counter()
         return ok({"count": c.count()}, t0)
+
+    @app.post("/collections/{name}/points/count")
+    def count_filtered(body: schemas.CountRequest, c: Collection = Depends(collection)):
+        """Qdrant's count: every point, or those a filter lets through (always exact)."""
+        t0 = time.perf_counter()
+        n = c.count() if body.filter is None else translate(c.count_filtered, body.filter)
+        return ok({"count": n}, t0)
+
+    @app.put("/collections/{name}/index")
+    def create_field_index(body: schemas.CreateFieldIndex, c: Collection = Depends(collection)):
+        """A payload index: filters on the field never read payload JSON (built now, kept up to date)."""
+        t0 = time.perf_counter()
+        seq = translate(c.create_field_index, body.field_name, body.field_schema.value)
+        return ok({"operation_id": seq, "status": "completed"}, t0)
+
+    @app.delete("/collections/{name}/index/{field_name}")
+    def delete_field_index(field_name: schemas.PayloadKey, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        seq = translate(c.delete_field_index, field_name)
+        return ok({"operation_id": seq, "status": "completed"}, t0)
 
     @app.get("/collections/{name}/points/{point_id}")
     def get_point(point_id: int = Path(ge=0, le=schemas.MAX_ID), with_vector: bool = False,
@@ -306,14 +331,15 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         groups: dict = {}
         for i, s in enumerate(searches):
             check_limit(s.limit)
-            key = (s.limit, s.params.model_dump_json() if s.params else "", s.with_payload, s.with_vector)
+            key = (s.limit, s.params.model_dump_json() if s.params else "", s.with_payload, s.with_vector,
+                   s.filter.model_dump_json() if s.filter else "")
             groups.setdefault(key, []).append(i)
         t0 = time.perf_counter()
-        for (limit, _, with_payload, with_vector), members in groups.items():
-            params = searches[members[0]].params
+        for (limit, _, with_payload, with_vector, _), members in groups.items():
+            first = searches[members[0]]
             hits = translate(c.search, [searches[i].vector for i in members], limit,
-                             params.model_dump() if params else None, with_payload, with_vector,
-                             max_candidates=settings.max_search_candidates)
+                             first.params.model_dump() if first.params else None, with_payload, with_vector,
+                             max_candidates=settings.max_search_candidates, filter=first.filter)
             for i, h in zip(members, hits):
                 results[i] = [hit_json(x, with_payload) for x in h]
         metrics.search.observe(time.perf_counter() - t0)
@@ -339,7 +365,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         query = sum(vectors) / len(vectors)
         hits = translate(c.search, [query], body.limit, body.params.model_dump() if body.params else None,
                          body.with_payload, False, exclude=[set(body.positive)],
-                         max_candidates=settings.max_search_candidates)[0]
+                         max_candidates=settings.max_search_candidates, filter=body.filter)[0]
         return ok([hit_json(x, body.with_payload) for x in hits], t0)
 
     return app

@@ -9,15 +9,18 @@ collections (higher is nearer).
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag,
+                      model_validator)
 
 MAX_ID = 2**63 - 1
 # Vector components are bounded so that squared distances stay finite in float32 (and bf16).
 MAX_ABS = 1e12
 MAX_EF_SEARCH = 65_536
 MAX_PAYLOAD_DEPTH = 32
+MAX_FILTER_DEPTH = 16
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 Component = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS, le=MAX_ABS)]
 PointId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True, description="a non-negative 64-bit integer")]
 CollectionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -84,6 +87,118 @@ class CreateCollection(Strict):
         return self
 
 
+# ---- payload filters (Qdrant's filter language; semantics in service/filters.py) -------------
+MatchLiteral = Annotated[StrictStr, Field(max_length=10_000)] | Annotated[StrictInt, Field(ge=-2**63, le=2**63 - 1)] | StrictBool
+PayloadKey = Annotated[str, Field(min_length=1, max_length=256, description="a payload field; dots for nested fields")]
+
+
+class MatchValue(Strict):
+    KIND: ClassVar[str] = "value"
+    value: MatchLiteral
+
+
+class MatchAny(Strict):
+    KIND: ClassVar[str] = "any"
+    any: list[Annotated[StrictStr, Field(max_length=10_000)]] | list[Annotated[StrictInt, Field(ge=-2**63, le=2**63 - 1)]]
+
+
+class MatchExcept(Strict):
+    KIND: ClassVar[str] = "except"
+    except_: list[Annotated[StrictStr, Field(max_length=10_000)]] | list[Annotated[StrictInt, Field(ge=-2**63, le=2**63 - 1)]] = Field(alias="except")
+
+
+class MatchText(Strict):
+    KIND: ClassVar[str] = "text"
+    text: str = Field(min_length=1, max_length=10_000, description="substring of a string value")
+
+
+class Range(Strict):
+    gt: Finite | None = None
+    gte: Finite | None = None
+    lt: Finite | None = None
+    lte: Finite | None = None
+
+
+class ValuesCount(Strict):
+    gt: int | None = Field(None, ge=0, le=2**31)
+    gte: int | None = Field(None, ge=0, le=2**31)
+    lt: int | None = Field(None, ge=0, le=2**31)
+    lte: int | None = Field(None, ge=0, le=2**31)
+
+
+class FieldCondition(Strict):
+    KIND: ClassVar[str] = "field"
+    key: PayloadKey
+    match: Annotated[Union[Annotated[MatchValue, Tag("value")], Annotated[MatchAny, Tag("any")],
+                           Annotated[MatchExcept, Tag("except")], Annotated[MatchText, Tag("text")]],
+                     _kind({"value": "value", "any": "any", "except": "except", "text": "text"}, "value")] | None = None
+    range: Range | None = None
+    values_count: ValuesCount | None = None
+
+    @model_validator(mode="after")
+    def one_test(self):
+        if sum(x is not None for x in (self.match, self.range, self.values_count)) != 1:
+            raise ValueError("a field condition needs exactly one of match, range or values_count")
+        return self
+
+
+class PayloadField(Strict):
+    key: PayloadKey
+
+
+class IsEmptyCondition(Strict):
+    KIND: ClassVar[str] = "is_empty"
+    is_empty: PayloadField
+
+
+class IsNullCondition(Strict):
+    KIND: ClassVar[str] = "is_null"
+    is_null: PayloadField
+
+
+class HasIdCondition(Strict):
+    KIND: ClassVar[str] = "has_id"
+    has_id: list[PointId] = Field(max_length=100_000)
+
+
+def _kind(keys: dict[str, str], default: str | None):
+    """A discriminator that picks a union member by the key it holds (focused error messages)."""
+    def kind(value):
+        if isinstance(value, dict):
+            return next((tag for key, tag in keys.items() if key in value), default)
+        return getattr(value, "KIND", None)
+    return Discriminator(kind)
+
+
+Condition = Annotated[Union[Annotated[FieldCondition, Tag("field")], Annotated[IsEmptyCondition, Tag("is_empty")],
+                            Annotated[IsNullCondition, Tag("is_null")], Annotated[HasIdCondition, Tag("has_id")],
+                            Annotated["Filter", Tag("filter")]],
+                      _kind({"key": "field", "is_empty": "is_empty", "is_null": "is_null", "has_id": "has_id"}, "filter")]
+Conditions = Annotated[list[Condition], Field(max_length=1_000)] | Condition
+
+
+class Filter(Strict):
+    KIND: ClassVar[str] = "filter"
+    must: Conditions | None = None
+    should: Conditions | None = None
+    must_not: Conditions | None = None
+
+    @model_validator(mode="after")
+    def bounded_depth(self):
+        if filter_depth(self) > MAX_FILTER_DEPTH:
+            raise ValueError(f"filters may nest at most {MAX_FILTER_DEPTH} levels")
+        return self
+
+
+Filter.model_rebuild()
+
+
+def filter_depth(f: Filter) -> int:
+    inner = [c for part in (f.must, f.should, f.must_not) if part is not None
+             for c in (part if isinstance(part, list) else [part]) if isinstance(c, Filter)]
+    return 1 + max((filter_depth(c) for c in inner), default=0)
+
+
 class SearchParams(Strict):
     nprobe: int | None = Field(None, ge=1, le=1 << 20, description="lists probed (at most nlist)")
     ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH)
@@ -109,13 +224,39 @@ class UpsertPoints(Strict):
 
 
 class DeletePoints(Strict):
-    points: list[PointId] = Field(min_length=1)
+    """Qdrant's selector: the ids, or a filter."""
+    points: list[PointId] | None = Field(None, min_length=1)
+    filter: Filter | None = None
+
+    @model_validator(mode="after")
+    def ids_or_filter(self):
+        if (self.points is None) == (self.filter is None):
+            raise ValueError("give either 'points' (ids) or 'filter'")
+        return self
+
+
+class CountRequest(Strict):
+    filter: Filter | None = None
+    exact: bool = True
+
+
+class FieldSchema(str, Enum):
+    keyword = "keyword"
+    integer = "integer"
+    float = "float"
+    bool = "bool"
+
+
+class CreateFieldIndex(Strict):
+    field_name: PayloadKey
+    field_schema: FieldSchema
 
 
 class SearchRequest(Strict):
     vector: Vector
     limit: int = Field(10, ge=1, le=10_000)
     params: SearchParams | None = None
+    filter: Filter | None = None
     with_payload: bool = True
     with_vector: bool = False
 
@@ -128,4 +269,5 @@ class RecommendRequest(Strict):
     positive: list[PointId] = Field(min_length=1, max_length=64, description="ids whose neighbours to find")
     limit: int = Field(10, ge=1, le=10_000)
     params: SearchParams | None = None
+    filter: Filter | None = None
     with_payload: bool = True

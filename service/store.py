@@ -41,6 +41,8 @@ from model.io import CheckpointError, atomic_write, load_model, save_model
 from model.network import ENCODERS, check_vectors, split_codes
 from model.threads import use_threads
 
+from .filters import Evaluator, PayloadIndexes
+
 log = logging.getLogger("qinco.store")
 
 
@@ -106,6 +108,7 @@ CREATE TABLE IF NOT EXISTS points (id INTEGER PRIMARY KEY, codes BLOB NOT NULL, 
 CREATE INDEX IF NOT EXISTS points_seq ON points(seq);
 CREATE TABLE IF NOT EXISTS deleted (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS payload_indexes (field TEXT PRIMARY KEY, schema TEXT NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('seq', 0);
 """
 
@@ -145,6 +148,10 @@ class Collection:
         self.db.executescript(SCHEMA)
         self._local = threading.local()
         self.index, self.recovery = self._recover()
+        self.payload_indexes = PayloadIndexes(dict(self.db.execute("SELECT field, schema FROM payload_indexes")))
+        for key in self.payload_indexes.declared:  # built now, not on the first filter
+            self.payload_indexes.get(key, self._payload_rows)
+        self._all_ids = (None, None)  # (flat copy, its sorted ids): the universe of filters
         self.snapshot_seq = self.recovery["snapshot_seq"]
         self.changed_since_snapshot = 0
         self._snapshotting = threading.Lock()
@@ -265,6 +272,24 @@ class Collection:
             x = x / norms
         return x
 
+    def _payload_rows(self):
+        """(id, payload) of every stored point, read in one pass."""
+        for i, payload in self._reader().execute("SELECT id, payload FROM points"):
+            yield i, json.loads(payload) if payload is not None else None
+
+    def filter_ids(self, f) -> np.ndarray:
+        """Sorted ids of the stored points that a filter lets through (index read lock held)."""
+        flat = self.index.flat_lists()
+        if self._all_ids[0] is not flat:
+            self._all_ids = (flat, np.unique(flat.ids))
+        evaluator = Evaluator(self._all_ids[1], lambda key: self.payload_indexes.get(key, self._payload_rows))
+        return evaluator.ids(f)
+
+    def count_filtered(self, f) -> int:
+        use_threads(self.threads)
+        with self.index_lock.read():
+            return len(self.filter_ids(f))
+
     def payloads(self, ids) -> dict[int, dict | None]:
         ids = [int(i) for i in ids]
         out = {}
@@ -292,7 +317,9 @@ class Collection:
                 raise NotFound(f"point {point_id} not found in collection {self.name!r}") from None
 
     def search(self, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
-               exclude: list[set[int]] | None = None, max_candidates: int = MAX_CANDIDATES) -> list[list[Hit]]:
+               exclude: list[set[int]] | None = None, max_candidates: int = MAX_CANDIDATES,
+               filter=None) -> list[list[Hit]]:
+        """Nearest stored points of each query; `filter` (schemas.Filter) restricts them."""
         use_threads(self.threads)
         x = self.prepare(queries)
         params = params or {}
@@ -305,14 +332,15 @@ class Collection:
                              f"smaller nshort")
         try:
             with self.index_lock.read():
+                allowed = self.filter_ids(filter) if filter is not None else None
                 if target is not None:
-                    D, I = self.index.search(x, limit + extra, target_recall=target)
+                    D, I = self.index.search(x, limit + extra, target_recall=target, allowed_ids=allowed)
                 else:
                     default = SearchParams()
                     sp = SearchParams(params.get("nprobe") or min(default.nprobe, self.index.model.cfg.nlist),
                                       params.get("ef_search") or default.ef_search,
                                       default.nshort if params.get("nshort") is None else params["nshort"])
-                    D, I = self.index.search(x, limit + extra, sp)
+                    D, I = self.index.search(x, limit + extra, sp, allowed_ids=allowed)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         if not np.isfinite(D).all():  # float32 overflow: a query far outside the model's range
@@ -369,7 +397,7 @@ class Collection:
                 self.db.executemany("INSERT OR REPLACE INTO points (id, codes, payload, seq) VALUES (?, ?, ?, ?)",
                                     [r + (seq,) for r in rows])
                 self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            self._apply(lambda: self.index.add_codes(codes, id_array))
+            self._apply(lambda: (self.index.add_codes(codes, id_array), self.payload_indexes.upsert(ids, payloads)))
         self._maybe_snapshot(len(ids))
         return seq, encode_seconds
 
@@ -388,6 +416,7 @@ class Collection:
             try:
                 with self.index_lock.write():
                     self.index, self.recovery = self._recover()
+                    self.payload_indexes = PayloadIndexes(self.payload_indexes.declared)
             except Exception as e2:
                 self.broken = f"the index could not be rebuilt after a failed write ({e2}); restart the service"
                 log.exception("%s: rebuild failed", self.name)
@@ -411,9 +440,40 @@ class Collection:
                 self.db.executemany("INSERT OR REPLACE INTO deleted (id, seq) VALUES (?, ?)",
                                     [(i, seq) for i in ids])
                 self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            self._apply(lambda: self.index.remove(id_array))
+            self._apply(lambda: (self.index.remove(id_array), self.payload_indexes.delete(ids)))
         self._maybe_snapshot(len(ids))
         return seq, existing
+
+    def delete_filtered(self, f) -> tuple[int, int]:
+        """Delete the points a filter lets through; returns (seq, how many)."""
+        with self.index_lock.read():
+            ids = self.filter_ids(f)
+        if not len(ids):
+            return self.last_seq(), 0
+        return self.delete(ids.tolist())
+
+    def create_field_index(self, key: str, schema: str) -> int:
+        """Declare a payload index (durable; built now, kept up to date by every write)."""
+        use_threads(self.threads)
+        with self.write_lock:
+            self._check_writable()
+            with self._transaction():
+                self.db.execute("INSERT OR REPLACE INTO payload_indexes (field, schema) VALUES (?, ?)", (key, schema))
+            self.payload_indexes.declared[key] = schema
+        with self.index_lock.read():
+            self.payload_indexes.get(key, self._payload_rows)
+        return self.last_seq()
+
+    def delete_field_index(self, key: str) -> int:
+        with self.write_lock:
+            self._check_writable()
+            if key not in self.payload_indexes.declared:
+                raise NotFound(f"collection {self.name!r} has no payload index on {key!r}")
+            with self._transaction():
+                self.db.execute("DELETE FROM payload_indexes WHERE field = ?", (key,))
+            with self.index_lock.write():
+                self.payload_indexes.drop(key)
+        return self.last_seq()
 
     @contextmanager
     def _transaction(self):
@@ -448,6 +508,9 @@ class Collection:
                 "nlist": cfg.nlist, "encoder": self.meta["encoder"], "tuned": bool(self.index.tuning.get("points")),
                 "default_params": {"nprobe": min(default.nprobe, cfg.nlist), "ef_search": default.ef_search,
                                    "nshort": default.nshort},
+                "payload_schema": {k: {"data_type": v, "points": len(self.payload_indexes.fields[k].values_of)
+                                       if k in self.payload_indexes.fields else 0}
+                                   for k, v in self.payload_indexes.declared.items()},
                 "error": self.broken}
 
 
