@@ -202,15 +202,31 @@ class QincoIndex:
 
     def reconstruct(self, i: int) -> np.ndarray:
         """The neural decoding of a stored vector (d,)."""
-        try:
-            lo = self.index.direct_map.get(int(i))
-        except RuntimeError:
-            raise KeyError(f"id {i} is not in the index") from None
-        list_no, offset = lo >> 32, lo & 0xFFFFFFFF
-        ptr = self.index.invlists.get_single_code(list_no, offset)
-        code = np.array(faiss.rev_swig_ptr(ptr, self.code_bytes), dtype=np.uint8)
-        self.index.invlists.release_codes(list_no, ptr)
-        return decode(self.model, self._with_list(code[None], list_no))[0]
+        vectors, found = self.reconstruct_many([i])
+        if not found[0]:
+            raise KeyError(f"id {i} is not in the index")
+        return vectors[0]
+
+    def reconstruct_many(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Neural decodings of stored vectors, decoded together: (n, d) float32 (zeros where
+        absent) and a bool mask (n,) of the ids found."""
+        ids = [int(i) for i in ids]
+        found = np.zeros(len(ids), dtype=bool)
+        codes = np.zeros((len(ids), 1 + self.model.cfg.M), dtype=np.int64)
+        for k, i in enumerate(ids):
+            try:
+                lo = self.index.direct_map.get(i)
+            except RuntimeError:
+                continue
+            list_no, offset = lo >> 32, lo & 0xFFFFFFFF
+            ptr = self.index.invlists.get_single_code(list_no, offset)
+            code = np.array(faiss.rev_swig_ptr(ptr, self.code_bytes), dtype=np.uint8)
+            self.index.invlists.release_codes(list_no, ptr)
+            codes[k], found[k] = self._with_list(code[None], list_no)[0], True
+        vectors = np.zeros((len(ids), self.d), dtype=np.float32)
+        if found.any():
+            vectors[found] = decode(self.model, codes[found])
+        return vectors, found
 
     @staticmethod
     def _check_ids(ids, n: int | None, unique: bool = True) -> np.ndarray:

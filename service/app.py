@@ -18,7 +18,7 @@ from model.threads import use_threads
 
 from . import schemas
 from .settings import Settings
-from .store import BadRequest, Collection, Conflict, NotFound, Store, Unavailable
+from .store import BadRequest, Collection, Conflict, NotFound, SearchBudget, Store, Unavailable
 
 log = logging.getLogger("qinco.service")
 PUBLIC = {"/healthz", "/readyz"}  # /metrics needs the key, as in Qdrant: see the README for Prometheus
@@ -149,14 +149,19 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
 
     def load():
         use_threads(settings.threads)
-        store.open_all()  # a collection that fails is listed in store.failed; the others serve
+        try:
+            store.open_all()  # a collection that fails is listed in store.failed; the others serve
+        except Exception as e:  # reported by /readyz; the process stays up for diagnosis
+            log.exception("loading collections failed")
+            state["error"] = f"loading collections failed: {e}"
+            return
         try:
             if settings.demo:
                 from .demo import ensure_demo_collection
                 ensure_demo_collection(store, settings)
-        except Exception as e:
-            log.exception("creating the demo collection failed; it resumes at the next start")
-            store.failed.setdefault("glove", f"demo creation failed: {e}")
+        except Exception as e:  # the collections serve; the demo resumes at the next start
+            log.exception("creating the demo collection failed")
+            state["demo_error"] = f"creating the demo collection failed (it resumes at the next start): {e}"
         state["ready"] = True
 
     @asynccontextmanager
@@ -233,7 +238,8 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     def readyz():
         if not state["ready"]:
             return error(503, state["error"] or "collections are still loading")
-        return {"status": "ready", "collections": len(store.collections), "failed": dict(store.failed)}
+        return {"status": "ready", "collections": len(store.collections), "failed": dict(store.failed),
+                **({"demo_error": state["demo_error"]} if "demo_error" in state else {})}
 
     @app.get("/metrics")
     def metrics_endpoint():
@@ -258,8 +264,9 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     def get_collection(name: str, _=Depends(ready)):
         """A collection that failed to open answers with status "red" and the reason."""
         t0 = time.perf_counter()
-        if name in store.failed:
-            return ok({"name": name, "status": "red", "error": store.failed[name]}, t0)
+        reason = store.failed.get(name)
+        if reason is not None:
+            return ok({"name": name, "status": "red", "error": reason}, t0)
         return ok(translate(store.get, name).info(), t0)
 
     @app.delete("/collections/{name}")
@@ -335,11 +342,12 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
                    s.filter.model_dump_json() if s.filter else "")
             groups.setdefault(key, []).append(i)
         t0 = time.perf_counter()
+        budget = SearchBudget(settings.max_search_candidates)  # for the whole request, all groups
         for (limit, _, with_payload, with_vector, _), members in groups.items():
             first = searches[members[0]]
             hits = translate(c.search, [searches[i].vector for i in members], limit,
                              first.params.model_dump() if first.params else None, with_payload, with_vector,
-                             max_candidates=settings.max_search_candidates, filter=first.filter)
+                             budget=budget, filter=first.filter)
             for i, h in zip(members, hits):
                 results[i] = [hit_json(x, with_payload) for x in h]
         metrics.search.observe(time.perf_counter() - t0)
@@ -365,7 +373,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         query = sum(vectors) / len(vectors)
         hits = translate(c.search, [query], body.limit, body.params.model_dump() if body.params else None,
                          body.with_payload, False, exclude=[set(body.positive)],
-                         max_candidates=settings.max_search_candidates, filter=body.filter)[0]
+                         budget=SearchBudget(settings.max_search_candidates), filter=body.filter)[0]
         return ok([hit_json(x, body.with_payload) for x in hits], t0)
 
     return app

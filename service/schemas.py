@@ -26,20 +26,32 @@ PointId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True, description="a non-
 CollectionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
+def check_unicode(text: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no UTF-8 response can: refuse them on the way in."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("strings must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
 def check_json_value(value: Any, depth: int = 0) -> None:
     """Payload values must read back as JSON: finite numbers, 64-bit integers, bounded nesting."""
     if depth > MAX_PAYLOAD_DEPTH:
         raise ValueError(f"payload nested deeper than {MAX_PAYLOAD_DEPTH} levels")
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, str):
+        check_unicode(value)
+    elif isinstance(value, bool) or value is None:
         return
-    if isinstance(value, int):
+    elif isinstance(value, int):
         if not -2**63 <= value < 2**63:
             raise ValueError(f"payload integer {value} does not fit in 64 bits")
     elif isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError("payload numbers must be finite (no NaN or Infinity)")
     elif isinstance(value, dict):
-        for v in value.values():
+        for k, v in value.items():
+            check_unicode(k)
             check_json_value(v, depth + 1)
     elif isinstance(value, list):
         for v in value:
@@ -89,7 +101,8 @@ class CreateCollection(Strict):
 
 # ---- payload filters (Qdrant's filter language; semantics in service/filters.py) -------------
 MatchLiteral = Annotated[StrictStr, Field(max_length=10_000)] | Annotated[StrictInt, Field(ge=-2**63, le=2**63 - 1)] | StrictBool
-PayloadKey = Annotated[str, Field(min_length=1, max_length=256, description="a payload field; dots for nested fields")]
+PayloadKey = Annotated[str, Field(min_length=1, max_length=256, description="a payload field; dots for nested fields"),
+                       AfterValidator(check_unicode)]
 
 
 class MatchValue(Strict):

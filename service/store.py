@@ -63,6 +63,28 @@ class Unavailable(RuntimeError):
 
 
 MAX_CANDIDATES = 2_000_000  # queries x max(limit, nshort) in one search call: bounds its memory
+MAX_VECTOR_VALUES = 20_000_000  # numbers of the vectors returned by one search call (with_vector)
+
+
+class SearchBudget:
+    """What one request may ask of the searches it makes: shortlist candidates (queries x
+    max(limit, nshort)) and numbers of returned vectors.  Shared by the groups of a batch."""
+
+    def __init__(self, candidates: int = MAX_CANDIDATES, vector_values: int = MAX_VECTOR_VALUES):
+        self.candidates, self.vector_values = candidates, vector_values
+        self.max_candidates = candidates
+
+    def take(self, nq: int, limit: int, nshort: int, with_vector: bool, d: int):
+        candidates = nq * max(limit, nshort)
+        if candidates > self.candidates:
+            raise BadRequest(f"this request asks for more than {self.max_candidates} search candidates (queries x "
+                             f"max(limit, nshort)): send fewer queries or a smaller nshort")
+        values = nq * limit * d if with_vector else 0
+        if values > self.vector_values:
+            raise BadRequest(f"this request would return more than {MAX_VECTOR_VALUES} vector values: ask for "
+                             f"fewer results or without with_vector")
+        self.candidates -= candidates
+        self.vector_values -= values
 
 
 class ReadWriteLock:
@@ -147,6 +169,8 @@ class Collection:
         self.db = connect(folder / "points.sqlite")
         self.db.executescript(SCHEMA)
         self._local = threading.local()
+        self.closed = False
+        self.broken: str | None = None  # why writes are refused until a restart (a failed rebuild)
         self.index, self.recovery = self._recover()
         self.payload_indexes = PayloadIndexes(dict(self.db.execute("SELECT field, schema FROM payload_indexes")))
         for key in self.payload_indexes.declared:  # built now, not on the first filter
@@ -155,8 +179,6 @@ class Collection:
         self.snapshot_seq = self.recovery["snapshot_seq"]
         self.changed_since_snapshot = 0
         self._snapshotting = threading.Lock()
-        self.closed = False
-        self.broken: str | None = None  # why writes are refused until a restart (a failed rebuild)
 
     # ---- recovery and snapshots -------------------------------------------------------
     def _recover(self) -> tuple[QincoIndex, dict]:
@@ -205,7 +227,7 @@ class Collection:
         """
         with self._snapshotting:
             with self.write_lock:  # no write between reading seq and copying the index
-                self._check_open()
+                self._check_writable()  # a broken index must not become the record
                 seq = self.last_seq()
                 blob = faiss.serialize_index(self.index.index)
                 ntotal = self.index.ntotal
@@ -253,6 +275,19 @@ class Collection:
             conn = self._local.conn = connect(self.folder / "points.sqlite")
         return conn
 
+    @contextmanager
+    def _reading(self):
+        """Reads of SQLite outside the write lock: a collection deleted meanwhile (its folder
+        gone, or a new collection of the same name in it) answers NotFound, never another
+        collection's rows or a 500."""
+        self._check_open()
+        try:
+            yield self._reader()
+        except sqlite3.Error:
+            self._check_open()
+            raise
+        self._check_open()
+
     @property
     def dimension(self) -> int:
         return self.index.d
@@ -274,7 +309,9 @@ class Collection:
 
     def _payload_rows(self):
         """(id, payload) of every stored point, read in one pass."""
-        for i, payload in self._reader().execute("SELECT id, payload FROM points"):
+        with self._reading() as db:
+            rows = db.execute("SELECT id, payload FROM points").fetchall()
+        for i, payload in rows:
             yield i, json.loads(payload) if payload is not None else None
 
     def filter_ids(self, f) -> np.ndarray:
@@ -293,15 +330,17 @@ class Collection:
     def payloads(self, ids) -> dict[int, dict | None]:
         ids = [int(i) for i in ids]
         out = {}
-        for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            chunk = ids[i0:i0 + 900]
-            q = f"SELECT id, payload FROM points WHERE id IN ({','.join('?' * len(chunk))})"
-            for i, payload in self._reader().execute(q, chunk):
-                out[i] = json.loads(payload) if payload is not None else None
+        with self._reading() as db:
+            for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+                chunk = ids[i0:i0 + 900]
+                q = f"SELECT id, payload FROM points WHERE id IN ({','.join('?' * len(chunk))})"
+                for i, payload in db.execute(q, chunk):
+                    out[i] = json.loads(payload) if payload is not None else None
         return out
 
     def get(self, point_id: int, with_vector: bool) -> dict:
-        row = self._reader().execute("SELECT payload FROM points WHERE id = ?", (point_id,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT payload FROM points WHERE id = ?", (point_id,)).fetchone()
         if row is None:
             raise NotFound(f"point {point_id} not found in collection {self.name!r}")
         out = {"id": point_id, "payload": json.loads(row[0]) if row[0] is not None else None}
@@ -317,7 +356,7 @@ class Collection:
                 raise NotFound(f"point {point_id} not found in collection {self.name!r}") from None
 
     def search(self, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
-               exclude: list[set[int]] | None = None, max_candidates: int = MAX_CANDIDATES,
+               exclude: list[set[int]] | None = None, budget: SearchBudget | None = None,
                filter=None) -> list[list[Hit]]:
         """Nearest stored points of each query; `filter` (schemas.Filter) restricts them."""
         use_threads(self.threads)
@@ -325,28 +364,31 @@ class Collection:
         params = params or {}
         target = params.get("target_recall")
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        candidates = len(x) * max(limit + extra, params.get("nshort") or 0)
-        if candidates > max_candidates:
-            raise BadRequest(f"this search asks for {candidates} candidates ({len(x)} queries x "
-                             f"max(limit, nshort)); the limit is {max_candidates}: send fewer queries or a "
-                             f"smaller nshort")
+        try:
+            if target is not None:
+                sp = self.index.params_for_recall(target)
+            else:
+                default = SearchParams()
+                sp = SearchParams(params.get("nprobe") or min(default.nprobe, self.index.model.cfg.nlist),
+                                  params.get("ef_search") or default.ef_search,
+                                  default.nshort if params.get("nshort") is None else params["nshort"])
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        (budget or SearchBudget()).take(len(x), limit + extra, sp.nshort, with_vector, self.dimension)
+        vectors = {}
         try:
             with self.index_lock.read():
                 allowed = self.filter_ids(filter) if filter is not None else None
-                if target is not None:
-                    D, I = self.index.search(x, limit + extra, target_recall=target, allowed_ids=allowed)
-                else:
-                    default = SearchParams()
-                    sp = SearchParams(params.get("nprobe") or min(default.nprobe, self.index.model.cfg.nlist),
-                                      params.get("ef_search") or default.ef_search,
-                                      default.nshort if params.get("nshort") is None else params["nshort"])
-                    D, I = self.index.search(x, limit + extra, sp, allowed_ids=allowed)
+                D, I = self.index.search(x, limit + extra, sp, allowed_ids=allowed)
+                if with_vector:  # decoded together, before a write can remove them
+                    found = np.unique(I)
+                    decoded, present = self.index.reconstruct_many(found)
+                    vectors = {int(i): v for i, v, ok in zip(found, decoded, present) if ok}
         except ValueError as e:
             raise BadRequest(str(e)) from None
         if not np.isfinite(D).all():  # float32 overflow: a query far outside the model's range
             raise BadRequest("the query vector's values are too large for this collection's model")
-        found = {int(i) for i in I.ravel()}
-        payloads = self.payloads(found) if with_payload else {}
+        payloads = self.payloads({int(i) for i in I.ravel()}) if with_payload else {}
         results = []
         for q in range(len(x)):
             hits = []
@@ -354,15 +396,14 @@ class Collection:
                 i = int(i)
                 if exclude and i in exclude[q]:
                     continue
+                if with_payload and i not in payloads:  # deleted since the search: its row is gone
+                    continue
                 score = float(1 - dist / 2) if self.metric == "cosine" else float(dist)
-                hits.append(Hit(i, score, payloads.get(i) if with_payload else None))
+                vector = vectors[i].tolist() if with_vector else None
+                hits.append(Hit(i, score, payloads.get(i) if with_payload else None, vector))
                 if len(hits) == limit:
                     break
             results.append(hits)
-        if with_vector:
-            for hits in results:
-                for h in hits:
-                    h.vector = self.vector(h.id).tolist()
         return results
 
     # ---- writes --------------------------------------------------------------------------
@@ -418,7 +459,8 @@ class Collection:
                     self.index, self.recovery = self._recover()
                     self.payload_indexes = PayloadIndexes(self.payload_indexes.declared)
             except Exception as e2:
-                self.broken = f"the index could not be rebuilt after a failed write ({e2}); restart the service"
+                self.broken = (f"a write was committed but the in-memory index could not be rebuilt after it "
+                               f"({e2}); restart the service to serve it")
                 log.exception("%s: rebuild failed", self.name)
                 raise Unavailable(self.broken) from e
             self.changed_since_snapshot = 0
@@ -531,6 +573,7 @@ class Store:
         self.collections: dict[str, Collection] = {}
         self.failed: dict[str, str] = {}  # collections that could not be opened, and why
         self.lock = threading.Lock()
+        self.closed = False
 
     @staticmethod
     def _lock(data_dir: Path):
@@ -552,14 +595,17 @@ class Store:
     def open_all(self):
         """Open every collection; one that fails is listed in `failed` and the others serve."""
         for folder in sorted(self.root.iterdir()):
-            if folder.name.startswith("."):
-                shutil.rmtree(folder, ignore_errors=True)  # an interrupted create or delete
-            elif (folder / "collection.json").exists():
-                try:
-                    self.collections[folder.name] = Collection(folder, self.snapshot_every, self.threads)
-                except Exception as e:
-                    log.exception("collection %s could not be opened", folder.name)
-                    self.failed[folder.name] = f"{type(e).__name__}: {e}"
+            with self.lock:
+                if self.closed:
+                    return
+                if folder.name.startswith("."):
+                    shutil.rmtree(folder, ignore_errors=True)  # an interrupted create or delete
+                elif (folder / "collection.json").exists():
+                    try:
+                        self.collections[folder.name] = Collection(folder, self.snapshot_every, self.threads)
+                    except Exception as e:
+                        log.exception("collection %s could not be opened", folder.name)
+                        self.failed[folder.name] = f"{type(e).__name__}: {e}"
 
     def get(self, name: str) -> Collection:
         try:
@@ -574,16 +620,22 @@ class Store:
 
     def resolve(self, path: str) -> Path:
         """A user-given path, inside the data directory only."""
-        p = (self.data_dir / path).resolve()
+        try:
+            p = (self.data_dir / path).resolve()
+            exists = p.exists()
+        except (ValueError, OSError) as e:  # a NUL byte, a name too long, a loop of links
+            raise BadRequest(f"path {path!r} cannot be used: {e}") from None
         if not p.is_relative_to(self.data_dir):
             raise BadRequest(f"path {path!r} is outside the data directory")
-        if not p.exists():
+        if not exists:
             raise BadRequest(f"path {path!r} does not exist in the data directory")
         return p
 
     def create(self, name: str, metric: str, encoder: str, source: Path, from_index: bool = False) -> Collection:
         """A new collection from a model file or an index directory (a path already checked)."""
         with self.lock:
+            if self.closed:
+                raise Unavailable("the service is shutting down")
             if name in self.collections or name in self.failed:
                 raise Conflict(f"collection {name!r} already exists")
             tmp = self.root / f".new-{name}-{os.getpid()}"
@@ -595,7 +647,11 @@ class Store:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            collection = Collection(self.root / name, self.snapshot_every, self.threads)
+            try:
+                collection = Collection(self.root / name, self.snapshot_every, self.threads)
+            except Exception as e:
+                self._discard(self.root / name, name)
+                raise BadRequest(f"the new collection cannot be opened: {e}") from None
             self.collections[name] = collection
             return collection
 
@@ -606,8 +662,8 @@ class Store:
                 index = QincoIndex.load(source)
             else:
                 index = QincoIndex(load_model(source))  # checks it can serve: IVF, fitted tables
-        except (CheckpointError, ValueError) as e:
-            raise BadRequest(f"cannot use {source.name}: {e}") from None
+        except Exception as e:  # a user's file, damaged in any way: never a 500
+            raise BadRequest(f"cannot use {source.name}: {type(e).__name__}: {e}") from None
         save_model(index.model, folder / "model.safetensors")
         if index.tuning:
             atomic_write(folder / "tuning.json", lambda f: f.write(json.dumps(index.tuning).encode()))
@@ -627,19 +683,25 @@ class Store:
 
     def delete(self, name: str):
         with self.lock:
-            if name in self.failed:
-                folder = self.root / name
-                del self.failed[name]
-            else:
-                collection = self.get(name)
-                del self.collections[name]
+            if name in self.collections:
+                collection = self.collections.pop(name)
                 collection.close()  # waits for a snapshot in progress
-                folder = collection.folder
+            elif name not in self.failed:
+                raise NotFound(f"collection {name!r} not found")
+            self.failed.pop(name, None)
+            self._discard(self.root / name, name)
+
+    def _discard(self, folder: Path, name: str):
+        if folder.exists():
             trash = self.root / f".deleted-{name}-{os.getpid()}"
+            shutil.rmtree(trash, ignore_errors=True)
             os.replace(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
     def close(self):
-        for c in self.collections.values():
-            c.close()
-        self._lock_file.close()  # releases the data directory
+        """Close every collection (the loader stops at its next step), then free the directory."""
+        with self.lock:
+            self.closed = True
+            for c in self.collections.values():
+                c.close()
+        self._lock_file.close()

@@ -46,6 +46,7 @@ def probe(client, vectors):
 
 
 @pytest.mark.parametrize("payload", ['{"a": NaN}', '{"a": [1, Infinity]}', '{"a": {"b": -Infinity}}',
+                                     '{"w": "\\ud800"}', '{"\\udfff": 1}',
                                      '{"big": 18446744073709551616}', '{"deep": ' + "[" * 40 + "]" * 40 + "}"])
 def test_unservable_payloads_are_refused_and_the_collection_stays_readable(filled, vectors, payload):
     before = probe(filled, vectors)
@@ -87,7 +88,12 @@ def test_a_search_asking_for_gigabytes_is_refused(data_dir, vectors):
         upsert(c, vectors[:50], range(50))
         searches = [{"vector": v.tolist(), "limit": 10, "params": {"nshort": 5_000}} for v in vectors[:3]]
         r = c.post("/collections/c/points/search/batch", json={"searches": searches})
-        assert r.status_code == 400 and "15000 candidates" in r.json()["status"]["error"]
+        assert r.status_code == 400 and "more than 10000 search candidates" in r.json()["status"]["error"]
+        # The budget is the request's, not each group's: different params do not split it.
+        searches = [{"vector": v.tolist(), "limit": 10, "params": {"nshort": 4_000, "ef_search": 40 + i}}
+                    for i, v in enumerate(vectors[:3])]
+        r = c.post("/collections/c/points/search/batch", json={"searches": searches})
+        assert r.status_code == 400 and "search candidates" in r.json()["status"]["error"]
         searches = [{"vector": v.tolist(), "limit": 10, "params": {"nshort": 1_000}} for v in vectors[:3]]
         assert c.post("/collections/c/points/search/batch", json={"searches": searches}).status_code == 200
 
@@ -292,3 +298,54 @@ def test_restart_recovers_from_the_snapshot_plus_the_rows_after_it(data_dir, vec
     assert c.count() == 127
     assert c.search(vectors[:20], 5, {"nprobe": 16}, False, False) == expected
     store.close()
+
+
+def test_reads_of_a_deleted_collection_answer_not_found(data_dir, vectors):
+    """A request that resolved a collection just before it was deleted (and re-created)."""
+    store = Store(data_dir)
+    old = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    old.upsert([1, 2], vectors[:2], [{"v": "old"}, {"v": "old"}])
+    store.delete("c")
+    with pytest.raises(store_module.NotFound):
+        old.search(vectors[:1], 1, None, True, False)
+    new = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    new.upsert([1], vectors[:1], [{"v": "new"}])
+    for read in (lambda: old.get(1, False), lambda: old.payloads([1]), lambda: old.search(vectors[:1], 1, None, True, False)):
+        with pytest.raises(store_module.NotFound):
+            read()
+    store.close()
+
+
+def test_a_broken_index_is_never_snapshotted(data_dir, vectors):
+    store = Store(data_dir)
+    c = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    c.upsert([1], vectors[:1], [None])
+    c.broken = "simulated"
+    with pytest.raises(store_module.Unavailable):
+        c.snapshot()
+    with pytest.raises(store_module.Unavailable):
+        c.upsert([2], vectors[1:2], [None])
+    assert not (c.folder / "snapshot").exists()
+    store.close()
+
+
+def test_a_failed_demo_leaves_no_phantom_collection(data_dir, monkeypatch):
+    import service.demo
+
+    def broken(n):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(service.demo, "glove_words", broken)
+    with make_client(data_dir, demo=True) as c:
+        wait_ready(c)
+        ready = c.get("/readyz").json()
+        assert "disk on fire" in ready["demo_error"] and ready["failed"] == {}
+        assert c.get("/collections").json()["result"]["collections"] == []
+        assert c.delete("/collections/glove").status_code == 404
+        create(c, "glove")
+
+
+@pytest.mark.parametrize("body", [{"model": "models/\u0000x"}, {"index": "models"}, {"model": "models"}])
+def test_unusable_sources_get_400(filled, body):
+    r = filled.put("/collections/x", json=body)
+    assert r.status_code == 400 and len(r.json()["status"]["error"]) > 5, r.text
