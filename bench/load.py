@@ -3,6 +3,7 @@
 Starts `qinco serve` on a fresh data directory, creates a collection from an IVF
 model, and loads it with real vectors (timed: that is the insert duration).
 Then, each phase bounded in time:
+  - /healthz and search from a single client (the latency of a lone request);
   - search: C concurrent clients send single-query searches;
   - upsert: C concurrent clients send batches of points;
 and the same searches called in-process on the same index (no HTTP).
@@ -110,14 +111,22 @@ def main():
 
         params = SearchParams()
 
+        def healthz(client, i):
+            return client.get(f"{url}/healthz")
+
+        n, lat, wall = run_clients(1, min(args.seconds, 5), healthz)
+        print(f"REST /healthz, 1 client:  {n / wall:8,.0f} QPS   {percentiles(lat)}")
+
         def search(client, i):
             body = {"vector": queries[i % len(queries)].tolist(), "limit": 10,
                     "params": {"nprobe": params.nprobe, "ef_search": params.ef_search, "nshort": params.nshort}}
             return client.post(f"{url}/collections/bench/points/search", json=body)
 
+        n, lat, wall = run_clients(1, args.seconds, search)
+        print(f"REST search, 1 client:    {n / wall:8,.0f} QPS   {percentiles(lat)}")
         n, lat, wall = run_clients(args.clients, args.seconds, search)
         rest_qps = n / wall
-        print(f"REST search:       {rest_qps:8,.0f} QPS   {percentiles(lat)}")
+        print(f"REST search, {args.clients} clients:   {rest_qps:8,.0f} QPS   {percentiles(lat)}")
 
         def upsert(client, i):
             ids = range(10**7 + i * args.batch, 10**7 + (i + 1) * args.batch)
@@ -137,6 +146,15 @@ def main():
     index = QincoIndex(load_model(args.model))
     for i0 in range(0, len(base), 4096):
         index.add(base[i0:i0 + 4096], np.arange(i0, i0 + len(base[i0:i0 + 4096])))
+    lone = []
+    deadline = time.perf_counter() + args.seconds
+    i = 0
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        index.search(queries[i % len(queries)][None], 10, params)
+        lone.append(time.perf_counter() - t0)
+        i += 1
+    print(f"in-process search, 1 thread: {len(lone) / args.seconds:8,.0f} QPS   {percentiles(lone)}")
     lat = []
     lock = threading.Lock()
     deadline = time.perf_counter() + args.seconds
@@ -158,7 +176,7 @@ def main():
     for t in threads:
         t.join()
     local_qps = len(lat) / (time.perf_counter() - t0)
-    print(f"in-process search: {local_qps:8,.0f} QPS   {percentiles(lat)}")
+    print(f"in-process search, {args.clients} threads: {local_qps:8,.0f} QPS   {percentiles(lat)}")
     print(f"REST / in-process search throughput: {rest_qps / local_qps:.2f}")
 
 

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from . import datasets, io
 from .index import QincoIndex, SearchParams
-from .network import ENCODERS, Encoder, QincoConfig, decode, encode
+from .network import ENCODERS, Encoder, QincoConfig, code_dtype, code_width, decode, encode
+from .ray_encode import RayRun, encode_on_ray
 from .threads import set_threads
 from .train import TrainConfig, train
 
@@ -24,6 +25,22 @@ def add_encoder_args(p: argparse.ArgumentParser, default: str):
     p.add_argument("-A", type=int, help="pre-selected candidates per beam")
     p.add_argument("-B", type=int, help="beam size")
     p.add_argument("--batch", type=int, default=1024)
+
+
+def add_ray_args(p: argparse.ArgumentParser):
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="encode on a Ray cluster (pip install -e '.[ray]'): alone, a new local cluster; or the "
+                        "address of a cluster this machine is a node of (HEAD:6379, auto). Same codes as without it")
+    p.add_argument("--ray-actors", dest="ray_actors", type=int, default=0,
+                   help="Ray actors (default 0: one per cluster CPU); each uses cluster CPUs / actors threads")
+
+
+def ray_codes(args, x: np.ndarray, bar, batch_size: int | None, run: RayRun):
+    """(rows, codes) in row order from a Ray cluster, one --batch segment at a time; `run` gets the figures."""
+    if args.ray_actors < 0:
+        raise ValueError(f"--ray-actors must be >= 0, got {args.ray_actors}")
+    return encode_on_ray(args.model, x, encoder_from_args(args), args.batch, batch_size, args.ray,
+                         args.ray_actors, progress=bar, run=run)
 
 
 def encoder_from_args(args) -> Encoder:
@@ -63,8 +80,16 @@ def cmd_data(args):
 def cmd_encode(args):
     model = io.load_model(args.model)
     x = io.read_vectors(args.data, mmap=True)
+    run = RayRun()
     with tqdm(total=len(x), unit="vec", desc="encoding") as bar:
-        codes = encode(model, x, encoder_from_args(args), args.batch, progress=bar)
+        if args.ray:
+            codes = np.empty((len(x), code_width(model.cfg)), dtype=code_dtype(model.cfg))
+            for rows, part in ray_codes(args, x, bar, args.batch, run):
+                codes[rows] = part
+        else:
+            codes = encode(model, x, encoder_from_args(args), args.batch, progress=bar)
+    if args.ray:
+        print(run.report(), file=sys.stderr)  # per-actor throughput
     if args.int32:
         codes = codes.astype(np.int32)
     io.write_vectors(args.out, codes)
@@ -87,11 +112,18 @@ def cmd_build(args):
         raise ValueError(f"{len(ids)} ids for {len(x)} vectors")
     index = QincoIndex(model)
     encoder = encoder_from_args(args)
+    run = RayRun()
     with tqdm(total=len(x), unit="vec", desc="encoding + adding") as bar:
-        for i0 in range(0, len(x), args.batch):  # batches keep memory flat on big files
-            codes = index.encode(x[i0:i0 + args.batch], encoder)
-            index.add_codes(codes, ids[i0:i0 + args.batch])
-            bar.update(len(codes))
+        if args.ray and len(x):  # segments of --batch rows, each encoded like index.encode(segment): the same index
+            for rows, codes in ray_codes(args, x, bar, None, run):
+                index.add_codes(codes, ids[rows])
+        else:
+            for i0 in range(0, len(x), args.batch):  # batches keep memory flat on big files
+                codes = index.encode(x[i0:i0 + args.batch], encoder)
+                index.add_codes(codes, ids[i0:i0 + args.batch])
+                bar.update(len(codes))
+    if run.vectors:
+        print(run.report(), file=sys.stderr)  # per-actor throughput
     index.save(args.out)
     print(f"wrote {args.out}: {index.ntotal} vectors, {index.code_bytes} bytes each + list id")
 
@@ -247,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="codes .npy: (n, M) uint8, or (n, M+1) with the IVF list first")
     p.add_argument("--int32", action="store_true", help="write int32 codes")
     add_encoder_args(p, "quality")
+    add_ray_args(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="decode codes into vectors")
@@ -261,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index directory to write")
     p.add_argument("--ids", help="int64 ids .npy, one per base vector (default: row numbers)")
     add_encoder_args(p, "balanced")
+    add_ray_args(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("tune", help="sweep search parameters on held-out queries, store the Pareto front")

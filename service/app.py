@@ -8,9 +8,10 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
+import orjson
 from fastapi import Depends, FastAPI, Path
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,8 +45,17 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"status": {"error": message}, "time": 0.0}, status_code=status)
+class JSON(Response):
+    """A JSON response serialised by orjson, straight from the result (no jsonable_encoder pass)."""
+
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
+def error(status: int, message: str) -> JSON:
+    return JSON({"status": {"error": message}, "time": 0.0}, status_code=status)
 
 
 class Guard:
@@ -136,8 +146,9 @@ def hit_json(hit, with_payload: bool) -> dict:
     return {k: v for k, v in vars(hit).items() if v is not None or (k == "payload" and with_payload)}
 
 
-def ok(result, started: float) -> dict:
-    return {"result": result, "status": "ok", "time": round(time.perf_counter() - started, 6)}
+def ok(result, started: float) -> JSON:
+    """Qdrant's envelope."""
+    return JSON({"result": result, "status": "ok", "time": round(time.perf_counter() - started, 6)})
 
 
 def create_app(settings: Settings | None = None, start_loading: bool = True) -> FastAPI:
@@ -200,12 +211,17 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         return error(exc.status_code, str(exc.detail))
 
     # ---- dependencies ---------------------------------------------------------------------
-    def ready():
+    async def ready():  # async: no thread hop for a dictionary look-up
         if not state["ready"]:
             raise ApiError(503, state["error"] or "collections are still loading")
 
-    def collection(name: str, _=Depends(ready)) -> Collection:
-        return translate(store.get, name)
+    async def collection(name: str, _=Depends(ready)) -> Collection:
+        try:
+            return store.get(name)
+        except NotFound as e:
+            raise ApiError(404, e.args[0]) from None
+        except Unavailable as e:
+            raise ApiError(503, str(e)) from None
 
     def translate(fn, *args, **kwargs):
         """Store errors -> HTTP errors; threads are set here, in the thread that does the work."""
@@ -231,11 +247,11 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
 
     # ---- health and metrics ---------------------------------------------------------------
     @app.get("/healthz")
-    def healthz():
+    async def healthz():
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz():
+    async def readyz():
         if not state["ready"]:
             return error(503, state["error"] or "collections are still loading")
         return {"status": "ready", "collections": len(store.collections), "failed": dict(store.failed),

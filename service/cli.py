@@ -26,7 +26,8 @@ def cmd_serve(args):
         app = create_app(settings)
     except DataDirLocked as e:
         raise SystemExit(f"qinco serve: error: {e}") from None
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5,
+                access_log=settings.access_log)
 
 
 def main(argv=None):

@@ -22,5 +22,6 @@ class Settings(BaseSettings):
                                        description="queries x max(limit, nshort) in one search request")
     threads: int = Field(0, ge=0, description="CPU threads per request for torch, faiss and numba (0: all cores)")
     snapshot_every: int = Field(50_000, ge=1, description="write a snapshot after this many changed points")
+    access_log: bool = Field(False, description="log every request (costs time per request; /metrics counts them)")
     demo: bool = Field(True, description="create the demo collection on first start when none exists")
     demo_points: int = Field(100_000, ge=100, description="GloVe words in the demo collection")
