@@ -11,3 +11,7 @@ fi
 .venv/bin/python -m pip install --quiet torch==2.13.0
 .venv/bin/python -m pip install --quiet -e '.[dev,data,ray]'  # ray: tests/test_ray.py runs --ray on a local cluster
 .venv/bin/python -m pip install --quiet -e client
+# Debian's chromium for tests/test_docs.py (/docs rendered offline); as root with apt-get only, else that test skips.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi

@@ -12,6 +12,7 @@ import orjson
 from fastapi import Depends, FastAPI, Path
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline  # /docs and /redoc from bundled assets, no CDN
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,7 +23,10 @@ from .settings import Settings
 from .store import BadRequest, Collection, Conflict, NotFound, SearchBudget, Store, Unavailable
 
 log = logging.getLogger("qinco.service")
-PUBLIC = {"/healthz", "/readyz"}  # /metrics needs the key, as in Qdrant: see the README for Prometheus
+# Open without the key: health, and the API's shape (docs, their assets, the OpenAPI document).
+# /metrics needs the key, as in Qdrant: see the README for Prometheus.
+PUBLIC = {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+PUBLIC_PREFIX = "/static-offline-docs/"
 MAX_ERRORS_SHOWN = 5
 
 
@@ -95,7 +99,7 @@ class Guard:
             self.metrics.latency.labels(template, scope["method"]).observe(time.perf_counter() - started)
 
     def _check_key(self, scope):
-        if self.key is None or scope["path"] in PUBLIC:
+        if self.key is None or scope["path"] in PUBLIC or scope["path"].startswith(PUBLIC_PREFIX):
             return None
         headers = dict(scope["headers"])
         given = headers.get(b"api-key", b"")
@@ -141,9 +145,30 @@ class Guard:
         return None, replay
 
 
-def hit_json(hit, with_payload: bool) -> dict:
-    """A search hit: id and score, payload when asked for (even null), vector when present."""
-    return {k: v for k, v in vars(hit).items() if v is not None or (k == "payload" and with_payload)}
+def hit_json(hit, with_payload) -> dict:
+    """A search hit (Qdrant's ScoredPoint): id, version, score, payload when asked for (even
+    null), vector when present.  Points carry no version of their own here: 0."""
+    out = {"id": hit.id, "version": 0, "score": hit.score}
+    if with_payload is not False:
+        out["payload"] = project(hit.payload, with_payload)
+    if hit.vector is not None:
+        out["vector"] = hit.vector
+    return out
+
+
+def project(payload: dict | None, selector) -> dict | None:
+    """The payload keys a `with_payload` selector asks for: true, a list of keys, {include}, {exclude}."""
+    if payload is None or selector is True:
+        return payload
+    if isinstance(selector, list):
+        return {k: v for k, v in payload.items() if k in selector}
+    if selector.include is not None:
+        return {k: v for k, v in payload.items() if k in selector.include}
+    return {k: v for k, v in payload.items() if k not in (selector.exclude or [])}
+
+
+def wants_payload(selector) -> bool:
+    return selector is not False
 
 
 def ok(result, started: float) -> JSON:
@@ -182,10 +207,10 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         yield
         store.close()
 
-    app = FastAPI(title="QINCo Search", version="0.1.0", lifespan=lifespan,
-                  description="Vector search over QINCo-compressed vectors. `score` is the squared L2 "
-                              "distance for l2 collections (lower is nearer) and the cosine similarity "
-                              "for cosine collections (higher is nearer).")
+    app = FastAPIOffline(title="QINCo Search", version="0.1.0", lifespan=lifespan,
+                         description="Vector search over QINCo-compressed vectors. `score` is the squared L2 "
+                                     "distance for l2 collections (lower is nearer) and the cosine similarity "
+                                     "for cosine collections (higher is nearer).")
     app.state.store, app.state.settings, app.state.metrics, app.state.load = store, settings, metrics, load
 
     app.add_middleware(Guard, settings=settings, metrics=metrics)
@@ -276,6 +301,11 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         c = translate(store.create, name, body.metric.value, body.encoder.value, source, body.index is not None)
         return ok(c.info(), t0)
 
+    @app.get("/collections/{name}/exists")
+    async def collection_exists(name: str, _=Depends(ready)):
+        t0 = time.perf_counter()
+        return ok({"exists": name in store.collections or name in store.failed}, t0)
+
     @app.get("/collections/{name}")
     def get_collection(name: str, _=Depends(ready)):
         """A collection that failed to open answers with status "red" and the reason."""
@@ -299,10 +329,9 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     @app.put("/collections/{name}/points")
     def upsert(body: schemas.UpsertPoints, c: Collection = Depends(collection)):
         t0 = time.perf_counter()
-        check_batch(len(body.points), "points")
-        ids = [p.id for p in body.points]
-        seq, encode_seconds = translate(c.upsert, ids, [p.vector for p in body.points],
-                                        [p.payload for p in body.points])
+        ids, vectors, payloads = body.columns()
+        check_batch(len(ids), "points")
+        seq, encode_seconds = translate(c.upsert, ids, vectors, payloads)
         metrics.encode.observe(encode_seconds)
         return ok({"operation_id": seq, "status": "completed", "count": len(ids)}, t0)
 
@@ -348,24 +377,29 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         t0 = time.perf_counter()
         return ok(translate(c.get, point_id, with_vector), t0)
 
-    def run_search(c: Collection, searches: list[schemas.SearchRequest]) -> list[list[dict]]:
-        """Group queries that share their options so they go through the decoder together."""
+    def run_search(c: Collection, searches: list, exclude: list[set[int]] | None = None) -> list[list[dict]]:
+        """Searches (SearchRequest or QueryRequest with its vector in `vector`): those that share
+        their options go through the shortlist and the decoder together."""
         results: list = [None] * len(searches)
         groups: dict = {}
         for i, s in enumerate(searches):
-            check_limit(s.limit)
-            key = (s.limit, s.params.model_dump_json() if s.params else "", s.with_payload, s.with_vector,
-                   s.filter.model_dump_json() if s.filter else "")
-            groups.setdefault(key, []).append(i)
+            check_limit(s.limit + s.offset)
+            options = s.model_dump_json(exclude={"vector", "query"})
+            groups.setdefault(options, []).append(i)
         t0 = time.perf_counter()
         budget = SearchBudget(settings.max_search_candidates)  # for the whole request, all groups
-        for (limit, _, with_payload, with_vector, _), members in groups.items():
+        for members in groups.values():
             first = searches[members[0]]
-            hits = translate(c.search, [searches[i].vector for i in members], limit,
-                             first.params.model_dump() if first.params else None, with_payload, with_vector,
-                             budget=budget, filter=first.filter)
+            hits = translate(c.search, [searches[i].vector for i in members], first.limit + first.offset,
+                             first.params.for_store() if first.params else None,
+                             wants_payload(first.with_payload), first.with_vector, budget=budget,
+                             filter=first.filter, exclude=[exclude[i] for i in members] if exclude else None)
             for i, h in zip(members, hits):
-                results[i] = [hit_json(x, with_payload) for x in h]
+                h = h[first.offset:]
+                if first.score_threshold is not None:
+                    t = first.score_threshold
+                    h = [x for x in h if (x.score >= t if c.metric == "cosine" else x.score <= t)]
+                results[i] = [hit_json(x, first.with_payload) for x in h]
         metrics.search.observe(time.perf_counter() - t0)
         return results
 
@@ -387,9 +421,91 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         check_limit(body.limit)
         vectors = [translate(c.vector, i) for i in body.positive]
         query = sum(vectors) / len(vectors)
-        hits = translate(c.search, [query], body.limit, body.params.model_dump() if body.params else None,
+        hits = translate(c.search, [query], body.limit, body.params.for_store() if body.params else None,
                          body.with_payload, False, exclude=[set(body.positive)],
                          budget=SearchBudget(settings.max_search_candidates), filter=body.filter)[0]
         return ok([hit_json(x, body.with_payload) for x in hits], t0)
+
+    def as_searches(c: Collection, queries: list[schemas.QueryRequest]):
+        """Queries with their vectors: given, or a stored point's (which is then left out)."""
+        searches, exclude = [], []
+        for q in queries:
+            target = q.query.nearest if isinstance(q.query, schemas.NearestQuery) else q.query
+            if isinstance(target, int):
+                vector, skip = translate(c.vector, target), {target}
+            else:
+                vector, skip = target, set()
+            searches.append(schemas.SearchRequest.model_construct(
+                vector=vector, limit=q.limit, offset=q.offset, score_threshold=q.score_threshold, params=q.params,
+                filter=q.filter, with_payload=q.with_payload, with_vector=q.with_vector))
+            exclude.append(skip)
+        return searches, exclude
+
+    @app.post("/collections/{name}/points/query")
+    def query_points(body: schemas.QueryRequest, c: Collection = Depends(collection)):
+        """Qdrant's universal query, for one dense vector: {"points": [ScoredPoint]}."""
+        t0 = time.perf_counter()
+        searches, exclude = as_searches(c, [body])
+        return ok({"points": run_search(c, searches, exclude)[0]}, t0)
+
+    @app.post("/collections/{name}/points/query/batch")
+    def query_batch(body: schemas.QueryBatch, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        check_batch(len(body.searches), "queries")
+        searches, exclude = as_searches(c, body.searches)
+        return ok([{"points": hits} for hits in run_search(c, searches, exclude)], t0)
+
+    def record_json(r: dict, with_payload) -> dict:
+        out = {"id": r["id"], "payload": project(r["payload"], with_payload) if with_payload is not False else None}
+        if "vector" in r:
+            out["vector"] = r["vector"]
+        return out
+
+    @app.post("/collections/{name}/points")
+    def retrieve(body: schemas.RetrieveRequest, c: Collection = Depends(collection)):
+        """Qdrant's retrieve: the stored points among the ids (absent ones left out)."""
+        t0 = time.perf_counter()
+        check_batch(len(body.ids), "ids")
+        records = translate(c.records, body.ids, wants_payload(body.with_payload), body.with_vector)
+        return ok([record_json(r, body.with_payload) for r in records], t0)
+
+    @app.post("/collections/{name}/points/scroll")
+    def scroll(body: schemas.ScrollRequest, c: Collection = Depends(collection)):
+        """Points by ascending id, a page at a time; `next_page_offset` is the next page's `offset`."""
+        t0 = time.perf_counter()
+        check_limit(body.limit)
+        records, nxt = translate(c.scroll, body.filter, body.offset, body.limit, wants_payload(body.with_payload),
+                                 body.with_vector)
+        return ok({"points": [record_json(r, body.with_payload) for r in records], "next_page_offset": nxt}, t0)
+
+    def payload_write(c: Collection, points, filter, change):
+        if points is not None:
+            check_batch(len(points), "ids")
+        seq, n = translate(c.update_payloads, points, filter, change)
+        return {"operation_id": seq, "status": "completed", "count": n}
+
+    @app.post("/collections/{name}/points/payload")
+    def set_payload(body: schemas.SetPayload, c: Collection = Depends(collection)):
+        """Set these payload keys (others stay) on the points given by ids or a filter."""
+        t0 = time.perf_counter()
+        return ok(payload_write(c, body.points, body.filter, lambda p: {**p, **body.payload}), t0)
+
+    @app.put("/collections/{name}/points/payload")
+    def overwrite_payload(body: schemas.SetPayload, c: Collection = Depends(collection)):
+        """Replace the whole payload of the points given by ids or a filter."""
+        t0 = time.perf_counter()
+        return ok(payload_write(c, body.points, body.filter, lambda p: dict(body.payload)), t0)
+
+    @app.post("/collections/{name}/points/payload/delete")
+    def delete_payload_keys(body: schemas.DeletePayload, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        keys = set(body.keys)
+        return ok(payload_write(c, body.points, body.filter,
+                                lambda p: {k: v for k, v in p.items() if k not in keys}), t0)
+
+    @app.post("/collections/{name}/points/payload/clear")
+    def clear_payload(body: schemas.DeletePoints, c: Collection = Depends(collection)):
+        t0 = time.perf_counter()
+        return ok(payload_write(c, body.points, body.filter, lambda p: None), t0)
 
     return app

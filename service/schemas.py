@@ -213,17 +213,30 @@ def filter_depth(f: Filter) -> int:
 
 
 class SearchParams(Strict):
+    """QINCo's search parameters, and Qdrant's where they apply (`hnsw_ef` is `ef_search`,
+    `exact` probes every list; `quantization` and `indexed_only` are accepted and ignored:
+    every vector is QINCo-quantised and indexed)."""
     nprobe: int | None = Field(None, ge=1, le=1 << 20, description="lists probed (at most nlist)")
     ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH)
     nshort: int | None = Field(None, ge=0, le=100_000, description="candidates re-ranked by the neural decoder (0: none)")
     target_recall: float | None = Field(None, gt=0, le=1)
+    hnsw_ef: int | None = Field(None, ge=1, le=MAX_EF_SEARCH, description="Qdrant's name of ef_search")
+    exact: bool = Field(False, description="probe every list, re-rank a wide shortlist")
+    quantization: dict[str, Any] | None = None
+    indexed_only: bool = False
 
     @model_validator(mode="after")
     def raw_or_target(self):
-        raw = any(v is not None for v in (self.nprobe, self.ef_search, self.nshort))
+        raw = any(v is not None for v in (self.nprobe, self.ef_search, self.nshort, self.hnsw_ef)) or self.exact
         if raw and self.target_recall is not None:
-            raise ValueError("give either nprobe/ef_search/nshort or target_recall, not both")
+            raise ValueError("give either nprobe/ef_search/nshort/exact or target_recall, not both")
+        if self.hnsw_ef is not None and self.ef_search is not None:
+            raise ValueError("give ef_search or hnsw_ef, not both")
         return self
+
+    def for_store(self) -> dict:
+        return {"nprobe": self.nprobe, "ef_search": self.ef_search or self.hnsw_ef, "nshort": self.nshort,
+                "target_recall": self.target_recall, "exact": self.exact}
 
 
 class Point(Strict):
@@ -232,8 +245,35 @@ class Point(Strict):
     payload: Payload = None
 
 
+class PointsBatch(Strict):
+    """Qdrant's column form of an upsert."""
+    ids: list[PointId] = Field(min_length=1)
+    vectors: list[Vector]
+    payloads: list[Payload] | None = None
+
+    @model_validator(mode="after")
+    def same_lengths(self):
+        if len(self.vectors) != len(self.ids) or (self.payloads is not None and len(self.payloads) != len(self.ids)):
+            raise ValueError("batch: ids, vectors and payloads must have the same length")
+        return self
+
+
 class UpsertPoints(Strict):
-    points: list[Point] = Field(min_length=1)
+    """`points` (a list of points) or `batch` (columns), as in Qdrant."""
+    points: list[Point] | None = Field(None, min_length=1)
+    batch: PointsBatch | None = None
+
+    @model_validator(mode="after")
+    def points_or_batch(self):
+        if (self.points is None) == (self.batch is None):
+            raise ValueError("give either 'points' or 'batch'")
+        return self
+
+    def columns(self) -> tuple[list[int], list[list[float]], list[dict | None]]:
+        if self.batch is not None:
+            b = self.batch
+            return b.ids, b.vectors, b.payloads or [None] * len(b.ids)
+        return [p.id for p in self.points], [p.vector for p in self.points], [p.payload for p in self.points]
 
 
 class DeletePoints(Strict):
@@ -265,13 +305,96 @@ class CreateFieldIndex(Strict):
     field_schema: FieldSchema
 
 
+class PayloadSelector(Strict):
+    include: list[PayloadKey] | None = None
+    exclude: list[PayloadKey] | None = None
+
+
+WithPayload = bool | list[PayloadKey] | PayloadSelector
+
+
 class SearchRequest(Strict):
     vector: Vector
     limit: int = Field(10, ge=1, le=10_000)
+    offset: int = Field(0, ge=0, le=10_000, description="skip this many of the best results")
+    score_threshold: Finite | None = Field(None, description="cosine: at least this similarity; l2: at most this distance")
     params: SearchParams | None = None
     filter: Filter | None = None
-    with_payload: bool = True
+    with_payload: WithPayload = True
     with_vector: bool = False
+
+
+class NearestQuery(Strict):
+    nearest: Vector | PointId
+
+
+class QueryRequest(Strict):
+    """Qdrant's universal query, for what a single dense vector can do: nearest to a vector,
+    or to a stored point (by id)."""
+    query: Vector | NearestQuery | PointId
+    filter: Filter | None = None
+    params: SearchParams | None = None
+    limit: int = Field(10, ge=1, le=10_000)
+    offset: int = Field(0, ge=0, le=10_000)
+    score_threshold: Finite | None = None
+    with_payload: WithPayload = False
+    with_vector: bool = False
+    using: str | None = Field(None, description="named vectors are not supported: null only")
+    prefetch: Any = Field(None, description="not supported: null only")
+    lookup_from: Any = Field(None, description="not supported: null only")
+
+    @model_validator(mode="after")
+    def single_dense_vector(self):
+        if self.using is not None:
+            raise ValueError("named vectors are not supported: a collection holds one dense vector per point")
+        if self.prefetch is not None or self.lookup_from is not None:
+            raise ValueError("prefetch and lookup_from are not supported")
+        return self
+
+
+class QueryBatch(Strict):
+    searches: list[QueryRequest] = Field(min_length=1)
+
+
+class RetrieveRequest(Strict):
+    ids: list[PointId] = Field(min_length=1)
+    with_payload: WithPayload = True
+    with_vector: bool = False
+
+
+class ScrollRequest(Strict):
+    filter: Filter | None = None
+    limit: int = Field(10, ge=1, le=10_000)
+    offset: PointId | None = Field(None, description="the first id of the page (next_page_offset of the last one)")
+    with_payload: WithPayload = True
+    with_vector: bool = False
+
+
+class SetPayload(Strict):
+    payload: Annotated[dict[str, Any], AfterValidator(_valid_payload)]
+    points: list[PointId] | None = Field(None, min_length=1)
+    filter: Filter | None = None
+    key: str | None = Field(None, description="not supported: null only")
+
+    @model_validator(mode="after")
+    def ids_or_filter(self):
+        if (self.points is None) == (self.filter is None):
+            raise ValueError("give either 'points' (ids) or 'filter'")
+        if self.key is not None:
+            raise ValueError("setting a nested key ('key') is not supported")
+        return self
+
+
+class DeletePayload(Strict):
+    keys: list[PayloadKey] = Field(min_length=1)
+    points: list[PointId] | None = Field(None, min_length=1)
+    filter: Filter | None = None
+
+    @model_validator(mode="after")
+    def ids_or_filter(self):
+        if (self.points is None) == (self.filter is None):
+            raise ValueError("give either 'points' (ids) or 'filter'")
+        return self
 
 
 class SearchBatch(Strict):

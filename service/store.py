@@ -58,12 +58,16 @@ class BadRequest(ValueError):
     pass
 
 
+DISTANCES = {"l2": "Euclid", "cosine": "Cosine"}  # Qdrant's names of the metrics
+
+
 class Unavailable(RuntimeError):
     """A collection that cannot serve right now (it failed to open or to apply a write)."""
 
 
 MAX_CANDIDATES = 2_000_000  # queries x max(limit, nshort) in one search call: bounds its memory
 MAX_VECTOR_VALUES = 20_000_000  # numbers of the vectors returned by one search call (with_vector)
+EXACT_SHORTLIST = 1000  # candidates re-ranked by an `exact` search
 
 
 class SearchBudget:
@@ -368,10 +372,12 @@ class Collection:
             if target is not None:
                 sp = self.index.params_for_recall(target)
             else:
-                default = SearchParams()
-                sp = SearchParams(params.get("nprobe") or min(default.nprobe, self.index.model.cfg.nlist),
+                default, nlist = SearchParams(), self.index.model.cfg.nlist
+                sp = SearchParams(params.get("nprobe") or min(default.nprobe, nlist),
                                   params.get("ef_search") or default.ef_search,
                                   default.nshort if params.get("nshort") is None else params["nshort"])
+                if params.get("exact"):  # every list, a wide shortlist: exact but for the table order
+                    sp = SearchParams(nlist, max(sp.ef_search, nlist), max(sp.nshort, EXACT_SHORTLIST))
         except ValueError as e:
             raise BadRequest(str(e)) from None
         (budget or SearchBudget()).take(len(x), limit + extra, sp.nshort, with_vector, self.dimension)
@@ -486,6 +492,70 @@ class Collection:
         self._maybe_snapshot(len(ids))
         return seq, existing
 
+    def records(self, ids, with_payload: bool, with_vector: bool) -> list[dict]:
+        """Stored points among `ids` (absent ones skipped), in the order given."""
+        use_threads(self.threads)
+        ids = list(dict.fromkeys(int(i) for i in ids))
+        with self.index_lock.read():
+            vectors, present = self.index.reconstruct_many(ids) if with_vector else (None, None)
+            payloads = self.payloads(ids)
+        out = []
+        for k, i in enumerate(ids):
+            if i not in payloads or (with_vector and not present[k]):
+                continue
+            record = {"id": i, "payload": payloads[i] if with_payload else None}
+            if with_vector:
+                record["vector"] = vectors[k].tolist()
+            out.append(record)
+        return out
+
+    def scroll(self, f, offset: int | None, limit: int, with_payload: bool, with_vector: bool) -> tuple[list, int | None]:
+        """A page of points by ascending id from `offset`, and the first id of the next page."""
+        with self.index_lock.read():
+            if f is not None:
+                ids = self.filter_ids(f)
+            else:
+                flat = self.index.flat_lists()
+                if self._all_ids[0] is not flat:
+                    self._all_ids = (flat, np.unique(flat.ids))
+                ids = self._all_ids[1]
+        start = np.searchsorted(ids, offset) if offset is not None else 0
+        page = ids[start:start + limit + 1].tolist()
+        nxt = page[limit] if len(page) > limit else None
+        return self.records(page[:limit], with_payload, with_vector), nxt
+
+    def update_payloads(self, ids: list[int] | None, f, change) -> tuple[int, int]:
+        """Apply change(payload) -> payload to the points given by ids or by a filter, as one
+        durable write.  Ids that are not stored: NotFound, nothing changed."""
+        use_threads(self.threads)
+        if f is not None:
+            with self.index_lock.read():
+                ids = self.filter_ids(f).tolist()
+            if not ids:
+                return self.last_seq(), 0
+        ids = list(dict.fromkeys(int(i) for i in ids))
+        with self.write_lock:
+            self._check_writable()
+            with self._transaction():
+                seq = self.last_seq() + 1
+                current = {}
+                for i0 in range(0, len(ids), 900):
+                    chunk = ids[i0:i0 + 900]
+                    q = f"SELECT id, payload FROM points WHERE id IN ({','.join('?' * len(chunk))})"
+                    current.update(self.db.execute(q, chunk).fetchall())
+                missing = [i for i in ids if i not in current]
+                if missing:
+                    raise NotFound(f"no point with id {missing[0]} in collection {self.name!r}")
+                new = [change(json.loads(current[i]) if current[i] is not None else {}) for i in ids]
+                try:
+                    rows = [(None if p is None else json.dumps(p, allow_nan=False), seq, i) for i, p in zip(ids, new)]
+                except (ValueError, TypeError) as e:
+                    raise BadRequest(f"cannot store this payload: {e}") from None
+                self.db.executemany("UPDATE points SET payload = ?, seq = ? WHERE id = ?", rows)
+                self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+            self._apply(lambda: self.payload_indexes.upsert(ids, new))
+        return seq, len(ids)
+
     def delete_filtered(self, f) -> tuple[int, int]:
         """Delete the points a filter lets through; returns (seq, how many)."""
         with self.index_lock.read():
@@ -543,9 +613,19 @@ class Collection:
             self.db.close()
 
     def info(self) -> dict:
+        """Qdrant's collection info (config, counts, payload schema), then QINCo's own fields."""
         cfg = self.index.model.cfg
         default = SearchParams()
-        return {"name": self.name, "status": "red" if self.broken else "green", "dimension": cfg.d,
+        n = self.count()
+        qdrant = {"optimizer_status": "ok", "indexed_vectors_count": n, "segments_count": 1,
+                  "config": {"params": {"vectors": {"size": cfg.d, "distance": DISTANCES[self.metric]},
+                                        "shard_number": 1, "replication_factor": 1,
+                                        "write_consistency_factor": 1, "on_disk_payload": True},
+                             "hnsw_config": {"m": 32, "ef_construct": 40, "full_scan_threshold": 0},
+                             "optimizer_config": {"deleted_threshold": 0.0, "vacuum_min_vector_number": 0,
+                                                  "default_segment_number": 1, "flush_interval_sec": 0},
+                             "quantization_config": None}}
+        return {**qdrant, "name": self.name, "status": "red" if self.broken else "green", "dimension": cfg.d,
                 "metric": self.metric, "points_count": self.count(), "bytes_per_vector": self.index.code_bytes,
                 "nlist": cfg.nlist, "encoder": self.meta["encoder"], "tuned": bool(self.index.tuning.get("points")),
                 "default_params": {"nprobe": min(default.nprobe, cfg.nlist), "ef_search": default.ef_search,

@@ -129,6 +129,8 @@ def test_metrics_needs_the_key_when_one_is_set(data_dir):
         assert c.get("/metrics").status_code == 401
         assert c.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        assert c.get("/docs").status_code == 200 and c.get("/openapi.json").status_code == 200  # the API's shape
+        assert c.get("/collections").status_code == 401
 
 
 def test_delete_and_recreate_during_a_slow_snapshot(data_dir, vectors, monkeypatch):

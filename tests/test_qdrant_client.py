@@ -1,0 +1,113 @@
+"""The official qdrant-client (REST), unchanged, against a real `qinco serve`."""
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.server import free_port, serve
+
+qdrant_client = pytest.importorskip("qdrant_client")
+from qdrant_client import AsyncQdrantClient, QdrantClient, models  # noqa: E402
+
+
+@pytest.fixture
+def server(data_dir):
+    port = free_port()
+    proc = serve(data_dir, port, "--no-demo")
+    url = f"http://127.0.0.1:{port}"
+    httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors", "metric": "cosine"}).raise_for_status()
+    yield url
+    proc.kill()
+    proc.wait()
+
+
+def test_everyday_calls(server, vectors):
+    client = QdrantClient(url=server, prefer_grpc=False, check_compatibility=False)
+    assert [c.name for c in client.get_collections().collections] == ["c"]
+    assert client.collection_exists("c") and not client.collection_exists("nope")
+    info = client.get_collection("c")
+    assert info.status == models.CollectionStatus.GREEN and info.config.params.vectors.size == 50
+    assert info.config.params.vectors.distance == models.Distance.COSINE
+
+    client.upsert("c", [models.PointStruct(id=i, vector=vectors[i].tolist(), payload={"n": i, "tag": f"t{i % 3}"})
+                        for i in range(40)])
+    client.upsert("c", models.Batch(ids=[40, 41], vectors=vectors[40:42].tolist(),
+                                    payloads=[{"n": 40, "tag": "t1"}, {"n": 41, "tag": "t2"}]))
+    assert client.count("c", exact=True).count == 42
+    assert client.count("c", count_filter=models.Filter(must=[models.FieldCondition(
+        key="tag", match=models.MatchValue(value="t0"))])).count == 14
+
+    records = client.retrieve("c", [3, 41, 999], with_vectors=True)
+    assert sorted(r.id for r in records) == [3, 41] and all(len(r.vector) == 50 for r in records)
+    assert {r.id: r.payload["n"] for r in records} == {3: 3, 41: 41}
+
+    seen, offset = [], None
+    tagged = models.Filter(must=[models.FieldCondition(key="tag", match=models.MatchValue(value="t1"))])
+    while True:
+        page, offset = client.scroll("c", scroll_filter=tagged, limit=5, offset=offset)
+        seen += [p.id for p in page]
+        if offset is None:
+            break
+    assert seen == [i for i in range(42) if i % 3 == 1 or i == 40] and seen == sorted(seen)
+
+    hits = client.query_points("c", query=vectors[7].tolist(), limit=5, with_payload=True).points
+    assert hits[0].id == 7 and hits[0].payload["n"] == 7 and hits[0].score > 0.5
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    filtered = client.query_points("c", query=vectors[7].tolist(), query_filter=tagged, limit=3,
+                                   search_params=models.SearchParams(hnsw_ef=64), with_payload=True).points
+    assert filtered and all(h.payload["tag"] == "t1" for h in filtered)
+    page2 = client.query_points("c", query=vectors[7].tolist(), limit=3, offset=2).points
+    assert [h.id for h in page2] == [h.id for h in hits[2:5]]
+    above = client.query_points("c", query=vectors[7].tolist(), limit=10, score_threshold=hits[1].score).points
+    assert [h.id for h in above] == [h.id for h in hits[:2]]
+    by_id = client.query_points("c", query=7, limit=3).points
+    assert 7 not in [h.id for h in by_id] and len(by_id) == 3
+    batch = client.query_batch_points("c", [models.QueryRequest(query=vectors[i].tolist(), limit=1) for i in (1, 2)])
+    assert [b.points[0].id for b in batch] == [1, 2]
+
+    client.set_payload("c", {"extra": True}, points=[1, 2])
+    client.overwrite_payload("c", {"only": 1}, points=[3])
+    client.delete_payload("c", ["tag"], points=[1])
+    client.clear_payload("c", points_selector=[4])
+    got = {r.id: r.payload for r in client.retrieve("c", [1, 2, 3, 4])}
+    assert got[1] == {"n": 1, "extra": True} and got[2] == {"n": 2, "tag": "t2", "extra": True}
+    assert got[3] == {"only": 1} and got[4] is None
+    client.set_payload("c", {"flag": "x"}, points=models.FilterSelector(filter=tagged))
+    assert client.count("c", count_filter=models.Filter(must=[models.FieldCondition(
+        key="flag", match=models.MatchValue(value="x"))])).count == client.count("c", count_filter=tagged).count
+
+    client.create_payload_index("c", "tag", models.PayloadSchemaType.KEYWORD)
+    assert client.get_collection("c").payload_schema["tag"].data_type == models.PayloadSchemaType.KEYWORD
+    client.delete("c", points_selector=models.PointIdsList(points=[5, 6]))
+    still_tagged = client.count("c", count_filter=tagged).count
+    assert still_tagged == len(seen) - 2  # 1 lost its tag, 4 its whole payload
+    client.delete("c", points_selector=models.FilterSelector(filter=tagged))
+    assert client.count("c").count == 42 - 2 - still_tagged
+    assert client.delete_collection("c") and not client.collection_exists("c")
+
+
+def test_unsupported_calls_get_a_clear_4xx(server, vectors):
+    client = QdrantClient(url=server, prefer_grpc=False, check_compatibility=False)
+    for call in (lambda: client.upsert("c", [models.PointStruct(id="5c56c793-69f3-4fbf-87e6-c4bf54c28c26",
+                                                                vector=vectors[0].tolist())]),
+                 lambda: client.query_points("c", query=vectors[0].tolist(), using="image"),
+                 lambda: client.upsert("c", [models.PointStruct(id=1, vector={"image": vectors[0].tolist()})])):
+        with pytest.raises(qdrant_client.http.exceptions.UnexpectedResponse) as e:
+            call()
+        assert 400 <= e.value.status_code < 500 and b"error" in e.value.content
+
+
+def test_async_client(server, vectors):
+    async def run():
+        client = AsyncQdrantClient(url=server, prefer_grpc=False, check_compatibility=False)
+        await client.upsert("c", [models.PointStruct(id=i, vector=vectors[i].tolist(), payload={"n": i})
+                                  for i in range(10)])
+        hits = (await client.query_points("c", query=vectors[4].tolist(), limit=2)).points
+        count = (await client.count("c")).count
+        await client.close()
+        return hits, count
+
+    hits, count = asyncio.run(run())
+    assert hits[0].id == 4 and count == 10
