@@ -351,3 +351,63 @@ def test_a_failed_demo_leaves_no_phantom_collection(data_dir, monkeypatch):
 def test_unusable_sources_get_400(filled, body):
     r = filled.put("/collections/x", json=body)
     assert r.status_code == 400 and len(r.json()["status"]["error"]) > 5, r.text
+
+
+def hostile_bodies(v):
+    ok = v.tolist()
+    nan_filter = '{"filter": {"must": [{"key": "n", "range": {"gt": NaN}}]}}'
+    return [
+        ("post", "/collections/c/points/scroll", {"limit": 0}),
+        ("post", "/collections/c/points/scroll", {"limit": 10**9}),
+        ("post", "/collections/c/points/scroll", {"offset": -1}),
+        ("post", "/collections/c/points/scroll", {"offset": 2**64}),
+        ("post", "/collections/c/points/scroll", nan_filter),
+        ("post", "/collections/c/points/scroll", {"with_payload": 5}),
+        ("post", "/collections/c/points/query", '{"query": [NaN' + ", 0.1" * 49 + "]}"),
+        ("post", "/collections/c/points/query", {"query": []}),
+        ("post", "/collections/c/points/query", {"query": {"nearest": "x"}}),
+        ("post", "/collections/c/points/query", {"query": ok, "using": "image"}),
+        ("post", "/collections/c/points/query", {"query": ok, "prefetch": {"query": ok}}),
+        ("post", "/collections/c/points/query", {"query": ok, "offset": 10**9}),
+        ("post", "/collections/c/points/query", {"query": ok, "offset": 999, "limit": 999}),  # past max_limit
+        ("post", "/collections/c/points/query", '{"query": %s, "score_threshold": Infinity}' % json.dumps(ok)),
+        ("post", "/collections/c/points/query", {"query": 2**63}),
+        ("post", "/collections/c/points/query", {"query": 123456}),  # no such point
+        ("post", "/collections/c/points/query/batch", {"searches": []}),
+        ("post", "/collections/c/points", {"ids": []}),
+        ("post", "/collections/c/points", {"ids": [-1]}),
+        ("post", "/collections/c/points", {"ids": list(range(10_001))}),
+        ("post", "/collections/c/points/payload", '{"payload": {"a": NaN}, "points": [1]}'),
+        ("post", "/collections/c/points/payload", {"payload": {"a": 1}, "points": []}),
+        ("post", "/collections/c/points/payload", {"payload": {"a": 1}, "points": [1], "filter": {}}),
+        ("post", "/collections/c/points/payload", {"payload": {"a": 1}, "points": [1], "key": "x"}),
+        ("post", "/collections/c/points/payload", {"payload": {"a": 1}, "points": [1, 424242]}),  # unknown id
+        ("post", "/collections/c/points/payload", '{"payload": {"\\udfff": 1}, "points": [1]}'),
+        ("put", "/collections/c/points/payload", {"payload": [1], "points": [1]}),
+        ("post", "/collections/c/points/payload/delete", {"keys": [], "points": [1]}),
+        ("post", "/collections/c/points/payload/clear", {}),
+        ("post", "/collections/c/points/count", {"filter": {"must": [{"has_id": [2**64]}]}}),
+        ("put", "/collections/c/index", {"field_name": "", "field_schema": "keyword"}),
+        ("put", "/collections/c/index", {"field_name": "n", "field_schema": "geo"}),
+        ("delete", "/collections/c/index/never-declared", None),
+        ("put", "/collections/c/points", {"batch": {"ids": [1, 2], "vectors": [ok]}}),
+        ("put", "/collections/c/points", {"batch": {"ids": [1], "vectors": [ok]}, "points": []}),
+        ("put", "/collections/c/points", {"points": [{"id": 1, "vector": {"image": ok}}]}),
+        ("put", "/collections/c/points", {"points": [{"id": "5c56c793-69f3-4fbf-87e6-c4bf54c28c26", "vector": ok}]}),
+    ]
+
+
+def test_new_routes_refuse_hostile_input_and_change_nothing(filled, vectors):
+    before = probe(filled, vectors)
+    for method, path, body in hostile_bodies(vectors[0]):
+        if isinstance(body, str):
+            r = filled.request(method.upper(), path, content=body, headers={"content-type": "application/json"})
+        elif body is None:
+            r = getattr(filled, method)(path)
+        else:
+            r = filled.request(method.upper(), path, json=body)
+        assert 400 <= r.status_code < 500, (method, path, r.status_code, r.text[:300])
+        assert len(r.json()["status"]["error"]) > 5, (path, r.text)
+    assert filled.get("/collections/c/points/count").json()["result"]["count"] == 50
+    assert filled.get("/collections/c/points/1").json()["result"]["payload"] == {"n": 1}
+    assert probe(filled, vectors) == before
