@@ -208,7 +208,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         store.close()
 
     app = FastAPIOffline(title="QINCo Search", version="0.1.0", lifespan=lifespan,
-                         description="Vector search over QINCo-compressed vectors. `score` is the squared L2 "
+                         description="Vector search over QINCo-compressed vectors. `score` is the Euclidean "
                                      "distance for l2 collections (lower is nearer) and the cosine similarity "
                                      "for cosine collections (higher is nearer).")
     app.state.store, app.state.settings, app.state.metrics, app.state.load = store, settings, metrics, load

@@ -1,7 +1,7 @@
 """Request and response models of the REST API (Qdrant-shaped).
 
 Every model forbids unknown fields and NaN/Inf, so bad input is a 422 with a
-message before any work is done.  `score` is the squared L2 distance for `l2`
+message before any work is done.  `score` is the Euclidean distance for `l2`
 collections (lower is nearer) and the cosine similarity for `cosine`
 collections (higher is nearer).
 """

@@ -404,7 +404,8 @@ class Collection:
                     continue
                 if with_payload and i not in payloads:  # deleted since the search: its row is gone
                     continue
-                score = float(1 - dist / 2) if self.metric == "cosine" else float(dist)
+                # Qdrant's scores: cosine similarity, or the Euclidean distance (not its square)
+                score = float(1 - dist / 2) if self.metric == "cosine" else float(np.sqrt(max(dist, 0.0)))
                 vector = vectors[i].tolist() if with_vector else None
                 hits.append(Hit(i, score, payloads.get(i) if with_payload else None, vector))
                 if len(hits) == limit:
