@@ -276,7 +276,7 @@ class UpsertPoints(Strict):
         return [p.id for p in self.points], [p.vector for p in self.points], [p.payload for p in self.points]
 
 
-class DeletePoints(Strict):
+class PointSelector(Strict):
     """Qdrant's selector: the ids, or a filter."""
     points: list[PointId] | None = Field(None, min_length=1)
     filter: Filter | None = None
@@ -286,6 +286,10 @@ class DeletePoints(Strict):
         if (self.points is None) == (self.filter is None):
             raise ValueError("give either 'points' (ids) or 'filter'")
         return self
+
+
+class DeletePoints(PointSelector):
+    pass
 
 
 class CountRequest(Strict):
@@ -370,31 +374,19 @@ class ScrollRequest(Strict):
     with_vector: bool = False
 
 
-class SetPayload(Strict):
+class SetPayload(PointSelector):
     payload: Annotated[dict[str, Any], AfterValidator(_valid_payload)]
-    points: list[PointId] | None = Field(None, min_length=1)
-    filter: Filter | None = None
     key: str | None = Field(None, description="not supported: null only")
 
     @model_validator(mode="after")
-    def ids_or_filter(self):
-        if (self.points is None) == (self.filter is None):
-            raise ValueError("give either 'points' (ids) or 'filter'")
+    def no_key(self):
         if self.key is not None:
             raise ValueError("setting a nested key ('key') is not supported")
         return self
 
 
-class DeletePayload(Strict):
+class DeletePayload(PointSelector):
     keys: list[PayloadKey] = Field(min_length=1)
-    points: list[PointId] | None = Field(None, min_length=1)
-    filter: Filter | None = None
-
-    @model_validator(mode="after")
-    def ids_or_filter(self):
-        if (self.points is None) == (self.filter is None):
-            raise ValueError("give either 'points' (ids) or 'filter'")
-        return self
 
 
 class SearchBatch(Strict):
