@@ -17,7 +17,6 @@ loading checks the manifest and never unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .io import CheckpointError, load_model, save_model
+from .io import CheckpointError, load_model, save_model, sha256
 from .network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, split_codes
 from .scan import FlatLists, list_terms, native_bf16, norm_of_byte, query_tables, scan, scan_tables, warm_up
 
@@ -59,14 +58,6 @@ class OperatingPoint:
 
 class QincoIndexError(ValueError):
     """A bad request to the index (wrong shape, bad parameter) or a damaged index directory."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_faiss_index(model: Qinco) -> faiss.IndexIVFResidualQuantizer:
@@ -391,7 +382,7 @@ class QincoIndex:
         files = ("index.faiss", "model.safetensors", "tuning.json")
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "d": self.d,
                     "M": self.model.cfg.M, "nlist": self.model.cfg.nlist, "ntotal": self.ntotal,
-                    "bytes_per_vector": self.code_bytes, "sha256": {f: _sha256(tmp / f) for f in files}}
+                    "bytes_per_vector": self.code_bytes, "sha256": {f: sha256(tmp / f) for f in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for f in list(files) + ["manifest.json"]:
             with open(tmp / f, "rb") as fh:
@@ -416,7 +407,7 @@ class QincoIndex:
             raise QincoIndexError(f"{path}: unsupported index format {manifest.get('format')!r} "
                               f"version {manifest.get('format_version')!r}")
         for name, digest in manifest.get("sha256", {}).items():
-            if not (path / name).is_file() or _sha256(path / name) != digest:
+            if not (path / name).is_file() or sha256(path / name) != digest:
                 raise QincoIndexError(f"{path}: {name} is missing or does not match its checksum")
         try:
             model = load_model(path / "model.safetensors")

@@ -6,6 +6,7 @@ JSON config, normalisation and training summary.  Loading never unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -69,6 +70,15 @@ def write_vectors(path, x: np.ndarray):
     if path.suffix.lower() != ".npy":
         raise ValueError(f"{path}: output files are .npy")
     atomic_write(path, lambda f: np.save(f, x, allow_pickle=False))
+
+
+def sha256(path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write):

@@ -19,7 +19,6 @@ cluster (`--ray HEAD:6379` or `--ray auto`): Ray Data does not run through Ray C
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .io import sha256
 from .network import Encoder
 
 BLOCK_BYTES = 8 << 20  # vectors per block: about this many bytes (several segments), or fewer for balance
@@ -98,7 +98,7 @@ class EncoderActor:
         from .threads import set_threads
         set_threads(threads)
         path = Path(model_path)
-        if not (path.is_file() and _sha256(path) == model_sha256):
+        if not (path.is_file() and sha256(path) == model_sha256):
             # Not on this node (or another version there): the driver's copy of the file's bytes.
             import ray
             tmp = Path(tempfile.mkdtemp(prefix="qinco-model-"))
@@ -134,14 +134,6 @@ class EncoderActor:
             "actor": pa.array([self.name] * len(rows)).dictionary_encode(),
             "busy": pa.array(np.full(len(rows), busy / max(len(rows), 1))),
         })
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for part in iter(lambda: f.read(1 << 20), b""):
-            h.update(part)
-    return h.hexdigest()
 
 
 def _vectors(column, n: int) -> np.ndarray:
@@ -244,7 +236,7 @@ def encode_on_ray(model_path, x: np.ndarray, encoder: Encoder, chunk: int, batch
         ds = ds.map_batches(
             EncoderActor, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=num_cpus,
-            fn_constructor_kwargs=dict(model_path=str(model_path.resolve()), model_sha256=_sha256(model_path),
+            fn_constructor_kwargs=dict(model_path=str(model_path.resolve()), model_sha256=sha256(model_path),
                                        model_bytes_ref=model_bytes_ref, encoder=asdict(encoder), chunk=chunk,
                                        batch_size=batch_size, threads=threads))
         run.startup_s = time.perf_counter() - t_start
