@@ -28,6 +28,7 @@ log = logging.getLogger("qinco.service")
 PUBLIC = {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 PUBLIC_PREFIX = "/static-offline-docs/"
 MAX_ERRORS_SHOWN = 5
+MAX_SEARCH_GROUPS = 64
 
 
 class Metrics:
@@ -161,10 +162,13 @@ def project(payload: dict | None, selector) -> dict | None:
     if payload is None or selector is True:
         return payload
     if isinstance(selector, list):
-        return {k: v for k, v in payload.items() if k in selector}
+        keep = set(selector)
+        return {k: v for k, v in payload.items() if k in keep}
     if selector.include is not None:
-        return {k: v for k, v in payload.items() if k in selector.include}
-    return {k: v for k, v in payload.items() if k not in (selector.exclude or [])}
+        keep = set(selector.include)
+        return {k: v for k, v in payload.items() if k in keep}
+    drop = set(selector.exclude or ())
+    return {k: v for k, v in payload.items() if k not in drop}
 
 
 def wants_payload(selector) -> bool:
@@ -386,6 +390,9 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
             check_limit(s.limit + s.offset)
             options = s.model_dump_json(exclude={"vector", "query"})
             groups.setdefault(options, []).append(i)
+            if len(groups) > MAX_SEARCH_GROUPS:  # each group evaluates its filter and scans on its own
+                raise ApiError(400, f"a batch may hold at most {MAX_SEARCH_GROUPS} different sets of search "
+                                    f"options (limit, params, filter, ...)")
         t0 = time.perf_counter()
         budget = SearchBudget(settings.max_search_candidates)  # for the whole request, all groups
         for members in groups.values():

@@ -11,9 +11,11 @@ JSON per query, declared index or not.
 Semantics, as Qdrant documents them: a key addresses nested fields with dots
 (`a.b`; arrays met on the way are flattened, `a[].b` says so explicitly); a field
 condition holds if any of the field's values satisfies it (an array matches if any
-element does), and never holds for a missing field (but for `values_count`, which counts 0).  `match.except` holds for a value
-that is not in the list (and for a value of another type, not for null).  `is_empty`:
-missing, null or []; `is_null`: the value is null.  `values_count`: how many values.
+element does), and never holds for a missing field (but `values_count`, which counts 0).
+`match.except` holds for a value that is not in the list (and for a value of another
+type, not for null).  `is_empty`: missing, null or [] ([null] is not empty); `is_null`: a
+value stored at the key is null.  `values_count`: how many values, nulls not counted.
+At most MAX_ON_DEMAND fields without a declared index keep an index at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from . import schemas
 
-MISSING = object()
+MAX_ON_DEMAND = 16  # field indexes built for filters on fields without a declared payload index
 
 
 def field_values(payload: dict | None, key: str) -> list:
@@ -44,14 +46,16 @@ def field_values(payload: dict | None, key: str) -> list:
     return out
 
 
-def top_value(payload: dict | None, key: str):
-    """The value stored at a key (no flattening at the last step), or MISSING."""
-    values = field_values(payload, key.rsplit(".", 1)[0]) if "." in key else [payload]
-    last = key.rsplit(".", 1)[-1].replace("[]", "")
-    for v in values:
-        if isinstance(v, dict) and last in v:
-            return v[last]
-    return MISSING
+def raw_values(payload: dict | None, key: str) -> list:
+    """The values stored at a key, arrays flattened on the way but not at the last step."""
+    parent, _, last = canonical(key).rpartition(".")
+    holders = field_values(payload, parent) if parent else ([payload] if payload is not None else [])
+    return [v[last] for v in holders if isinstance(v, dict) and last in v]
+
+
+def canonical(key: str) -> str:
+    """`a[].b` and `a.b` address the same values (arrays are flattened either way)."""
+    return key.replace("[]", "")
 
 
 def tagged(value) -> tuple[str, Any]:
@@ -76,7 +80,9 @@ class FieldIndex:
         self.key = key
         self.by_value: dict[tuple, set[int]] = {}
         self.values_of: dict[int, tuple] = {}  # id -> its tagged values (for updates and values_count)
-        self.null_ids: set[int] = set()  # the stored value itself is null
+        self.null_ids: set[int] = set()  # a value stored at the key is null
+        self.nonempty_ids: set[int] = set()  # a value stored at the key is neither null nor []
+        self._numeric = None  # (sorted numeric values, their ids), made on the first range after a write
 
     def add(self, point_id: int, payload: dict | None):
         self.remove(point_id)
@@ -85,8 +91,12 @@ class FieldIndex:
             self.values_of[point_id] = values
             for t in set(values):
                 self.by_value.setdefault(t, set()).add(point_id)
-        if top_value(payload, self.key) is None:
+        raw = raw_values(payload, self.key)
+        if any(v is None for v in raw):
             self.null_ids.add(point_id)
+        if any(v is not None and v != [] for v in raw):
+            self.nonempty_ids.add(point_id)
+        self._numeric = None
 
     def remove(self, point_id: int):
         for t in set(self.values_of.pop(point_id, ())):
@@ -96,6 +106,8 @@ class FieldIndex:
                 if not ids:
                     del self.by_value[t]
         self.null_ids.discard(point_id)
+        self.nonempty_ids.discard(point_id)
+        self._numeric = None
 
     def ids_where(self, test: Callable[[tuple], bool]) -> np.ndarray:
         """Ids holding at least one value for which test(tagged value) is true."""
@@ -111,8 +123,27 @@ class FieldIndex:
             out |= self.by_value.get(t, set())
         return as_ids(out)
 
+    def ids_in_range(self, r) -> np.ndarray:
+        """Ids holding a number within the range: binary search over the sorted numbers."""
+        numeric = self._numeric
+        if numeric is None:
+            pairs = [(t[1], i) for t, ids in self.by_value.items() if t[0] in ("int", "float") for i in ids]
+            values = np.array([v for v, _ in pairs], dtype=np.float64)
+            ids = np.array([i for _, i in pairs], dtype=np.int64)
+            order = np.argsort(values, kind="stable")
+            numeric = self._numeric = (values[order], ids[order])
+        values, ids = numeric
+        lo = 0 if r.gt is None and r.gte is None else max(
+            np.searchsorted(values, r.gt, "right") if r.gt is not None else 0,
+            np.searchsorted(values, r.gte, "left") if r.gte is not None else 0)
+        hi = len(values) if r.lt is None and r.lte is None else min(
+            np.searchsorted(values, r.lt, "left") if r.lt is not None else len(values),
+            np.searchsorted(values, r.lte, "right") if r.lte is not None else len(values))
+        return np.unique(ids[lo:max(lo, hi)])
+
     def ids_with_count(self, test: Callable[[int], bool]) -> np.ndarray:
-        return as_ids(i for i, values in self.values_of.items() if test(len(values)))
+        """Ids holding values whose number (nulls not counted) passes the test."""
+        return as_ids(i for i, values in self.values_of.items() if test(sum(t[0] != "null" for t in values)))
 
 
 def as_ids(ids: Iterable[int]) -> np.ndarray:
@@ -154,9 +185,8 @@ class Evaluator:
             return self.ids(c)
         if isinstance(c, schemas.HasIdCondition):
             return np.intersect1d(self.all_ids, np.unique(np.array(c.has_id, dtype=np.int64)), assume_unique=True)
-        if isinstance(c, schemas.IsEmptyCondition):
-            index = self.field(c.is_empty.key)
-            holding = index.ids_where(lambda t: t[0] != "null")
+        if isinstance(c, schemas.IsEmptyCondition):  # missing, null or []
+            holding = as_ids(self.field(c.is_empty.key).nonempty_ids)
             return np.setdiff1d(self.all_ids, holding, assume_unique=True)
         if isinstance(c, schemas.IsNullCondition):
             return np.intersect1d(self.all_ids, as_ids(self.field(c.is_null.key).null_ids), assume_unique=True)
@@ -175,8 +205,7 @@ class Evaluator:
         if isinstance(m, schemas.MatchText):
             return index.ids_where(lambda t: t[0] == "str" and m.text in t[1])
         if c.range is not None:
-            test = in_range(c.range)
-            return index.ids_where(lambda t: t[0] in ("int", "float") and test(t[1]))
+            return index.ids_in_range(c.range)
         if c.values_count is not None:  # a missing field has 0 values
             test = in_range(c.values_count)
             counted = index.ids_with_count(lambda n: test(n))
@@ -191,21 +220,6 @@ def as_list(x) -> list:
     return [] if x is None else x if isinstance(x, list) else [x]
 
 
-def keys_of(f: schemas.Filter) -> set[str]:
-    """Every payload key a filter reads."""
-    keys = set()
-    for c in as_list(f.must) + as_list(f.should) + as_list(f.must_not):
-        if isinstance(c, schemas.Filter):
-            keys |= keys_of(c)
-        elif isinstance(c, schemas.FieldCondition):
-            keys.add(c.key)
-        elif isinstance(c, schemas.IsEmptyCondition):
-            keys.add(c.is_empty.key)
-        elif isinstance(c, schemas.IsNullCondition):
-            keys.add(c.is_null.key)
-    return keys
-
-
 class PayloadIndexes:
     """A collection's field indexes: the declared ones (durable, with their schema) and
     those built on demand.  Reads and writes are ordered by the collection's index lock;
@@ -217,6 +231,7 @@ class PayloadIndexes:
         self.build_lock = threading.Lock()
 
     def get(self, key: str, rows: Callable[[], Iterable[tuple[int, dict | None]]]) -> FieldIndex:
+        key = canonical(key)
         index = self.fields.get(key)
         if index is None:
             with self.build_lock:
@@ -225,6 +240,9 @@ class PayloadIndexes:
                     index = FieldIndex(key)
                     for point_id, payload in rows():
                         index.add(point_id, payload)
+                    on_demand = [k for k in self.fields if k not in self.declared]
+                    if len(on_demand) >= MAX_ON_DEMAND:  # the oldest goes (rebuilt if named again)
+                        self.fields.pop(on_demand[0], None)
                     self.fields[key] = index
         return index
 
@@ -240,4 +258,10 @@ class PayloadIndexes:
 
     def drop(self, key: str):
         self.declared.pop(key, None)
-        self.fields.pop(key, None)
+        self.fields.pop(canonical(key), None)
+
+    def schema(self) -> dict:
+        """Qdrant's payload_schema of the declared indexes (safe beside concurrent changes)."""
+        fields = dict(self.fields)
+        return {k: {"data_type": v, "points": len(fields[canonical(k)].values_of) if canonical(k) in fields else 0}
+                for k, v in dict(self.declared).items()}

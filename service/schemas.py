@@ -20,6 +20,8 @@ MAX_ABS = 1e12
 MAX_EF_SEARCH = 65_536
 MAX_PAYLOAD_DEPTH = 32
 MAX_FILTER_DEPTH = 16
+MAX_FILTER_CONDITIONS = 64  # each costs a pass over a field index: bounds a filter's CPU
+MAX_FILTER_KEYS = 8  # each may need a field index built
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Component = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS, le=MAX_ABS)]
 PointId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True, description="a non-negative 64-bit integer")]
@@ -197,13 +199,34 @@ class Filter(Strict):
     must_not: Conditions | None = None
 
     @model_validator(mode="after")
-    def bounded_depth(self):
+    def bounded(self):
         if filter_depth(self) > MAX_FILTER_DEPTH:
             raise ValueError(f"filters may nest at most {MAX_FILTER_DEPTH} levels")
+        conditions, keys = filter_size(self)
+        if conditions > MAX_FILTER_CONDITIONS:
+            raise ValueError(f"a filter may hold at most {MAX_FILTER_CONDITIONS} conditions, got {conditions}")
+        if len(keys) > MAX_FILTER_KEYS:
+            raise ValueError(f"a filter may name at most {MAX_FILTER_KEYS} payload keys, got {len(keys)}")
         return self
 
 
 Filter.model_rebuild()
+
+
+def filter_size(f: Filter) -> tuple[int, set[str]]:
+    """How many conditions a filter holds, nested ones included, and the payload keys it names."""
+    count, keys = 0, set()
+    for part in (f.must, f.should, f.must_not):
+        for c in (part if isinstance(part, list) else [] if part is None else [part]):
+            if isinstance(c, Filter):
+                n, k = filter_size(c)
+                count, keys = count + n, keys | k
+            else:
+                count += 1
+                key = getattr(c, "key", None) or getattr(getattr(c, "is_empty", None) or getattr(c, "is_null", None), "key", None)
+                if key:
+                    keys.add(key.replace("[]", ""))
+    return count, keys
 
 
 def filter_depth(f: Filter) -> int:
@@ -309,12 +332,18 @@ class CreateFieldIndex(Strict):
     field_schema: FieldSchema
 
 
+TopKey = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^.\[\]]+$",
+                              description="a top-level payload key (nested keys are not supported here)"),
+                   AfterValidator(check_unicode)]
+KeyList = Annotated[list[TopKey], Field(max_length=1_000)]
+
+
 class PayloadSelector(Strict):
-    include: list[PayloadKey] | None = None
-    exclude: list[PayloadKey] | None = None
+    include: KeyList | None = None
+    exclude: KeyList | None = None
 
 
-WithPayload = bool | list[PayloadKey] | PayloadSelector
+WithPayload = bool | KeyList | PayloadSelector
 
 
 class SearchRequest(Strict):
@@ -361,7 +390,7 @@ class QueryBatch(Strict):
 
 
 class RetrieveRequest(Strict):
-    ids: list[PointId] = Field(min_length=1)
+    ids: list[PointId]
     with_payload: WithPayload = True
     with_vector: bool = False
 
@@ -386,7 +415,7 @@ class SetPayload(PointSelector):
 
 
 class DeletePayload(PointSelector):
-    keys: list[PayloadKey] = Field(min_length=1)
+    keys: Annotated[list[TopKey], Field(min_length=1, max_length=1_000)]
 
 
 class SearchBatch(Strict):

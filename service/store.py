@@ -328,6 +328,7 @@ class Collection:
 
     def count_filtered(self, f) -> int:
         use_threads(self.threads)
+        self._check_open()
         with self.index_lock.read():
             return len(self.filter_ids(f))
 
@@ -475,22 +476,26 @@ class Collection:
     def delete(self, ids: list[int]) -> tuple[int, int]:
         """Returns (seq, number of points that existed)."""
         use_threads(self.threads)
-        ids = sorted(set(ids))
-        id_array = np.array(ids, dtype=np.int64)
         with self.write_lock:
             self._check_writable()
-            with self._transaction():
-                seq = self.last_seq() + 1
-                existing = 0
-                for i0 in range(0, len(ids), 900):
-                    chunk = ids[i0:i0 + 900]
-                    existing += self.db.execute(
-                        f"DELETE FROM points WHERE id IN ({','.join('?' * len(chunk))})", chunk).rowcount
-                self.db.executemany("INSERT OR REPLACE INTO deleted (id, seq) VALUES (?, ?)",
-                                    [(i, seq) for i in ids])
-                self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            self._apply(lambda: (self.index.remove(id_array), self.payload_indexes.delete(ids)))
+            seq, existing = self._delete_locked(ids)
         self._maybe_snapshot(len(ids))
+        return seq, existing
+
+    def _delete_locked(self, ids) -> tuple[int, int]:
+        """One durable delete (write lock held)."""
+        ids = sorted(set(int(i) for i in ids))
+        id_array = np.array(ids, dtype=np.int64)
+        with self._transaction():
+            seq = self.last_seq() + 1
+            existing = 0
+            for i0 in range(0, len(ids), 900):
+                chunk = ids[i0:i0 + 900]
+                existing += self.db.execute(
+                    f"DELETE FROM points WHERE id IN ({','.join('?' * len(chunk))})", chunk).rowcount
+            self.db.executemany("INSERT OR REPLACE INTO deleted (id, seq) VALUES (?, ?)", [(i, seq) for i in ids])
+            self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+        self._apply(lambda: (self.index.remove(id_array), self.payload_indexes.delete(ids)))
         return seq, existing
 
     def records(self, ids, with_payload: bool, with_vector: bool) -> list[dict]:
@@ -525,45 +530,60 @@ class Collection:
         nxt = page[limit] if len(page) > limit else None
         return self.records(page[:limit], with_payload, with_vector), nxt
 
-    def update_payloads(self, ids: list[int] | None, f, change) -> tuple[int, int]:
-        """Apply change(payload) -> payload to the points given by ids or by a filter, as one
-        durable write.  Ids that are not stored: NotFound, nothing changed."""
+    def _selected(self, f) -> list[int]:
+        """The ids a filter lets through, chosen under the write lock (held by the caller), so
+        that no write slips in between choosing the points and changing them."""
+        with self.index_lock.read():
+            return self.filter_ids(f).tolist()
+
+    def update_payloads(self, ids: list[int] | None, f, change, chunk: int = 10_000) -> tuple[int, int]:
+        """Apply change(payload) -> payload to the points given by ids (one of them not stored:
+        NotFound, nothing changed) or by a filter, in durable writes of `chunk` points."""
         use_threads(self.threads)
-        if f is not None:
-            with self.index_lock.read():
-                ids = self.filter_ids(f).tolist()
-            if not ids:
-                return self.last_seq(), 0
-        ids = list(dict.fromkeys(int(i) for i in ids))
         with self.write_lock:
             self._check_writable()
-            with self._transaction():
-                seq = self.last_seq() + 1
-                current = {}
-                for i0 in range(0, len(ids), 900):
-                    chunk = ids[i0:i0 + 900]
-                    q = f"SELECT id, payload FROM points WHERE id IN ({','.join('?' * len(chunk))})"
-                    current.update(self.db.execute(q, chunk).fetchall())
-                missing = [i for i in ids if i not in current]
-                if missing:
-                    raise NotFound(f"no point with id {missing[0]} in collection {self.name!r}")
-                new = [change(json.loads(current[i]) if current[i] is not None else {}) for i in ids]
-                try:
-                    rows = [(None if p is None else json.dumps(p, allow_nan=False), seq, i) for i, p in zip(ids, new)]
-                except (ValueError, TypeError) as e:
-                    raise BadRequest(f"cannot store this payload: {e}") from None
-                self.db.executemany("UPDATE points SET payload = ?, seq = ? WHERE id = ?", rows)
-                self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            self._apply(lambda: self.payload_indexes.upsert(ids, new))
+            ids = list(dict.fromkeys(int(i) for i in (self._selected(f) if f is not None else ids)))
+            seq = self.last_seq()
+            for i0 in range(0, len(ids), chunk):
+                seq = self._update_payload_chunk(ids[i0:i0 + chunk], change, strict=f is None)
         return seq, len(ids)
 
-    def delete_filtered(self, f) -> tuple[int, int]:
-        """Delete the points a filter lets through; returns (seq, how many)."""
-        with self.index_lock.read():
-            ids = self.filter_ids(f)
-        if not len(ids):
-            return self.last_seq(), 0
-        return self.delete(ids.tolist())
+    def _update_payload_chunk(self, ids: list[int], change, strict: bool) -> int:
+        with self._transaction():
+            seq = self.last_seq() + 1
+            current = {}
+            for i0 in range(0, len(ids), 900):
+                part = ids[i0:i0 + 900]
+                q = f"SELECT id, payload FROM points WHERE id IN ({','.join('?' * len(part))})"
+                current.update(self.db.execute(q, part).fetchall())
+            missing = [i for i in ids if i not in current]
+            if missing and strict:
+                raise NotFound(f"no point with id {missing[0]} in collection {self.name!r}")
+            ids = [i for i in ids if i in current]
+            new = [change(json.loads(current[i]) if current[i] is not None else {}) for i in ids]
+            try:
+                rows = [(None if p is None else json.dumps(p, allow_nan=False), i) for i, p in zip(ids, new)]
+            except (ValueError, TypeError) as e:
+                raise BadRequest(f"cannot store this payload: {e}") from None
+            # The row's seq stays: it says when its codes changed, which recovery replays.
+            self.db.executemany("UPDATE points SET payload = ? WHERE id = ?", rows)
+            self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+        self._apply(lambda: self.payload_indexes.upsert(ids, new))
+        return seq
+
+    def delete_filtered(self, f, chunk: int = 10_000) -> tuple[int, int]:
+        """Delete the points a filter lets through, in durable writes of `chunk` points;
+        returns (seq, how many)."""
+        use_threads(self.threads)
+        with self.write_lock:
+            self._check_writable()
+            ids = self._selected(f)
+            seq, existed = self.last_seq(), 0
+            for i0 in range(0, len(ids), chunk):
+                seq, n = self._delete_locked(ids[i0:i0 + chunk])
+                existed += n
+        self._maybe_snapshot(existed)
+        return seq, existed
 
     def create_field_index(self, key: str, schema: str) -> int:
         """Declare a payload index (durable; built now, kept up to date by every write)."""
@@ -573,9 +593,10 @@ class Collection:
             with self._transaction():
                 self.db.execute("INSERT OR REPLACE INTO payload_indexes (field, schema) VALUES (?, ?)", (key, schema))
             self.payload_indexes.declared[key] = schema
+            seq = self.last_seq()
         with self.index_lock.read():
             self.payload_indexes.get(key, self._payload_rows)
-        return self.last_seq()
+        return seq
 
     def delete_field_index(self, key: str) -> int:
         with self.write_lock:
@@ -586,7 +607,7 @@ class Collection:
                 self.db.execute("DELETE FROM payload_indexes WHERE field = ?", (key,))
             with self.index_lock.write():
                 self.payload_indexes.drop(key)
-        return self.last_seq()
+            return self.last_seq()
 
     @contextmanager
     def _transaction(self):
@@ -631,9 +652,7 @@ class Collection:
                 "nlist": cfg.nlist, "encoder": self.meta["encoder"], "tuned": bool(self.index.tuning.get("points")),
                 "default_params": {"nprobe": min(default.nprobe, cfg.nlist), "ef_search": default.ef_search,
                                    "nshort": default.nshort},
-                "payload_schema": {k: {"data_type": v, "points": len(self.payload_indexes.fields[k].values_of)
-                                       if k in self.payload_indexes.fields else 0}
-                                   for k, v in self.payload_indexes.declared.items()},
+                "payload_schema": self.payload_indexes.schema(),
                 "error": self.broken}
 
 

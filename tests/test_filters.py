@@ -11,9 +11,6 @@ from service import schemas
 from service.filters import Evaluator, FieldIndex
 from tests.test_service import create, make_client, wait_ready
 
-MISSING = object()
-
-
 # ---- a reference written from Qdrant's documentation, independent of service/filters.py ------
 
 def ref_values(payload, key):
@@ -53,24 +50,26 @@ def ref_field(payload, c):
         return any(isinstance(v, (int, float)) and not isinstance(v, bool)
                    and ("gt" not in r or v > r["gt"]) and ("gte" not in r or v >= r["gte"])
                    and ("lt" not in r or v < r["lt"]) and ("lte" not in r or v <= r["lte"]) for v in values)
-    r, n = c["values_count"], len(values)
+    r, n = c["values_count"], sum(v is not None for v in values)  # nulls are not counted
     return (("gt" not in r or n > r["gt"]) and ("gte" not in r or n >= r["gte"])
             and ("lt" not in r or n < r["lt"]) and ("lte" not in r or n <= r["lte"]))
 
 
-def ref_top(payload, key):
+def ref_stored(payload, key):
+    """The values stored at a key (arrays flattened before the last step only)."""
+    key = key.replace("[]", "")
     parent = ref_values(payload, key.rsplit(".", 1)[0]) if "." in key else [payload]
     last = key.rsplit(".", 1)[-1]
-    return next((v[last] for v in parent if isinstance(v, dict) and last in v), MISSING)
+    return [v[last] for v in parent if isinstance(v, dict) and last in v]
 
 
 def ref_condition(pid, payload, c):
     if "has_id" in c:
         return pid in c["has_id"]
-    if "is_empty" in c:
-        return all(v is None for v in ref_values(payload, c["is_empty"]["key"]))
+    if "is_empty" in c:  # missing, null or []; [null] is not empty
+        return all(v is None or v == [] for v in ref_stored(payload, c["is_empty"]["key"]))
     if "is_null" in c:
-        return ref_top(payload, c["is_null"]["key"]) is None
+        return any(v is None for v in ref_stored(payload, c["is_null"]["key"]))
     if "key" in c:
         return ref_field(payload, c)
     return ref_filter(pid, payload, c)
@@ -95,12 +94,13 @@ COLOURS = ["red", "green", "blue", "black"]
 def random_payload(rng: random.Random):
     p = {}
     if rng.random() < 0.8:
-        p["colour"] = rng.choice(COLOURS + [None, ["red", "blue"], [], 3, True])
+        p["colour"] = rng.choice(COLOURS + [None, ["red", "blue"], [], [None], 3, True])
     if rng.random() < 0.8:
         p["n"] = rng.choice([rng.randint(-5, 5), rng.uniform(-5, 5), [1, 2, 7], None, "4", False])
     if rng.random() < 0.6:
         p["city"] = rng.choice([{"name": rng.choice(["Paris", "Lyon"]), "pop": rng.randint(1, 9)},
-                                [{"name": "Nice", "pop": 3}, {"name": "Paris", "pop": 8}], {"name": None}])
+                                [{"name": "Nice", "pop": 3}, {"name": "Paris", "pop": 8}], {"name": None},
+                                [{"name": "Lyon"}, {"name": None, "pop": 2.5}]])
     if rng.random() < 0.3:
         p["flag"] = rng.choice([True, False])
     return p if p or rng.random() < 0.5 else None

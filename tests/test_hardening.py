@@ -374,7 +374,11 @@ def hostile_bodies(v):
         ("post", "/collections/c/points/query", {"query": 2**63}),
         ("post", "/collections/c/points/query", {"query": 123456}),  # no such point
         ("post", "/collections/c/points/query/batch", {"searches": []}),
-        ("post", "/collections/c/points", {"ids": []}),
+        ("post", "/collections/c/points/count", {"filter": {"must": [{"key": "n", "range": {"gte": k}} for k in range(65)]}}),
+        ("post", "/collections/c/points/count", {"filter": {"should": [{"key": f"k{k}", "match": {"value": 1}} for k in range(9)]}}),
+        ("post", "/collections/c/points/scroll", {"with_payload": ["a.b"]}),
+        ("post", "/collections/c/points/scroll", {"with_payload": ["k"] * 1001}),
+        ("post", "/collections/c/points/payload/delete", {"keys": ["a.b"], "points": [1]}),
         ("post", "/collections/c/points", {"ids": [-1]}),
         ("post", "/collections/c/points", {"ids": list(range(10_001))}),
         ("post", "/collections/c/points/payload", '{"payload": {"a": NaN}, "points": [1]}'),
