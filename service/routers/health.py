@@ -1,0 +1,32 @@
+"""Health, readiness and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..deps import Service, error, service
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(svc: Service = Depends(service)):
+    state, store = svc.state, svc.store
+    if not state["ready"]:
+        return error(503, state["error"] or "collections are still loading")
+    return {"status": "ready", "collections": len(store.collections), "failed": dict(store.failed),
+            **({"demo_error": state["demo_error"]} if "demo_error" in state else {})}
+
+
+@router.get("/metrics")
+def metrics(svc: Service = Depends(service)):
+    for name, c in list(svc.store.collections.items()):
+        svc.metrics.points.labels(name).set(c.count())
+    return PlainTextResponse(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

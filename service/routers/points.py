@@ -1,0 +1,111 @@
+"""Points: upsert, retrieve, scroll, count, delete; payload operations."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Path
+
+from .. import schemas
+from ..deps import Service, collection, ok, ready, record_json, update_result, wants_payload
+from ..store import Collection
+
+router = APIRouter(tags=["points"])
+
+
+@router.put("/collections/{name}/points")
+def upsert(body: schemas.UpsertPoints, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """`points` or Qdrant's `batch`; answered once the batch is durable."""
+    t0 = time.perf_counter()
+    ids, vectors, payloads = body.columns()
+    svc.check_batch(len(ids), "points")
+    seq, encode_seconds = svc.call(c.upsert, ids, vectors, payloads)
+    svc.metrics.encode.observe(encode_seconds)
+    return ok(update_result(seq, len(ids)), t0)
+
+
+@router.post("/collections/{name}/points/delete")
+def delete_points(body: schemas.DeletePoints, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """By ids, or every point a filter lets through."""
+    t0 = time.perf_counter()
+    if body.filter is not None:
+        seq, existed = svc.call(c.delete_filtered, body.filter)
+    else:
+        svc.check_batch(len(body.points), "ids")
+        seq, existed = svc.call(c.delete, body.points)
+    return ok(update_result(seq, existed), t0)
+
+
+@router.get("/collections/{name}/points/count")
+def count(c: Collection = Depends(collection)):
+    t0 = time.perf_counter()
+    return ok({"count": c.count()}, t0)
+
+
+@router.post("/collections/{name}/points/count")
+def count_filtered(body: schemas.CountRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """Qdrant's count: every point, or those a filter lets through (always exact)."""
+    t0 = time.perf_counter()
+    n = c.count() if body.filter is None else svc.call(c.count_filtered, body.filter)
+    return ok({"count": n}, t0)
+
+
+@router.get("/collections/{name}/points/{point_id}")
+def get_point(point_id: int = Path(ge=0, le=schemas.MAX_ID), with_vector: bool = False,
+              c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    t0 = time.perf_counter()
+    return ok(svc.call(c.get, point_id, with_vector), t0)
+
+
+@router.post("/collections/{name}/points")
+def retrieve(body: schemas.RetrieveRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """Qdrant's retrieve: the stored points among the ids (absent ones left out)."""
+    t0 = time.perf_counter()
+    svc.check_batch(len(body.ids), "ids")
+    records = svc.call(c.records, body.ids, wants_payload(body.with_payload), body.with_vector)
+    return ok([record_json(r, body.with_payload) for r in records], t0)
+
+
+@router.post("/collections/{name}/points/scroll")
+def scroll(body: schemas.ScrollRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """Points by ascending id, a page at a time; `next_page_offset` is the next page's `offset`."""
+    t0 = time.perf_counter()
+    svc.check_limit(body.limit)
+    records, nxt = svc.call(c.scroll, body.filter, body.offset, body.limit, wants_payload(body.with_payload),
+                            body.with_vector)
+    return ok({"points": [record_json(r, body.with_payload) for r in records], "next_page_offset": nxt}, t0)
+
+
+def payload_write(svc: Service, c: Collection, points, filter, change) -> dict:
+    if points is not None:
+        svc.check_batch(len(points), "ids")
+    return update_result(*svc.call(c.update_payloads, points, filter, change))
+
+
+@router.post("/collections/{name}/points/payload")
+def set_payload(body: schemas.SetPayload, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """Set these payload keys (others stay) on the points given by ids or a filter."""
+    t0 = time.perf_counter()
+    return ok(payload_write(svc, c, body.points, body.filter, lambda p: {**p, **body.payload}), t0)
+
+
+@router.put("/collections/{name}/points/payload")
+def overwrite_payload(body: schemas.SetPayload, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """Replace the whole payload of the points given by ids or a filter."""
+    t0 = time.perf_counter()
+    return ok(payload_write(svc, c, body.points, body.filter, lambda p: dict(body.payload)), t0)
+
+
+@router.post("/collections/{name}/points/payload/delete")
+def delete_payload_keys(body: schemas.DeletePayload, c: Collection = Depends(collection),
+                        svc: Service = Depends(ready)):
+    t0 = time.perf_counter()
+    keys = set(body.keys)
+    return ok(payload_write(svc, c, body.points, body.filter,
+                            lambda p: {k: v for k, v in p.items() if k not in keys}), t0)
+
+
+@router.post("/collections/{name}/points/payload/clear")
+def clear_payload(body: schemas.DeletePoints, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    t0 = time.perf_counter()
+    return ok(payload_write(svc, c, body.points, body.filter, lambda p: None), t0)
