@@ -16,18 +16,31 @@ The concatenation Linear(2de -> de) is stored as its two halves so that the
 codeword half, which does not depend on the vector, is computed once per step
 for all K codewords (QINCo2).  Output layers start at zero, so an untrained
 model is exactly the residual quantizer its codebooks were copied from.
+
+The modules (`QincoStep.candidates`, `Qinco.forward`) are what training differentiates and
+the reference for everything else.  `encode`, `decode` and `Qinco.encode_normalized` run a
+fast path on weights extracted once per model (`fast_steps`, rebuilt when a weight changes):
+vector-independent tables per codeword, one product per beam instead of per candidate for
+the first layer, cache-sized encoding chunks on single-threaded workers, and a numpy
+decoder for re-ranking shortlists (no per-module dispatch).  Tests hold both to the reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import torch
 from torch import nn
+
+from .threads import numpy_blas_one_thread
 
 
 @dataclass(frozen=True)
@@ -217,7 +230,20 @@ class Qinco(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._coarse = None
+        self.invalidate_fast()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):  # copies and pickles carry the weights, not the extracted ones
+        state = dict(super().__getstate__())
+        state.pop("_fast", None)
+        state.pop("_fast_tensors", None)
+        return state
+
+    def invalidate_fast(self):
+        """Drop the fast path's extracted weights.  In-place changes (optimizer steps, copy_)
+        are detected by themselves; call this after *replacing* a parameter or buffer object."""
+        self.__dict__.pop("_fast", None)
+        self.__dict__.pop("_fast_tensors", None)
 
     def centroids_raw(self) -> np.ndarray:
         return self.denormalize(self.centroids).detach().numpy()
@@ -250,11 +276,24 @@ class Qinco(nn.Module):
         return self.forward(codes, lists)[-1]
 
     # ---- encoding ------------------------------------------------------------------
-    def encode_normalized(self, xn: torch.Tensor, encoder: Encoder, lists: torch.Tensor | None = None):
+    def encode_normalized(self, xn: torch.Tensor, encoder: Encoder, lists: torch.Tensor | None = None,
+                          chunk: int = 0):
         """Beam search with candidate pre-selection.
 
         xn (n, d) normalised vectors -> codes (n, M) int64 and their reconstruction (n, d).
+        The fast path (`FastSteps.encode`): under torch.autocast (training) the network runs in
+        the autocast dtype, the candidate errors always in float32.
         """
+        dtype = None
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            fast = fast_steps(self, dtype)
+            return fast.encode(xn, encoder, self.start(lists, xn.shape[0]), chunk=chunk)
+
+    def encode_normalized_reference(self, xn: torch.Tensor, encoder: Encoder, lists: torch.Tensor | None = None):
+        """The original module-by-module beam search, kept as the reference of the fast path
+        (tests and bench/throughput.py compare them); same arguments and results."""
         n, K = xn.shape[0], self.cfg.K
         A = min(encoder.A, K)
         xhat = self.start(lists, n).unsqueeze(1)  # (n, 1, d)
@@ -280,6 +319,239 @@ class Qinco(nn.Module):
             codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, codes.shape[2])),
                                chosen.unsqueeze(-1)], dim=2)
         return codes[:, 0], xhat[:, 0]
+
+
+# ---- the fast path: weights extracted once, no per-module dispatch ---------------------
+
+# Bytes of first-layer activations (candidate rows x (de + h) floats) per encoding chunk: about
+# 5 MB ran fastest at d=50 (4,096 rows) and at d=384 (2,048 rows; 4,096 rows ran 2x slower).
+ENCODE_BYTES = 5 << 20
+
+
+class FastStep:
+    """One step's weights as plain contiguous tensors, the vector-independent parts precomputed.
+
+    The first layer of a QINCo step is linear in the codeword and in x̂ apart, so
+
+        z0 = T0[i] + x̂ Wg^T              T0 = e + Linear_codeword(e) (+ biases), per codeword
+        W1 z0 = (T0 W1^T)[i] + x̂ (Wg^T W1^T)
+
+    A table look-up and one product per *beam* replace the codeword half and the first
+    up-projection per *candidate* in the encoder.  Plain (non-IVF first) steps are codebooks.
+    """
+
+    def __init__(self, step: nn.Module, dtype: torch.dtype):
+        cb = step.codebook.detach().float()
+        self.cb = cb.contiguous()  # (K, d) float32
+        self.cbT = cb.T.contiguous()  # (d, K)
+        self.cb_sq = (cb * cb).sum(-1)  # (K,)
+        self.cb_np = self.cb.numpy()
+        self.plain = not isinstance(step, QincoStep)
+        if self.plain:
+            return
+        d = cb.shape[1]
+        P = step.project_in.weight.detach().float() if step.project_in is not None else torch.eye(d)
+        e = cb @ P.T  # (K, de)
+        half = e @ step.concat_codeword.weight.detach().float().T  # (K, width)
+        Wc = step.concat_context.weight.detach().float() @ P  # (width, d)
+        if step.concat_context.bias is not None:
+            half = half + step.concat_context.bias.detach().float()
+        if step.concat_up is not None:
+            U = step.concat_up.weight.detach().float()
+            half = half @ U.T + step.concat_up.bias.detach().float()
+            Wc = U @ Wc
+        T0, WgT = e + half, Wc.T  # (K, de), (d, de)
+        self.blocks = [(b.up.weight.detach().float().T.contiguous(), b.down.weight.detach().float().T.contiguous())
+                       for b in step.blocks]
+        self.QT = step.project_out.weight.detach().float().T.contiguous() if step.project_out is not None else None
+        # float32 copies for the decoder (the reference is float32), `dtype` ones for the encoder.
+        self.T0, self.WgT = T0.contiguous(), WgT.contiguous()
+        # numpy views of the same memory for the small-batch decoder (numpy calls cost ~1 µs)
+        self.np = (self.T0.numpy(), self.WgT.numpy(), [(a.numpy(), b.numpy()) for a, b in self.blocks],
+                   None if self.QT is None else self.QT.numpy())
+        if self.blocks:
+            W1T = self.blocks[0][0]
+            T0, WgT = torch.cat([T0, T0 @ W1T], 1), torch.cat([WgT, WgT @ W1T], 1)
+        self.de = self.T0.shape[1]
+        self.dtype = dtype
+        self.Tcat, self.WxT = T0.to(dtype).contiguous(), WgT.to(dtype).contiguous()  # (K, de [+ h]), (d, de [+ h])
+        self.blocks_x = [(W1T.to(dtype), W2T.to(dtype)) for W1T, W2T in self.blocks]
+        self.QT_x = None if self.QT is None else self.QT.to(dtype)
+        self.cb_x = self.cb.to(dtype)
+
+    def codewords(self, idx: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+        """Decoder: idx (n,) and xhat (n, d) float32 -> codewords (n, d) float32."""
+        if self.plain:
+            return self.cb.index_select(0, idx)
+        z = torch.addmm(self.T0.index_select(0, idx), xhat, self.WgT)
+        for W1T, W2T in self.blocks:
+            z = torch.addmm(z, (z @ W1T).relu_(), W2T)
+        return z if self.QT is None else torch.addmm(self.cb.index_select(0, idx), z, self.QT)
+
+    def codewords_np(self, idx: np.ndarray, xhat: np.ndarray) -> np.ndarray:
+        """`codewords` in numpy, for a handful of rows: idx (n,) int64, xhat (n, d) float32."""
+        if self.plain:
+            return self.cb_np[idx]
+        T0, WgT, blocks, QT = self.np
+        z = T0[idx]
+        z += xhat @ WgT
+        for W1T, W2T in blocks:
+            a = z @ W1T
+            np.maximum(a, 0, out=a)
+            z += a @ W2T
+        if QT is None:
+            return z
+        cw = z @ QT
+        cw += self.cb_np[idx]
+        return cw
+
+    def candidates(self, cand: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+        """Encoder: cand (nb, A) codeword ids for nb beams xhat (nb, d) -> codewords (nb * A, d) float32."""
+        flat = cand.reshape(-1)
+        if self.plain:
+            return self.cb.index_select(0, flat)
+        nb, A = cand.shape
+        g = xhat.to(self.dtype) @ self.WxT  # (nb, de [+ h]): once per beam
+        y = self.Tcat.index_select(0, flat).view(nb, A, -1)
+        y += g.unsqueeze(1)
+        y = y.view(nb * A, -1)
+        if self.blocks_x:
+            de = self.de
+            W1T, W2T = self.blocks_x[0]
+            z = torch.addmm(y[:, :de], y[:, de:].relu_(), W2T)
+            for W1T, W2T in self.blocks_x[1:]:
+                z = torch.addmm(z, (z @ W1T).relu_(), W2T)
+        else:
+            z = y
+        if self.QT_x is not None:
+            z = torch.addmm(self.cb_x.index_select(0, flat), z, self.QT_x)
+        return z.float()
+
+
+class FastSteps:
+    """All steps of a model in fast form (`fast_steps` caches one per model and dtype)."""
+
+    def __init__(self, model: "Qinco", dtype: torch.dtype = torch.float32):
+        with torch.no_grad():
+            self.steps = [FastStep(s, dtype) for s in model.steps]
+            self.centroids = model.centroids.detach().float().contiguous()
+            self.mean = model.mean.detach().float().numpy().copy()
+            self.scale = np.float32(model.scale)
+        self.K, self.d = model.cfg.K, model.cfg.d
+        self.dtype = dtype
+
+    def decode_small(self, codes: np.ndarray, lists: np.ndarray | None) -> np.ndarray:
+        """Raw vectors (n, d) of a few codes (n, m) int64 (and their IVF lists), all in numpy:
+        no torch dispatch, so a 20-row shortlist costs about its matrix products."""
+        if lists is None:
+            x = np.zeros((len(codes), self.d), dtype=np.float32)
+        else:
+            x = self.centroids.numpy()[lists]
+        for step, idx in zip(self.steps, codes.T):
+            x += step.codewords_np(idx, x)
+        x *= self.scale
+        x += self.mean
+        return x
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+        """codes (n, m) int64, start xhat (n, d) -> normalised reconstructions (n, d) float32."""
+        x = xhat.float().clone()
+        for step, idx in zip(self.steps, codes.T.contiguous()):
+            x += step.codewords(idx, x)
+        return x
+
+    @torch.no_grad()
+    def encode(self, xn: torch.Tensor, encoder: Encoder, start: torch.Tensor, chunk: int = 0,
+               profile: dict | None = None):
+        """Beam search: xn (n, d) normalised, start (n, d) -> codes (n, M) int64, xhat (n, d) float32.
+
+        Vectors go through in chunks of about ENCODE_BYTES of activations, so that they
+        stay in cache.  `profile` (a dict) accumulates seconds per part.
+        """
+        xn, start = xn.float(), start.float()
+        n, d = xn.shape
+        A = min(encoder.A, self.K)
+        width = max([s.Tcat.shape[1] for s in self.steps if not s.plain], default=d)
+        chunk = chunk or max(1, ENCODE_BYTES // (4 * width * A * encoder.B))
+        codes = torch.empty(n, len(self.steps), dtype=torch.long)
+        xhat = torch.empty(n, d)
+        for i0 in range(0, n, chunk):
+            sl = slice(i0, i0 + chunk)
+            codes[sl], xhat[sl] = self._encode_chunk(xn[sl], start[sl], A, encoder.B, profile)
+        return codes, xhat
+
+    def _encode_chunk(self, x, xhat, A, B, profile):
+        n, d = x.shape
+        K = self.K
+        xhat = xhat.view(n, 1, d)
+        codes = torch.zeros(n, 1, 0, dtype=torch.long)
+        clock = time.perf_counter if profile is not None else None
+        for step in self.steps:
+            t0 = clock() if clock else 0.0
+            beams = xhat.shape[1]
+            r = x.unsqueeze(1) - xhat  # (n, beams, d)
+            if A < K:  # pre-selection against the base codebook: ||c||² - 2 <r, c>
+                score = torch.addmm(step.cb_sq, r.view(-1, d), step.cbT, alpha=-2)
+                cand = score.topk(A, dim=1, largest=False, sorted=False).indices  # (n * beams, A)
+            else:
+                cand = torch.arange(K).expand(n * beams, K)
+            t1 = clock() if clock else 0.0
+            cw = step.candidates(cand, xhat.view(-1, d))  # (n * beams * A, d)
+            t2 = clock() if clock else 0.0
+            err = (r.view(n * beams, 1, d) - cw.view(n * beams, A, d)).square_().sum(-1).view(n, beams * A)
+            nb = min(B, beams * A)
+            best = err.topk(nb, dim=1, largest=False).indices  # (n, nb), sorted
+            rows = (best + (torch.arange(n) * (beams * A)).unsqueeze(1)).view(-1)
+            parents = rows.div(A, rounding_mode="floor")
+            xhat = (xhat.view(-1, d).index_select(0, parents) + cw.index_select(0, rows)).view(n, nb, d)
+            chosen = cand.reshape(-1).index_select(0, rows).view(n, nb, 1)
+            codes = torch.cat([codes.view(n * beams, -1).index_select(0, parents).view(n, nb, -1), chosen], 2)
+            if clock:
+                t3 = clock()
+                for part, dt in (("pre-selection", t1 - t0), ("network", t2 - t1), ("beam bookkeeping", t3 - t2)):
+                    profile[part] = profile.get(part, 0.0) + dt
+        return codes[:, 0], xhat[:, 0]
+
+
+def _weights_key(model: "Qinco"):
+    """Changes whenever a weight is modified in place (optimizer steps, load_state_dict, copy_).
+
+    The tensors are listed once per model (walking the module tree costs ~100 µs, more than
+    a 20-row decode should); `_load_from_state_dict` and `invalidate_fast` drop the list.
+    """
+    tensors = model.__dict__.get("_fast_tensors")
+    if tensors is None:
+        tensors = list(model.steps.parameters()) + [model.mean, model.scale, model.centroids]
+        model._fast_tensors = tensors
+    try:
+        return tuple([t._version for t in tensors])
+    except RuntimeError:  # inference tensors keep no version counter: no caching
+        return None
+
+
+def fast_steps(model: "Qinco", dtype: torch.dtype | None = None) -> FastSteps:
+    """The model's FastSteps for `dtype` (float32 by default).
+
+    Cached only in eval mode, keyed on the weights' version counters (in-place updates,
+    `load_state_dict`); in training mode it is rebuilt on every call (a fused optimizer or
+    a write through `.data` leaves no trace in the counters), which costs ~K x d x h
+    multiply-adds per step, little beside a training batch's search.  Safe for concurrent
+    readers: a FastSteps is never modified once built, and the cache is replaced, never
+    updated in place (two threads may both build it once; same result).
+    """
+    dtype = dtype or torch.float32
+    if model.training:
+        return FastSteps(model, dtype)
+    key = _weights_key(model)
+    cache = getattr(model, "_fast", {})
+    hit = cache.get(dtype)
+    if hit is not None and key is not None and hit[0] == key:
+        return hit[1]
+    fast = FastSteps(model, dtype)
+    if key is not None:
+        model._fast = {**cache, dtype: (key, fast)}
+    return fast
 
 
 # ---- numpy entry points: raw vectors in, raw vectors out ------------------------------
@@ -314,17 +586,85 @@ def code_width(cfg: QincoConfig) -> int:
     return cfg.M + (1 if cfg.nlist else 0)
 
 
-@torch.inference_mode()
+_pool: "ThreadPoolExecutor | None" = None
+_pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def _torch_threads_default() -> int:
+    """torch's process-wide thread count, as a thread started now would get it."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def _single_thread_pool(n: int) -> "ThreadPoolExecutor":
+    """n worker threads whose torch ops each run on one thread.
+
+    Small encoding chunks spend much of their time in OpenMP barriers when every op is
+    split across the cores (and far more when the CPU is shared); independent chunks on
+    single-threaded workers do not wait for each other.  torch's thread count is per
+    thread once a thread has used it, but `torch.set_num_threads` also sets the default
+    of threads yet to come: it is put back, from a throwaway thread, once the workers
+    have taken theirs.
+    """
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != n or _pool_pid != os.getpid():  # none, or a forked parent's
+            default = _torch_threads_default()
+            barrier = threading.Barrier(n)
+
+            def init():
+                torch.set_num_threads(1)
+                barrier.wait()  # every worker starts (and takes its setting) now
+
+            pool = ThreadPoolExecutor(n, thread_name_prefix="qinco-encode", initializer=init)
+            for f in [pool.submit(lambda: None) for _ in range(n)]:
+                f.result()
+            restore = threading.Thread(target=torch.set_num_threads, args=(default,))
+            restore.start()
+            restore.join()
+            if _pool is not None and _pool_pid == os.getpid():
+                _pool.shutdown(wait=False)
+            _pool, _pool_pid = pool, os.getpid()
+        return _pool
+
+
 def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: int = 1024,
-           progress=None) -> np.ndarray:
-    """Raw vectors (n, d) -> codes (n, M) uint8, or (n, M+1) int32 with the IVF list first."""
+           progress=None, workers: int = 0, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Raw vectors (n, d) -> codes (n, M) uint8, or (n, M+1) int32 with the IVF list first.
+
+    workers: single-threaded encoding threads (default: the caller's torch thread count);
+    1 runs in the calling thread with torch's own threading.
+    dtype: the network's dtype in the beam search (default float32; candidate errors are
+    float32 either way).  bfloat16 pays only where the CPU multiplies it in hardware
+    (`model.scan.native_bf16()`): emulated, it ran 8x slower here, and it raised the MSE by
+    about 1e-4 (relative) on the demo model (bench/RESULTS.md).
+    """
     cfg = model.cfg
     x = check_vectors(x, cfg.d)
+    workers = workers or torch.get_num_threads()
+    fast = fast_steps(model, dtype)
     out = np.empty((len(x), code_width(cfg)), dtype=code_dtype(cfg))
+
+    @torch.inference_mode()
+    def run(xn, start):
+        return fast.encode(xn, encoder, start)[0]
+
     for i0 in range(0, len(x), batch_size):
-        xn = model.normalize(torch.from_numpy(x[i0:i0 + batch_size]))
-        lists = model.assign(xn) if cfg.nlist else None
-        codes, _ = model.encode_normalized(xn, encoder, lists)
+        with torch.inference_mode():
+            xn = model.normalize(torch.from_numpy(x[i0:i0 + batch_size]))
+            lists = model.assign(xn) if cfg.nlist else None
+            start = model.start(lists, len(xn))
+        parts = min(workers, len(xn) // 16)  # 16 vectors at least per worker
+        if parts > 1:
+            bounds = np.linspace(0, len(xn), parts + 1).astype(int)
+            jobs = [(xn[a:b], start[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+            codes = torch.cat(list(_single_thread_pool(workers).map(lambda job: run(*job), jobs)))
+        else:
+            codes = run(xn, start)
         if cfg.nlist:
             codes = torch.cat([lists[:, None], codes], 1)
         out[i0:i0 + len(codes)] = codes.numpy()
@@ -333,38 +673,56 @@ def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: 
     return out
 
 
-def split_codes(model: Qinco, codes) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate a code array; returns (codes (n, m) int64, lists (n,) or None)."""
+def split_codes_np(model: Qinco, codes) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate a code array (in numpy: microseconds on a shortlist); returns
+    (codes (n, m) int64, lists (n,) int64 or None)."""
     cfg = model.cfg
     codes = np.asarray(codes)
     lead = 1 if cfg.nlist else 0
     if codes.ndim != 2 or not 1 - lead <= codes.shape[1] - lead <= cfg.M:
         want = f"(n, 1 + m) with 0 <= m <= {cfg.M}" if lead else f"(n, m) with 1 <= m <= {cfg.M}"
         raise ValueError(f"codes must have shape {want}, got {codes.shape}")
-    if not np.issubdtype(codes.dtype, np.integer):
+    if codes.dtype.kind not in "iu":
         raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
-    codes = torch.from_numpy(codes.astype(np.int64))
-    if codes[:, lead:].numel() and (codes[:, lead:].min() < 0 or codes[:, lead:].max() >= cfg.K):
+    codes = codes.astype(np.int64)
+    qcodes = codes[:, lead:]
+    if qcodes.size and (qcodes.min() < 0 or qcodes.max() >= cfg.K):
         raise ValueError(f"codes must lie in [0, {cfg.K})")
     lists = None
     if lead:
         lists = codes[:, 0]
-        if codes.numel() and (lists.min() < 0 or lists.max() >= cfg.nlist):
+        if codes.size and (lists.min() < 0 or lists.max() >= cfg.nlist):
             raise ValueError(f"IVF list numbers must lie in [0, {cfg.nlist})")
-    return codes[:, lead:], lists
+    return qcodes, lists
 
 
-@torch.inference_mode()
+def split_codes(model: Qinco, codes) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate a code array; returns (codes (n, m) int64, lists (n,) or None) as tensors."""
+    qcodes, lists = split_codes_np(model, codes)
+    return torch.from_numpy(qcodes), None if lists is None else torch.from_numpy(lists)
+
+
+SMALL_DECODE = 64  # rows up to which `decode` runs in numpy (re-ranking shortlists, single points)
 def decode(model: Qinco, codes, batch_size: int = 1024) -> np.ndarray:
     """Codes (n, [1 +] m) -> raw vectors (n, d) float32.
 
     m < M decodes a prefix: any prefix of a QINCo code is a valid lower-rate code.
     Small batches keep the (batch, h) activations in cache: 8192 rows ran 1.5-2x slower.
+    Up to SMALL_DECODE rows run in numpy on one thread (no per-op torch dispatch); both
+    paths use the weights extracted by `fast_steps` and equal `Qinco.decode_normalized`
+    (the module-by-module reference) to float32 rounding.
     """
-    codes, lists = split_codes(model, codes)
+    codes, lists = split_codes_np(model, codes)
+    fast = fast_steps(model)
+    if len(codes) <= SMALL_DECODE:
+        numpy_blas_one_thread()
+        return fast.decode_small(codes, lists)
+    codes, lists = torch.from_numpy(codes), None if lists is None else torch.from_numpy(lists)
     out = np.empty((len(codes), model.cfg.d), dtype=np.float32)
-    for i0 in range(0, len(codes), batch_size):
-        sl = slice(i0, i0 + batch_size)
-        xn = model.decode_normalized(codes[sl], None if lists is None else lists[sl])
-        out[sl] = model.denormalize(xn).numpy()
+    with torch.inference_mode():
+        for i0 in range(0, len(codes), batch_size):
+            sl = slice(i0, i0 + batch_size)
+            part = codes[sl]
+            xn = fast.decode(part, model.start(None if lists is None else lists[sl], len(part)))
+            out[sl] = model.denormalize(xn).numpy()
     return out
