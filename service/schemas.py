@@ -9,7 +9,7 @@ collections (higher is nearer).
 from __future__ import annotations
 
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Union
+from typing import Annotated, Any, ClassVar, Generic, TypeVar, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag,
                       model_validator)
@@ -428,3 +428,82 @@ class RecommendRequest(Strict):
     params: SearchParams | None = None
     filter: Filter | None = None
     with_payload: bool = True
+
+
+# ---- responses (Qdrant's shapes; they document the API, routes send them as built) -----------
+T = TypeVar("T")
+
+
+class Envelope(BaseModel, Generic[T]):
+    result: T
+    status: str = "ok"
+    time: float
+
+
+class ErrorStatus(BaseModel):
+    error: str
+
+
+class ErrorEnvelope(BaseModel):
+    status: ErrorStatus
+    time: float
+
+
+class ScoredPoint(BaseModel):
+    id: int
+    version: int
+    score: float
+    payload: dict[str, Any] | None = None
+    vector: list[float] | None = None
+
+
+class Record(BaseModel):
+    id: int
+    payload: dict[str, Any] | None = None
+    vector: list[float] | None = None
+
+
+class UpdateResult(BaseModel):
+    operation_id: int
+    status: str
+    count: int | None = Field(None, description="points the operation touched (QINCo's addition)")
+
+
+class CountResult(BaseModel):
+    count: int
+
+
+class CollectionDescription(BaseModel):
+    name: str
+
+
+class CollectionsList(BaseModel):
+    collections: list[CollectionDescription]
+
+
+class Exists(BaseModel):
+    exists: bool
+
+
+class QueryResponse(BaseModel):
+    points: list[ScoredPoint]
+
+
+class ScrollResult(BaseModel):
+    points: list[Record]
+    next_page_offset: int | None = None
+
+
+class CollectionInfo(BaseModel):
+    """Qdrant's collection info, then QINCo's own fields; a collection that failed to open has
+    only name, status ("red") and error."""
+    model_config = ConfigDict(extra="allow")
+    status: str
+    name: str
+    points_count: int | None = None
+    config: dict[str, Any] | None = None
+    payload_schema: dict[str, Any] | None = None
+    error: str | None = None
+
+
+ERROR_RESPONSES = {code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 413, 422, 503)}

@@ -10,16 +10,16 @@ from .. import schemas
 from ..deps import Service, collection, ok, ready, update_result
 from ..store import Collection
 
-router = APIRouter(tags=["collections"])
+router = APIRouter(tags=["collections"], responses=schemas.ERROR_RESPONSES)
 
 
-@router.get("/collections")
+@router.get("/collections", response_model=schemas.Envelope[schemas.CollectionsList])
 def list_collections(svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     return ok({"collections": [{"name": n} for n in svc.store.names()]}, t0)
 
 
-@router.put("/collections/{name}")
+@router.put("/collections/{name}", response_model=schemas.Envelope[schemas.CollectionInfo])
 def create_collection(name: schemas.CollectionName, body: schemas.CreateCollection, svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     source = svc.call(svc.store.resolve, body.model or body.index)
@@ -27,13 +27,13 @@ def create_collection(name: schemas.CollectionName, body: schemas.CreateCollecti
     return ok(c.info(), t0)
 
 
-@router.get("/collections/{name}/exists")
+@router.get("/collections/{name}/exists", response_model=schemas.Envelope[schemas.Exists])
 async def collection_exists(name: str, svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     return ok({"exists": name in svc.store.collections or name in svc.store.failed}, t0)
 
 
-@router.get("/collections/{name}")
+@router.get("/collections/{name}", response_model=schemas.Envelope[schemas.CollectionInfo])
 def get_collection(name: str, svc: Service = Depends(ready)):
     """A collection that failed to open answers with status "red" and the reason."""
     t0 = time.perf_counter()
@@ -43,7 +43,7 @@ def get_collection(name: str, svc: Service = Depends(ready)):
     return ok(svc.call(svc.store.get, name).info(), t0)
 
 
-@router.delete("/collections/{name}")
+@router.delete("/collections/{name}", response_model=schemas.Envelope[bool])
 def delete_collection(name: str, svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     svc.call(svc.store.delete, name)
@@ -54,7 +54,7 @@ def delete_collection(name: str, svc: Service = Depends(ready)):
     return ok(True, t0)
 
 
-@router.put("/collections/{name}/index")
+@router.put("/collections/{name}/index", response_model=schemas.Envelope[schemas.UpdateResult])
 def create_field_index(body: schemas.CreateFieldIndex, c: Collection = Depends(collection),
                        svc: Service = Depends(ready)):
     """A payload index: filters on the field never read payload JSON (built now, kept up to date)."""
@@ -62,7 +62,7 @@ def create_field_index(body: schemas.CreateFieldIndex, c: Collection = Depends(c
     return ok(update_result(svc.call(c.create_field_index, body.field_name, body.field_schema.value)), t0)
 
 
-@router.delete("/collections/{name}/index/{field_name}")
+@router.delete("/collections/{name}/index/{field_name}", response_model=schemas.Envelope[schemas.UpdateResult])
 def delete_field_index(field_name: schemas.PayloadKey, c: Collection = Depends(collection),
                        svc: Service = Depends(ready)):
     t0 = time.perf_counter()

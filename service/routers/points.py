@@ -10,10 +10,10 @@ from .. import schemas
 from ..deps import Service, collection, ok, ready, record_json, update_result, wants_payload
 from ..store import Collection
 
-router = APIRouter(tags=["points"])
+router = APIRouter(tags=["points"], responses=schemas.ERROR_RESPONSES)
 
 
-@router.put("/collections/{name}/points")
+@router.put("/collections/{name}/points", response_model=schemas.Envelope[schemas.UpdateResult])
 def upsert(body: schemas.UpsertPoints, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """`points` or Qdrant's `batch`; answered once the batch is durable."""
     t0 = time.perf_counter()
@@ -24,7 +24,7 @@ def upsert(body: schemas.UpsertPoints, c: Collection = Depends(collection), svc:
     return ok(update_result(seq, len(ids)), t0)
 
 
-@router.post("/collections/{name}/points/delete")
+@router.post("/collections/{name}/points/delete", response_model=schemas.Envelope[schemas.UpdateResult])
 def delete_points(body: schemas.DeletePoints, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """By ids, or every point a filter lets through."""
     t0 = time.perf_counter()
@@ -36,13 +36,13 @@ def delete_points(body: schemas.DeletePoints, c: Collection = Depends(collection
     return ok(update_result(seq, existed), t0)
 
 
-@router.get("/collections/{name}/points/count")
+@router.get("/collections/{name}/points/count", response_model=schemas.Envelope[schemas.CountResult])
 def count(c: Collection = Depends(collection)):
     t0 = time.perf_counter()
     return ok({"count": c.count()}, t0)
 
 
-@router.post("/collections/{name}/points/count")
+@router.post("/collections/{name}/points/count", response_model=schemas.Envelope[schemas.CountResult])
 def count_filtered(body: schemas.CountRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Qdrant's count: every point, or those a filter lets through (always exact)."""
     t0 = time.perf_counter()
@@ -50,14 +50,14 @@ def count_filtered(body: schemas.CountRequest, c: Collection = Depends(collectio
     return ok({"count": n}, t0)
 
 
-@router.get("/collections/{name}/points/{point_id}")
+@router.get("/collections/{name}/points/{point_id}", response_model=schemas.Envelope[schemas.Record])
 def get_point(point_id: int = Path(ge=0, le=schemas.MAX_ID), with_vector: bool = False,
               c: Collection = Depends(collection), svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     return ok(svc.call(c.get, point_id, with_vector), t0)
 
 
-@router.post("/collections/{name}/points")
+@router.post("/collections/{name}/points", response_model=schemas.Envelope[list[schemas.Record]])
 def retrieve(body: schemas.RetrieveRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Qdrant's retrieve: the stored points among the ids (absent ones left out)."""
     t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def retrieve(body: schemas.RetrieveRequest, c: Collection = Depends(collection),
     return ok([record_json(r, body.with_payload) for r in records], t0)
 
 
-@router.post("/collections/{name}/points/scroll")
+@router.post("/collections/{name}/points/scroll", response_model=schemas.Envelope[schemas.ScrollResult])
 def scroll(body: schemas.ScrollRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Points by ascending id, a page at a time; `next_page_offset` is the next page's `offset`."""
     t0 = time.perf_counter()
@@ -82,21 +82,21 @@ def payload_write(svc: Service, c: Collection, points, filter, change) -> dict:
     return update_result(*svc.call(c.update_payloads, points, filter, change))
 
 
-@router.post("/collections/{name}/points/payload")
+@router.post("/collections/{name}/points/payload", response_model=schemas.Envelope[schemas.UpdateResult])
 def set_payload(body: schemas.SetPayload, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Set these payload keys (others stay) on the points given by ids or a filter."""
     t0 = time.perf_counter()
     return ok(payload_write(svc, c, body.points, body.filter, lambda p: {**p, **body.payload}), t0)
 
 
-@router.put("/collections/{name}/points/payload")
+@router.put("/collections/{name}/points/payload", response_model=schemas.Envelope[schemas.UpdateResult])
 def overwrite_payload(body: schemas.SetPayload, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Replace the whole payload of the points given by ids or a filter."""
     t0 = time.perf_counter()
     return ok(payload_write(svc, c, body.points, body.filter, lambda p: dict(body.payload)), t0)
 
 
-@router.post("/collections/{name}/points/payload/delete")
+@router.post("/collections/{name}/points/payload/delete", response_model=schemas.Envelope[schemas.UpdateResult])
 def delete_payload_keys(body: schemas.DeletePayload, c: Collection = Depends(collection),
                         svc: Service = Depends(ready)):
     t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def delete_payload_keys(body: schemas.DeletePayload, c: Collection = Depends(col
                             lambda p: {k: v for k, v in p.items() if k not in keys}), t0)
 
 
-@router.post("/collections/{name}/points/payload/clear")
+@router.post("/collections/{name}/points/payload/clear", response_model=schemas.Envelope[schemas.UpdateResult])
 def clear_payload(body: schemas.DeletePoints, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     return ok(payload_write(svc, c, body.points, body.filter, lambda p: None), t0)

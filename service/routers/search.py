@@ -10,7 +10,7 @@ from .. import schemas
 from ..deps import ApiError, Service, collection, hit_json, ok, ready, wants_payload
 from ..store import Collection, SearchBudget
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], responses=schemas.ERROR_RESPONSES)
 MAX_SEARCH_GROUPS = 64  # different option sets in one batch: each evaluates its filter and scans alone
 
 
@@ -43,20 +43,20 @@ def run_search(svc: Service, c: Collection, searches: list, exclude: list[set[in
     return results
 
 
-@router.post("/collections/{name}/points/search")
+@router.post("/collections/{name}/points/search", response_model=schemas.Envelope[list[schemas.ScoredPoint]])
 def search(body: schemas.SearchRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     return ok(run_search(svc, c, [body])[0], t0)
 
 
-@router.post("/collections/{name}/points/search/batch")
+@router.post("/collections/{name}/points/search/batch", response_model=schemas.Envelope[list[list[schemas.ScoredPoint]]])
 def search_batch(body: schemas.SearchBatch, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     svc.check_batch(len(body.searches), "searches")
     return ok(run_search(svc, c, body.searches), t0)
 
 
-@router.post("/collections/{name}/points/recommend")
+@router.post("/collections/{name}/points/recommend", response_model=schemas.Envelope[list[schemas.ScoredPoint]])
 def recommend(body: schemas.RecommendRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Neighbours of stored points (their mean decoded vector), the points themselves excluded."""
     t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def as_searches(svc: Service, c: Collection, queries: list[schemas.QueryRequest]
     return searches, exclude
 
 
-@router.post("/collections/{name}/points/query")
+@router.post("/collections/{name}/points/query", response_model=schemas.Envelope[schemas.QueryResponse])
 def query_points(body: schemas.QueryRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Qdrant's universal query, for one dense vector: {"points": [ScoredPoint]}."""
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def query_points(body: schemas.QueryRequest, c: Collection = Depends(collection)
     return ok({"points": run_search(svc, c, searches, exclude)[0]}, t0)
 
 
-@router.post("/collections/{name}/points/query/batch")
+@router.post("/collections/{name}/points/query/batch", response_model=schemas.Envelope[list[schemas.QueryResponse]])
 def query_batch(body: schemas.QueryBatch, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     svc.check_batch(len(body.searches), "queries")
