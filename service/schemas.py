@@ -89,8 +89,10 @@ class Encoder(str, Enum):
 
 
 class CreateCollection(Strict):
-    model: str | None = Field(None, description="a trained IVF model file, inside the data directory")
-    index: str | None = Field(None, description="or a built index directory, inside the data directory")
+    model: str | None = Field(None, min_length=1, max_length=4096,
+                              description="a trained IVF model file, inside the data directory")
+    index: str | None = Field(None, min_length=1, max_length=4096,
+                              description="or a built index directory, inside the data directory")
     metric: Metric = Metric.l2
     encoder: Encoder = Field(Encoder.balanced, description="QINCo encoder used for upserts")
 

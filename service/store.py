@@ -744,6 +744,9 @@ class Store:
             try:
                 self._populate(tmp, name, metric, encoder, source, from_index)
                 os.replace(tmp, self.root / name)
+            except BadRequest as e:  # name paths as the user gave them: inside the data directory
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise BadRequest(str(e).replace(f"{self.data_dir}/", "")) from None
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -3,6 +3,7 @@
 import os
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -19,8 +20,10 @@ def free_port() -> int:
 
 
 def start(cmd: list[str], port: int, env: dict | None = None, timeout: float = 180) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
+    """The server's log goes to a temporary file (a pipe nobody reads would block it once full)."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
+    proc.log = log
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -29,7 +32,8 @@ def start(cmd: list[str], port: int, env: dict | None = None, timeout: float = 1
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise AssertionError(f"server exited: {log.read().decode(errors='replace')[-2000:]}")
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("server did not become ready")

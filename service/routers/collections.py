@@ -22,7 +22,7 @@ def list_collections(svc: Service = Depends(ready)):
 @router.put("/collections/{name}", response_model=schemas.Envelope[schemas.CollectionInfo])
 def create_collection(name: schemas.CollectionName, body: schemas.CreateCollection, svc: Service = Depends(ready)):
     t0 = time.perf_counter()
-    source = svc.call(svc.store.resolve, body.model or body.index)
+    source = svc.call(svc.store.resolve, body.index if body.model is None else body.model)
     c = svc.call(svc.store.create, name, body.metric.value, body.encoder.value, source, body.index is not None)
     return ok(c.info(), t0)
 

@@ -25,7 +25,7 @@ async def readyz(svc: Service = Depends(service)):
             **({"demo_error": state["demo_error"]} if "demo_error" in state else {})}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(svc: Service = Depends(service)):
     for name, c in list(svc.store.collections.items()):
         svc.metrics.points.labels(name).set(c.count())
