@@ -47,6 +47,17 @@ from bench.soak import DEFAULT_MODEL, free_port, load_vectors, start_server
 MODES = ["random", "snapshot", "create", "random", "delete-collection"]
 
 
+def expected_state(acked: bool, delete_sent: bool, delete_acked: bool, state: str | None) -> str | None:
+    """present / absent / None (either, all-or-nothing) for a write and its possible delete."""
+    if delete_acked:
+        return "absent"
+    if delete_sent:
+        return None if state != "absent" else "absent"
+    if state is not None:
+        return state
+    return "present" if acked else None
+
+
 @dataclass
 class Batch:
     bid: int
@@ -63,14 +74,7 @@ class Batch:
         return {"batch": self.bid, "k": k}
 
     def expected(self) -> str | None:
-        """present / absent / None (either, all-or-nothing)."""
-        if self.delete_acked:
-            return "absent"
-        if self.delete_sent:
-            return None if self.state != "absent" else "absent"
-        if self.state is not None:
-            return self.state
-        return "present" if self.acked else None
+        return expected_state(self.acked, self.delete_sent, self.delete_acked, self.state)
 
 
 @dataclass
@@ -84,13 +88,7 @@ class Coll:
     batches: list[Batch] = field(default_factory=list)
 
     def expected(self) -> str | None:
-        if self.delete_acked:
-            return "absent"
-        if self.delete_sent:
-            return None if self.state != "absent" else "absent"
-        if self.state is not None:
-            return self.state
-        return "present" if self.create_acked else None
+        return expected_state(self.create_acked, self.delete_sent, self.delete_acked, self.state)
 
 
 class Campaign:
