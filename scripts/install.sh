@@ -13,5 +13,6 @@ fi
 .venv/bin/python -m pip install --quiet -e client
 # Debian's chromium for tests/test_docs.py (/docs rendered offline); as root with apt-get only, else that test skips.
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+        || echo "install.sh: chromium could not be installed; the offline-docs browser test will be skipped" >&2
 fi
