@@ -26,12 +26,9 @@ Prints PASS/FAIL per round; exit status 1 when any round failed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading

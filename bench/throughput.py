@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import datasets  # noqa: E402
 from model.io import load_model  # noqa: E402
-from model.network import ENCODERS, Encoder, Qinco, QincoStep, check_vectors, decode, encode, fast_steps  # noqa: E402
+from model.network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, fast_steps  # noqa: E402
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "service" / "demo" / "glove-50-ivf-8B.safetensors"
 
@@ -85,39 +85,9 @@ def encode_reference(model: Qinco, x, encoder: Encoder, batch_size: int = 1024) 
 
 @torch.inference_mode()
 def profile_reference(model: Qinco, xn: torch.Tensor, encoder: Encoder, lists) -> dict:
-    """Seconds per part of the reference beam search: a copy of
-    `Qinco.encode_normalized_reference` with clocks (for the profile only)."""
+    """Seconds per part of the reference beam search."""
     prof = {"pre-selection": 0.0, "network": 0.0, "beam bookkeeping": 0.0}
-    n, K = xn.shape[0], model.cfg.K
-    A = min(encoder.A, K)
-    xhat = model.start(lists, n).unsqueeze(1)
-    codes = torch.zeros(n, 1, 0, dtype=torch.long)
-    for step in model.steps:
-        t0 = time.perf_counter()
-        beams = xhat.shape[1]
-        residual = (xn.unsqueeze(1) - xhat).float()
-        if A < K:
-            cb = step.codebook
-            score = (cb * cb).sum(-1) - 2 * residual @ cb.T
-            cand = score.topk(A, dim=-1, largest=False).indices
-        else:
-            cand = torch.arange(K).expand(n, beams, K)
-        t1 = time.perf_counter()
-        half = step.codeword_half() if isinstance(step, QincoStep) else None
-        cw = step.candidates(cand, xhat) if half is None else step.candidates(cand, xhat, half)
-        cw = cw.float()
-        t2 = time.perf_counter()
-        err = (residual.unsqueeze(2) - cw).square().sum(-1).reshape(n, beams * A)
-        best = err.topk(min(encoder.B, beams * A), dim=-1, largest=False).indices
-        parent = best // A
-        chosen = cand.reshape(n, beams * A).gather(1, best)
-        xhat = xhat.gather(1, parent.unsqueeze(-1).expand(-1, -1, xn.shape[1]))
-        xhat = xhat + cw.reshape(n, beams * A, -1).gather(1, best.unsqueeze(-1).expand(-1, -1, xn.shape[1]))
-        codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, codes.shape[2])),
-                           chosen.unsqueeze(-1)], dim=2)
-        t3 = time.perf_counter()
-        for part, dt in (("pre-selection", t1 - t0), ("network", t2 - t1), ("beam bookkeeping", t3 - t2)):
-            prof[part] += dt
+    model.encode_normalized_reference(xn, encoder, lists, profile=prof)
     return prof
 
 

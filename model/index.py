@@ -104,6 +104,7 @@ class QincoIndex:
         self.norms = norm_of_byte(rq.norm_min, rq.norm_max)
         self._flat: FlatLists | None = None  # copy of the inverted lists for the scan
         self._dirty: set[int] = set()  # lists written since the copy was made
+        self._sizes = self._list_sizes()  # kept up to date by add_codes and remove
         self._flat_lock = threading.Lock()
         warm_up()  # compile the scan here, not in (and timed with) the first search
 
@@ -135,6 +136,7 @@ class QincoIndex:
         ids = self._check_ids(ids, len(qcodes))
         self.remove(ids)
         self.index.add_sa_codes(self._pack(qcodes.numpy(), lists.numpy()), ids)
+        np.add.at(self._sizes, lists.numpy(), 1)
         self._dirty.update(np.unique(lists.numpy()).tolist())
 
     def _pack(self, qcodes: np.ndarray, lists: np.ndarray) -> np.ndarray:
@@ -155,10 +157,11 @@ class QincoIndex:
             return 0
         # The hashtable direct map finds each id directly and skips absent ones.  A removal
         # shrinks every list it touches (faiss moves the list's last entry into the hole).
-        before = self._list_sizes()
         removed = self.index.remove_ids(faiss.IDSelectorArray(ids))
-        if removed:
-            self._dirty.update(np.flatnonzero(self._list_sizes() != before).tolist())
+        if removed:  # only then walk the list sizes (a Python loop over nlist)
+            sizes = self._list_sizes()
+            self._dirty.update(np.flatnonzero(sizes != self._sizes).tolist())
+            self._sizes = sizes
         return removed
 
     def _list_sizes(self) -> np.ndarray:

@@ -291,14 +291,17 @@ class Qinco(nn.Module):
             fast = fast_steps(self, dtype)
             return fast.encode(xn, encoder, self.start(lists, xn.shape[0]), chunk=chunk)
 
-    def encode_normalized_reference(self, xn: torch.Tensor, encoder: Encoder, lists: torch.Tensor | None = None):
+    def encode_normalized_reference(self, xn: torch.Tensor, encoder: Encoder, lists: torch.Tensor | None = None,
+                                    profile: dict | None = None):
         """The original module-by-module beam search, kept as the reference of the fast path
-        (tests and bench/throughput.py compare them); same arguments and results."""
+        (tests and bench/throughput.py compare them); same arguments and results.  `profile`:
+        seconds added per part, as `FastSteps.encode` does."""
         n, K = xn.shape[0], self.cfg.K
         A = min(encoder.A, K)
         xhat = self.start(lists, n).unsqueeze(1)  # (n, 1, d)
         codes = torch.zeros(n, 1, 0, dtype=torch.long, device=xn.device)
         for step in self.steps:
+            t0 = time.perf_counter()
             beams = xhat.shape[1]
             residual = (xn.unsqueeze(1) - xhat).float()  # (n, beams, d)
             if A < K:  # cheap score against the base codebook
@@ -307,9 +310,11 @@ class Qinco(nn.Module):
                 cand = score.topk(A, dim=-1, largest=False).indices
             else:
                 cand = torch.arange(K, device=xn.device).expand(n, beams, K)
+            t1 = time.perf_counter()
             half = step.codeword_half() if isinstance(step, QincoStep) else None
             cw = step.candidates(cand, xhat) if half is None else step.candidates(cand, xhat, half)
             cw = cw.float()  # rank candidates in float32 even when the network ran in bf16
+            t2 = time.perf_counter()
             err = (residual.unsqueeze(2) - cw).square().sum(-1).reshape(n, beams * A)
             best = err.topk(min(encoder.B, beams * A), dim=-1, largest=False).indices  # sorted
             parent = best // A
@@ -318,6 +323,10 @@ class Qinco(nn.Module):
             xhat = xhat + cw.reshape(n, beams * A, -1).gather(1, best.unsqueeze(-1).expand(-1, -1, xn.shape[1]))
             codes = torch.cat([codes.gather(1, parent.unsqueeze(-1).expand(-1, -1, codes.shape[2])),
                                chosen.unsqueeze(-1)], dim=2)
+            if profile is not None:
+                for part, dt in (("pre-selection", t1 - t0), ("network", t2 - t1),
+                                 ("beam bookkeeping", time.perf_counter() - t2)):
+                    profile[part] = profile.get(part, 0.0) + dt
         return codes[:, 0], xhat[:, 0]
 
 

@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 
 from model.index import QincoIndex, SearchParams
-from model.io import CheckpointError, atomic_write, load_model, save_model
+from model.io import atomic_write, load_model, save_model
 from model.network import ENCODERS, check_vectors, split_codes
 from model.threads import use_threads
 

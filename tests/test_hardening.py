@@ -15,7 +15,6 @@ import time
 
 import faiss
 import numba
-import numpy as np
 import pytest
 
 from service import store as store_module

@@ -3,7 +3,6 @@
 import asyncio
 
 import httpx
-import numpy as np
 import pytest
 
 from tests.server import free_port, serve
