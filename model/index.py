@@ -40,6 +40,7 @@ MAX_NSHORT = 100_000
 SCAN_BATCH = 2048  # queries per look-up-table block: (batch, M, K) float32
 RERANK_BLOCK = 65_536  # shortlisted candidates decoded at once
 FILTER_EXACT = 256  # a filter letting at most this many vectors through ranks them all exactly
+EXACT_BLOCK = 16_384  # rows of originals scored at once by an exact search
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,13 @@ class QincoIndex:
                 self._flat = self._flat.updated(self.index.invlists, self._dirty)
             self._dirty = set()
             return self._flat
+
+    def ids(self) -> np.ndarray:
+        """Sorted ids of the stored vectors (computed once per flat copy)."""
+        flat = self.flat_lists()
+        if getattr(self, "_ids_of", None) is not flat:
+            self._ids_of, self._ids = flat, np.unique(flat.ids)
+        return self._ids
 
     def stored_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """ids (ntotal,) and QINCo codes (ntotal, 1 + M), list first, of every stored vector."""
@@ -439,3 +447,101 @@ def pareto_front(points: list[OperatingPoint]) -> list[OperatingPoint]:
             front.append(p)
             best = p.recall
     return front
+
+
+class ExactIndex:
+    """Original vectors searched by brute force: what a collection serves before it has a model.
+
+    Same search interface as QincoIndex (squared L2, ascending).  Rows are kept in one
+    growing float32 array; a removal moves the last row into the hole.  Distances are
+    computed in blocks of EXACT_BLOCK rows, so a search's memory stays flat.
+    """
+
+    code_bytes = 0
+    model = None
+
+    def __init__(self, d: int):
+        self.d = d
+        self._x = np.zeros((0, d), dtype=np.float32)
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._n = 0
+        self._row: dict[int, int] = {}
+        self._sorted: np.ndarray | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return self._n
+
+    def add_vectors(self, x: np.ndarray, ids) -> None:
+        """Upsert: an existing id is replaced."""
+        x = check_vectors(x, self.d)
+        ids = QincoIndex._check_ids(ids, len(x))
+        self.remove(ids)
+        need = self._n + len(ids)
+        if need > len(self._x):  # grow by doubling: amortised O(1) per row
+            size = max(need, 2 * len(self._x), 1024)
+            self._x = np.concatenate([self._x[:self._n], np.zeros((size - self._n, self.d), np.float32)])
+            self._ids = np.concatenate([self._ids[:self._n], np.zeros(size - self._n, np.int64)])
+        self._x[self._n:need], self._ids[self._n:need] = x, ids
+        self._row.update(zip(ids.tolist(), range(self._n, need)))
+        self._n, self._sorted = need, None
+
+    def remove(self, ids) -> int:
+        removed = 0
+        for i in np.asarray(ids, dtype=np.int64).tolist():
+            row = self._row.pop(i, None)
+            if row is None:
+                continue
+            last = self._n - 1
+            if row != last:
+                self._x[row], self._ids[row] = self._x[last], self._ids[last]
+                self._row[int(self._ids[row])] = row
+            self._n, removed = last, removed + 1
+        if removed:
+            self._sorted = None
+        return removed
+
+    def ids(self) -> np.ndarray:
+        if self._sorted is None:
+            self._sorted = np.sort(self._ids[:self._n])
+        return self._sorted
+
+    def reconstruct_many(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.array([self._row.get(int(i), -1) for i in ids], dtype=np.int64)
+        found = rows >= 0
+        vectors = np.zeros((len(rows), self.d), dtype=np.float32)
+        vectors[found] = self._x[rows[found]]
+        return vectors, found
+
+    def reconstruct(self, i: int) -> np.ndarray:
+        vectors, found = self.reconstruct_many([i])
+        if not found[0]:
+            raise KeyError(f"id {i} is not in the index")
+        return vectors[0]
+
+    def search(self, queries, k: int = 10, params=None, target_recall=None, allowed_ids=None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k nearest neighbours (params and target_recall do not apply)."""
+        if not 1 <= k <= MAX_K:
+            raise QincoIndexError(f"k must be between 1 and {MAX_K}, got {k}")
+        xq = check_vectors(queries, self.d, "queries")
+        n = self._n
+        mask = rows_of_ids(self._ids[:n], allowed_ids) if allowed_ids is not None else None
+        kk = min(k, n if mask is None else int(mask.sum()))
+        D = np.full((len(xq), kk), np.inf, dtype=np.float32)
+        I = np.full((len(xq), kk), -1, dtype=np.int64)
+        if kk == 0:
+            return D, I
+        q_norms = (xq ** 2).sum(1, keepdims=True)
+        for r0 in range(0, n, EXACT_BLOCK):
+            block = self._x[r0:min(n, r0 + EXACT_BLOCK)]
+            dist = q_norms - 2 * xq @ block.T + (block ** 2).sum(1)[None]
+            if mask is not None:
+                dist[:, ~mask[r0:r0 + len(block)]] = np.inf
+            D_all = np.hstack([D, dist])
+            I_all = np.hstack([I, np.broadcast_to(self._ids[r0:r0 + len(block)], dist.shape)])
+            top = np.argpartition(D_all, kk - 1, axis=1)[:, :kk] if D_all.shape[1] > kk else \
+                np.broadcast_to(np.arange(D_all.shape[1]), (len(xq), D_all.shape[1]))
+            D, I = np.take_along_axis(D_all, top, 1), np.take_along_axis(I_all, top, 1)
+        order = np.argsort(D, axis=1, kind="stable")
+        return np.maximum(np.take_along_axis(D, order, 1), 0), np.take_along_axis(I, order, 1)

@@ -134,11 +134,12 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
 
 
 def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConfig(),
-          resume: bool = False) -> Qinco:
+          resume: bool = False, progress=None) -> Qinco:
     """Train a QINCo model on raw vectors `data` (n, d) and save it to `out`.
 
     The best model by validation MSE is saved after every improvement, so an
     interrupted run leaves a usable file; `resume` continues from it.
+    progress(state, elapsed seconds, budget seconds), if given, is called after every chunk.
     """
     start = time.time()
     budget = tc.max_minutes * 60
@@ -197,6 +198,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         state.history.append((round((time.time() - start) / 60, 2), state.best_val_mse))
         log(f"QINCo at initialisation (A={tc.A}, B={tc.B}): validation MSE {state.best_val_mse:.5g}")
         checkpoint()
+    if progress is not None:
+        progress(state, time.time() - start, budget)
 
     gen = torch.Generator().manual_seed(tc.seed + state.vectors_seen)
     bar = tqdm(total=round(budget), unit="s", desc="training", dynamic_ncols=True,
@@ -231,6 +234,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             state.vectors_seen += chunk
             since_eval += chunk
             elapsed = time.time() - start
+            if progress is not None:
+                progress(state, elapsed, budget)
             bar.update(max(0, round(elapsed) - bar.n))
             bar.set_postfix_str(f"step-mean MSE={loss.item() * float(model.scale) ** 2 / cfg.M:.4g} "
                                 f"val={state.best_val_mse:.5g} lr={state.lr:.0e}", refresh=False)

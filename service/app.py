@@ -43,6 +43,38 @@ class Metrics:
                                 registry=self.registry)
         self.search = Histogram("qinco_search_seconds", "search time per request (all its queries)",
                                 registry=self.registry)
+        self.phase = Gauge("qinco_collection_phase", "1 for the phase a collection is in",
+                           ["collection", "phase"], registry=self.registry)
+        self.job_progress = Gauge("qinco_training_progress", "progress of the running job's phase, 0 to 1",
+                                  ["collection"], registry=self.registry)
+        self.mse_vs_rq = Gauge("qinco_model_mse_vs_rq", "validation MSE of the serving model / its RQ start",
+                               ["collection"], registry=self.registry)
+        self.generation = Gauge("qinco_model_generation", "model generation serving (+1 per swap)",
+                                ["collection"], registry=self.registry)
+
+    PHASES = ("collecting", "training", "encoding", "ready")
+
+    def observe_training(self, name: str, status: dict):
+        """A collection's QINCo status as gauges (set at scrape time)."""
+        for phase in self.PHASES:
+            self.phase.labels(name, phase).set(float(status["phase"] == phase))
+        self.job_progress.labels(name).set(status["job"]["progress"] if status["job"] else 0.0)
+        model = status["model"] or {}
+        self.mse_vs_rq.labels(name).set(model.get("mse_vs_rq") or float("nan"))
+        self.generation.labels(name).set(model.get("generation", -1))
+
+    def forget(self, name: str):
+        """Drop a deleted collection's series."""
+        for gauge in (self.points, self.job_progress, self.mse_vs_rq, self.generation):
+            try:
+                gauge.remove(name)
+            except KeyError:  # never scraped: no series yet
+                pass
+        for phase in self.PHASES:
+            try:
+                self.phase.remove(name, phase)
+            except KeyError:
+                pass
 
 
 class Guard:
@@ -131,7 +163,9 @@ class Guard:
 def create_app(settings: Settings | None = None, start_loading: bool = True) -> FastAPI:
     """The app over the data directory, which it locks (a second server on it is refused)."""
     settings = settings or Settings()
-    svc = Service(Store(settings.data_dir, settings.snapshot_every, settings.threads), settings, Metrics())
+    store = Store(settings.data_dir, settings.snapshot_every, settings.threads, settings.training_threads(),
+                  settings.train_sample)
+    svc = Service(store, settings, Metrics())
     store, state = svc.store, svc.state
 
     def load():

@@ -86,9 +86,10 @@ class JSON(Response):
         return orjson.dumps(content)
 
 
-def ok(result, started: float) -> JSON:
+def ok(result, started: float, status_code: int = 200) -> JSON:
     """Qdrant's envelope."""
-    return JSON({"result": result, "status": "ok", "time": round(time.perf_counter() - started, 6)})
+    return JSON({"result": result, "status": "ok", "time": round(time.perf_counter() - started, 6)},
+                status_code=status_code)
 
 
 def error(status: int, message: str) -> JSON:

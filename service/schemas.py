@@ -88,18 +88,105 @@ class Encoder(str, Enum):
     greedy = "greedy"
 
 
+MAX_DIMENSION = 8192
+DISTANCE_METRICS = {"Euclid": "l2", "Cosine": "cosine"}
+
+
+class VectorParams(Strict):
+    """Qdrant's vector parameters.  QINCo's codes approximate Euclidean distance: Euclid and Cosine
+    (normalised vectors) are served, Dot and Manhattan are not."""
+    size: int = Field(ge=1, le=MAX_DIMENSION, strict=True)
+    distance: str
+    on_disk: bool | None = None  # accepted, ignored: originals are on disk, codes in memory
+    hnsw_config: dict[str, Any] | None = None  # accepted, ignored: QINCo's own IVF-HNSW settings apply
+    quantization_config: dict[str, Any] | None = None  # accepted, ignored: every vector is QINCo-quantised
+    datatype: str | None = None
+    multivector_config: None = None
+
+    @model_validator(mode="after")
+    def servable(self):
+        if self.distance not in DISTANCE_METRICS:
+            raise ValueError(f"distance {self.distance!r} is not supported: QINCo's codes approximate Euclidean "
+                             f"distance; use 'Cosine' (normalised vectors: the same ranking as 'Dot' on them) "
+                             f"or 'Euclid'")
+        if self.datatype not in (None, "float32"):
+            raise ValueError(f"datatype {self.datatype!r} is not supported: vectors are float32")
+        return self
+
+
+class QincoSettings(Strict):
+    """A self-training collection's settings; the server's QINCO_* settings give the defaults."""
+    bytes: int | None = Field(None, ge=1, le=64, strict=True, description="code bytes per vector")
+    train_after: int | None = Field(None, ge=0, le=1_000_000_000, strict=True,
+                                    description="train automatically once this many points are stored (0: only "
+                                                "on POST /collections/{name}/train)")
+    train_minutes: float | None = Field(None, gt=0, le=24 * 60, description="training budget")
+    keep_originals: bool | None = Field(None, description="keep original vectors after training "
+                                                          "(rescore, retraining); false: codes only")
+    nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")
+
+
 class CreateCollection(Strict):
+    """Qdrant's body (`vectors`: size and distance; QINCo's settings under `qinco`): a collection
+    that trains its own model.  Or an existing model (`model`) or index (`index`) with `metric`.
+    Qdrant's other settings are accepted and ignored."""
+    vectors: VectorParams | None = None
+    qinco: QincoSettings | None = None
     model: str | None = Field(None, min_length=1, max_length=4096,
                               description="a trained IVF model file, inside the data directory")
     index: str | None = Field(None, min_length=1, max_length=4096,
                               description="or a built index directory, inside the data directory")
-    metric: Metric = Metric.l2
+    metric: Metric | None = None
     encoder: Encoder = Field(Encoder.balanced, description="QINCo encoder used for upserts")
+    # Qdrant's, accepted and ignored (one shard, one replica, no WAL of its own to tune):
+    shard_number: int | None = Field(None, ge=1, le=1)
+    sharding_method: str | None = None
+    replication_factor: int | None = Field(None, ge=1, le=1)
+    write_consistency_factor: int | None = Field(None, ge=1, le=1)
+    on_disk_payload: bool | None = None
+    hnsw_config: dict[str, Any] | None = None
+    wal_config: dict[str, Any] | None = None
+    optimizers_config: dict[str, Any] | None = None
+    quantization_config: dict[str, Any] | None = None
+    strict_mode_config: dict[str, Any] | None = None
+    sparse_vectors: dict[str, Any] | None = Field(None, max_length=0, description="not supported: only {} or null")
+    init_from: None = None
+    metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def named_vectors(cls, data):
+        vectors = data.get("vectors") if isinstance(data, dict) else None
+        if isinstance(vectors, dict) and "size" not in vectors and vectors and \
+                all(isinstance(v, dict) for v in vectors.values()):
+            raise ValueError("named vectors are not supported: give one unnamed vector config, "
+                             "{\"size\": ..., \"distance\": ...}")
+        return data
 
     @model_validator(mode="after")
     def one_source(self):
-        if (self.model is None) == (self.index is None):
-            raise ValueError("give exactly one of 'model' or 'index'")
+        if sum(x is not None for x in (self.vectors, self.model, self.index)) != 1:
+            raise ValueError("give exactly one of 'vectors' (size and distance), 'model' or 'index'")
+        if self.vectors is not None and self.metric is not None:
+            raise ValueError("with 'vectors', the metric is its 'distance' (not 'metric')")
+        if self.vectors is None and self.qinco is not None:
+            raise ValueError("'qinco' settings are for collections created by 'vectors' (size and distance)")
+        return self
+
+
+class TrainRequest(Strict):
+    """Train a new model on the collection's originals, or swap in a model file."""
+    minutes: float | None = Field(None, gt=0, le=24 * 60, description="training budget")
+    bytes: int | None = Field(None, ge=1, le=64, strict=True, description="code bytes per vector")
+    nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")
+    model: str | None = Field(None, min_length=1, max_length=4096,
+                              description="a trained IVF model file inside the data directory, encoded with "
+                                          "and swapped in (no training)")
+
+    @model_validator(mode="after")
+    def model_or_training(self):
+        if self.model is not None and any(v is not None for v in (self.minutes, self.bytes, self.nlist)):
+            raise ValueError("give 'model' alone, or training settings (minutes, bytes, nlist)")
         return self
 
 
@@ -237,17 +324,26 @@ def filter_depth(f: Filter) -> int:
     return 1 + max((filter_depth(c) for c in inner), default=0)
 
 
+class QuantizationSearchParams(Strict):
+    """Qdrant's: `rescore` re-ranks with the originals, `oversampling` x limit candidates first."""
+    ignore: bool = False
+    rescore: bool | None = None
+    oversampling: float | None = Field(None, ge=1, le=100)
+
+
 class SearchParams(Strict):
     """QINCo's search parameters, and Qdrant's where they apply (`hnsw_ef` is `ef_search`,
-    `exact` probes every list; `quantization` and `indexed_only` are accepted and ignored:
-    every vector is QINCo-quantised and indexed)."""
+    `exact` probes every list, `quantization.rescore` is `rescore`; `indexed_only` is accepted
+    and ignored).  A collection without a model yet searches exactly and ignores them."""
     nprobe: int | None = Field(None, ge=1, le=1 << 20, description="lists probed (at most nlist)")
     ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH)
     nshort: int | None = Field(None, ge=0, le=100_000, description="candidates re-ranked by the neural decoder (0: none)")
     target_recall: float | None = Field(None, gt=0, le=1)
     hnsw_ef: int | None = Field(None, ge=1, le=MAX_EF_SEARCH, description="Qdrant's name of ef_search")
     exact: bool = Field(False, description="probe every list, re-rank a wide shortlist")
-    quantization: dict[str, Any] | None = None
+    rescore: bool = Field(False, description="re-rank the final candidates with their original vectors "
+                                             "(self-training collections that keep them)")
+    quantization: QuantizationSearchParams | None = None
     indexed_only: bool = False
 
     @model_validator(mode="after")
@@ -260,8 +356,11 @@ class SearchParams(Strict):
         return self
 
     def for_store(self) -> dict:
+        q = self.quantization
         return {"nprobe": self.nprobe, "ef_search": self.ef_search or self.hnsw_ef, "nshort": self.nshort,
-                "target_recall": self.target_recall, "exact": self.exact}
+                "target_recall": self.target_recall, "exact": self.exact,
+                "rescore": self.rescore or bool(q and q.rescore and not q.ignore),
+                "oversampling": q.oversampling if q else None}
 
 
 class Point(Strict):
@@ -496,6 +595,48 @@ class ScrollResult(BaseModel):
     next_page_offset: int | None = None
 
 
+class TrainingJobStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    kind: str = Field(description="train, or swap_in (a given model file)")
+    phase: str = Field(description="queued, training, encoding or swapping")
+    progress: float = Field(description="of the current phase, 0 to 1")
+    eta_seconds: float | None = None
+    started: float = Field(description="Unix time")
+    minutes: float | None = Field(None, description="training budget")
+    points_encoded: int = 0
+    points_total: int | None = None
+    val_mse: float | None = None
+    rq_val_mse: float | None = None
+
+
+class ModelStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    generation: int = Field(description="0: the model the collection was created with; +1 per swap")
+    val_mse: float | None = Field(None, description="validation MSE of the trained model")
+    rq_val_mse: float | None = Field(None, description="that of the faiss RQ it started from")
+    mse_vs_rq: float | None = None
+    trained_on: int | None = None
+    bytes: int
+    nlist: int
+
+
+class QincoStatus(BaseModel):
+    """Where a collection is: collecting (exact search, no model yet), training, encoding, ready."""
+    model_config = ConfigDict(extra="allow")
+    phase: str
+    job: TrainingJobStatus | None = None
+    model: ModelStatus | None = None
+    points_encoded: int
+    last_swap: float | None = Field(None, description="Unix time of the last model swap")
+    last_error: str | None = Field(None, description="why the last job failed")
+    train_after: int
+    train_minutes: float | None = None
+    keep_originals: bool
+    originals: int = Field(description="original vectors kept on disk")
+    bytes_per_point: dict[str, int] = Field(description="memory (codes and id) and disk (SQLite, measured)")
+
+
 class CollectionInfo(BaseModel):
     """Qdrant's collection info, then QINCo's own fields; a collection that failed to open has
     only name, status ("red") and error."""
@@ -505,6 +646,7 @@ class CollectionInfo(BaseModel):
     points_count: int | None = None
     config: dict[str, Any] | None = None
     payload_schema: dict[str, Any] | None = None
+    qinco: QincoStatus | None = None
     error: str | None = None
 
 

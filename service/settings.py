@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -23,5 +24,17 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="CPU threads per request for torch, faiss and numba (0: all cores)")
     snapshot_every: int = Field(50_000, ge=1, description="write a snapshot after this many changed points")
     access_log: bool = Field(False, description="log every request (costs time per request; /metrics counts them)")
+    # Self-training collections (created by size and distance): defaults of their `qinco` settings
+    train_after: int = Field(20_000, ge=0, le=1_000_000_000,
+                             description="points before a new collection trains its model (0: only on request)")
+    train_minutes: float = Field(30.0, gt=0, le=24 * 60, description="training budget of a collection's model")
+    train_bytes: int = Field(8, ge=1, le=64, description="code bytes per vector of a trained model")
+    keep_originals: bool = Field(True, description="keep original vectors after training (rescore, retraining)")
+    train_threads: int = Field(0, ge=0, le=1024, description="CPU threads of a training job (0: half the cores)")
+    train_sample: int = Field(100_000, ge=1_000, le=10_000_000,
+                              description="originals a job trains on at most (a random sample)")
     demo: bool = Field(True, description="create the demo collection on first start when none exists")
     demo_points: int = Field(100_000, ge=100, description="GloVe words in the demo collection")
+
+    def training_threads(self) -> int:
+        return self.train_threads or max(1, (os.cpu_count() or 2) // 2)

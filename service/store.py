@@ -1,11 +1,21 @@
 """Durable collections: SQLite is the record of truth, the faiss index is rebuilt from it.
 
 One folder per collection under <data_dir>/collections/<name>:
-  collection.json    name, metric, encoder (written once, atomically)
-  model.safetensors  the QINCo model with its fixed tables
+  collection.json    name, metric, encoder; size and QINCo settings of a self-training
+                     collection (written once, atomically)
+  model.safetensors  the QINCo model with its fixed tables (model generation 0)
+  model-G.safetensors  the model of generation G >= 1, trained by the collection itself
   tuning.json        tuned operating points (when created from a tuned index)
-  points.sqlite      id -> codes (IVF list first), payload, seq; deleted ids with their seq
+  points.sqlite      id -> codes (IVF list first), payload, seq; deleted ids with their seq;
+                     original vectors (self-training collections); the model generation and
+                     the training job's record
   snapshot/          the faiss index as of sequence number S, written atomically
+  jobs/<id>/         a training job's files (service/jobs.py)
+
+A self-training collection (created by size and distance) serves exact search over its
+original vectors until its first model exists, then QINCo; a job trains a new model in the
+background and `swap` switches to it in one transaction (codes of every point and the
+generation number together), so a crash leaves the old model or the new, never a mix.
 
 A write batch gets one sequence number and is one SQLite transaction
 (WAL, synchronous=FULL): it is acknowledged only after the commit, and a crash
@@ -23,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -36,12 +47,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from model.index import QincoIndex, SearchParams
+from model.index import ExactIndex, QincoIndex, SearchParams
 from model.io import atomic_write, load_model, save_model
-from model.network import ENCODERS, check_vectors, split_codes
+from model.network import ENCODERS, check_vectors, encode, split_codes
 from model.threads import use_threads
 
 from .filters import Evaluator, PayloadIndexes
+from .jobs import JobCancelled, TrainingJob
+from .worker import MIN_PER_LIST, min_points
 
 log = logging.getLogger("qinco.store")
 
@@ -67,6 +80,7 @@ class Unavailable(RuntimeError):
 
 MAX_CANDIDATES = 2_000_000  # queries x max(limit, nshort) in one search call: bounds its memory
 MAX_VECTOR_VALUES = 20_000_000  # numbers of the vectors returned by one search call (with_vector)
+MAX_RESCORE = 10_000  # candidates re-ranked with their originals in one query
 EXACT_SHORTLIST = 1000  # candidates re-ranked by an `exact` search
 
 
@@ -135,7 +149,10 @@ CREATE INDEX IF NOT EXISTS points_seq ON points(seq);
 CREATE TABLE IF NOT EXISTS deleted (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS payload_indexes (field TEXT PRIMARY KEY, schema TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS originals (id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('seq', 0);
+INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
 
 
@@ -155,31 +172,40 @@ class Hit:
 
 
 class Collection:
-    def __init__(self, folder: Path, snapshot_every: int = 50_000, threads: int = 0):
+    def __init__(self, folder: Path, snapshot_every: int = 50_000, threads: int = 0, train_threads: int = 1,
+                 train_sample: int = 100_000):
         self.folder = folder
         self.meta = json.loads((folder / "collection.json").read_text())
         self.name = self.meta["name"]
         self.uuid = self.meta.get("uuid")  # identity: a snapshot of another collection of this name is refused
         self.metric = self.meta["metric"]
         self.encoder = ENCODERS[self.meta["encoder"]]
+        self.qinco = self.meta.get("qinco")  # settings of a self-training collection; None: created from a model
         self.snapshot_every = snapshot_every
-        self.threads = threads
+        self.threads, self.train_threads, self.train_sample = threads, train_threads, train_sample
         use_threads(threads)
-        self.model = load_model(folder / "model.safetensors")
-        tuning_path = folder / "tuning.json"
-        self.tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
         self.write_lock = threading.Lock()
         self.index_lock = ReadWriteLock()
         self.db = connect(folder / "points.sqlite")
         self.db.executescript(SCHEMA)
+        self.generation = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
+        self._remove_stale_models()
+        path = self._model_path(self.generation)
+        if self.qinco is not None and not path.exists() and self.generation == 0:
+            self.model = None  # collecting: exact search over the originals
+        else:
+            self.model = load_model(path)
+        tuning_path = folder / "tuning.json"
+        self.tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() and self.generation == 0 else {}
         self._local = threading.local()
-        self.closed = False
+        self.closed = self.closing = False
         self.broken: str | None = None  # why writes are refused until a restart (a failed rebuild)
+        self.job: TrainingJob | None = None
+        self.state = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM state")}
         self.index, self.recovery = self._recover()
         self.payload_indexes = PayloadIndexes(dict(self.db.execute("SELECT field, schema FROM payload_indexes")))
         for key in self.payload_indexes.declared:  # built now, not on the first filter
             self.payload_indexes.get(key, self._payload_rows)
-        self._all_ids = (None, None)  # (flat copy, its sorted ids): the universe of filters
         self.snapshot_seq = self.recovery["snapshot_seq"]
         self.changed_since_snapshot = 0
         self._snapshotting = threading.Lock()
@@ -191,6 +217,8 @@ class Collection:
         Returns it and what was done: {"snapshot_seq", "replayed" (ids changed after it), "seconds"}.
         """
         t0 = time.time()
+        if self.model is None:
+            return self._recover_originals(t0)
         model, tuning = self.model, self.tuning
         index, seq = QincoIndex(model, tuning=tuning), 0
         snap = self.folder / "snapshot"
@@ -199,6 +227,8 @@ class Collection:
                 info = json.loads((snap / "snapshot.json").read_text())
                 if info.get("collection_uuid") != self.uuid:
                     raise ValueError(f"it belongs to another collection (uuid {info.get('collection_uuid')})")
+                if info.get("generation", 0) != self.generation:
+                    raise ValueError(f"it holds the codes of model generation {info.get('generation', 0)}")
                 faiss_index = faiss.read_index(str(snap / "index.faiss"))
                 if faiss_index.ntotal != info["ntotal"] or faiss_index.d != model.cfg.d:
                     raise ValueError("snapshot does not match its manifest")
@@ -220,6 +250,27 @@ class Collection:
                  self.name, index.ntotal, time.time() - t0, seq, len(changed))
         return index, {"snapshot_seq": seq, "replayed": len(changed), "seconds": round(time.time() - t0, 3)}
 
+    def _recover_originals(self, t0: float) -> tuple[ExactIndex, dict]:
+        """Before the first model: every point's original vector, searched exactly."""
+        index = ExactIndex(self.meta["size"])
+        rows = self.db.execute("SELECT id, vector FROM originals ORDER BY id")
+        while batch := rows.fetchmany(50_000):
+            ids = np.array([r[0] for r in batch], dtype=np.int64)
+            index.add_vectors(np.frombuffer(b"".join(r[1] for r in batch), dtype=np.float32).reshape(len(batch), -1), ids)
+        log.info("%s: %d original vectors ready in %.1fs (no model yet: exact search)",
+                 self.name, index.ntotal, time.time() - t0)
+        return index, {"snapshot_seq": 0, "replayed": index.ntotal, "seconds": round(time.time() - t0, 3)}
+
+    def _model_path(self, generation: int) -> Path:
+        return self.folder / ("model.safetensors" if generation == 0 else f"model-{generation}.safetensors")
+
+    def _remove_stale_models(self):
+        """Model files of other generations: superseded ones, or a swap that did not commit."""
+        keep = self._model_path(self.generation)
+        for path in [self.folder / "model.safetensors", *self.folder.glob("model-*.safetensors")]:
+            if path != keep:
+                path.unlink(missing_ok=True)
+
     def last_seq(self) -> int:
         return self.db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]
 
@@ -233,14 +284,16 @@ class Collection:
             with self.write_lock:  # no write between reading seq and copying the index
                 self._check_writable()  # a broken index must not become the record
                 seq = self.last_seq()
+                if self.model is None:  # the originals in SQLite are the whole state
+                    return seq
                 blob = faiss.serialize_index(self.index.index)
-                ntotal = self.index.ntotal
+                ntotal, generation = self.index.ntotal, self.generation
             snap = self.folder / "snapshot"
             tmp = self.folder / ".snapshot.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             atomic_write(tmp / "index.faiss", lambda f: f.write(blob.tobytes()))
-            manifest = {"seq": seq, "ntotal": ntotal, "collection_uuid": self.uuid}
+            manifest = {"seq": seq, "ntotal": ntotal, "collection_uuid": self.uuid, "generation": generation}
             atomic_write(tmp / "snapshot.json", lambda f: f.write(json.dumps(manifest).encode()))
             old = self.folder / ".snapshot.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -258,7 +311,8 @@ class Collection:
 
     def _maybe_snapshot(self, changed: int):
         self.changed_since_snapshot += changed
-        if self.changed_since_snapshot >= self.snapshot_every and not self._snapshotting.locked():
+        if self.model is not None and self.changed_since_snapshot >= self.snapshot_every \
+                and not self._snapshotting.locked():
             self.changed_since_snapshot = 0
             threading.Thread(target=self._snapshot_quietly, daemon=True).start()
 
@@ -320,10 +374,7 @@ class Collection:
 
     def filter_ids(self, f) -> np.ndarray:
         """Sorted ids of the stored points that a filter lets through (index read lock held)."""
-        flat = self.index.flat_lists()
-        if self._all_ids[0] is not flat:
-            self._all_ids = (flat, np.unique(flat.ids))
-        evaluator = Evaluator(self._all_ids[1], lambda key: self.payload_indexes.get(key, self._payload_rows))
+        evaluator = Evaluator(self.index.ids(), lambda key: self.payload_indexes.get(key, self._payload_rows))
         return evaluator.ids(f)
 
     def count_filtered(self, f) -> int:
@@ -363,36 +414,38 @@ class Collection:
     def search(self, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
                exclude: list[set[int]] | None = None, budget: SearchBudget | None = None,
                filter=None) -> list[list[Hit]]:
-        """Nearest stored points of each query; `filter` (schemas.Filter) restricts them."""
+        """Nearest stored points of each query; `filter` (schemas.Filter) restricts them.
+
+        params: nprobe, ef_search, nshort, target_recall, exact, rescore, oversampling.  Before its
+        first model a collection searches its originals exactly and ignores them."""
         use_threads(self.threads)
         x = self.prepare(queries)
         params = params or {}
-        target = params.get("target_recall")
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        try:
-            if target is not None:
-                sp = self.index.params_for_recall(target)
-            else:
-                default, nlist = SearchParams(), self.index.model.cfg.nlist
-                sp = SearchParams(params.get("nprobe") or min(default.nprobe, nlist),
-                                  params.get("ef_search") or default.ef_search,
-                                  default.nshort if params.get("nshort") is None else params["nshort"])
-                if params.get("exact"):  # every list, a wide shortlist: exact but for the table order
-                    sp = SearchParams(nlist, max(sp.ef_search, nlist), max(sp.nshort, EXACT_SHORTLIST))
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
-        (budget or SearchBudget()).take(len(x), limit + extra, sp.nshort, with_vector, self.dimension)
+        rescore = bool(params.get("rescore"))
+        if rescore and not self._has_originals():
+            raise BadRequest(f"collection {self.name!r} keeps no original vectors: rescore needs a self-training "
+                             f"collection with keep_originals")
         vectors = {}
         try:
-            with self.index_lock.read():
+            with self.index_lock.read():  # one index throughout, even if a swap replaces it meanwhile
+                index = self.index
+                rescore = rescore and index.model is not None  # exact already without a model
+                k = limit + extra
+                if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals
+                    k = min(MAX_RESCORE, math.ceil(k * (params.get("oversampling") or 1.0)))
+                sp = self._search_params(index, params)
+                (budget or SearchBudget()).take(len(x), k, sp.nshort if sp else 0, with_vector, self.dimension)
                 allowed = self.filter_ids(filter) if filter is not None else None
-                D, I = self.index.search(x, limit + extra, sp, allowed_ids=allowed)
+                D, I = index.search(x, k, sp, allowed_ids=allowed)
                 if with_vector:  # decoded together, before a write can remove them
                     found = np.unique(I)
-                    decoded, present = self.index.reconstruct_many(found)
+                    decoded, present = index.reconstruct_many(found)
                     vectors = {int(i): v for i, v, ok in zip(found, decoded, present) if ok}
         except ValueError as e:
             raise BadRequest(str(e)) from None
+        if rescore:
+            D, I = self._rescore(x, D, I)
         if not np.isfinite(D).all():  # float32 overflow: a query far outside the model's range
             raise BadRequest("the query vector's values are too large for this collection's model")
         payloads = self.payloads({int(i) for i in I.ravel()}) if with_payload else {}
@@ -414,12 +467,54 @@ class Collection:
             results.append(hits)
         return results
 
+    @staticmethod
+    def _search_params(index, params: dict) -> SearchParams | None:
+        """The index's search parameters for a request's params (None: an exact index)."""
+        if index.model is None:
+            return None
+        if params.get("target_recall") is not None:
+            return index.params_for_recall(params["target_recall"])
+        default, nlist = SearchParams(), index.model.cfg.nlist
+        sp = SearchParams(params.get("nprobe") or min(default.nprobe, nlist),
+                          params.get("ef_search") or default.ef_search,
+                          default.nshort if params.get("nshort") is None else params["nshort"])
+        if params.get("exact"):  # every list, a wide shortlist: exact but for the table order
+            sp = SearchParams(nlist, max(sp.ef_search, nlist), max(sp.nshort, EXACT_SHORTLIST))
+        return sp
+
+    def _rescore(self, x: np.ndarray, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates re-ranked by the exact distance to their original vectors (read from disk)."""
+        originals = self.originals(np.unique(I[I >= 0]))
+        D = D.copy()
+        for q in range(len(x)):
+            for j, i in enumerate(I[q]):
+                if int(i) in originals:
+                    D[q, j] = float(((x[q] - originals[int(i)]) ** 2).sum())
+        order = np.argsort(D, axis=1, kind="stable")
+        return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+    def originals(self, ids) -> dict[int, np.ndarray]:
+        """The stored original vectors of `ids` (absent ones skipped)."""
+        ids = [int(i) for i in ids]
+        out = {}
+        with self._reading() as db:
+            for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+                chunk = ids[i0:i0 + 900]
+                q = f"SELECT id, vector FROM originals WHERE id IN ({','.join('?' * len(chunk))})"
+                out.update((i, np.frombuffer(v, dtype=np.float32)) for i, v in db.execute(q, chunk))
+        return out
+
+    def _has_originals(self) -> bool:
+        return self.qinco is not None and (self.qinco["keep_originals"] or self.model is None or
+                                           self.job is not None)
+
     # ---- writes --------------------------------------------------------------------------
     def upsert(self, ids: list[int], vectors, payloads: list[dict | None]) -> tuple[int, float]:
         """Encode (no lock), commit to SQLite, then insert in memory.  Returns (seq, encode seconds).
 
         Everything that can be refused is checked before the commit; the insert after it
-        cannot fail on the input (see `_apply`).
+        cannot fail on the input (see `_apply`).  Before the first model, points are stored
+        as their original vectors only.
         """
         use_threads(self.threads)
         if len(set(ids)) != len(ids):
@@ -427,28 +522,46 @@ class Collection:
         if len(payloads) != len(ids):
             raise BadRequest(f"{len(ids)} ids but {len(payloads)} payloads")
         x = self.prepare(vectors)
-        t0 = time.perf_counter()
-        codes = self.index.encode(x, self.encoder).astype(np.int32)
-        encode_seconds = time.perf_counter() - t0
         id_array = np.array(ids, dtype=np.int64)
+        model = self.model
+        t0 = time.perf_counter()
+        codes = self._codes(model, x)
+        encode_seconds = time.perf_counter() - t0
         try:
-            split_codes(self.model, codes)
-            if len(codes) != len(ids) or id_array.min() < 0:
-                raise ValueError("ids and codes do not match")
-            rows = [(i, codes[k].tobytes(), None if p is None else json.dumps(p, allow_nan=False))
-                    for k, (i, p) in enumerate(zip(ids, payloads))]
+            if len(x) != len(ids) or id_array.min() < 0:
+                raise ValueError("ids and vectors do not match")
+            payload_json = [None if p is None else json.dumps(p, allow_nan=False) for p in payloads]
         except (ValueError, TypeError, OverflowError) as e:
             raise BadRequest(f"cannot store this batch: {e}") from None
         with self.write_lock:
             self._check_writable()
+            if self.model is not model:  # a new model was swapped in meanwhile: its codes, not the old ones
+                codes = self._codes(self.model, x)
+            keep = self._has_originals()
+            blobs = [c.tobytes() for c in codes] if codes is not None else [b""] * len(ids)
             with self._transaction():
                 seq = self.last_seq() + 1
                 self.db.executemany("INSERT OR REPLACE INTO points (id, codes, payload, seq) VALUES (?, ?, ?, ?)",
-                                    [r + (seq,) for r in rows])
+                                    [(i, b, p, seq) for i, b, p in zip(ids, blobs, payload_json)])
+                if keep:
+                    self.db.executemany("INSERT OR REPLACE INTO originals (id, vector) VALUES (?, ?)",
+                                        [(i, v.tobytes()) for i, v in zip(ids, x)])
                 self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            self._apply(lambda: (self.index.add_codes(codes, id_array), self.payload_indexes.upsert(ids, payloads)))
+            if codes is None:
+                self._apply(lambda: (self.index.add_vectors(x, id_array), self.payload_indexes.upsert(ids, payloads)))
+            else:
+                self._apply(lambda: (self.index.add_codes(codes, id_array), self.payload_indexes.upsert(ids, payloads)))
+            self._maybe_train()
         self._maybe_snapshot(len(ids))
         return seq, encode_seconds
+
+    def _codes(self, model, x: np.ndarray) -> np.ndarray | None:
+        """(n, 1 + M) int32 codes of vectors with a model (None before the first one)."""
+        if model is None:
+            return None
+        codes = encode(model, x, self.encoder).astype(np.int32)
+        split_codes(model, codes)
+        return codes
 
     def _apply(self, change):
         """Apply a committed write to the in-memory index (write lock held).
@@ -493,6 +606,7 @@ class Collection:
                 chunk = ids[i0:i0 + 900]
                 existing += self.db.execute(
                     f"DELETE FROM points WHERE id IN ({','.join('?' * len(chunk))})", chunk).rowcount
+                self.db.execute(f"DELETE FROM originals WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             self.db.executemany("INSERT OR REPLACE INTO deleted (id, seq) VALUES (?, ?)", [(i, seq) for i in ids])
             self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
         self._apply(lambda: (self.index.remove(id_array), self.payload_indexes.delete(ids)))
@@ -518,13 +632,7 @@ class Collection:
     def scroll(self, f, offset: int | None, limit: int, with_payload: bool, with_vector: bool) -> tuple[list, int | None]:
         """A page of points by ascending id from `offset`, and the first id of the next page."""
         with self.index_lock.read():
-            if f is not None:
-                ids = self.filter_ids(f)
-            else:
-                flat = self.index.flat_lists()
-                if self._all_ids[0] is not flat:
-                    self._all_ids = (flat, np.unique(flat.ids))
-                ids = self._all_ids[1]
+            ids = self.filter_ids(f) if f is not None else self.index.ids()
         start = np.searchsorted(ids, offset) if offset is not None else 0
         page = ids[start:start + limit + 1].tolist()
         nxt = page[limit] if len(page) > limit else None
@@ -609,6 +717,206 @@ class Collection:
                 self.payload_indexes.drop(key)
             return self.last_seq()
 
+    # ---- training jobs (service/jobs.py runs them) -----------------------------------------
+    def start_training(self, request: dict | None = None, model_source: Path | None = None) -> dict:
+        """Start a job: train a model on the originals (request: minutes, bytes, nlist), or take
+        the model file `model_source`; encode every point; swap.  Returns the QINCo status."""
+        request = request or {}
+        with self.write_lock:
+            self._check_writable()
+            if self.job is not None:
+                raise Conflict(f"collection {self.name!r} is already training (job {self.job.id}); wait for it "
+                               f"or cancel it with DELETE /collections/{self.name}/train")
+            if not self._has_originals():
+                raise BadRequest(f"collection {self.name!r} keeps no original vectors, so it cannot be re-encoded: "
+                                 f"create it by size and distance (with keep_originals) to train it")
+            n = self.db.execute("SELECT count(*) FROM originals").fetchone()[0]
+            settings = {**self.qinco, **{k: v for k, v in request.items() if v is not None}}
+            kind = "train"
+            if model_source is not None:
+                kind = "swap_in"
+                model = self._check_model(model_source)
+            else:
+                need = min_points(settings.get("nlist"))
+                if n < need:
+                    raise BadRequest(f"collection {self.name!r} holds {n} points; training needs at least {need}"
+                                     + (f" (nlist {settings['nlist']} x {MIN_PER_LIST} per list)"
+                                        if settings.get("nlist") else ""))
+            record = {"id": uuid.uuid4().hex[:12], "kind": kind, "started": time.time(),
+                      "request": {"d": self.dimension, "minutes": settings["train_minutes"],
+                                  "bytes": settings["bytes"], "nlist": settings.get("nlist"),
+                                  "encoder": self.meta["encoder"], "sample": self.train_sample,
+                                  "seed": int(time.time()) % 1000}}
+            job = TrainingJob(self, record, self.train_threads)
+            if model_source is not None:  # the job starts at the encoding
+                job.dir.mkdir(parents=True, exist_ok=True)
+                save_model(model, job.dir / "model.safetensors")
+                atomic_write(job.dir / "trained.json", lambda f: f.write(json.dumps(
+                    {"val_mse": None, "rq_val_mse": None, "trained_on": None}).encode()))
+            with self._transaction():
+                self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('job', ?)", (json.dumps(record),))
+            self.job = job
+            job.start()
+        log.info("%s: job %s started (%s, %d points)", self.name, job.id, kind, n)
+        return self.qinco_status()
+
+    def _check_model(self, path: Path):
+        """A user's model file that this collection can serve."""
+        try:
+            model = load_model(path)
+            QincoIndex(model)  # an IVF model with fitted tables
+        except Exception as e:
+            raise BadRequest(f"cannot use {path.name}: {type(e).__name__}: {e}") from None
+        if model.cfg.d != self.dimension:
+            raise BadRequest(f"the model is for dimension {model.cfg.d}; the collection's is {self.dimension}")
+        return model
+
+    def _maybe_train(self):
+        """Start training once a collection collecting its first points holds `train_after` of them
+        (write lock held).  After a failed job it waits for an explicit train request."""
+        q = self.qinco
+        if (q is None or self.model is not None or self.job is not None or not q["train_after"]
+                or self.index.ntotal < q["train_after"] or self.state.get("last_error")):
+            return
+        threading.Thread(target=self._auto_train, daemon=True).start()  # after the caller releases the lock
+
+    def _auto_train(self):
+        try:
+            self.start_training()
+        except (Conflict, NotFound):
+            pass
+        except Exception:
+            log.exception("%s: automatic training could not start", self.name)
+
+    def resume_job(self):
+        """Start again a job that the last run of the server left unfinished."""
+        record = self.state.get("job")
+        if record is not None and self.job is None and not self.closed:
+            log.info("%s: resuming job %s (%s)", self.name, record["id"], record["kind"])
+            self.job = TrainingJob(self, record, self.train_threads)
+            self.job.start()
+
+    def cancel_training(self) -> bool:
+        """Stop the running job; what served before keeps serving.  False if it swapped first."""
+        job = self.job
+        if job is None:
+            raise NotFound(f"collection {self.name!r} has no training job")
+        job.cancel()  # waits for the job's thread: a swap under way either commits or not
+        with self.write_lock:
+            if self.job is not job:
+                return False  # it swapped before it could be stopped
+            self._end_job(job, None)
+        return True
+
+    def job_failed(self, job: TrainingJob, reason: str):
+        with self.write_lock:
+            if self.job is job and not self.closed:
+                self._end_job(job, reason)
+
+    def _end_job(self, job: TrainingJob, error: str | None):
+        """Forget a job that did not swap (write lock held)."""
+        with self._transaction():
+            self.db.execute("DELETE FROM state WHERE key = 'job'")
+            if error is not None:
+                self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('last_error', ?)",
+                                (json.dumps(error),))
+        self.state.pop("job", None)
+        if error is not None:
+            self.state["last_error"] = error
+        self.job = None
+
+    def _changed_since(self, seq: int, db: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray, int]:
+        """ids and originals of the points written after `seq`, and the current seq."""
+        db.execute("BEGIN")
+        try:
+            now = db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]
+            rows = db.execute("SELECT p.id, o.vector FROM points p JOIN originals o ON o.id = p.id "
+                              "WHERE p.seq > ? ORDER BY p.id", (seq,)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        x = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension)
+        return ids, x, now
+
+    def swap(self, job: TrainingJob, catch_up_rounds: int = 5):
+        """Serve the job's model: its index with every point, then one transaction for the codes
+        of every point and the generation.  Writes wait only for the last catch-up."""
+        use_threads(self.threads)
+        model_file, trained, encoded = job.outputs()
+        model = load_model(model_file)
+        new = QincoIndex(model)
+        ids = np.fromfile(job.dir / "ids.i64", dtype=np.int64)
+        codes = np.fromfile(job.dir / "codes.i32", dtype=np.int32).reshape(len(ids), encoded["width"])
+        for i0 in range(0, len(ids), 100_000):
+            new.add_codes(codes[i0:i0 + 100_000], ids[i0:i0 + 100_000])
+        seq = encoded["seq"]
+        for _ in range(catch_up_rounds):  # writes that came during the encoding, without the lock
+            with self._reading() as db:
+                changed, x, seq = self._changed_since(seq, db)
+            if len(changed):
+                new.add_codes(self._codes(model, x), changed)
+            if len(changed) < 1000 or job.cancelled.is_set():
+                break
+        with self.write_lock:
+            self._check_writable()
+            if job.cancelled.is_set():
+                raise JobCancelled()
+            changed, x, seq = self._changed_since(seq, self.db)
+            if len(changed):
+                new.add_codes(self._codes(model, x), changed)
+            new.remove(np.setdiff1d(new.ids(), self.index.ids()))  # deleted meanwhile
+            if new.ntotal != self.index.ntotal:
+                raise RuntimeError(f"the new index holds {new.ntotal} points, the collection {self.index.ntotal}")
+            generation = self.generation + 1
+            save_model(model, self._model_path(generation), {"training": trained})
+            stored_ids, stored_codes = new.stored_codes()
+            stats = {**trained, "generation": generation, "swapped": time.time()}
+            with self._transaction():
+                self.db.executemany("UPDATE points SET codes = ? WHERE id = ?",
+                                    [(c.astype(np.int32).tobytes(), int(i)) for i, c in zip(stored_ids, stored_codes)])
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (generation,))
+                self.db.execute("DELETE FROM state WHERE key IN ('job', 'last_error')")
+                self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('model', ?)", (json.dumps(stats),))
+                if not self.qinco["keep_originals"]:
+                    self.db.execute("DELETE FROM originals")
+            with self.index_lock.write():
+                self.index, self.model, self.generation, self.tuning = new, model, generation, {}
+                self.job = None
+            self.state = {"model": stats}
+            self.changed_since_snapshot = 0
+            self._remove_stale_models()
+        threading.Thread(target=self._snapshot_quietly, daemon=True).start()
+
+    def qinco_status(self) -> dict:
+        """Where the collection is: phase, job, model, bytes per point (the info's `qinco` block)."""
+        job = self.job.status() if self.job is not None else None
+        if job is not None:
+            phase = "training" if job["phase"] in ("queued", "training") else "encoding"
+        else:
+            phase = "collecting" if self.model is None else "ready"
+        stats = self.state.get("model", {})
+        ratio = None
+        if stats.get("val_mse") is not None and stats.get("rq_val_mse"):
+            ratio = round(stats["val_mse"] / stats["rq_val_mse"], 4)
+        model = None if self.model is None else {
+            "generation": self.generation, "val_mse": stats.get("val_mse"), "rq_val_mse": stats.get("rq_val_mse"),
+            "mse_vs_rq": ratio, "trained_on": stats.get("trained_on"), "bytes": self.model.cfg.M,
+            "nlist": self.model.cfg.nlist}
+        q = self.qinco or {}
+        originals = self._has_originals() and not (self.model is not None and not q.get("keep_originals"))
+        n = self.count()
+        memory = self.dimension * 4 + 8 if self.model is None else self.index.code_bytes + 8
+        try:
+            disk = sum(p.stat().st_size for p in self.folder.glob("points.sqlite*")) // max(n, 1)
+        except OSError:  # deleted meanwhile
+            disk = 0
+        return {"phase": phase, "job": job, "model": model,
+                "points_encoded": 0 if self.model is None else n,
+                "last_swap": stats.get("swapped"), "last_error": self.state.get("last_error"),
+                "train_after": q.get("train_after", 0), "train_minutes": q.get("train_minutes"),
+                "keep_originals": bool(q.get("keep_originals")), "originals": n if originals else 0,
+                "bytes_per_point": {"memory": memory, "disk": disk}}
+
     @contextmanager
     def _transaction(self):
         self.db.execute("BEGIN IMMEDIATE")
@@ -629,30 +937,43 @@ class Collection:
             raise Unavailable(self.broken)
 
     def close(self):
-        """Wait for a snapshot in progress, then refuse everything."""
+        """Stop a job (it resumes at the next open), wait for a snapshot in progress, then refuse
+        everything."""
+        self.closing = True
+        if self.job is not None:
+            self.job.cancel()
         with self._snapshotting, self.write_lock:
             self.closed = True
             self.db.close()
 
     def info(self) -> dict:
         """Qdrant's collection info (config, counts, payload schema), then QINCo's own fields."""
-        cfg = self.index.model.cfg
+        model = self.model
         default = SearchParams()
         n = self.count()
-        qdrant = {"optimizer_status": "ok", "indexed_vectors_count": n, "segments_count": 1,
-                  "config": {"params": {"vectors": {"size": cfg.d, "distance": DISTANCES[self.metric]},
+        qinco = self.qinco_status()
+        if self.broken:
+            status = "red"
+        elif qinco["job"] is not None:
+            status = "yellow"
+        else:
+            status = "grey" if model is None else "green"
+        qdrant = {"optimizer_status": "ok", "indexed_vectors_count": n if model is not None else 0,
+                  "segments_count": 1,
+                  "config": {"params": {"vectors": {"size": self.dimension, "distance": DISTANCES[self.metric]},
                                         "shard_number": 1, "replication_factor": 1,
                                         "write_consistency_factor": 1, "on_disk_payload": True},
                              "hnsw_config": {"m": 32, "ef_construct": 40, "full_scan_threshold": 0},
                              "optimizer_config": {"deleted_threshold": 0.0, "vacuum_min_vector_number": 0,
                                                   "default_segment_number": 1, "flush_interval_sec": 0},
                              "quantization_config": None}}
-        return {**qdrant, "name": self.name, "status": "red" if self.broken else "green", "dimension": cfg.d,
-                "metric": self.metric, "points_count": self.count(), "bytes_per_vector": self.index.code_bytes,
-                "nlist": cfg.nlist, "encoder": self.meta["encoder"], "tuned": bool(self.index.tuning.get("points")),
-                "default_params": {"nprobe": min(default.nprobe, cfg.nlist), "ef_search": default.ef_search,
-                                   "nshort": default.nshort},
-                "payload_schema": self.payload_indexes.schema(),
+        nlist = model.cfg.nlist if model is not None else 0
+        return {**qdrant, "name": self.name, "status": status, "dimension": self.dimension,
+                "metric": self.metric, "points_count": n, "bytes_per_vector": self.index.code_bytes,
+                "nlist": nlist, "encoder": self.meta["encoder"], "tuned": bool(self.tuning.get("points")),
+                "default_params": {"nprobe": min(default.nprobe, nlist), "ef_search": default.ef_search,
+                                   "nshort": default.nshort} if model is not None else {"exact": True},
+                "payload_schema": self.payload_indexes.schema(), "qinco": qinco,
                 "error": self.broken}
 
 
@@ -663,13 +984,15 @@ class DataDirLocked(RuntimeError):
 class Store:
     """The collections of a data directory, which one process at a time may own."""
 
-    def __init__(self, data_dir: Path, snapshot_every: int = 50_000, threads: int = 0):
+    def __init__(self, data_dir: Path, snapshot_every: int = 50_000, threads: int = 0, train_threads: int = 1,
+                 train_sample: int = 100_000):
         self.data_dir = Path(data_dir).resolve()
         self.root = self.data_dir / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_file = self._lock(self.data_dir)
         self.snapshot_every = snapshot_every
         self.threads = threads
+        self.train_threads, self.train_sample = train_threads, train_sample
         self.collections: dict[str, Collection] = {}
         self.failed: dict[str, str] = {}  # collections that could not be opened, and why
         self.lock = threading.Lock()
@@ -702,7 +1025,8 @@ class Store:
                     shutil.rmtree(folder, ignore_errors=True)  # an interrupted create or delete
                 elif (folder / "collection.json").exists():
                     try:
-                        self.collections[folder.name] = Collection(folder, self.snapshot_every, self.threads)
+                        self.collections[folder.name] = c = self._open(folder)
+                        c.resume_job()
                     except Exception as e:
                         log.exception("collection %s could not be opened", folder.name)
                         self.failed[folder.name] = f"{type(e).__name__}: {e}"
@@ -731,8 +1055,13 @@ class Store:
             raise BadRequest(f"path {path!r} does not exist in the data directory")
         return p
 
-    def create(self, name: str, metric: str, encoder: str, source: Path, from_index: bool = False) -> Collection:
-        """A new collection from a model file or an index directory (a path already checked)."""
+    def _open(self, folder: Path) -> Collection:
+        return Collection(folder, self.snapshot_every, self.threads, self.train_threads, self.train_sample)
+
+    def create(self, name: str, metric: str, encoder: str, source: Path | None = None, from_index: bool = False,
+               size: int | None = None, qinco: dict | None = None) -> Collection:
+        """A new collection from a model file or an index directory (a path already checked), or,
+        with `size` and `qinco` settings, one that trains its own model."""
         with self.lock:
             if self.closed:
                 raise Unavailable("the service is shutting down")
@@ -742,7 +1071,10 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
-                self._populate(tmp, name, metric, encoder, source, from_index)
+                if size is not None:
+                    self._populate_trainable(tmp, name, metric, encoder, size, qinco)
+                else:
+                    self._populate(tmp, name, metric, encoder, source, from_index)
                 os.replace(tmp, self.root / name)
             except BadRequest as e:  # name paths as the user gave them: inside the data directory
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -751,7 +1083,7 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             try:
-                collection = Collection(self.root / name, self.snapshot_every, self.threads)
+                collection = self._open(self.root / name)
             except Exception as e:
                 self._discard(self.root / name, name)
                 raise BadRequest(f"the new collection cannot be opened: {e}") from None
@@ -782,6 +1114,15 @@ class Store:
             db.close()
         meta = {"name": name, "uuid": str(uuid.uuid4()), "metric": metric, "encoder": encoder,
                 "created": time.time()}
+        atomic_write(folder / "collection.json", lambda f: f.write(json.dumps(meta).encode()))
+
+    @staticmethod
+    def _populate_trainable(folder: Path, name: str, metric: str, encoder: str, size: int, qinco: dict):
+        db = connect(folder / "points.sqlite")
+        db.executescript(SCHEMA)
+        db.close()
+        meta = {"name": name, "uuid": str(uuid.uuid4()), "metric": metric, "encoder": encoder,
+                "created": time.time(), "size": size, "qinco": qinco}
         atomic_write(folder / "collection.json", lambda f: f.write(json.dumps(meta).encode()))
 
     def delete(self, name: str):

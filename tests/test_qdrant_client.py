@@ -110,3 +110,17 @@ def test_async_client(server, vectors):
 
     hits, count = asyncio.run(run())
     assert hits[0].id == 4 and count == 10
+
+
+def test_create_collection_by_vector_params(server, glove_sample):
+    """Qdrant's own create call: the collection searches exactly at once, then trains its model."""
+    client = QdrantClient(url=server, prefer_grpc=False, check_compatibility=False)
+    assert client.create_collection("own", vectors_config=models.VectorParams(size=50, distance=models.Distance.EUCLID))
+    info = client.get_collection("own")
+    assert info.status == models.CollectionStatus.GREY and info.config.params.vectors.distance == models.Distance.EUCLID
+    client.upsert("own", models.Batch(ids=list(range(300)), vectors=glove_sample[:300].tolist()))
+    hits = client.query_points("own", query=glove_sample[7].tolist(), limit=3).points
+    assert hits[0].id == 7 and hits[0].score < 1e-3  # exact before a model exists: distance 0 to itself
+    with pytest.raises(qdrant_client.http.exceptions.UnexpectedResponse) as e:
+        client.create_collection("dot", vectors_config=models.VectorParams(size=50, distance=models.Distance.DOT))
+    assert e.value.status_code == 422 and b"not supported" in e.value.content

@@ -42,8 +42,8 @@ def client(data_dir):
 def create(client, name="c", **body):
     body = {"model": "models/ivf.safetensors", **body}
     r = client.put(f"/collections/{name}", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()["result"]
+    assert r.status_code == 200 and r.json()["result"] is True, r.text  # Qdrant answers true
+    return client.get(f"/collections/{name}").json()["result"]
 
 
 def upsert(client, vectors, ids, name="c", payload=True):
@@ -133,8 +133,8 @@ def test_create_from_index_directory(client, data_dir, ivf_model, vectors):
     index = QincoIndex(ivf_model)
     index.add(vectors[:100], np.arange(100) + 1000, Encoder(16, 2))
     index.save(data_dir / "indexes" / "prebuilt")
-    info = client.put("/collections/pre", json={"index": "indexes/prebuilt"}).json()["result"]
-    assert info["points_count"] == 100
+    assert client.put("/collections/pre", json={"index": "indexes/prebuilt"}).json()["result"] is True
+    assert client.get("/collections/pre").json()["result"]["points_count"] == 100
     hit = client.post("/collections/pre/points/search", json={"vector": vectors[4].tolist(), "limit": 1})
     assert hit.json()["result"][0]["id"] == 1004
     assert client.get("/collections/pre/points/1004").json()["result"]["payload"] is None

@@ -2,9 +2,10 @@
 
 from .client import AsyncClient, Client
 from .errors import (BadRequest, Conflict, ConnectionFailed, NotFound, QincoError, ServerError, TooLarge,
-                     Unauthorized)
-from .models import CollectionInfo, Record, ScoredPoint, UpdateResult
+                     TrainingFailed, Unauthorized)
+from .models import (BytesPerPoint, CollectionInfo, ModelStats, QincoStatus, Record, ScoredPoint, TrainingJob,
+                     UpdateResult)
 
 __all__ = ["Client", "AsyncClient", "QincoError", "BadRequest", "Unauthorized", "NotFound", "Conflict",
-           "TooLarge", "ServerError", "ConnectionFailed", "CollectionInfo", "ScoredPoint", "Record",
-           "UpdateResult"]
+           "TooLarge", "ServerError", "ConnectionFailed", "TrainingFailed", "CollectionInfo", "QincoStatus",
+           "TrainingJob", "ModelStats", "BytesPerPoint", "ScoredPoint", "Record", "UpdateResult"]

@@ -6,7 +6,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .models import CollectionInfo, Record, ScoredPoint, UpdateResult
+from .errors import TrainingFailed
+from .models import CollectionInfo, QincoStatus, Record, ScoredPoint, UpdateResult
+
+DISTANCES = {"cosine": "Cosine", "euclid": "Euclid", "l2": "Euclid"}  # Qdrant's names
 
 
 @dataclass
@@ -46,15 +49,74 @@ def hits(result) -> list[ScoredPoint]:
     return [ScoredPoint(**h) for h in result]
 
 
-def create_collection(name, model=None, index=None, metric="l2", encoder=None) -> Call:
-    """encoder None: the server's default."""
-    body = {k: v for k, v in (("model", model), ("index", index), ("encoder", encoder)) if v is not None}
-    return Call("PUT", f"/collections/{name}", {**body, "metric": metric},
-                idempotent=False, parse=lambda r: CollectionInfo(**r))
+def given(**settings) -> dict:
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def create_collection(name, size=None, distance=None, model=None, index=None, metric=None, encoder=None,
+                      qinco=None) -> Call:
+    """Qdrant's form (size and distance, `qinco` settings) or the form from a trained model or index.
+
+    encoder None: the server's default.
+    """
+    qinco = given(**(qinco or {}))
+    trains_itself = size is not None or distance is not None
+    if trains_itself == (model is not None or index is not None):
+        raise ValueError("give size and distance (a collection that trains itself) or model/index (trained "
+                         f"beforehand): {'not both' if trains_itself else 'neither was given'}")
+    if trains_itself:
+        if size is None or distance is None:
+            raise ValueError("a collection that trains itself needs both size and distance")
+        if metric is not None:
+            raise ValueError("metric is for the model/index form; give distance='Cosine' or 'Euclid'")
+        if distance.lower() not in DISTANCES:
+            raise ValueError(f"distance must be 'Cosine' or 'Euclid' (or 'l2'), not {distance!r}")
+        body = {"vectors": {"size": int(size), "distance": DISTANCES[distance.lower()]}, "qinco": given(**qinco),
+                **given(encoder=encoder)}
+    elif qinco:
+        raise ValueError(f"{', '.join(qinco)}: only for a collection that trains itself (size and distance)")
+    else:
+        body = {**given(model=model, index=index, encoder=encoder), "metric": metric or "l2"}
+    return Call("PUT", f"/collections/{name}", body, idempotent=False)  # Qdrant answers true
 
 
 def get_collection(name) -> Call:
     return Call("GET", f"/collections/{name}", parse=lambda r: CollectionInfo(**r))
+
+
+def train(name, minutes=None, bytes=None, nlist=None, model=None) -> Call:
+    """Start a training job: a fresh model (within `minutes`), or the trained `model` file swapped in."""
+    body = given(minutes=minutes, bytes=bytes, nlist=nlist)
+    if model is not None and body:
+        raise ValueError("give model (a trained file to swap in) or minutes/bytes/nlist, not both")
+    return Call("POST", f"/collections/{name}/train", body or given(model=model), idempotent=False,
+                parse=lambda r: QincoStatus(**r))
+
+
+def cancel_training(name) -> Call:
+    return Call("DELETE", f"/collections/{name}/train", parse=lambda r: bool(r))
+
+
+def is_ready(info: CollectionInfo) -> bool:
+    """Whether a collection serves from its trained model with no job running.
+
+    Raises TrainingFailed when the last job failed and left the collection without a model.
+    """
+    q = info.qinco
+    if q is None:  # a collection created from a trained model
+        return True
+    if q.job is not None:
+        return False
+    if q.phase != "ready" and q.last_error:
+        raise TrainingFailed(f"collection {info.name!r} ({q.phase}): training failed: {q.last_error}")
+    return q.phase == "ready"
+
+
+def not_ready(info: CollectionInfo, timeout: float) -> TimeoutError:
+    q, job = info.qinco, info.qinco.job
+    doing = f"job {job.kind} {job.phase} {job.progress:.0%}" if job else "no job"
+    return TimeoutError(f"collection {info.name!r} not ready after {timeout:g} s: {q.phase}, {doing}, "
+                        f"{info.points_count} points")
 
 
 def list_collections() -> Call:
@@ -120,21 +182,54 @@ def upsert_batches(collection, ids, vectors, payloads, batch_size):
         yield upsert_batch(collection, ids[sl], rows[sl], payloads[sl])
 
 
-@contextmanager
-def progress(total: int, enabled: bool):
-    """Yields advance(n): a tqdm bar when installed and enabled, else nothing shown.
-
-    The client depends only on httpx and pydantic.
-    """
-    bar = None
+def bar(enabled: bool, **kwargs):
+    """A tqdm bar, or None when disabled or tqdm is missing."""
     if enabled:
         try:
             from tqdm.auto import tqdm
-            bar = tqdm(total=total, unit="pt", desc="upsert")
+            return tqdm(**kwargs)
         except ImportError:
             pass
+    return None
+
+
+@contextmanager
+def progress(total: int, enabled: bool):
+    """Yields advance(n): a bar of the points sent."""
+    b = bar(enabled, total=total, unit="pt", desc="upsert")
     try:
-        yield (bar.update if bar is not None else lambda n: None)
+        yield (b.update if b is not None else lambda n: None)
     finally:
-        if bar is not None:
-            bar.close()
+        if b is not None:
+            b.close()
+
+
+@contextmanager
+def training_progress(name: str, enabled: bool):
+    """Yields show(info): a bar of the training job, with its phase and the server's ETA.
+
+    While collecting, it shows the points gathered toward `train_after`.
+    """
+    b = bar(enabled, total=100, desc=name, bar_format="{desc}: {percentage:3.0f}%|{bar}|")
+
+    def show(info: CollectionInfo):
+        q = info.qinco
+        if b is None or q is None:
+            return
+        if q.job is not None:
+            phase, done = q.job.phase, q.job.progress
+            note = "" if q.job.eta_seconds is None else f"ETA {q.job.eta_seconds:.0f} s"
+        elif q.phase == "collecting":
+            phase, done = q.phase, min(1.0, info.points_count / q.train_after) if q.train_after else 0.0
+            note = f"{info.points_count}/{q.train_after} points" if q.train_after else "trains on request"
+        else:
+            phase, done, note = q.phase, float(q.phase == "ready"), ""
+        b.set_description_str(f"{name} {phase}" + (f" ({note})" if note else ""), refresh=False)
+        b.n = round(100 * done)
+        b.refresh()
+
+    try:
+        yield show
+    finally:
+        if b is not None:
+            b.close()

@@ -10,7 +10,7 @@ import httpx
 
 from . import _requests as rq
 from .errors import ConnectionFailed, from_response
-from .models import CollectionInfo, Record, ScoredPoint, UpdateResult
+from .models import CollectionInfo, QincoStatus, Record, ScoredPoint, UpdateResult
 
 
 class _Base:
@@ -74,12 +74,47 @@ class Client(_Base):
             time.sleep(delay)
 
     # collections
-    def create_collection(self, name: str, model: str | None = None, index: str | None = None,
-                          metric: str = "l2", encoder: str | None = None) -> CollectionInfo:
-        return self._send(rq.create_collection(name, model, index, metric, encoder))
+    def create_collection(self, name: str, size: int | None = None, distance: str | None = None, *,
+                          model: str | None = None, index: str | None = None, metric: str | None = None,
+                          encoder: str | None = None, bytes: int | None = None, train_after: int | None = None,
+                          train_minutes: float | None = None, keep_originals: bool | None = None,
+                          nlist: int | None = None) -> CollectionInfo:
+        """`size` and `distance` ("Cosine" or "Euclid"): a collection that trains its model on its own points
+        (the other settings: the server's defaults when None).  Or a trained `model` or `index` file, with
+        `metric` ("l2" by default) and `encoder`."""
+        qinco = dict(bytes=bytes, train_after=train_after, train_minutes=train_minutes,
+                     keep_originals=keep_originals, nlist=nlist)
+        self._send(rq.create_collection(name, size, distance, model, index, metric, encoder, qinco))
+        return self.get_collection(name)
 
     def get_collection(self, name: str) -> CollectionInfo:
         return self._send(rq.get_collection(name))
+
+    def train(self, name: str, minutes: float | None = None, bytes: int | None = None, nlist: int | None = None,
+              model: str | None = None) -> QincoStatus:
+        """Start training now (a new model), or swap in a trained `model` file; see wait_until_ready."""
+        return self._send(rq.train(name, minutes, bytes, nlist, model))
+
+    def cancel_training(self, name: str) -> bool:
+        """Stop the job in progress; the old model, if any, keeps serving."""
+        return self._send(rq.cancel_training(name))
+
+    def wait_until_ready(self, name: str, timeout: float = 600.0, poll: float = 0.5,
+                         progress: bool = True) -> CollectionInfo:
+        """Poll until the collection serves from its trained model with no job running.
+
+        Raises TimeoutError after `timeout` seconds, TrainingFailed when the job fails with no model left.
+        """
+        deadline = time.monotonic() + timeout
+        with rq.training_progress(name, progress) as show:
+            while True:
+                info = self.get_collection(name)
+                show(info)
+                if rq.is_ready(info):
+                    return info
+                if time.monotonic() >= deadline:
+                    raise rq.not_ready(info, timeout)
+                time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
     def list_collections(self) -> list[str]:
         return self._send(rq.list_collections())
@@ -153,12 +188,38 @@ class AsyncClient(_Base):
                 return self._result(call, response)
             await asyncio.sleep(delay)
 
-    async def create_collection(self, name: str, model: str | None = None, index: str | None = None,
-                                metric: str = "l2", encoder: str | None = None) -> CollectionInfo:
-        return await self._send(rq.create_collection(name, model, index, metric, encoder))
+    async def create_collection(self, name: str, size: int | None = None, distance: str | None = None, *,
+                                model: str | None = None, index: str | None = None, metric: str | None = None,
+                                encoder: str | None = None, bytes: int | None = None,
+                                train_after: int | None = None, train_minutes: float | None = None,
+                                keep_originals: bool | None = None, nlist: int | None = None) -> CollectionInfo:
+        qinco = dict(bytes=bytes, train_after=train_after, train_minutes=train_minutes,
+                     keep_originals=keep_originals, nlist=nlist)
+        await self._send(rq.create_collection(name, size, distance, model, index, metric, encoder, qinco))
+        return await self.get_collection(name)
 
     async def get_collection(self, name: str) -> CollectionInfo:
         return await self._send(rq.get_collection(name))
+
+    async def train(self, name: str, minutes: float | None = None, bytes: int | None = None,
+                    nlist: int | None = None, model: str | None = None) -> QincoStatus:
+        return await self._send(rq.train(name, minutes, bytes, nlist, model))
+
+    async def cancel_training(self, name: str) -> bool:
+        return await self._send(rq.cancel_training(name))
+
+    async def wait_until_ready(self, name: str, timeout: float = 600.0, poll: float = 0.5,
+                               progress: bool = True) -> CollectionInfo:
+        deadline = time.monotonic() + timeout
+        with rq.training_progress(name, progress) as show:
+            while True:
+                info = await self.get_collection(name)
+                show(info)
+                if rq.is_ready(info):
+                    return info
+                if time.monotonic() >= deadline:
+                    raise rq.not_ready(info, timeout)
+                await asyncio.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
     async def list_collections(self) -> list[str]:
         return await self._send(rq.list_collections())

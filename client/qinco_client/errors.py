@@ -39,6 +39,10 @@ class ConnectionFailed(QincoError):  # no answer after the retries
     pass
 
 
+class TrainingFailed(QincoError):  # the training job ended with an error; the collection has no model
+    pass
+
+
 BY_STATUS = {400: BadRequest, 401: Unauthorized, 404: NotFound, 409: Conflict, 413: TooLarge, 422: BadRequest}
 
 

@@ -29,4 +29,5 @@ async def readyz(svc: Service = Depends(service)):
 def metrics(svc: Service = Depends(service)):
     for name, c in list(svc.store.collections.items()):
         svc.metrics.points.labels(name).set(c.count())
+        svc.metrics.observe_training(name, c.qinco_status())
     return PlainTextResponse(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

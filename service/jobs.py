@@ -1,0 +1,133 @@
+"""A collection's background training job, seen from the server.
+
+A job trains a model on a sample of the collection's original vectors (or takes a model file the
+user gave), encodes every point with it, and hands the result to `Collection.swap`, which
+switches to it atomically.  The heavy work runs in a child process (service/worker.py); this
+thread starts it, reads its progress, stops it on cancel, and does the swap.
+
+The job's record (id, kind, request) is a row of the collection's SQLite `state` table, written
+when it starts and removed by the swap's transaction (or on cancel or failure).  A job whose
+row is still there when the collection opens (the server died) starts again by itself; a model
+it had finished training (JOB_DIR/trained.json) is kept and only the encoding runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("qinco.jobs")
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class TrainingJob:
+    def __init__(self, collection, record: dict, train_threads: int):
+        self.collection = collection
+        self.record = record  # {"id", "kind", "request", "started"}: what the state row holds
+        self.dir: Path = collection.folder / "jobs" / record["id"]
+        self.train_threads = train_threads
+        self.phase = "queued"  # queued, training, encoding, swapping
+        self.cancelled = threading.Event()
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"train-{collection.name}")
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    def start(self):
+        self.thread.start()
+
+    def cancel(self, wait: bool = True):
+        """Stop the worker; the collection keeps serving what it served before."""
+        self.cancelled.set()
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                self._process.kill()
+        if wait and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=60)
+
+    def status(self) -> dict:
+        """The job's phase and the worker's last progress report."""
+        progress = {}
+        try:
+            progress = json.loads((self.dir / "progress.json").read_text())
+        except (OSError, ValueError):
+            pass
+        phase = self.phase if self.phase in ("queued", "swapping") else progress.get("phase", self.phase)
+        request = self.record["request"]
+        done = progress.get("progress", 0.0) if phase == progress.get("phase") else 0.0
+        return {"id": self.id, "kind": self.record["kind"], "phase": phase,
+                "progress": 1.0 if phase == "swapping" else done,
+                "eta_seconds": progress.get("eta_seconds") if phase == progress.get("phase") else None,
+                "started": self.record["started"], "minutes": request.get("minutes"),
+                "points_encoded": progress.get("points_encoded", 0), "points_total": progress.get("points_total"),
+                "val_mse": progress.get("val_mse"), "rq_val_mse": progress.get("rq_val_mse")}
+
+    # ---- the job's thread -----------------------------------------------------------------
+    def _run(self):
+        c = self.collection
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in ("progress.json", "encoded.json", "error.txt"):  # of an interrupted run
+                (self.dir / stale).unlink(missing_ok=True)
+            request = {**self.record["request"], "database": str(c.folder / "points.sqlite"),
+                       "kind": self.record["kind"], "threads": self.train_threads}
+            (self.dir / "request.json").write_text(json.dumps(request))
+            self.phase = "training"
+            self._work()
+            self.phase = "swapping"
+            c.swap(self)
+            log.info("%s: job %s done: serving model generation %d", c.name, self.id, c.generation)
+        except JobCancelled:
+            log.info("%s: job %s cancelled", c.name, self.id)
+        except Exception as e:
+            if self.cancelled.is_set():
+                log.info("%s: job %s cancelled", c.name, self.id)
+            else:
+                log.exception("%s: job %s failed", c.name, self.id)
+                c.job_failed(self, f"{type(e).__name__}: {e}")
+        finally:
+            if not c.closing:  # at shutdown the job's folder stays: the job resumes at the next start
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _work(self):
+        """Run the worker to the end (train if needed, then encode)."""
+        if self.cancelled.is_set():
+            raise JobCancelled()
+        env = {**os.environ, "TQDM_DISABLE": "1"}  # its log lines go to the server log; no bars
+        with self._lock:
+            if self.cancelled.is_set():
+                raise JobCancelled()
+            self._process = subprocess.Popen([sys.executable, "-m", "service.worker", str(self.dir)],
+                                             env=env, stdin=subprocess.DEVNULL)
+        last_phase = None
+        while self._process.poll() is None:
+            time.sleep(0.2)
+            status = self.status()
+            if status["phase"] != last_phase:
+                last_phase = status["phase"]
+                log.info("%s: job %s %s", self.collection.name, self.id, last_phase)
+        if self.cancelled.is_set():
+            raise JobCancelled()
+        if self._process.returncode != 0:
+            reason = (self.dir / "error.txt").read_text() if (self.dir / "error.txt").exists() else \
+                f"the training worker exited with code {self._process.returncode}"
+            raise RuntimeError(reason)
+
+    def outputs(self) -> tuple[Path, dict, dict]:
+        """The finished model file, its figures, and the encoding's manifest."""
+        trained = json.loads((self.dir / "trained.json").read_text())
+        encoded = json.loads((self.dir / "encoded.json").read_text())
+        return self.dir / "model.safetensors", trained, encoded

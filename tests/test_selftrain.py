@@ -1,0 +1,230 @@
+"""Self-training collections over REST: create by size and distance, exact search while collecting,
+automatic training, the swap, retraining, cancel, swap-in of a model file, rescore, kill -9."""
+
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from model.io import save_model
+from tests.server import free_port, serve
+
+SETTINGS = {"bytes": 4, "train_after": 2000, "train_minutes": 0.05}
+ENV = {"QINCO_TRAIN_THREADS": "1"}
+
+
+@pytest.fixture
+def server(tmp_path, ivf_model):
+    (tmp_path / "models").mkdir()
+    save_model(ivf_model, tmp_path / "models" / "ivf.safetensors")
+    port = free_port()
+    proc = serve(tmp_path, port, "--no-demo", env=ENV)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        yield client
+    proc.kill()
+    proc.wait()
+
+
+def create(client, name="own", distance="Euclid", **qinco):
+    r = client.put(f"/collections/{name}", json={"vectors": {"size": 50, "distance": distance},
+                                                 "qinco": {**SETTINGS, **qinco}})
+    assert r.status_code == 200 and r.json()["result"] is True, r.text  # Qdrant answers true
+    return info(client, name)
+
+
+def upsert(client, ids, x, name="own"):
+    r = client.put(f"/collections/{name}/points",
+                   json={"batch": {"ids": [int(i) for i in ids], "vectors": x.tolist(),
+                                   "payloads": [{"i": int(i), "even": int(i) % 2 == 0} for i in ids]}})
+    assert r.status_code == 200, r.text
+
+
+def info(client, name="own"):
+    r = client.get(f"/collections/{name}")
+    assert r.status_code == 200, r.text
+    return r.json()["result"]
+
+
+def wait_for(client, done, name="own", timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        i = info(client, name)
+        if done(i):
+            return i
+        assert i["qinco"]["last_error"] is None, i["qinco"]["last_error"]
+        time.sleep(0.2)
+    raise AssertionError(f"timed out: {info(client, name)['qinco']}")
+
+
+def search(client, x, name="own", **body):
+    r = client.post(f"/collections/{name}/points/search", json={"vector": x.tolist(), **body})
+    assert r.status_code == 200, r.text
+    return r.json()["result"]
+
+
+def exact_ids(base, ids, q, k):
+    d = ((base - q) ** 2).sum(1)
+    return [int(ids[j]) for j in np.argsort(d, kind="stable")[:k]]
+
+
+def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
+    x = glove_sample
+    i = create(server)
+    assert i["status"] == "grey" and i["qinco"]["phase"] == "collecting"
+    assert i["config"]["params"]["vectors"] == {"size": 50, "distance": "Euclid"}
+    # Collecting: exact results from the first point on, filters included.
+    upsert(server, range(1500), x[:1500])
+    for q in x[5000:5005]:
+        hits = search(server, q, limit=5)
+        assert [h["id"] for h in hits] == exact_ids(x[:1500], np.arange(1500), q, 5)
+        assert abs(hits[0]["score"] - float(np.sqrt(((x[hits[0]["id"]] - q) ** 2).sum()))) < 1e-4
+        filtered = search(server, q, limit=5, filter={"must": [{"key": "even", "match": {"value": True}}]})
+        assert [h["id"] for h in filtered] == exact_ids(x[:1500:2], np.arange(0, 1500, 2), q, 5)
+    # The 2000th point starts training; writes go on during it and none is lost.
+    upsert(server, range(1500, 2100), x[1500:2100])
+    i = wait_for(server, lambda i: i["qinco"]["phase"] != "collecting")
+    assert i["status"] == "yellow" and i["qinco"]["job"]["kind"] == "train"
+    written = 2100
+    while info(server)["qinco"]["phase"] != "ready" and written < 4000:
+        upsert(server, range(written, written + 100), x[written:written + 100])
+        written += 100
+    i = wait_for(server, lambda i: i["qinco"]["phase"] == "ready")
+    upsert(server, range(written, written + 100), x[written:written + 100])
+    written += 100
+    i = info(server)
+    assert i["status"] == "green" and i["points_count"] == written
+    q = i["qinco"]
+    assert q["model"]["generation"] == 1 and q["model"]["bytes"] == 4 and q["points_encoded"] == written
+    assert q["model"]["mse_vs_rq"] is not None and q["last_swap"] is not None and q["originals"] == written
+    # Every point is served by the new model: a stored vector finds itself.
+    found = sum(search(server, x[j], limit=1)[0]["id"] == j for j in range(0, written, 97))
+    assert found >= 0.8 * len(range(0, written, 97))
+    r = server.post("/collections/own/points/count", json={"exact": True})
+    assert r.json()["result"]["count"] == written
+    # Rescore: the candidates in the exact order of their originals.
+    for qv in x[6000:6005]:
+        hits = search(server, qv, limit=10, params={"quantization": {"rescore": True, "oversampling": 3}})
+        exact = [float(np.sqrt(((x[h["id"]] - qv) ** 2).sum())) for h in hits]
+        assert np.allclose([h["score"] for h in hits], exact, atol=1e-4) and exact == sorted(exact)
+    # Retrain: 409 while a job runs, then a second swap.
+    r = server.post("/collections/own/train", json={"minutes": 0.05})
+    assert r.status_code == 202 and r.json()["result"]["job"]["kind"] == "train"
+    r = server.post("/collections/own/train")
+    assert r.status_code == 409 and "already training" in r.json()["status"]["error"]
+    i = wait_for(server, lambda i: i["qinco"]["model"]["generation"] == 2 and i["qinco"]["phase"] == "ready")
+    assert i["points_count"] == written
+    # A cancelled job leaves the serving model; cancelling nothing is a 404.
+    assert server.post("/collections/own/train", json={"minutes": 5}).status_code == 202
+    r = server.delete("/collections/own/train")
+    assert r.status_code == 200, r.text
+    i = info(server)
+    assert i["qinco"]["job"] is None and i["qinco"]["model"]["generation"] == 2 and i["status"] == "green"
+    assert server.delete("/collections/own/train").status_code == 404
+    # Swap in a model trained offline (the conftest's IVF model).
+    r = server.post("/collections/own/train", json={"model": "models/ivf.safetensors"})
+    assert r.status_code == 202, r.text
+    i = wait_for(server, lambda i: i["qinco"]["model"]["generation"] == 3 and i["qinco"]["phase"] == "ready")
+    assert i["qinco"]["model"]["nlist"] == 16 and i["points_count"] == written
+
+
+def test_keep_originals_false_holds_only_codes(server, glove_sample):
+    create(server, "codes", distance="Cosine", keep_originals=False, train_after=0)
+    x = glove_sample[:1200]
+    upsert(server, range(1200), x, name="codes")
+    assert info(server, "codes")["qinco"]["phase"] == "collecting"  # train_after 0: no automatic training
+    r = server.post("/collections/codes/train", json={"minutes": 0.05, "nlist": 64})
+    assert r.status_code == 400 and "at least 2048" in r.json()["status"]["error"]
+    assert server.post("/collections/codes/train", json={"minutes": 0.05}).status_code == 202
+    i = wait_for(server, lambda i: i["qinco"]["phase"] == "ready", name="codes")
+    assert i["qinco"]["originals"] == 0 and i["status"] == "green"
+    hits = search(server, x[3], name="codes", limit=3)
+    assert hits[0]["id"] == 3 and hits[0]["score"] > 0.9  # cosine similarity
+    r = server.post("/collections/codes/points/search", json={"vector": x[3].tolist(), "params": {"rescore": True}})
+    assert r.status_code == 400 and "keeps no original vectors" in r.json()["status"]["error"]
+    r = server.post("/collections/codes/train")
+    assert r.status_code == 400 and "keeps no original vectors" in r.json()["status"]["error"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"vectors": {"size": 50, "distance": "Dot"}}, 422, "'Dot' is not supported"),
+    ({"vectors": {"size": 50, "distance": "Manhattan"}}, 422, "not supported"),
+    ({"vectors": {"text": {"size": 50, "distance": "Cosine"}}}, 422, "named vectors are not supported"),
+    ({"vectors": {"size": 0, "distance": "Cosine"}}, 422, "size"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"train_after": 10}}, 400, "at least 1000"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"train_after": 2000, "nlist": 1024}}, 400,
+     "nlist 1024"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"colour": "red"}}, 422, "colour"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"train_minutes": 0}}, 422, "train_minutes"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "metric": "l2"}, 422, "distance"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "model": "models/ivf.safetensors"}, 422, "exactly one"),
+    ({"model": "models/ivf.safetensors", "qinco": {"bytes": 8}}, 422, "'qinco' settings"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "shard_number": 2}, 422, "shard_number"),
+])
+def test_bad_create_bodies_change_nothing(server, body, status, message):
+    r = server.put("/collections/bad", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.text
+    assert server.get("/collections/bad/exists").json()["result"]["exists"] is False
+
+
+def test_qdrant_create_body_and_bad_train_requests(server, glove_sample):
+    # Qdrant's full create body, as qdrant-client sends it: the extra settings are accepted.
+    r = server.put("/collections/q", json={"vectors": {"size": 50, "distance": "Cosine", "on_disk": None},
+                                           "shard_number": 1, "replication_factor": 1, "on_disk_payload": True,
+                                           "hnsw_config": {"m": 16}, "sparse_vectors": {}})
+    assert r.status_code == 200, r.text
+    r = server.put("/collections/q/points", json={"points": [{"id": 1, "vector": [0.1] * 49}]})
+    assert r.status_code == 400 and "expected dim 50" in r.text
+    r = server.post("/collections/q/train")
+    assert r.status_code == 400 and "training needs at least 1000" in r.json()["status"]["error"]
+    r = server.post("/collections/q/train", json={"model": "models/ivf.safetensors", "minutes": 1})
+    assert r.status_code == 422
+    r = server.post("/collections/q/train", json={"model": "../outside.safetensors"})
+    assert r.status_code == 400
+    # A collection created from a model keeps no originals: it cannot train or rescore.
+    assert server.put("/collections/m", json={"model": "models/ivf.safetensors"}).status_code == 200
+    r = server.post("/collections/m/train")
+    assert r.status_code == 400 and "keeps no original vectors" in r.json()["status"]["error"]
+    m = info(server, "m")
+    assert m["status"] == "green" and m["qinco"]["phase"] == "ready" and m["qinco"]["model"]["generation"] == 0
+    metrics = server.get("/metrics").text
+    assert 'qinco_collection_phase{collection="q",phase="collecting"} 1.0' in metrics
+
+
+def test_kill_9_during_training_and_encoding_loses_nothing(tmp_path, glove_sample):
+    """The server dies mid-training, then mid-encoding: every acknowledged point is there after
+    each restart, the job resumes by itself, and the collection ends serving its new model."""
+    x = glove_sample
+    port = free_port()
+    proc = serve(tmp_path, port, "--no-demo", env=ENV)
+    url = f"http://127.0.0.1:{port}"
+    acked = 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        create(client, train_minutes=0.3)
+        for start in range(0, 6000, 500):
+            upsert(client, range(start, start + 500), x[start:start + 500])
+            acked = start + 500
+        wait_for(client, lambda i: (i["qinco"]["job"] or {}).get("phase") == "training")
+        upsert(client, range(acked, acked + 100), x[acked:acked + 100])
+        acked += 100
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for kill_in in ("encoding", None):
+        port = free_port()
+        proc = serve(tmp_path, port, "--no-demo", env=ENV)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            i = info(client)
+            assert i["points_count"] == acked
+            if kill_in is None:
+                i = wait_for(client, lambda i: i["qinco"]["phase"] == "ready")
+                assert i["qinco"]["model"]["generation"] == 1 and i["points_count"] == acked
+                r = client.post("/collections/own/points", json={"ids": list(range(acked)), "with_payload": True})
+                assert sorted(p["payload"]["i"] for p in r.json()["result"]) == list(range(acked))
+                assert search(client, x[4321], limit=1)[0]["id"] == 4321
+            else:
+                assert i["qinco"]["job"] is not None  # resumed by itself
+                wait_for(client, lambda i: i["qinco"]["phase"] in (kill_in, "ready"), timeout=300)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
