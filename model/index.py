@@ -532,9 +532,17 @@ class ExactIndex:
         I = np.full((len(xq), kk), -1, dtype=np.int64)
         if kk == 0:
             return D, I
+        step = 64  # queries per block: (64, EXACT_BLOCK) distances, ~25 MB of temporaries
+        for q0 in range(0, len(xq), step):
+            D[q0:q0 + step], I[q0:q0 + step] = self._search_block(xq[q0:q0 + step], kk, mask)
+        return D, I
+
+    def _search_block(self, xq: np.ndarray, kk: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        D = np.full((len(xq), kk), np.inf, dtype=np.float32)
+        I = np.full((len(xq), kk), -1, dtype=np.int64)
         q_norms = (xq ** 2).sum(1, keepdims=True)
-        for r0 in range(0, n, EXACT_BLOCK):
-            block = self._x[r0:min(n, r0 + EXACT_BLOCK)]
+        for r0 in range(0, self._n, EXACT_BLOCK):
+            block = self._x[r0:min(self._n, r0 + EXACT_BLOCK)]
             dist = q_norms - 2 * xq @ block.T + (block ** 2).sum(1)[None]
             if mask is not None:
                 dist[:, ~mask[r0:r0 + len(block)]] = np.inf

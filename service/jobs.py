@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -79,7 +78,8 @@ class TrainingJob:
     def _run(self):
         c = self.collection
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            (c.folder / "jobs").mkdir(exist_ok=True)
+            self.dir.mkdir(exist_ok=True)  # not parents: never recreate a deleted collection's folder
             for stale in ("progress.json", "encoded.json", "error.txt"):  # of an interrupted run
                 (self.dir / stale).unlink(missing_ok=True)
             request = {**self.record["request"], "database": str(c.folder / "points.sqlite"),
@@ -98,9 +98,8 @@ class TrainingJob:
             else:
                 log.exception("%s: job %s failed", c.name, self.id)
                 c.job_failed(self, f"{type(e).__name__}: {e}")
-        finally:
-            if not c.closing:  # at shutdown the job's folder stays: the job resumes at the next start
-                shutil.rmtree(self.dir, ignore_errors=True)
+        # Its folder goes with its record (Collection._end_job, Collection.swap): a folder without a
+        # record is removed at the next open, and one with a record lets the job resume.
 
     def _work(self):
         """Run the worker to the end (train if needed, then encode)."""

@@ -156,6 +156,15 @@ INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
 
 
+def fsync_folder(folder: Path):
+    """Make renames and new files in a folder durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -189,12 +198,12 @@ class Collection:
         self.db = connect(folder / "points.sqlite")
         self.db.executescript(SCHEMA)
         self.generation = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
-        self._remove_stale_models()
         path = self._model_path(self.generation)
         if self.qinco is not None and not path.exists() and self.generation == 0:
             self.model = None  # collecting: exact search over the originals
         else:
             self.model = load_model(path)
+        self._remove_stale_models()  # only once the current one has loaded
         tuning_path = folder / "tuning.json"
         self.tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() and self.generation == 0 else {}
         self._local = threading.local()
@@ -301,9 +310,7 @@ class Collection:
                 os.replace(snap, old)
             os.replace(tmp, snap)
             shutil.rmtree(old, ignore_errors=True)
-            fd = os.open(self.folder, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            fsync_folder(self.folder)
             with self.write_lock:
                 self.db.execute("DELETE FROM deleted WHERE seq <= ?", (seq,))
             self.snapshot_seq = seq
@@ -422,10 +429,8 @@ class Collection:
         x = self.prepare(queries)
         params = params or {}
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        rescore = bool(params.get("rescore"))
-        if rescore and not self._has_originals():
-            raise BadRequest(f"collection {self.name!r} keeps no original vectors: rescore needs a self-training "
-                             f"collection with keep_originals")
+        # Qdrant ignores quantization settings that do not apply: so does rescore without originals.
+        rescore = bool(params.get("rescore")) and self._has_originals()
         vectors = {}
         try:
             with self.index_lock.read():  # one index throughout, even if a swap replaces it meanwhile
@@ -435,7 +440,10 @@ class Collection:
                 if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals
                     k = min(MAX_RESCORE, math.ceil(k * (params.get("oversampling") or 1.0)))
                 sp = self._search_params(index, params)
-                (budget or SearchBudget()).take(len(x), k, sp.nshort if sp else 0, with_vector, self.dimension)
+                budget = budget or SearchBudget()
+                budget.take(len(x), k, sp.nshort if sp else 0, with_vector, self.dimension)
+                if rescore:  # the originals read back count as returned vectors
+                    budget.take(len(x), k, 0, True, self.dimension)
                 allowed = self.filter_ids(filter) if filter is not None else None
                 D, I = index.search(x, k, sp, allowed_ids=allowed)
                 if with_vector:  # decoded together, before a write can remove them
@@ -454,7 +462,7 @@ class Collection:
             hits = []
             for dist, i in zip(D[q], I[q]):
                 i = int(i)
-                if exclude and i in exclude[q]:
+                if i < 0 or (exclude and i in exclude[q]):
                     continue
                 if with_payload and i not in payloads:  # deleted since the search: its row is gone
                     continue
@@ -484,14 +492,20 @@ class Collection:
 
     def _rescore(self, x: np.ndarray, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidates re-ranked by the exact distance to their original vectors (read from disk)."""
-        originals = self.originals(np.unique(I[I >= 0]))
-        D = D.copy()
-        for q in range(len(x)):
-            for j, i in enumerate(I[q]):
-                if int(i) in originals:
-                    D[q, j] = float(((x[q] - originals[int(i)]) ** 2).sum())
+        found = np.unique(I[I >= 0])
+        originals = self.originals(found)
+        rows = np.searchsorted(found, np.maximum(I, 0))
+        have = np.array([int(i) in originals for i in found] + [False], dtype=bool)[np.where(I >= 0, rows, -1)]
+        table = np.stack([originals.get(int(i), np.zeros(self.dimension, np.float32)) for i in found]) \
+            if len(found) else np.zeros((0, self.dimension), np.float32)
+        exact = ((x[:, None, :] - table[np.where(have, rows, 0)]) ** 2).sum(-1) if len(found) else D
+        # A candidate deleted meanwhile (no original) goes last rather than mixing two distances.
+        D = np.where(have, exact, np.inf).astype(np.float32)
         order = np.argsort(D, axis=1, kind="stable")
-        return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+        D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+        gone = ~np.isfinite(D)
+        D[gone], I[gone] = 0.0, -1  # skipped by `search`
+        return D, I
 
     def originals(self, ids) -> dict[int, np.ndarray]:
         """The stored original vectors of `ids` (absent ones skipped)."""
@@ -724,6 +738,8 @@ class Collection:
         request = request or {}
         with self.write_lock:
             self._check_writable()
+            if self.closing:
+                raise NotFound(f"collection {self.name!r} is closing")
             if self.job is not None:
                 raise Conflict(f"collection {self.name!r} is already training (job {self.job.id}); wait for it "
                                f"or cancel it with DELETE /collections/{self.name}/train")
@@ -738,6 +754,9 @@ class Collection:
                 model = self._check_model(model_source)
             else:
                 need = min_points(settings.get("nlist"))
+                if need > self.train_sample:
+                    raise BadRequest(f"nlist {settings['nlist']} needs {need} training points, more than the "
+                                     f"{self.train_sample} a job samples (QINCO_TRAIN_SAMPLE)")
                 if n < need:
                     raise BadRequest(f"collection {self.name!r} holds {n} points; training needs at least {need}"
                                      + (f" (nlist {settings['nlist']} x {MIN_PER_LIST} per list)"
@@ -755,6 +774,9 @@ class Collection:
                     {"val_mse": None, "rq_val_mse": None, "trained_on": None}).encode()))
             with self._transaction():
                 self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('job', ?)", (json.dumps(record),))
+                self.db.execute("DELETE FROM state WHERE key = 'paused'")
+            self.state.pop("paused", None)
+            self.state["job"] = record
             self.job = job
             job.start()
         log.info("%s: job %s started (%s, %d points)", self.name, job.id, kind, n)
@@ -773,10 +795,10 @@ class Collection:
 
     def _maybe_train(self):
         """Start training once a collection collecting its first points holds `train_after` of them
-        (write lock held).  After a failed job it waits for an explicit train request."""
+        (write lock held).  After a failed or cancelled job it waits for an explicit train request."""
         q = self.qinco
         if (q is None or self.model is not None or self.job is not None or not q["train_after"]
-                or self.index.ntotal < q["train_after"] or self.state.get("last_error")):
+                or self.index.ntotal < q["train_after"] or self.state.get("last_error") or self.state.get("paused")):
             return
         threading.Thread(target=self._auto_train, daemon=True).start()  # after the caller releases the lock
 
@@ -791,7 +813,10 @@ class Collection:
     def resume_job(self):
         """Start again a job that the last run of the server left unfinished."""
         record = self.state.get("job")
-        if record is not None and self.job is None and not self.closed:
+        for folder in (self.folder / "jobs").glob("*"):  # of jobs that ended (or were never recorded)
+            if record is None or folder.name != record["id"]:
+                shutil.rmtree(folder, ignore_errors=True)
+        if record is not None and self.job is None and not self.closing:
             log.info("%s: resuming job %s (%s)", self.name, record["id"], record["kind"])
             self.job = TrainingJob(self, record, self.train_threads)
             self.job.start()
@@ -805,7 +830,7 @@ class Collection:
         with self.write_lock:
             if self.job is not job:
                 return False  # it swapped before it could be stopped
-            self._end_job(job, None)
+            self._end_job(job, None, paused=self.model is None)
         return True
 
     def job_failed(self, job: TrainingJob, reason: str):
@@ -813,17 +838,23 @@ class Collection:
             if self.job is job and not self.closed:
                 self._end_job(job, reason)
 
-    def _end_job(self, job: TrainingJob, error: str | None):
-        """Forget a job that did not swap (write lock held)."""
+    def _end_job(self, job: TrainingJob, error: str | None, paused: bool = False):
+        """Forget a job that did not swap (write lock held): its record first, then its files.
+        A cancel while collecting pauses automatic training until the next train request."""
         with self._transaction():
             self.db.execute("DELETE FROM state WHERE key = 'job'")
             if error is not None:
                 self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('last_error', ?)",
                                 (json.dumps(error),))
+            if paused:
+                self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('paused', 'true')")
         self.state.pop("job", None)
         if error is not None:
             self.state["last_error"] = error
+        if paused:
+            self.state["paused"] = True
         self.job = None
+        shutil.rmtree(job.dir, ignore_errors=True)
 
     def _changed_since(self, seq: int, db: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray, int]:
         """ids and originals of the points written after `seq`, and the current seq."""
@@ -840,7 +871,8 @@ class Collection:
 
     def swap(self, job: TrainingJob, catch_up_rounds: int = 5):
         """Serve the job's model: its index with every point, then one transaction for the codes
-        of every point and the generation.  Writes wait only for the last catch-up."""
+        of every point and the generation.  Writes wait for the last catch-up and that transaction
+        (an UPDATE of every row: seconds per million points); searches go on."""
         use_threads(self.threads)
         model_file, trained, encoded = job.outputs()
         model = load_model(model_file)
@@ -869,6 +901,7 @@ class Collection:
                 raise RuntimeError(f"the new index holds {new.ntotal} points, the collection {self.index.ntotal}")
             generation = self.generation + 1
             save_model(model, self._model_path(generation), {"training": trained})
+            fsync_folder(self.folder)  # the file outlives a power loss before the commit names it
             stored_ids, stored_codes = new.stored_codes()
             stats = {**trained, "generation": generation, "swapped": time.time()}
             with self._transaction():
@@ -885,11 +918,13 @@ class Collection:
             self.state = {"model": stats}
             self.changed_since_snapshot = 0
             self._remove_stale_models()
+            shutil.rmtree(job.dir, ignore_errors=True)
         threading.Thread(target=self._snapshot_quietly, daemon=True).start()
 
     def qinco_status(self) -> dict:
         """Where the collection is: phase, job, model, bytes per point (the info's `qinco` block)."""
-        job = self.job.status() if self.job is not None else None
+        job = self.job  # read once: a swap may clear it meanwhile
+        job = job.status() if job is not None else None
         if job is not None:
             phase = "training" if job["phase"] in ("queued", "training") else "encoding"
         else:
@@ -939,9 +974,11 @@ class Collection:
     def close(self):
         """Stop a job (it resumes at the next open), wait for a snapshot in progress, then refuse
         everything."""
-        self.closing = True
-        if self.job is not None:
-            self.job.cancel()
+        with self.write_lock:  # no job can start after this
+            self.closing = True
+            job = self.job
+        if job is not None:
+            job.cancel()
         with self._snapshotting, self.write_lock:
             self.closed = True
             self.db.close()

@@ -93,17 +93,21 @@ def connect(database: str) -> sqlite3.Connection:
 
 
 def read_sample(db: sqlite3.Connection, d: int, n: int, seed: int) -> np.ndarray:
-    """Up to n original vectors chosen at random: training never loads a whole large collection."""
-    ids = np.array([r[0] for r in db.execute("SELECT id FROM originals")], dtype=np.int64)
-    if len(ids) > n:
-        ids = np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
-    out = np.empty((len(ids), d), dtype=np.float32)
-    for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-        chunk = ids[i0:i0 + 900].tolist()
-        rows = db.execute(f"SELECT vector FROM originals WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
-                          chunk).fetchall()
-        out[i0:i0 + len(rows)] = np.frombuffer(b"".join(r[0] for r in rows), dtype=np.float32).reshape(-1, d)
-    return out
+    """Up to n original vectors chosen at random, in one read transaction (points deleted
+    meanwhile cannot leave holes): training never loads a whole large collection."""
+    db.execute("BEGIN")
+    try:
+        ids = np.array([r[0] for r in db.execute("SELECT id FROM originals")], dtype=np.int64)
+        if len(ids) > n:
+            ids = np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
+        blobs = []
+        for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[i0:i0 + 900].tolist()
+            blobs += [r[0] for r in db.execute(
+                f"SELECT vector FROM originals WHERE id IN ({','.join('?' * len(chunk))})", chunk)]
+    finally:
+        db.execute("COMMIT")
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), d)
 
 
 def train_model(job_dir: Path, request: dict, db: sqlite3.Connection, progress: Progress):

@@ -223,3 +223,34 @@ def test_concurrent_searches_agree_with_serial_ones(index, glove_sample):
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(lambda q: index.search(q, 10, params)[1], queries * 3))
     assert all((p == serial[i % 8]).all() for i, p in enumerate(parallel))
+
+
+def test_exact_index_matches_brute_force_through_upserts_removals_and_filters(gaussian):
+    from model.index import EXACT_BLOCK, ExactIndex
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((EXACT_BLOCK + 500, 16)).astype(np.float32)  # more than one block
+    index = ExactIndex(16)
+    ids = np.arange(len(x)) * 3
+    index.add_vectors(x[:1000], ids[:1000])
+    index.add_vectors(x[1000:], ids[1000:])
+    index.add_vectors(x[:10] + 1, ids[:10])  # replaced
+    index.remove(ids[10:20])
+    stored = {int(i): v for i, v in zip(ids, x)}
+    stored.update({int(i): v + 1 for i, v in zip(ids[:10], x[:10])})
+    for i in ids[10:20]:
+        del stored[int(i)]
+    assert index.ntotal == len(stored) and list(index.ids()) == sorted(stored)
+    keys = np.array(sorted(stored))
+    base = np.stack([stored[int(k)] for k in keys])
+    q = gaussian[:5]
+    D, I = index.search(q, 7)
+    exact = ((q[:, None] - base[None]) ** 2).sum(-1)
+    assert (I == keys[np.argsort(exact, 1)[:, :7]]).all()
+    assert np.allclose(D, np.sort(exact, 1)[:, :7], rtol=1e-4, atol=1e-3)
+    allowed = keys[::50]
+    D, I = index.search(q, 3, allowed_ids=allowed)
+    sub = ((q[:, None] - base[::50][None]) ** 2).sum(-1)
+    assert (I == allowed[np.argsort(sub, 1)[:, :3]]).all()
+    assert index.search(q, 3, allowed_ids=np.array([ids[15]]))[1].shape == (5, 0)  # removed: nothing allowed
+    vectors, found = index.reconstruct_many([ids[0], ids[15]])
+    assert found.tolist() == [True, False] and np.allclose(vectors[0], x[0] + 1)
