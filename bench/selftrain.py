@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ import faiss  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.soak import free_port, percentiles, rss_kib, start_server  # noqa: E402
+from bench.soak import free_port, percentiles, rss_kib, start_server, stop_server  # noqa: E402
 from model import datasets  # noqa: E402
 
 COLLECTION = "selftrain"
@@ -350,12 +349,7 @@ def main(argv=None) -> int:
             pass
     finally:
         watcher.stop.set()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 

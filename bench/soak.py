@@ -91,6 +91,16 @@ def start_server(data_dir: Path, port: int, env: dict, log_path: Path, timeout: 
     raise RuntimeError(f"server not ready after {timeout}s; see {log_path}")
 
 
+def stop_server(proc: subprocess.Popen):
+    """SIGTERM (a clean shutdown), then kill after 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Stats:
     def __init__(self, t0: float):
         self.t0 = t0
@@ -348,12 +358,7 @@ def main(argv=None) -> int:
         result = verify(url, clients, stats) if proc.poll() is None else {"skipped": "server died"}
         rss["after_verify_kib"] = rss_kib(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
     per_minute = {}
     for (minute, op), xs in sorted(stats.latency.items()):

@@ -134,12 +134,13 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
 
 
 def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConfig(),
-          resume: bool = False, progress=None) -> Qinco:
+          resume: bool = False, progress=None, report: bool = True) -> Qinco:
     """Train a QINCo model on raw vectors `data` (n, d) and save it to `out`.
 
     The best model by validation MSE is saved after every improvement, so an
     interrupted run leaves a usable file; `resume` continues from it.
     progress(state, elapsed seconds, budget seconds), if given, is called after every chunk.
+    report: end with the table of validation MSEs per encoder (the quality encoder's is slow).
     """
     start = time.time()
     budget = tc.max_minutes * 60
@@ -272,7 +273,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             f"MSE {table_mse:.5g}")
         best = {k: v.clone() for k, v in model.state_dict().items()}
     checkpoint()
-    summarize(model, xv, lv, state)
+    if report:
+        summarize(model, xv, lv, state)
     return model
 
 

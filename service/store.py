@@ -390,16 +390,19 @@ class Collection:
         with self.index_lock.read():
             return len(self.filter_ids(f))
 
-    def payloads(self, ids) -> dict[int, dict | None]:
+    def _column(self, table: str, column: str, ids) -> list[tuple]:
+        """(id, column) rows of `table` for `ids` (absent ones skipped)."""
         ids = [int(i) for i in ids]
-        out = {}
+        out = []
         with self._reading() as db:
             for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
                 chunk = ids[i0:i0 + 900]
-                q = f"SELECT id, payload FROM points WHERE id IN ({','.join('?' * len(chunk))})"
-                for i, payload in db.execute(q, chunk):
-                    out[i] = json.loads(payload) if payload is not None else None
+                out += db.execute(f"SELECT id, {column} FROM {table} WHERE id IN ({','.join('?' * len(chunk))})",
+                                  chunk).fetchall()
         return out
+
+    def payloads(self, ids) -> dict[int, dict | None]:
+        return {i: json.loads(p) if p is not None else None for i, p in self._column("points", "payload", ids)}
 
     def get(self, point_id: int, with_vector: bool) -> dict:
         with self._reading() as db:
@@ -509,14 +512,7 @@ class Collection:
 
     def originals(self, ids) -> dict[int, np.ndarray]:
         """The stored original vectors of `ids` (absent ones skipped)."""
-        ids = [int(i) for i in ids]
-        out = {}
-        with self._reading() as db:
-            for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-                chunk = ids[i0:i0 + 900]
-                q = f"SELECT id, vector FROM originals WHERE id IN ({','.join('?' * len(chunk))})"
-                out.update((i, np.frombuffer(v, dtype=np.float32)) for i, v in db.execute(q, chunk))
-        return out
+        return {i: np.frombuffer(v, dtype=np.float32) for i, v in self._column("originals", "vector", ids)}
 
     def _has_originals(self) -> bool:
         return self.qinco is not None and (self.qinco["keep_originals"] or self.model is None or

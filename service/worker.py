@@ -126,7 +126,7 @@ def train_model(job_dir: Path, request: dict, db: sqlite3.Connection, progress: 
                  val_mse=val, rq_val_mse=rq, vectors_seen=state.vectors_seen)
 
     progress("training", 0.0, request["minutes"] * 60)
-    train(x, job_dir / "model.safetensors", cfg, tc, progress=report)
+    train(x, job_dir / "model.safetensors", cfg, tc, progress=report, report=False)
     from model.io import load_model
     _, extra = load_model(job_dir / "model.safetensors", with_extra=True)
     state = extra["training"]["state"]
