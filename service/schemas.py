@@ -38,19 +38,19 @@ def check_unicode(text: str) -> str:
 
 
 def check_json_value(value: Any, depth: int = 0) -> None:
-    """Payload values must read back as JSON: finite numbers, 64-bit integers, bounded nesting."""
+    """Payloads (and settings) must read back as JSON: finite numbers, 64-bit integers, bounded nesting."""
     if depth > MAX_PAYLOAD_DEPTH:
-        raise ValueError(f"payload nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+        raise ValueError(f"JSON nested deeper than {MAX_PAYLOAD_DEPTH} levels")
     if isinstance(value, str):
         check_unicode(value)
     elif isinstance(value, bool) or value is None:
         return
     elif isinstance(value, int):
         if not -2**63 <= value < 2**63:
-            raise ValueError(f"payload integer {value} does not fit in 64 bits")
+            raise ValueError(f"integer {value} does not fit in 64 bits")
     elif isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("payload numbers must be finite (no NaN or Infinity)")
+            raise ValueError("numbers must be finite (no NaN or Infinity)")
     elif isinstance(value, dict):
         for k, v in value.items():
             check_unicode(k)
@@ -59,7 +59,7 @@ def check_json_value(value: Any, depth: int = 0) -> None:
         for v in value:
             check_json_value(v, depth + 1)
     else:
-        raise ValueError(f"payload values must be JSON, got {type(value).__name__}")
+        raise ValueError(f"values must be JSON, got {type(value).__name__}")
 
 
 def _valid_payload(payload: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -69,6 +69,8 @@ def _valid_payload(payload: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 Payload = Annotated[dict[str, Any] | None, AfterValidator(_valid_payload)]
+IgnoredSettings = Annotated[dict[str, Any] | None, AfterValidator(_valid_payload),
+                            Field(description="Qdrant's, accepted (finite JSON) and ignored")]
 Vector = Annotated[list[Component], Field(min_length=1, description=f"finite numbers, |x| <= {MAX_ABS:g}")]
 
 
@@ -98,8 +100,8 @@ class VectorParams(Strict):
     size: int = Field(ge=1, le=MAX_DIMENSION, strict=True)
     distance: str
     on_disk: bool | None = None  # accepted, ignored: originals are on disk, codes in memory
-    hnsw_config: dict[str, Any] | None = None  # accepted, ignored: QINCo's own IVF-HNSW settings apply
-    quantization_config: dict[str, Any] | None = None  # accepted, ignored: every vector is QINCo-quantised
+    hnsw_config: IgnoredSettings = None  # accepted, ignored: QINCo's own IVF-HNSW settings apply
+    quantization_config: IgnoredSettings = None  # accepted, ignored: every vector is QINCo-quantised
     datatype: str | None = None
     multivector_config: None = None
 
@@ -144,14 +146,14 @@ class CreateCollection(Strict):
     replication_factor: int | None = Field(None, ge=1, le=1)
     write_consistency_factor: int | None = Field(None, ge=1, le=1)
     on_disk_payload: bool | None = None
-    hnsw_config: dict[str, Any] | None = None
-    wal_config: dict[str, Any] | None = None
-    optimizers_config: dict[str, Any] | None = None
-    quantization_config: dict[str, Any] | None = None
-    strict_mode_config: dict[str, Any] | None = None
+    hnsw_config: IgnoredSettings = None
+    wal_config: IgnoredSettings = None
+    optimizers_config: IgnoredSettings = None
+    quantization_config: IgnoredSettings = None
+    strict_mode_config: IgnoredSettings = None
     sparse_vectors: dict[str, Any] | None = Field(None, max_length=0, description="not supported: only {} or null")
     init_from: None = None
-    metadata: dict[str, Any] | None = None
+    metadata: IgnoredSettings = None
 
     @model_validator(mode="before")
     @classmethod

@@ -165,6 +165,18 @@ def fsync_folder(folder: Path):
         os.close(fd)
 
 
+def select_by_ids(db: sqlite3.Connection, table: str, column: str, ids) -> list[tuple]:
+    """(id, column) rows of `table` for `ids` (absent ones skipped), 900 ids a query (SQLite's
+    bound-parameter limit)."""
+    ids = [int(i) for i in ids]
+    out = []
+    for i0 in range(0, len(ids), 900):
+        chunk = ids[i0:i0 + 900]
+        out += db.execute(f"SELECT id, {column} FROM {table} WHERE id IN ({','.join('?' * len(chunk))})",
+                          chunk).fetchall()
+    return out
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -293,7 +305,8 @@ class Collection:
             with self.write_lock:  # no write between reading seq and copying the index
                 self._check_writable()  # a broken index must not become the record
                 seq = self.last_seq()
-                if self.model is None:  # the originals in SQLite are the whole state
+                if self.model is None:  # the originals in SQLite are the whole state: nothing to replay
+                    self.db.execute("DELETE FROM deleted WHERE seq <= ?", (seq,))
                     return seq
                 blob = faiss.serialize_index(self.index.index)
                 ntotal, generation = self.index.ntotal, self.generation
@@ -318,8 +331,7 @@ class Collection:
 
     def _maybe_snapshot(self, changed: int):
         self.changed_since_snapshot += changed
-        if self.model is not None and self.changed_since_snapshot >= self.snapshot_every \
-                and not self._snapshotting.locked():
+        if self.changed_since_snapshot >= self.snapshot_every and not self._snapshotting.locked():
             self.changed_since_snapshot = 0
             threading.Thread(target=self._snapshot_quietly, daemon=True).start()
 
@@ -390,19 +402,10 @@ class Collection:
         with self.index_lock.read():
             return len(self.filter_ids(f))
 
-    def _column(self, table: str, column: str, ids) -> list[tuple]:
-        """(id, column) rows of `table` for `ids` (absent ones skipped)."""
-        ids = [int(i) for i in ids]
-        out = []
-        with self._reading() as db:
-            for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-                chunk = ids[i0:i0 + 900]
-                out += db.execute(f"SELECT id, {column} FROM {table} WHERE id IN ({','.join('?' * len(chunk))})",
-                                  chunk).fetchall()
-        return out
-
     def payloads(self, ids) -> dict[int, dict | None]:
-        return {i: json.loads(p) if p is not None else None for i, p in self._column("points", "payload", ids)}
+        with self._reading() as db:
+            rows = select_by_ids(db, "points", "payload", ids)
+        return {i: json.loads(p) if p is not None else None for i, p in rows}
 
     def get(self, point_id: int, with_vector: bool) -> dict:
         with self._reading() as db:
@@ -494,16 +497,17 @@ class Collection:
         return sp
 
     def _rescore(self, x: np.ndarray, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates re-ranked by the exact distance to their original vectors (read from disk)."""
+        """Candidates re-ranked by the exact distance to their original vectors (read from disk).
+        One deleted meanwhile (no original) is dropped (id -1) rather than ranked by another distance."""
         found = np.unique(I[I >= 0])
         originals = self.originals(found)
-        rows = np.searchsorted(found, np.maximum(I, 0))
-        have = np.array([int(i) in originals for i in found] + [False], dtype=bool)[np.where(I >= 0, rows, -1)]
-        table = np.stack([originals.get(int(i), np.zeros(self.dimension, np.float32)) for i in found]) \
-            if len(found) else np.zeros((0, self.dimension), np.float32)
-        exact = ((x[:, None, :] - table[np.where(have, rows, 0)]) ** 2).sum(-1) if len(found) else D
-        # A candidate deleted meanwhile (no original) goes last rather than mixing two distances.
-        D = np.where(have, exact, np.inf).astype(np.float32)
+        table = np.zeros((len(found) + 1, self.dimension), dtype=np.float32)  # last row: "no original"
+        known = np.zeros(len(found) + 1, dtype=bool)
+        for r, i in enumerate(found.tolist()):
+            if i in originals:
+                table[r], known[r] = originals[i], True
+        rows = np.where(I >= 0, np.searchsorted(found, I), len(found))
+        D = np.where(known[rows], ((x[:, None, :] - table[rows]) ** 2).sum(-1), np.inf).astype(np.float32)
         order = np.argsort(D, axis=1, kind="stable")
         D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
         gone = ~np.isfinite(D)
@@ -512,7 +516,9 @@ class Collection:
 
     def originals(self, ids) -> dict[int, np.ndarray]:
         """The stored original vectors of `ids` (absent ones skipped)."""
-        return {i: np.frombuffer(v, dtype=np.float32) for i, v in self._column("originals", "vector", ids)}
+        with self._reading() as db:
+            rows = select_by_ids(db, "originals", "vector", ids)
+        return {i: np.frombuffer(v, dtype=np.float32) for i, v in rows}
 
     def _has_originals(self) -> bool:
         return self.qinco is not None and (self.qinco["keep_originals"] or self.model is None or
@@ -669,11 +675,7 @@ class Collection:
     def _update_payload_chunk(self, ids: list[int], change, strict: bool) -> int:
         with self._transaction():
             seq = self.last_seq() + 1
-            current = {}
-            for i0 in range(0, len(ids), 900):
-                part = ids[i0:i0 + 900]
-                q = f"SELECT id, payload FROM points WHERE id IN ({','.join('?' * len(part))})"
-                current.update(self.db.execute(q, part).fetchall())
+            current = dict(select_by_ids(self.db, "points", "payload", ids))
             missing = [i for i in ids if i not in current]
             if missing and strict:
                 raise NotFound(f"no point with id {missing[0]} in collection {self.name!r}")
@@ -934,7 +936,6 @@ class Collection:
             "mse_vs_rq": ratio, "trained_on": stats.get("trained_on"), "bytes": self.model.cfg.M,
             "nlist": self.model.cfg.nlist}
         q = self.qinco or {}
-        originals = self._has_originals() and not (self.model is not None and not q.get("keep_originals"))
         n = self.count()
         memory = self.dimension * 4 + 8 if self.model is None else self.index.code_bytes + 8
         try:
@@ -945,7 +946,7 @@ class Collection:
                 "points_encoded": 0 if self.model is None else n,
                 "last_swap": stats.get("swapped"), "last_error": self.state.get("last_error"),
                 "train_after": q.get("train_after", 0), "train_minutes": q.get("train_minutes"),
-                "keep_originals": bool(q.get("keep_originals")), "originals": n if originals else 0,
+                "keep_originals": bool(q.get("keep_originals")), "originals": n if self._has_originals() else 0,
                 "bytes_per_point": {"memory": memory, "disk": disk}}
 
     @contextmanager

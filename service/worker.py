@@ -95,16 +95,13 @@ def connect(database: str) -> sqlite3.Connection:
 def read_sample(db: sqlite3.Connection, d: int, n: int, seed: int) -> np.ndarray:
     """Up to n original vectors chosen at random, in one read transaction (points deleted
     meanwhile cannot leave holes): training never loads a whole large collection."""
+    from service.store import select_by_ids
     db.execute("BEGIN")
     try:
         ids = np.array([r[0] for r in db.execute("SELECT id FROM originals")], dtype=np.int64)
         if len(ids) > n:
-            ids = np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
-        blobs = []
-        for i0 in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            chunk = ids[i0:i0 + 900].tolist()
-            blobs += [r[0] for r in db.execute(
-                f"SELECT vector FROM originals WHERE id IN ({','.join('?' * len(chunk))})", chunk)]
+            ids = np.random.default_rng(seed).choice(ids, n, replace=False)
+        blobs = [v for _, v in select_by_ids(db, "originals", "vector", ids)]
     finally:
         db.execute("COMMIT")
     return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), d)
