@@ -167,6 +167,25 @@ def search_rows(api: Api, queries: np.ndarray, truth: np.ndarray, stage: str, po
     return rows
 
 
+def faiss_rows(model_path: Path, learn: np.ndarray, base: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+               nbytes: int) -> list[dict]:
+    """faiss IVF-PQ and IVF-RQ at the same bytes, over the collection's own centroids, trained on the
+    points the collection held when it started training, at the service's default nprobe (16).
+    In-process: their QPS is not comparable with the REST rows, their recall is."""
+    from bench.search import build_faiss, sweep_faiss
+    from model.io import load_model
+
+    model = load_model(model_path)
+    rows = []
+    for kind in ("PQ", "RQ"):
+        index, _, ivf = build_faiss(kind, model, learn, base, nbytes)
+        for row in sweep_faiss(index, ivf, queries, truth, [16]):
+            name = f"faiss IVF-{kind} ({nbytes}{'+1' if kind == 'RQ' else ''} B, in-process)"
+            rows.append({"stage": name, "points": len(base), "params": f"nprobe {row['nprobe']}", "R@1": row["R@1"],
+                         "R@10": row["R@10"], "qps": row["qps"], "p50_ms": None, "p99_ms": None})
+    return rows
+
+
 def upload(api: Api, base: np.ndarray, start: int, stop: int, batch: int, log: list[dict]):
     for i0 in range(start, stop, batch):
         i1 = min(i0 + batch, stop)
@@ -331,7 +350,12 @@ def main(argv=None) -> int:
         model = q.get("model") or {}
         print(f"model generation {model.get('generation')} serving {fmt(q.get('points_encoded'), ',')} points; "
               f"mse_vs_rq {model.get('mse_vs_rq')}; measuring search", flush=True)
-        rows += search_rows(api, queries, exact_truth(base, queries), "after (QINCo)", n)
+        truth = exact_truth(base, queries)
+        rows += search_rows(api, queries, truth, "after (QINCo)", n)
+        model_file = data_dir / "collections" / COLLECTION / f"model-{model.get('generation')}.safetensors"
+        print("faiss baselines at the same bytes, same centroids and training points", flush=True)
+        rows += faiss_rows(model_file, np.ascontiguousarray(base[:args.train_after]), np.ascontiguousarray(base),
+                           queries, truth, args.bytes)
         report.update({"events_unix": events, "timing": timing, "uploads": uploads, "search": rows,
                        "model": model, "after": {"rss_kib": rss_kib(proc.pid), "qinco": q,
                                                  "points_count": final.get("points_count")},
@@ -387,12 +411,12 @@ def print_tables(r: dict):
     print("\n| search (1 client, limit 10) | points | params | R@1 | R@10 | QPS | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     for s in r["search"]:
-        params = "default" if s["params"] == "default" else "rescore"
+        params = s["params"] if isinstance(s["params"], str) else "rescore"
         if "error" in s:
             print(f"| {s['stage']} | {s['points']:,} | {params} | error: {s['error'][:80]} | | | | |")
         else:
             print(f"| {s['stage']} | {s['points']:,} | {params} | {s['R@1']:.3f} | {s['R@10']:.3f} | "
-                  f"{s['qps']:,.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} |")
+                  f"{s['qps']:,.0f} | {fmt(s['p50_ms'], '.2f')} | {fmt(s['p99_ms'], '.2f')} |")
 
 
 if __name__ == "__main__":
