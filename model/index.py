@@ -513,12 +513,6 @@ class ExactIndex:
         vectors[found] = self._x[rows[found]]
         return vectors, found
 
-    def reconstruct(self, i: int) -> np.ndarray:
-        vectors, found = self.reconstruct_many([i])
-        if not found[0]:
-            raise KeyError(f"id {i} is not in the index")
-        return vectors[0]
-
     def search(self, queries, k: int = 10, params=None, target_recall=None, allowed_ids=None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest neighbours (params and target_recall do not apply)."""

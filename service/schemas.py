@@ -283,11 +283,25 @@ Condition = Annotated[Union[Annotated[FieldCondition, Tag("field")], Annotated[I
 Conditions = Annotated[list[Condition], Field(max_length=1_000)] | Condition
 
 
+class MinShould(Strict):
+    """At least `min_count` of the conditions."""
+    conditions: Annotated[list[Condition], Field(min_length=1, max_length=1_000)]
+    min_count: int = Field(ge=0, le=1_000, strict=True)
+
+
 class Filter(Strict):
     KIND: ClassVar[str] = "filter"
     must: Conditions | None = None
     should: Conditions | None = None
     must_not: Conditions | None = None
+    min_should: MinShould | None = None
+
+    def parts(self) -> list:
+        """Every condition directly in this filter (nested filters are conditions)."""
+        out = []
+        for part in (self.must, self.should, self.must_not, self.min_should and self.min_should.conditions):
+            out += part if isinstance(part, list) else [] if part is None else [part]
+        return out
 
     @model_validator(mode="after")
     def bounded(self):
@@ -307,23 +321,20 @@ Filter.model_rebuild()
 def filter_size(f: Filter) -> tuple[int, set[str]]:
     """How many conditions a filter holds, nested ones included, and the payload keys it names."""
     count, keys = 0, set()
-    for part in (f.must, f.should, f.must_not):
-        for c in (part if isinstance(part, list) else [] if part is None else [part]):
-            if isinstance(c, Filter):
-                n, k = filter_size(c)
-                count, keys = count + n, keys | k
-            else:
-                count += 1
-                key = getattr(c, "key", None) or getattr(getattr(c, "is_empty", None) or getattr(c, "is_null", None), "key", None)
-                if key:
-                    keys.add(key.replace("[]", ""))
+    for c in f.parts():
+        if isinstance(c, Filter):
+            n, k = filter_size(c)
+            count, keys = count + n, keys | k
+        else:
+            count += 1
+            key = getattr(c, "key", None) or getattr(getattr(c, "is_empty", None) or getattr(c, "is_null", None), "key", None)
+            if key:
+                keys.add(key.replace("[]", ""))
     return count, keys
 
 
 def filter_depth(f: Filter) -> int:
-    inner = [c for part in (f.must, f.should, f.must_not) if part is not None
-             for c in (part if isinstance(part, list) else [part]) if isinstance(c, Filter)]
-    return 1 + max((filter_depth(c) for c in inner), default=0)
+    return 1 + max((filter_depth(c) for c in f.parts() if isinstance(c, Filter)), default=0)
 
 
 class QuantizationSearchParams(Strict):
@@ -466,8 +477,8 @@ class NearestQuery(Strict):
 
 class QueryRequest(Strict):
     """Qdrant's universal query, for what a single dense vector can do: nearest to a vector,
-    or to a stored point (by id)."""
-    query: Vector | NearestQuery | PointId
+    or to a stored point (by id); without `query`, the points by ascending id (score 0)."""
+    query: Vector | NearestQuery | PointId | None = None
     filter: Filter | None = None
     params: SearchParams | None = None
     limit: int = Field(10, ge=1, le=10_000)

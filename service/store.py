@@ -414,15 +414,29 @@ class Collection:
             raise NotFound(f"point {point_id} not found in collection {self.name!r}")
         out = {"id": point_id, "payload": json.loads(row[0]) if row[0] is not None else None}
         if with_vector:
-            out["vector"] = self.vector(point_id).tolist()
+            out["vector"] = self.vectors_of([point_id])[0].tolist()
         return out
 
-    def vector(self, point_id: int) -> np.ndarray:
+    def stored_vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of stored points (n, d) and a mask of those found: the originals where the
+        collection keeps them (exact), otherwise the model's decoding (decoded together)."""
+        ids = [int(i) for i in ids]
+        if self._has_originals():
+            originals = self.originals(ids)
+            present = np.array([i in originals for i in ids], dtype=bool)
+            vectors = np.zeros((len(ids), self.dimension), dtype=np.float32)
+            if present.any():
+                vectors[present] = np.stack([originals[i] for i in ids if i in originals])
+            return vectors, present
         with self.index_lock.read():
-            try:
-                return self.index.reconstruct(point_id)
-            except KeyError:
-                raise NotFound(f"point {point_id} not found in collection {self.name!r}") from None
+            return self.index.reconstruct_many(ids)
+
+    def vectors_of(self, ids) -> np.ndarray:
+        """stored_vectors of points that must exist (NotFound names the first missing one)."""
+        vectors, present = self.stored_vectors(ids)
+        if not present.all():
+            raise NotFound(f"point {list(ids)[int(np.argmin(present))]} not found in collection {self.name!r}")
+        return vectors
 
     def search(self, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
                exclude: list[set[int]] | None = None, budget: SearchBudget | None = None,
@@ -452,10 +466,6 @@ class Collection:
                     budget.take(len(x), k, 0, True, self.dimension)
                 allowed = self.filter_ids(filter) if filter is not None else None
                 D, I = index.search(x, k, sp, allowed_ids=allowed)
-                if with_vector:  # decoded together, before a write can remove them
-                    found = np.unique(I)
-                    decoded, present = index.reconstruct_many(found)
-                    vectors = {int(i): v for i, v, ok in zip(found, decoded, present) if ok}
         except ValueError as e:
             raise BadRequest(str(e)) from None
         if rescore:
@@ -463,6 +473,10 @@ class Collection:
         if not np.isfinite(D).all():  # float32 overflow: a query far outside the model's range
             raise BadRequest("the query vector's values are too large for this collection's model")
         payloads = self.payloads({int(i) for i in I.ravel()}) if with_payload else {}
+        if with_vector:
+            found = np.unique(I[I >= 0])
+            stored, present = self.stored_vectors(found)
+            vectors = {int(i): v for i, v, ok in zip(found, stored, present) if ok}
         results = []
         for q in range(len(x)):
             hits = []
@@ -470,8 +484,8 @@ class Collection:
                 i = int(i)
                 if i < 0 or (exclude and i in exclude[q]):
                     continue
-                if with_payload and i not in payloads:  # deleted since the search: its row is gone
-                    continue
+                if (with_payload and i not in payloads) or (with_vector and i not in vectors):
+                    continue  # deleted since the search: its row is gone
                 # Qdrant's scores: cosine similarity, or the Euclidean distance (not its square)
                 score = float(1 - dist / 2) if self.metric == "cosine" else float(np.sqrt(max(dist, 0.0)))
                 vector = vectors[i].tolist() if with_vector else None
@@ -632,9 +646,8 @@ class Collection:
         """Stored points among `ids` (absent ones skipped), in the order given."""
         use_threads(self.threads)
         ids = list(dict.fromkeys(int(i) for i in ids))
-        with self.index_lock.read():
-            vectors, present = self.index.reconstruct_many(ids) if with_vector else (None, None)
-            payloads = self.payloads(ids)
+        vectors, present = self.stored_vectors(ids) if with_vector else (None, None)
+        payloads = self.payloads(ids)
         out = []
         for k, i in enumerate(ids):
             if i not in payloads or (with_vector and not present[k]):

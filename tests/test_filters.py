@@ -83,7 +83,11 @@ def ref_filter(pid, payload, f):
     ok = all(ref_condition(pid, payload, c) for c in listed(f.get("must")))
     if listed(f.get("should")):
         ok = ok and any(ref_condition(pid, payload, c) for c in listed(f.get("should")))
-    return ok and not any(ref_condition(pid, payload, c) for c in listed(f.get("must_not")))
+    ok = ok and not any(ref_condition(pid, payload, c) for c in listed(f.get("must_not")))
+    if "min_should" in f:
+        hits = sum(ref_condition(pid, payload, c) for c in f["min_should"]["conditions"])
+        ok = ok and hits >= f["min_should"]["min_count"]
+    return ok
 
 
 # ---- random payloads and filters -------------------------------------------------------------
@@ -137,6 +141,9 @@ def random_filter(rng: random.Random, depth=0):
         if rng.random() < 0.5:
             conds = [random_condition(rng, depth) for _ in range(rng.randint(1, 3))]
             f[part] = conds if len(conds) > 1 or rng.random() < 0.5 else conds[0]
+    if rng.random() < 0.3:
+        conds = [random_condition(rng, depth) for _ in range(rng.randint(1, 4))]
+        f["min_should"] = {"conditions": conds, "min_count": rng.randint(0, len(conds) + 1)}
     return f
 
 

@@ -65,6 +65,13 @@ def test_everyday_calls(server, vectors):
     assert 7 not in [h.id for h in by_id] and len(by_id) == 3
     batch = client.query_batch_points("c", [models.QueryRequest(query=vectors[i].tolist(), limit=1) for i in (1, 2)])
     assert [b.points[0].id for b in batch] == [1, 2]
+    listed = client.query_points("c", limit=3, offset=1, with_payload=True).points  # no query: by id, as Qdrant
+    assert [p.id for p in listed] == [1, 2, 3] and {p.score for p in listed} == {0.0} and listed[0].payload["n"] == 1
+    assert [p.id for p in client.query_points("c", query_filter=tagged, limit=2).points] == seen[:2]
+    mixed = client.query_batch_points("c", [models.QueryRequest(query=7, limit=2), models.QueryRequest(limit=1),
+                                            models.QueryRequest(query=8, limit=2)])
+    assert [p.id for p in mixed[0].points] == [h.id for h in by_id[:2]] and mixed[1].points[0].id == 0
+    assert 8 not in [p.id for p in mixed[2].points]
 
     client.set_payload("c", {"extra": True}, points=[1, 2])
     client.overwrite_payload("c", {"only": 1}, points=[3])

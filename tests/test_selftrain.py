@@ -95,6 +95,8 @@ def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
     written += 100
     i = info(server)
     assert i["status"] == "green" and i["points_count"] == written
+    r = server.post("/collections/own/points", json={"ids": [5], "with_vector": True})
+    assert np.allclose(r.json()["result"][0]["vector"], x[5], atol=1e-6)  # the original, kept on disk
     q = i["qinco"]
     assert q["model"]["generation"] == 1 and q["model"]["bytes"] == 4 and q["points_encoded"] == written
     assert q["model"]["mse_vs_rq"] is not None and q["last_swap"] is not None and q["originals"] == written
@@ -268,4 +270,32 @@ def test_a_swap_failing_mid_transaction_leaves_the_old_state(tmp_path, glove_sam
     assert c.model is None and c.count() == 1200 and not list(tmp_path.glob("collections/s/model*.safetensors"))
     codes = {bytes(r[0]) for r in c.db.execute("SELECT codes FROM points")}
     assert codes == {b""}  # the rolled-back transaction wrote no codes
+    store.close()
+
+
+def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sample):
+    from service.store import Store
+    x = glove_sample[:1300]
+    store = Store(tmp_path, train_threads=1)
+    store.open_all()
+    c = store.create("p", "l2", "balanced", size=50, qinco={**SETTINGS, "train_after": 1000, "train_minutes": 5,
+                                                            "keep_originals": True, "nlist": None})
+    c.upsert(list(range(1000)), x[:1000], [None] * 1000)
+    deadline = time.time() + 30
+    while c.job is None and time.time() < deadline:  # started by the 1000th point
+        time.sleep(0.05)
+    assert c.job is not None and c.cancel_training()
+    c.upsert(list(range(1000, 1300)), x[1000:], [None] * 300)
+    time.sleep(0.5)
+    assert c.job is None and c.qinco_status()["phase"] == "collecting"  # no new automatic job
+    store.close()
+    store = Store(tmp_path, train_threads=1)
+    store.open_all()
+    c = store.get("p")
+    c.upsert([2000], x[:1], [None])
+    time.sleep(0.5)
+    assert c.job is None  # still paused after a restart; an explicit request trains
+    c.start_training({"train_minutes": 0.05})
+    assert c.job is not None and "paused" not in c.state
+    c.cancel_training()
     store.close()

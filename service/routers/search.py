@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 
 from .. import schemas
 from ..deps import ApiError, Service, collection, hit_json, ok, ready, wants_payload
-from ..store import Collection, SearchBudget
+from ..store import Collection, Hit, SearchBudget
 
 router = APIRouter(tags=["search"], responses=schemas.ERROR_RESPONSES)
 MAX_SEARCH_GROUPS = 64  # different option sets in one batch: each evaluates its filter and scans alone
@@ -61,8 +61,7 @@ def recommend(body: schemas.RecommendRequest, c: Collection = Depends(collection
     """Neighbours of stored points (their mean decoded vector), the points themselves excluded."""
     t0 = time.perf_counter()
     svc.check_limit(body.limit)
-    vectors = [svc.call(c.vector, i) for i in body.positive]
-    query = sum(vectors) / len(vectors)
+    query = svc.call(c.vectors_of, body.positive).mean(0)
     hits = svc.call(c.search, [query], body.limit, body.params.for_store() if body.params else None,
                     body.with_payload, False, exclude=[set(body.positive)],
                     budget=SearchBudget(svc.settings.max_search_candidates), filter=body.filter)[0]
@@ -70,32 +69,50 @@ def recommend(body: schemas.RecommendRequest, c: Collection = Depends(collection
 
 
 def as_searches(svc: Service, c: Collection, queries: list[schemas.QueryRequest]):
-    """Queries as searches: their vector given, or a stored point's (which is then left out)."""
+    """Queries as searches: their vector given, or a stored point's (which is then left out; the
+    stored points of a batch are read together)."""
+    targets = [q.query.nearest if isinstance(q.query, schemas.NearestQuery) else q.query for q in queries]
+    by_id = [t for t in targets if isinstance(t, int)]
+    stored = dict(zip(by_id, svc.call(c.vectors_of, by_id))) if by_id else {}
     searches, exclude = [], []
-    for q in queries:
-        target = q.query.nearest if isinstance(q.query, schemas.NearestQuery) else q.query
-        if isinstance(target, int):
-            vector, skip = svc.call(c.vector, target), {target}
-        else:
-            vector, skip = target, set()
+    for q, target in zip(queries, targets):
+        by_point = isinstance(target, int)
         searches.append(schemas.SearchRequest.model_construct(
-            vector=vector, limit=q.limit, offset=q.offset, score_threshold=q.score_threshold, params=q.params,
-            filter=q.filter, with_payload=q.with_payload, with_vector=q.with_vector))
-        exclude.append(skip)
+            vector=stored[target] if by_point else target, limit=q.limit, offset=q.offset,
+            score_threshold=q.score_threshold, params=q.params, filter=q.filter, with_payload=q.with_payload,
+            with_vector=q.with_vector))
+        exclude.append({target} if by_point else set())
     return searches, exclude
+
+
+def run_queries(svc: Service, c: Collection, queries: list[schemas.QueryRequest]) -> list[dict]:
+    """Qdrant's QueryResponse for each query: searches together; those without `query` list the
+    points by ascending id, as Qdrant does."""
+    results: list = [None] * len(queries)
+    ranked = [i for i, q in enumerate(queries) if q.query is not None]
+    if ranked:
+        searches, exclude = as_searches(svc, c, [queries[i] for i in ranked])
+        for i, hits in zip(ranked, run_search(svc, c, searches, exclude)):
+            results[i] = hits
+    for i, q in enumerate(queries):
+        if q.query is None:
+            svc.check_limit(q.limit + q.offset)
+            records, _ = svc.call(c.scroll, q.filter, None, q.limit + q.offset, wants_payload(q.with_payload),
+                                  q.with_vector)
+            results[i] = [hit_json(Hit(r["id"], 0.0, r["payload"], r.get("vector")), q.with_payload)
+                          for r in records[q.offset:]]
+    return [{"points": hits} for hits in results]
 
 
 @router.post("/collections/{name}/points/query", response_model=schemas.Envelope[schemas.QueryResponse])
 def query_points(body: schemas.QueryRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Qdrant's universal query, for one dense vector: {"points": [ScoredPoint]}."""
     t0 = time.perf_counter()
-    searches, exclude = as_searches(svc, c, [body])
-    return ok({"points": run_search(svc, c, searches, exclude)[0]}, t0)
+    return ok(run_queries(svc, c, [body])[0], t0)
 
 
 @router.post("/collections/{name}/points/query/batch", response_model=schemas.Envelope[list[schemas.QueryResponse]])
 def query_batch(body: schemas.QueryBatch, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     t0 = time.perf_counter()
     svc.check_batch(len(body.searches), "queries")
-    searches, exclude = as_searches(svc, c, body.searches)
-    return ok([{"points": hits} for hits in run_search(svc, c, searches, exclude)], t0)
+    return ok(run_queries(svc, c, body.searches), t0)
