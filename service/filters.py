@@ -178,10 +178,12 @@ class Evaluator:
             out = np.intersect1d(out, any_of, assume_unique=True)
         for c in as_list(f.must_not):
             out = np.setdiff1d(out, self.condition(c), assume_unique=True)
-        if f.min_should is not None and f.min_should.min_count:
-            ids, counts = np.unique(np.concatenate([self.condition(c) for c in f.min_should.conditions]),
-                                    return_counts=True)
-            out = np.intersect1d(out, ids[counts >= f.min_should.min_count], assume_unique=True)
+        m = f.min_should
+        if m is not None and m.min_count > len(m.conditions):
+            out = out[:0]
+        elif m is not None and m.min_count:
+            ids, counts = np.unique(np.concatenate([self.condition(c) for c in m.conditions]), return_counts=True)
+            out = np.intersect1d(out, ids[counts >= m.min_count], assume_unique=True)
         return out
 
     def condition(self, c) -> np.ndarray:

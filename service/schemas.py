@@ -284,9 +284,9 @@ Conditions = Annotated[list[Condition], Field(max_length=1_000)] | Condition
 
 
 class MinShould(Strict):
-    """At least `min_count` of the conditions."""
-    conditions: Annotated[list[Condition], Field(min_length=1, max_length=1_000)]
-    min_count: int = Field(ge=0, le=1_000, strict=True)
+    """At least `min_count` of the conditions (0: every point; more than there are: none)."""
+    conditions: Annotated[list[Condition], Field(max_length=1_000)]
+    min_count: int = Field(ge=0, le=MAX_ID, strict=True)
 
 
 class Filter(Strict):

@@ -418,18 +418,23 @@ class Collection:
         return out
 
     def stored_vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """The vectors of stored points (n, d) and a mask of those found: the originals where the
-        collection keeps them (exact), otherwise the model's decoding (decoded together)."""
+        """The vectors of stored points (n, d) and a mask of those found: the originals (exact)
+        where the collection keeps them, otherwise the model's decoding (decoded together).
+
+        The source follows the index in service, read under its lock: before a model, the exact
+        index holds the originals; with one, originals kept are removed only with their point
+        (a swap with keep_originals false deletes them before the new index serves)."""
         ids = [int(i) for i in ids]
-        if self._has_originals():
-            originals = self.originals(ids)
-            present = np.array([i in originals for i in ids], dtype=bool)
-            vectors = np.zeros((len(ids), self.dimension), dtype=np.float32)
-            if present.any():
-                vectors[present] = np.stack([originals[i] for i in ids if i in originals])
-            return vectors, present
         with self.index_lock.read():
-            return self.index.reconstruct_many(ids)
+            index = self.index
+            if index.model is None or not (self.qinco and self.qinco["keep_originals"]):
+                return index.reconstruct_many(ids)
+        originals = self.originals(ids)
+        present = np.array([i in originals for i in ids], dtype=bool)
+        vectors = np.zeros((len(ids), self.dimension), dtype=np.float32)
+        if present.any():
+            vectors[present] = np.stack([originals[i] for i in ids if i in originals])
+        return vectors, present
 
     def vectors_of(self, ids) -> np.ndarray:
         """stored_vectors of points that must exist (NotFound names the first missing one)."""
@@ -451,7 +456,6 @@ class Collection:
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         # Qdrant ignores quantization settings that do not apply: so does rescore without originals.
         rescore = bool(params.get("rescore")) and self._has_originals()
-        vectors = {}
         try:
             with self.index_lock.read():  # one index throughout, even if a swap replaces it meanwhile
                 index = self.index
@@ -473,8 +477,9 @@ class Collection:
         if not np.isfinite(D).all():  # float32 overflow: a query far outside the model's range
             raise BadRequest("the query vector's values are too large for this collection's model")
         payloads = self.payloads({int(i) for i in I.ravel()}) if with_payload else {}
+        vectors = {}
         if with_vector:
-            found = np.unique(I[I >= 0])
+            found = np.unique(I[:, :limit + extra][I[:, :limit + extra] >= 0])  # not every rescore candidate
             stored, present = self.stored_vectors(found)
             vectors = {int(i): v for i, v, ok in zip(found, stored, present) if ok}
         results = []
@@ -776,7 +781,7 @@ class Collection:
                       "request": {"d": self.dimension, "minutes": settings["train_minutes"],
                                   "bytes": settings["bytes"], "nlist": settings.get("nlist"),
                                   "encoder": self.meta["encoder"], "sample": self.train_sample,
-                                  "seed": int(time.time()) % 1000}}
+                                  "seed": self.generation}}  # reproducible: the same data, the same model
             job = TrainingJob(self, record, self.train_threads)
             if model_source is not None:  # the job starts at the encoding
                 job.dir.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def random_filter(rng: random.Random, depth=0):
             conds = [random_condition(rng, depth) for _ in range(rng.randint(1, 3))]
             f[part] = conds if len(conds) > 1 or rng.random() < 0.5 else conds[0]
     if rng.random() < 0.3:
-        conds = [random_condition(rng, depth) for _ in range(rng.randint(1, 4))]
+        conds = [random_condition(rng, depth) for _ in range(rng.randint(0, 4))]
         f["min_should"] = {"conditions": conds, "min_count": rng.randint(0, len(conds) + 1)}
     return f
 

@@ -141,6 +141,9 @@ def test_keep_originals_false_holds_only_codes(server, glove_sample):
     assert server.post("/collections/codes/train", json={"minutes": 0.05}).status_code == 202
     i = wait_for(server, lambda i: i["qinco"]["phase"] == "ready", name="codes")
     assert i["qinco"]["originals"] == 0 and i["status"] == "green"
+    r = server.post("/collections/codes/points", json={"ids": [3], "with_vector": True})
+    decoded = np.array(r.json()["result"][0]["vector"])  # the model's decoding: no originals left
+    assert decoded.shape == (50,) and np.dot(decoded, x[3]) / np.linalg.norm(decoded) > 0.5
     hits = search(server, x[3], name="codes", limit=3)
     assert hits[0]["id"] == 3 and hits[0]["score"] > 0.9  # cosine similarity
     # Qdrant ignores quantization settings that do not apply: rescore without originals too.

@@ -14,7 +14,8 @@ router = APIRouter(tags=["search"], responses=schemas.ERROR_RESPONSES)
 MAX_SEARCH_GROUPS = 64  # different option sets in one batch: each evaluates its filter and scans alone
 
 
-def run_search(svc: Service, c: Collection, searches: list, exclude: list[set[int]] | None = None) -> list[list[dict]]:
+def run_search(svc: Service, c: Collection, searches: list, exclude: list[set[int]] | None = None,
+               budget: SearchBudget | None = None) -> list[list[dict]]:
     """Searches (SearchRequest): those that share their options go through the shortlist and the
     decoder together; one candidate budget for the whole request."""
     results: list = [None] * len(searches)
@@ -26,7 +27,7 @@ def run_search(svc: Service, c: Collection, searches: list, exclude: list[set[in
             raise ApiError(400, f"a batch may hold at most {MAX_SEARCH_GROUPS} different sets of search "
                                 f"options (limit, params, filter, ...)")
     t0 = time.perf_counter()
-    budget = SearchBudget(svc.settings.max_search_candidates)
+    budget = budget or SearchBudget(svc.settings.max_search_candidates)
     for members in groups.values():
         first = searches[members[0]]
         hits = svc.call(c.search, [searches[i].vector for i in members], first.limit + first.offset,
@@ -87,20 +88,30 @@ def as_searches(svc: Service, c: Collection, queries: list[schemas.QueryRequest]
 
 def run_queries(svc: Service, c: Collection, queries: list[schemas.QueryRequest]) -> list[dict]:
     """Qdrant's QueryResponse for each query: searches together; those without `query` list the
-    points by ascending id, as Qdrant does."""
+    points by ascending id (score 0), as Qdrant does, each distinct one once.  One budget for all."""
+    for q in queries:
+        svc.check_limit(q.limit + q.offset)
+    listings: dict = {}
+    for i, q in enumerate(queries):
+        if q.query is None:
+            listings.setdefault(q.model_dump_json(), []).append(i)
+    if len(listings) > MAX_SEARCH_GROUPS:
+        raise ApiError(400, f"a batch may hold at most {MAX_SEARCH_GROUPS} different queries without `query`")
+    budget = SearchBudget(svc.settings.max_search_candidates)
     results: list = [None] * len(queries)
     ranked = [i for i, q in enumerate(queries) if q.query is not None]
     if ranked:
         searches, exclude = as_searches(svc, c, [queries[i] for i in ranked])
-        for i, hits in zip(ranked, run_search(svc, c, searches, exclude)):
+        for i, hits in zip(ranked, run_search(svc, c, searches, exclude, budget)):
             results[i] = hits
-    for i, q in enumerate(queries):
-        if q.query is None:
-            svc.check_limit(q.limit + q.offset)
-            records, _ = svc.call(c.scroll, q.filter, None, q.limit + q.offset, wants_payload(q.with_payload),
-                                  q.with_vector)
-            results[i] = [hit_json(Hit(r["id"], 0.0, r["payload"], r.get("vector")), q.with_payload)
-                          for r in records[q.offset:]]
+    for members in listings.values():
+        q = queries[members[0]]
+        svc.call(budget.take, len(members), q.limit + q.offset, 0, q.with_vector, c.dimension)
+        records, _ = svc.call(c.scroll, q.filter, None, q.limit + q.offset, wants_payload(q.with_payload),
+                              q.with_vector)
+        hits = [hit_json(Hit(r["id"], 0.0, r["payload"], r.get("vector")), q.with_payload) for r in records[q.offset:]]
+        for i in members:
+            results[i] = hits
     return [{"points": hits} for hits in results]
 
 
