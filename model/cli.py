@@ -264,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, help_ in [("A", int, "training pre-selection"), ("B", int, "training beam"),
                               ("lr", float, "learning rate"), ("batch", int, "batch size"),
                               ("seed", int, "random seed"), ("val", int, "validation vectors"),
-                              ("reuse", int, "gradient passes over each encoded chunk")]:
+                              ("reuse", int, "gradient passes over each encoded chunk"),
+                              ("lr_codebooks", float, "base codebooks' learning rate, 0: --lr"),
+                              ("optimizer", str, "adam or adamw"), ("weight_decay", float, "AdamW weight decay"),
+                              ("schedule", str, "plateau or cosine (to 0 at --max-minutes)"),
+                              ("warmup", int, "vectors of linear learning-rate warm-up")]:
         p.add_argument(f"--{name}", type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
     p.set_defaults(func=cmd_train)
 

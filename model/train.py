@@ -30,6 +30,10 @@ class TrainConfig:
     A: int = 16  # pre-selected candidates per beam while training
     B: int = 4  # beams while training
     lr: float = 1e-4
+    lr_codebooks: float = 0.0  # rate of the steps' base codebooks (0: lr); the RQ start is already good
+    optimizer: str = "adam"  # "adam" | "adamw"
+    weight_decay: float = 0.0  # AdamW's decoupled decay (network weights only)
+    schedule: str = "plateau"  # "plateau": lr /= 10 after `patience` stale validations; "cosine": to 0 at the budget
     batch: int = 256
     chunk_batches: int = 8  # batches encoded together before the gradient passes
     reuse: int = 4  # gradient passes over each encoded chunk
@@ -133,6 +137,31 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
     return model, rq_mse
 
 
+def make_optimizer(model: Qinco, tc: TrainConfig) -> torch.optim.Optimizer:
+    """Two groups: the base codebooks (lr_codebooks) and the network (lr, with weight decay)."""
+    if tc.optimizer not in ("adam", "adamw"):
+        raise ValueError(f"optimizer must be adam or adamw, got {tc.optimizer!r}")
+    if tc.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"schedule must be plateau or cosine, got {tc.schedule!r}")
+    codebooks = [p for n, p in model.named_parameters() if n.endswith("codebook")]
+    network = [p for n, p in model.named_parameters() if not n.endswith("codebook")]
+    groups = [{"params": codebooks, "base_lr": tc.lr_codebooks or tc.lr, "weight_decay": 0.0},
+              {"params": network, "base_lr": tc.lr, "weight_decay": tc.weight_decay}]
+    for g in groups:
+        g["lr"] = g["base_lr"]
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(groups)
+    return torch.optim.Adam([{k: v for k, v in g.items() if k != "weight_decay"} for g in groups])
+
+
+def lr_factor(tc: TrainConfig, vectors_seen: int, elapsed: float, budget: float) -> float:
+    """Linear warm-up over `warmup` vectors, then 1 (plateau) or a cosine that reaches 0 at the budget."""
+    warm = min(1.0, vectors_seen / max(1, tc.warmup))
+    if tc.schedule == "plateau" or warm < 1.0:
+        return warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / max(budget, 1e-9))))
+
+
 def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConfig(),
           resume: bool = False, progress=None, report: bool = True) -> Qinco:
     """Train a QINCo model on raw vectors `data` (n, d) and save it to `out`.
@@ -176,7 +205,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     lt = model.assign(xt) if cfg.nlist else None
     lv = model.assign(xv) if cfg.nlist else None
     train_encoder = Encoder(A=tc.A, B=tc.B)
-    optimizer = torch.optim.Adam(model.parameters(), lr=state.lr)
+    optimizer = make_optimizer(model, tc)
     best = {k: v.clone() for k, v in model.state_dict().items()}
 
     def checkpoint():
@@ -219,8 +248,9 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                 codes = torch.cat([model.encode_normalized(xc[i:i + tc.batch], train_encoder,
                                                            None if lc is None else lc[i:i + tc.batch])[0]
                                    for i in range(0, chunk, tc.batch)])
-            for g in optimizer.param_groups:  # linear warm-up, then the plateau schedule
-                g["lr"] = state.lr * min(1.0, (state.vectors_seen + chunk) / max(1, tc.warmup))
+            factor = lr_factor(tc, state.vectors_seen + chunk, time.time() - start, budget)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * (state.lr / tc.lr) * factor  # state.lr: after plateau cuts
             # The search dominates the cost, so each chunk's codes serve several gradient passes.
             for _ in range(tc.reuse):
                 order = torch.randperm(chunk, generator=gen)
@@ -251,7 +281,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                     state.best_val_mse, state.stale = val, 0
                     best = {k: v.clone() for k, v in model.state_dict().items()}
                     checkpoint()
-                elif state.vectors_seen > tc.warmup:  # leaving the RQ optimum costs a little at first
+                elif state.vectors_seen > tc.warmup and tc.schedule == "plateau":  # leaving RQ costs a little at first
                     state.stale += 1
                     if state.stale >= tc.patience and state.lr <= tc.min_lr:
                         log("validation MSE stopped improving at the smallest learning rate: early stop")

@@ -162,10 +162,12 @@ def in_range(r: schemas.Range) -> Callable[[float], bool]:
 
 
 class Evaluator:
-    """Evaluates filters for one collection: `all_ids` (sorted) and a field-index getter."""
+    """Evaluates filters for one collection: `all_ids` (sorted), a field-index getter, and how
+    `has_id`'s client ids (integers or UUIDs) become internal ids (unknown ones left out)."""
 
-    def __init__(self, all_ids: np.ndarray, field: Callable[[str], FieldIndex]):
-        self.all_ids, self.field = all_ids, field
+    def __init__(self, all_ids: np.ndarray, field: Callable[[str], FieldIndex],
+                 resolve: Callable[[list], list[int]] = lambda ids: ids):
+        self.all_ids, self.field, self.resolve = all_ids, field, resolve
 
     def ids(self, f: schemas.Filter) -> np.ndarray:
         """The sorted ids that the filter lets through."""
@@ -190,7 +192,7 @@ class Evaluator:
         if isinstance(c, schemas.Filter):
             return self.ids(c)
         if isinstance(c, schemas.HasIdCondition):
-            return np.intersect1d(self.all_ids, np.unique(np.array(c.has_id, dtype=np.int64)), assume_unique=True)
+            return np.intersect1d(self.all_ids, np.unique(np.array(self.resolve(c.has_id), dtype=np.int64)), assume_unique=True)
         if isinstance(c, schemas.IsEmptyCondition):  # missing, null or []
             holding = as_ids(self.field(c.is_empty.key).nonempty_ids)
             return np.setdiff1d(self.all_ids, holding, assume_unique=True)

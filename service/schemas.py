@@ -8,13 +8,14 @@ collections (higher is nearer).
 
 from __future__ import annotations
 
+import uuid
 from enum import Enum
 from typing import Annotated, Any, ClassVar, Generic, TypeVar, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag,
                       model_validator)
 
-MAX_ID = 2**63 - 1
+MAX_ID = 2**62 - 1  # integer point ids; the internal ids above are UUIDs' (service/ids.py)
 # Vector components are bounded so that squared distances stay finite in float32 (and bf16).
 MAX_ABS = 1e12
 MAX_EF_SEARCH = 65_536
@@ -24,7 +25,29 @@ MAX_FILTER_CONDITIONS = 64  # each costs a pass over a field index: bounds a fil
 MAX_FILTER_KEYS = 8  # each may need a field index built
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Component = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS, le=MAX_ABS)]
-PointId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True, description="a non-negative 64-bit integer")]
+IntId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True, description="a non-negative integer below 2^62")]
+
+
+def parse_uuid(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise ValueError("point ids are non-negative integers or UUIDs (e.g. "
+                         "'5c56c793-69f3-4fbf-87e6-c4bf54c28c26')") from None
+
+
+def parse_path_id(text: str) -> int | str:
+    """A point id in a URL: digits are an integer id, anything else must be a UUID."""
+    if text.isascii() and text.isdigit():
+        if int(text) > MAX_ID:
+            raise ValueError(f"integer point ids must be at most {MAX_ID}")
+        return int(text)
+    return parse_uuid(text)
+
+
+UuidId = Annotated[str, Field(max_length=45, json_schema_extra={"format": "uuid"}), AfterValidator(parse_uuid)]
+PointId = Annotated[IntId | UuidId, Field(description="a non-negative integer below 2^62, or a UUID (Qdrant's ids)")]
+ResponseId = Annotated[int | str, Field(description="the point's id: an integer, or a UUID")]
 CollectionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
@@ -564,7 +587,7 @@ class ErrorEnvelope(BaseModel):
 
 
 class ScoredPoint(BaseModel):
-    id: int
+    id: ResponseId
     version: int
     score: float
     payload: dict[str, Any] | None = None
@@ -572,7 +595,7 @@ class ScoredPoint(BaseModel):
 
 
 class Record(BaseModel):
-    id: int
+    id: ResponseId
     payload: dict[str, Any] | None = None
     vector: list[float] | None = None
 
@@ -605,7 +628,7 @@ class QueryResponse(BaseModel):
 
 class ScrollResult(BaseModel):
     points: list[Record]
-    next_page_offset: int | None = None
+    next_page_offset: ResponseId | None = None
 
 
 class TrainingJobStatus(BaseModel):

@@ -53,6 +53,7 @@ from model.network import ENCODERS, check_vectors, encode, split_codes
 from model.threads import use_threads
 
 from .filters import Evaluator, PayloadIndexes
+from .ids import UUID_BASE, PointIds, UnknownId, canonical
 from .jobs import JobCancelled, TrainingJob
 from .worker import MIN_PER_LIST, min_points
 
@@ -186,7 +187,7 @@ def connect(path: Path) -> sqlite3.Connection:
 
 @dataclass
 class Hit:
-    id: int
+    id: int | str  # the client's id (an integer or a UUID)
     score: float
     payload: dict | None = None
     vector: list[float] | None = None
@@ -209,6 +210,7 @@ class Collection:
         self.index_lock = ReadWriteLock()
         self.db = connect(folder / "points.sqlite")
         self.db.executescript(SCHEMA)
+        self.point_ids = PointIds(self.db)
         self.generation = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
         path = self._model_path(self.generation)
         if self.qinco is not None and not path.exists() and self.generation == 0:
@@ -391,9 +393,22 @@ class Collection:
         for i, payload in rows:
             yield i, json.loads(payload) if payload is not None else None
 
+    def _internal(self, ids, strict: bool = False) -> list[int]:
+        """Internal ids of client ids (integers or UUIDs, see service/ids.py), in order; an unknown
+        UUID is NotFound (strict) or left out."""
+        ids = canonical(ids)
+        if all(isinstance(i, int) for i in ids):
+            return ids
+        try:
+            with self._reading() as db:
+                return self.point_ids.internal(db, ids, strict)
+        except UnknownId as e:
+            raise NotFound(f"point {e.args[0]} not found in collection {self.name!r}") from None
+
     def filter_ids(self, f) -> np.ndarray:
         """Sorted ids of the stored points that a filter lets through (index read lock held)."""
-        evaluator = Evaluator(self.index.ids(), lambda key: self.payload_indexes.get(key, self._payload_rows))
+        evaluator = Evaluator(self.index.ids(), lambda key: self.payload_indexes.get(key, self._payload_rows),
+                              self._internal)
         return evaluator.ids(f)
 
     def count_filtered(self, f) -> int:
@@ -407,9 +422,11 @@ class Collection:
             rows = select_by_ids(db, "points", "payload", ids)
         return {i: json.loads(p) if p is not None else None for i, p in rows}
 
-    def get(self, point_id: int, with_vector: bool) -> dict:
+    def get(self, point_id: int | str, with_vector: bool) -> dict:
+        point_id = canonical([point_id])[0]
+        internal = self._internal([point_id], strict=True)[0]
         with self._reading() as db:
-            row = db.execute("SELECT payload FROM points WHERE id = ?", (point_id,)).fetchone()
+            row = db.execute("SELECT payload FROM points WHERE id = ?", (internal,)).fetchone()
         if row is None:
             raise NotFound(f"point {point_id} not found in collection {self.name!r}")
         out = {"id": point_id, "payload": json.loads(row[0]) if row[0] is not None else None}
@@ -418,7 +435,7 @@ class Collection:
         return out
 
     def stored_vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """The vectors of stored points (n, d) and a mask of those found: the originals (exact)
+        """The vectors of stored points (internal ids) (n, d) and a mask of those found: the originals (exact)
         where the collection keeps them, otherwise the model's decoding (decoded together).
 
         The source follows the index in service, read under its lock: before a model, the exact
@@ -437,8 +454,8 @@ class Collection:
         return vectors, present
 
     def vectors_of(self, ids) -> np.ndarray:
-        """stored_vectors of points that must exist (NotFound names the first missing one)."""
-        vectors, present = self.stored_vectors(ids)
+        """stored_vectors of points (client ids) that must exist (NotFound names the first missing one)."""
+        vectors, present = self.stored_vectors(self._internal(ids, strict=True))
         if not present.all():
             raise NotFound(f"point {list(ids)[int(np.argmin(present))]} not found in collection {self.name!r}")
         return vectors
@@ -453,6 +470,7 @@ class Collection:
         use_threads(self.threads)
         x = self.prepare(queries)
         params = params or {}
+        exclude = [set(self._internal(list(e))) for e in exclude] if exclude else None
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         # Qdrant ignores quantization settings that do not apply: so does rescore without originals.
         rescore = bool(params.get("rescore")) and self._has_originals()
@@ -494,7 +512,7 @@ class Collection:
                 # Qdrant's scores: cosine similarity, or the Euclidean distance (not its square)
                 score = float(1 - dist / 2) if self.metric == "cosine" else float(np.sqrt(max(dist, 0.0)))
                 vector = vectors[i].tolist() if with_vector else None
-                hits.append(Hit(i, score, payloads.get(i) if with_payload else None, vector))
+                hits.append(Hit(self.point_ids.external(i), score, payloads.get(i) if with_payload else None, vector))
                 if len(hits) == limit:
                     break
             results.append(hits)
@@ -552,18 +570,23 @@ class Collection:
         as their original vectors only.
         """
         use_threads(self.threads)
+        try:
+            ids = canonical(ids)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         if len(set(ids)) != len(ids):
             raise BadRequest("duplicate ids in one batch")
         if len(payloads) != len(ids):
             raise BadRequest(f"{len(ids)} ids but {len(payloads)} payloads")
+        if any(isinstance(i, int) and not 0 <= i < UUID_BASE for i in ids):
+            raise BadRequest(f"integer point ids must be in [0, 2^62); larger ones are kept for UUIDs")
         x = self.prepare(vectors)
-        id_array = np.array(ids, dtype=np.int64)
         model = self.model
         t0 = time.perf_counter()
         codes = self._codes(model, x)
         encode_seconds = time.perf_counter() - t0
         try:
-            if len(x) != len(ids) or id_array.min() < 0:
+            if len(x) != len(ids):
                 raise ValueError("ids and vectors do not match")
             payload_json = [None if p is None else json.dumps(p, allow_nan=False) for p in payloads]
         except (ValueError, TypeError, OverflowError) as e:
@@ -576,12 +599,15 @@ class Collection:
             blobs = [c.tobytes() for c in codes] if codes is not None else [b""] * len(ids)
             with self._transaction():
                 seq = self.last_seq() + 1
+                ids, new_uuids = self.point_ids.assign(self.db, ids)
                 self.db.executemany("INSERT OR REPLACE INTO points (id, codes, payload, seq) VALUES (?, ?, ?, ?)",
                                     [(i, b, p, seq) for i, b, p in zip(ids, blobs, payload_json)])
                 if keep:
                     self.db.executemany("INSERT OR REPLACE INTO originals (id, vector) VALUES (?, ?)",
                                         [(i, v.tobytes()) for i, v in zip(ids, x)])
                 self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+            self.point_ids.added(new_uuids)  # before the index can return them
+            id_array = np.array(ids, dtype=np.int64)
             if codes is None:
                 self._apply(lambda: (self.index.add_vectors(x, id_array), self.payload_indexes.upsert(ids, payloads)))
             else:
@@ -622,11 +648,11 @@ class Collection:
             self.changed_since_snapshot = 0
 
     def delete(self, ids: list[int]) -> tuple[int, int]:
-        """Returns (seq, number of points that existed)."""
+        """Points by client id; returns (seq, number of points that existed)."""
         use_threads(self.threads)
         with self.write_lock:
             self._check_writable()
-            seq, existing = self._delete_locked(ids)
+            seq, existing = self._delete_locked(self._internal(ids))
         self._maybe_snapshot(len(ids))
         return seq, existing
 
@@ -648,7 +674,10 @@ class Collection:
         return seq, existing
 
     def records(self, ids, with_payload: bool, with_vector: bool) -> list[dict]:
-        """Stored points among `ids` (absent ones skipped), in the order given."""
+        """Stored points among `ids` (client ids; absent ones skipped), in the order given."""
+        return self._records(self._internal(list(dict.fromkeys(canonical(ids)))), with_payload, with_vector)
+
+    def _records(self, ids: list[int], with_payload: bool, with_vector: bool) -> list[dict]:
         use_threads(self.threads)
         ids = list(dict.fromkeys(int(i) for i in ids))
         vectors, present = self.stored_vectors(ids) if with_vector else (None, None)
@@ -657,20 +686,27 @@ class Collection:
         for k, i in enumerate(ids):
             if i not in payloads or (with_vector and not present[k]):
                 continue
-            record = {"id": i, "payload": payloads[i] if with_payload else None}
+            record = {"id": self.point_ids.external(i), "payload": payloads[i] if with_payload else None}
             if with_vector:
                 record["vector"] = vectors[k].tolist()
             out.append(record)
         return out
 
-    def scroll(self, f, offset: int | None, limit: int, with_payload: bool, with_vector: bool) -> tuple[list, int | None]:
-        """A page of points by ascending id from `offset`, and the first id of the next page."""
+    def scroll(self, f, offset: int | str | None, limit: int, with_payload: bool,
+               with_vector: bool) -> tuple[list, int | str | None]:
+        """A page of points from `offset`, and the first id of the next page.  The order is the
+        internal one: integer ids ascending, then UUIDs in the order the collection first saw them."""
+        if offset is not None:
+            try:
+                offset = self._internal([offset], strict=True)[0]
+            except NotFound:
+                raise BadRequest(f"offset {offset} is not a point id of collection {self.name!r}") from None
         with self.index_lock.read():
             ids = self.filter_ids(f) if f is not None else self.index.ids()
         start = np.searchsorted(ids, offset) if offset is not None else 0
         page = ids[start:start + limit + 1].tolist()
-        nxt = page[limit] if len(page) > limit else None
-        return self.records(page[:limit], with_payload, with_vector), nxt
+        nxt = self.point_ids.external(page[limit]) if len(page) > limit else None
+        return self._records(page[:limit], with_payload, with_vector), nxt
 
     def _selected(self, f) -> list[int]:
         """The ids a filter lets through, chosen under the write lock (held by the caller), so
@@ -684,7 +720,7 @@ class Collection:
         use_threads(self.threads)
         with self.write_lock:
             self._check_writable()
-            ids = list(dict.fromkeys(int(i) for i in (self._selected(f) if f is not None else ids)))
+            ids = list(dict.fromkeys(self._selected(f) if f is not None else self._internal(ids, strict=True)))
             seq = self.last_seq()
             for i0 in range(0, len(ids), chunk):
                 seq = self._update_payload_chunk(ids[i0:i0 + chunk], change, strict=f is None)
@@ -696,7 +732,7 @@ class Collection:
             current = dict(select_by_ids(self.db, "points", "payload", ids))
             missing = [i for i in ids if i not in current]
             if missing and strict:
-                raise NotFound(f"no point with id {missing[0]} in collection {self.name!r}")
+                raise NotFound(f"no point with id {self.point_ids.external(missing[0])} in collection {self.name!r}")
             ids = [i for i in ids if i in current]
             new = [change(json.loads(current[i]) if current[i] is not None else {}) for i in ids]
             try:

@@ -398,7 +398,19 @@ def hostile_bodies(v):
         ("put", "/collections/c/points", {"batch": {"ids": [1, 2], "vectors": [ok]}}),
         ("put", "/collections/c/points", {"batch": {"ids": [1], "vectors": [ok]}, "points": []}),
         ("put", "/collections/c/points", {"points": [{"id": 1, "vector": {"image": ok}}]}),
-        ("put", "/collections/c/points", {"points": [{"id": "5c56c793-69f3-4fbf-87e6-c4bf54c28c26", "vector": ok}]}),
+        ("put", "/collections/c/points", {"points": [{"id": "5c56c793-69f3-4fbf-87e6", "vector": ok}]}),  # not a UUID
+        ("put", "/collections/c/points", {"points": [{"id": 2**62, "vector": ok}]}),  # kept for UUIDs
+        ("get", "/collections/c/points/not-a-uuid", None),
+        ("get", "/collections/c/points/5c56c793-69f3-4fbf-87e6-c4bf54c28c26", None),  # never stored: 404
+        ("post", "/collections/c/points/scroll", {"offset": "5c56c793-69f3-4fbf-87e6-c4bf54c28c26"}),
+        ("post", "/collections/c/points/scroll", {"offset": "zz"}),
+        ("post", "/collections/c/points/query", {"query": "5c56c793-69f3-4fbf-87e6-c4bf54c28c26"}),
+        ("post", "/collections/c/points/query", {"query": "{not a uuid}"}),
+        ("post", "/collections/c/points/recommend", {"positive": ["5c56c793-69f3-4fbf-87e6-c4bf54c28c26"]}),
+        ("post", "/collections/c/points/payload", {"payload": {"a": 1}, "points": ["5c56c793-69f3-4fbf-87e6-c4bf54c28c26"]}),
+        ("post", "/collections/c/points/count", {"filter": {"must": [{"has_id": ["x" * 46]}]}}),
+        ("post", "/collections/c/points/delete", {"points": ["5c56c793"]}),
+        ("get", "/collections/c/points/4611686018427387904", None),
     ]
 
 

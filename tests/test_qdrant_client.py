@@ -1,6 +1,7 @@
 """The official qdrant-client (REST), unchanged, against a real `qinco serve`."""
 
 import asyncio
+import uuid
 
 import httpx
 import pytest
@@ -96,13 +97,78 @@ def test_everyday_calls(server, vectors):
 
 def test_unsupported_calls_get_a_clear_4xx(server, vectors):
     client = QdrantClient(url=server, prefer_grpc=False, check_compatibility=False)
-    for call in (lambda: client.upsert("c", [models.PointStruct(id="5c56c793-69f3-4fbf-87e6-c4bf54c28c26",
+    for call in (lambda: client.upsert("c", [models.PointStruct(id="5c56c793-69f3-4fbf-87e6",  # not a UUID
                                                                 vector=vectors[0].tolist())]),
                  lambda: client.query_points("c", query=vectors[0].tolist(), using="image"),
                  lambda: client.upsert("c", [models.PointStruct(id=1, vector={"image": vectors[0].tolist()})])):
         with pytest.raises(qdrant_client.http.exceptions.UnexpectedResponse) as e:
             call()
         assert 400 <= e.value.status_code < 500 and b"error" in e.value.content
+
+
+def test_uuid_ids(data_dir, vectors):
+    """UUID ids next to integer ones, in every call that takes or returns an id, and after a restart."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve(data_dir, port, "--no-demo")
+    try:
+        httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors"}).raise_for_status()
+        client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False)
+        uuids = [str(uuid.UUID(int=(i + 1) * 7919 + (1 << 100))) for i in range(20)]
+        client.upsert("c", [models.PointStruct(id=uuids[i], vector=vectors[i].tolist(), payload={"n": i})
+                            for i in range(10)])
+        client.upsert("c", models.Batch(ids=uuids[10:20], vectors=vectors[10:20].tolist(),
+                                        payloads=[{"n": i} for i in range(10, 20)]))
+        client.upsert("c", [models.PointStruct(id=i, vector=vectors[i].tolist(), payload={"n": i}) for i in range(20, 25)])
+        # The same UUID written another way (upper case, no hyphens) is the same point.
+        client.upsert("c", [models.PointStruct(id=uuid.UUID(uuids[3]).hex.upper(), vector=vectors[3].tolist(),
+                                               payload={"n": 3, "again": True})])
+        assert client.count("c").count == 25
+
+        hits = client.query_points("c", query=vectors[4].tolist(), limit=3, with_payload=True).points
+        assert hits[0].id == uuids[4] and hits[0].payload == {"n": 4}
+        assert client.query_points("c", query=vectors[22].tolist(), limit=1).points[0].id == 22
+        by_uuid = client.query_points("c", query=uuids[4], limit=3).points
+        assert uuids[4] not in [h.id for h in by_uuid] and len(by_uuid) == 3
+        got = client.retrieve("c", [uuids[3], 21, str(uuid.uuid4())], with_vectors=True)
+        assert {r.id: r.payload["n"] for r in got} == {uuids[3]: 3, 21: 21} and len(got[0].vector) == 50
+        assert next(r for r in got if r.id == uuids[3]).payload["again"] is True
+        ids = [uuids[5], 20]
+        assert client.count("c", count_filter=models.Filter(must=[models.HasIdCondition(has_id=ids)])).count == 2
+        seen, offset = [], None
+        while True:
+            page, offset = client.scroll("c", limit=7, offset=offset)
+            seen += [p.id for p in page]
+            if offset is None:
+                break
+        assert seen == list(range(20, 25)) + uuids  # integers first, then UUIDs in the order first seen
+        client.set_payload("c", {"flag": 1}, points=[uuids[6]])
+        assert client.retrieve("c", [uuids[6]])[0].payload == {"n": 6, "flag": 1}
+        with pytest.raises(qdrant_client.http.exceptions.UnexpectedResponse) as e:
+            client.set_payload("c", {"flag": 1}, points=[str(uuid.uuid4())])
+        assert e.value.status_code == 404
+        client.delete("c", points_selector=models.PointIdsList(points=[uuids[0], 21]))
+        assert client.count("c").count == 23
+        r = httpx.get(f"{url}/collections/c/points/{uuids[1].upper()}")
+        assert r.status_code == 200 and r.json()["result"]["id"] == uuids[1]
+        assert httpx.get(f"{url}/collections/c/points/{uuids[0]}").status_code == 404
+    finally:
+        proc.kill()
+        proc.wait()
+    proc = serve(data_dir, port, "--no-demo")  # the ids survive a kill -9 and a restart
+    try:
+        client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False)
+        assert client.count("c").count == 23
+        hits = client.query_points("c", query=vectors[9].tolist(), limit=1).points
+        assert hits[0].id == uuids[9]
+        client.upsert("c", [models.PointStruct(id=uuids[0], vector=vectors[0].tolist())])  # deleted, back again
+        assert client.query_points("c", query=vectors[0].tolist(), limit=1).points[0].id == uuids[0]
+        fresh = str(uuid.uuid4())
+        client.upsert("c", [models.PointStruct(id=fresh, vector=vectors[30].tolist())])
+        assert client.retrieve("c", [fresh])[0].id == fresh and client.count("c").count == 25
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_async_client(server, vectors):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -127,8 +128,13 @@ def delete_collection(name) -> Call:
     return Call("DELETE", f"/collections/{name}", parse=lambda r: bool(r))
 
 
+def point_id(i) -> int | str:
+    """An id as JSON: an integer (numpy's too) or a UUID's string."""
+    return i if isinstance(i, str) else str(i) if isinstance(i, uuid.UUID) else int(i)
+
+
 def upsert_batch(collection, ids, vectors, payloads) -> Call:
-    points = [{"id": int(i), "vector": v, **({"payload": p} if p is not None else {})}
+    points = [{"id": point_id(i), "vector": v, **({"payload": p} if p is not None else {})}
               for i, v, p in zip(ids, vectors, payloads)]
     # Upserts by id are idempotent: re-sending a batch leaves the same state.
     return Call("PUT", f"/collections/{collection}/points", {"points": points}, parse=lambda r: UpdateResult(**r))
@@ -146,17 +152,17 @@ def search_batch(collection, vectors, limit, params, target_recall, with_payload
 
 
 def recommend(collection, positive, limit, with_payload) -> Call:
-    body = {"positive": [int(i) for i in positive], "limit": limit, "with_payload": with_payload}
+    body = {"positive": [point_id(i) for i in positive], "limit": limit, "with_payload": with_payload}
     return Call("POST", f"/collections/{collection}/points/recommend", body, parse=hits)
 
 
-def get(collection, point_id, with_vector) -> Call:
-    return Call("GET", f"/collections/{collection}/points/{int(point_id)}",
+def get(collection, id_, with_vector) -> Call:
+    return Call("GET", f"/collections/{collection}/points/{point_id(id_)}",
                 params={"with_vector": "true"} if with_vector else None, parse=lambda r: Record(**r))
 
 
 def delete(collection, ids) -> Call:
-    return Call("POST", f"/collections/{collection}/points/delete", {"points": [int(i) for i in ids]},
+    return Call("POST", f"/collections/{collection}/points/delete", {"points": [point_id(i) for i in ids]},
                 parse=lambda r: UpdateResult(**r))
 
 
@@ -170,7 +176,7 @@ def health() -> Call:
 
 def upsert_batches(collection, ids, vectors, payloads, batch_size):
     """One upsert call per batch of points."""
-    ids = [int(i) for i in ids]
+    ids = [point_id(i) for i in ids]
     rows = as_rows(vectors)
     if len(rows) != len(ids):
         raise ValueError(f"{len(ids)} ids but {len(rows)} vectors")

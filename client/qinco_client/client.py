@@ -148,7 +148,7 @@ class Client(_Base):
                   with_payload: bool = True) -> list[ScoredPoint]:
         return self._send(rq.recommend(collection, positive, limit, with_payload))
 
-    def get(self, collection: str, point_id: int, with_vector: bool = False) -> Record:
+    def get(self, collection: str, point_id: int | str, with_vector: bool = False) -> Record:
         return self._send(rq.get(collection, point_id, with_vector))
 
     def delete(self, collection: str, ids: Sequence[int]) -> UpdateResult:
@@ -253,7 +253,7 @@ class AsyncClient(_Base):
                         with_payload: bool = True) -> list[ScoredPoint]:
         return await self._send(rq.recommend(collection, positive, limit, with_payload))
 
-    async def get(self, collection: str, point_id: int, with_vector: bool = False) -> Record:
+    async def get(self, collection: str, point_id: int | str, with_vector: bool = False) -> Record:
         return await self._send(rq.get(collection, point_id, with_vector))
 
     async def delete(self, collection: str, ids: Sequence[int]) -> UpdateResult:

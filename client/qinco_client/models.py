@@ -77,14 +77,14 @@ class CollectionInfo(BaseModel):
 
 
 class ScoredPoint(BaseModel):
-    id: int
+    id: int | str  # an integer or a UUID
     score: float
     payload: dict[str, Any] | None = None
     vector: list[float] | None = None
 
 
 class Record(BaseModel):
-    id: int
+    id: int | str  # an integer or a UUID
     payload: dict[str, Any] | None = None
     vector: list[float] | None = None
 

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends, Path
 
 from .. import schemas
-from ..deps import Service, collection, ok, ready, record_json, update_result, wants_payload
+from ..deps import ApiError, Service, collection, ok, ready, record_json, update_result, wants_payload
 from ..store import Collection
 
 router = APIRouter(tags=["points"], responses=schemas.ERROR_RESPONSES)
@@ -51,9 +51,13 @@ def count_filtered(body: schemas.CountRequest, c: Collection = Depends(collectio
 
 
 @router.get("/collections/{name}/points/{point_id}", response_model=schemas.Envelope[schemas.Record])
-def get_point(point_id: int = Path(ge=0, le=schemas.MAX_ID), with_vector: bool = False,
+def get_point(point_id: str = Path(max_length=45, description="an integer id or a UUID"), with_vector: bool = False,
               c: Collection = Depends(collection), svc: Service = Depends(ready)):
     t0 = time.perf_counter()
+    try:
+        point_id = schemas.parse_path_id(point_id)
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
     return ok(svc.call(c.get, point_id, with_vector), t0)
 
 

@@ -73,11 +73,11 @@ def as_searches(svc: Service, c: Collection, queries: list[schemas.QueryRequest]
     """Queries as searches: their vector given, or a stored point's (which is then left out; the
     stored points of a batch are read together)."""
     targets = [q.query.nearest if isinstance(q.query, schemas.NearestQuery) else q.query for q in queries]
-    by_id = [t for t in targets if isinstance(t, int)]
+    by_id = [t for t in targets if isinstance(t, (int, str))]
     stored = dict(zip(by_id, svc.call(c.vectors_of, by_id))) if by_id else {}
     searches, exclude = [], []
     for q, target in zip(queries, targets):
-        by_point = isinstance(target, int)
+        by_point = isinstance(target, (int, str))
         searches.append(schemas.SearchRequest.model_construct(
             vector=stored[target] if by_point else target, limit=q.limit, offset=q.offset,
             score_threshold=q.score_threshold, params=q.params, filter=q.filter, with_payload=q.with_payload,

@@ -1,0 +1,89 @@
+"""Training recipes at equal budget: one `qinco train` per recipe, one after the other, same data.
+
+Each recipe is a set of `qinco train` flags on top of the common ones; the table gives the
+validation MSE (training encoder, A/B of the recipe... and the `balanced` encoder the collections
+use, on the same held-out vectors) against faiss RQ's (beam 5) at the same bytes.
+
+    python bench/recipe.py runs/wordnet/learn.npy --limit 20000 --minutes 10 --threads 1 \\
+        --nlist 256 --h 128 --recipes base,a4,a4-adamw-cosine
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import io  # noqa: E402
+from model.io import load_model  # noqa: E402
+from model.network import ENCODERS  # noqa: E402
+from model.train import split_learn, validation_mse  # noqa: E402
+
+# The self-training worker's validation and warm-up rules for a set of n points (service/worker.py).
+RECIPES = {
+    "base": [],  # Adam 1e-4, plateau (lr / 10 after 3 stale validations), A=16 B=4
+    "a4": ["--A", "4"],
+    "adamw-cosine": ["--optimizer", "adamw", "--schedule", "cosine", "--weight_decay", "0.1"],
+    "a4-adamw-cosine": ["--A", "4", "--optimizer", "adamw", "--schedule", "cosine", "--weight_decay", "0.1"],
+    "a4-adamw-cosine-lr5e-4": ["--A", "4", "--optimizer", "adamw", "--schedule", "cosine", "--weight_decay", "0.1",
+                               "--lr", "5e-4", "--lr_codebooks", "1e-4"],
+    "a4-adamw-cosine-lr1e-3": ["--A", "4", "--optimizer", "adamw", "--schedule", "cosine", "--weight_decay", "0.1",
+                               "--lr", "1e-3", "--lr_codebooks", "1e-4"],
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bytes", type=int, default=8)
+    p.add_argument("--nlist", type=int, default=256)
+    p.add_argument("--h", type=int, default=128)
+    p.add_argument("--recipes", default="base,a4,a4-adamw-cosine")
+    p.add_argument("--out", default="runs/recipes")
+    args = p.parse_args()
+
+    x = io.as_float32(io.read_vectors(args.data))
+    n = args.limit or len(x)
+    common = ["--bytes", str(args.bytes), "--nlist", str(args.nlist), "--h", str(args.h),
+              "--max-minutes", str(args.minutes), "--warmup", str(min(100_000, 5 * n))]
+    if args.limit:
+        common += ["--limit", str(args.limit)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.recipes.split(","):
+        path = out / f"{Path(args.data).parent.name}-{n}-{name}.safetensors"
+        cmd = [sys.executable, "-m", "service.cli", "--threads", str(args.threads), "train", args.data,
+               "--out", str(path), *common, *RECIPES[name]]
+        print("$", " ".join(cmd[1:]), flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(path.with_suffix(".log"), "w"))
+        model, extra = load_model(path, with_extra=True)
+        state, tc = extra["training"]["state"], extra["training"]["config"]
+        # The collections' encoder on the same held-out vectors as the training's validation.
+        _, xval = split_learn(x[:n], tc["val"], tc["seed"])
+        xv = model.normalize(torch.from_numpy(xval))
+        balanced = validation_mse(model, xv, model.assign(xv) if model.cfg.nlist else None, ENCODERS["balanced"])
+        rq = state["rq_val_mse"]
+        rows.append((name, (time.time() - t0) / 60, state["vectors_seen"], state["best_val_mse"] / rq, balanced / rq,
+                     " ".join(f"{m:.0f}:{v / rq:.3f}" for m, v in state["history"])))
+        print(f"{name}: {rows[-1][1]:.1f} min, {rows[-1][2]:,} vectors, train-encoder {rows[-1][3]:.4f}x RQ, "
+              f"balanced {rows[-1][4]:.4f}x RQ  history {rows[-1][5]}", flush=True)
+    print(f"\n| recipe | minutes | vectors seen | val MSE / RQ (training encoder) | val MSE / RQ (balanced) | history (min: ratio) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:,} | {r[3]:.4f} | {r[4]:.4f} | {r[5]} |")
+
+
+if __name__ == "__main__":
+    main()
