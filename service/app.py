@@ -43,6 +43,8 @@ class Metrics:
                                 registry=self.registry)
         self.search = Histogram("qinco_search_seconds", "search time per request (all its queries)",
                                 registry=self.registry)
+        self.search_batch = Histogram("qinco_search_batch_size", "lone searches run together (micro-batching)",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.phase = Gauge("qinco_collection_phase", "1 for the phase a collection is in",
                            ["collection", "phase"], registry=self.registry)
         self.job_progress = Gauge("qinco_training_progress", "progress of the running job's phase, 0 to 1",

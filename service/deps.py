@@ -3,7 +3,9 @@ lookup), store errors as HTTP errors, the request limits, and Qdrant's response 
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import orjson
@@ -12,6 +14,7 @@ from fastapi.responses import Response
 
 from model.threads import use_threads
 
+from .batching import SearchBatcher
 from .settings import Settings
 from .store import BadRequest, Collection, Conflict, NotFound, Store, Unavailable
 
@@ -29,6 +32,15 @@ class Service:
     settings: Settings
     metrics: object
     state: dict = field(default_factory=lambda: {"ready": False, "error": None})
+    batchers: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    _batchers_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def batcher(self, c: Collection, run_group) -> SearchBatcher:
+        """The collection's search batcher (made on first use; run_group(searches) -> hits each)."""
+        with self._batchers_lock:
+            if c not in self.batchers:
+                self.batchers[c] = SearchBatcher(run_group, self.metrics.search_batch.observe)
+            return self.batchers[c]
 
     def call(self, fn, *args, **kwargs):
         """Run a store call: threads are set here, in the thread that does the work, and store

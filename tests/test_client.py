@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from model.io import save_model
+from qdrant_client import QdrantClient, models
 from qinco_client import (AsyncClient, BadRequest, Client, CollectionInfo, Conflict, ConnectionFailed, NotFound,
-                          ScoredPoint, ServerError, Unauthorized)
+                          ServerError, Unauthorized)
 from tests.server import free_port, serve
 
 KEY = "sdk-test-key"
@@ -34,58 +35,57 @@ def vectors(glove_sample):
     return glove_sample[4000:4300]
 
 
-def test_sync_client_every_method(server, vectors):
+def test_sync_client_qdrant_calls_and_qinco_calls(server, vectors):
     with Client(server, api_key=KEY, timeout=30) as c:
+        assert isinstance(c, QdrantClient)  # every Qdrant call is qdrant-client's own
         assert c.health()["status"] == "ready"
-        info = c.create_collection("s", model="models/ivf.safetensors")
-        assert isinstance(info, CollectionInfo) and info.dimension == 50
-        assert "s" in c.list_collections()
-        n = c.upsert("s", np.arange(300), vectors, [{"i": i} for i in range(300)], batch_size=64, progress=False)
-        assert n == 300 and c.count("s") == 300 and c.get_collection("s").points_count == 300
-        hits = c.search("s", vectors[7], limit=3)
-        assert isinstance(hits[0], ScoredPoint) and hits[0].id == 7 and hits[0].payload == {"i": 7}
-        hits = c.search("s", vectors[7].tolist(), limit=3, params={"nprobe": 16, "nshort": 100}, with_vector=True)
-        assert len(hits[0].vector) == 50
-        batch = c.search_batch("s", vectors[:5], limit=2)
+        info = c.create_qinco_collection("s", model="models/ivf.safetensors")
+        assert isinstance(info, CollectionInfo) and info.dimension == 50 and info.bytes_per_vector == 3  # the tiny test model
+        assert "s" in [x.name for x in c.get_collections().collections]
+        c.upload_collection("s", vectors, payload=[{"i": i} for i in range(300)], ids=range(300), batch_size=64)
+        assert c.count("s").count == 300 and c.qinco_info("s").points_count == 300
+        hits = c.query_points("s", query=vectors[7], limit=3, with_payload=True).points
+        assert isinstance(hits[0], models.ScoredPoint) and hits[0].id == 7 and hits[0].payload == {"i": 7}
+        hits = c.qinco_search("s", vectors[7].tolist(), limit=3, params={"nprobe": 16, "nshort": 100},
+                              with_vector=True)
+        assert isinstance(hits[0], models.ScoredPoint) and hits[0].id == 7 and len(hits[0].vector) == 50
+        odd = models.Filter(must=[models.FieldCondition(key="i", range=models.Range(gte=8))])
+        assert all(h.payload["i"] >= 8 for h in c.qinco_search("s", vectors[7], limit=5, query_filter=odd))
+        batch = c.qinco_search_batch("s", vectors[:5], limit=2)
         assert [h[0].id for h in batch] == [0, 1, 2, 3, 4]
-        assert 7 not in [h.id for h in c.recommend("s", [7], limit=3)]
-        rec = c.get("s", 7, with_vector=True)
+        rec = c.retrieve("s", [7], with_vectors=True)[0]
         assert rec.payload == {"i": 7} and len(rec.vector) == 50
-        assert c.delete("s", [7, 8]).count == 2 and c.count("s") == 298
-        with pytest.raises(NotFound, match="point 7 not found"):
-            c.get("s", 7)
+        c.delete("s", points_selector=models.PointIdsList(points=[7, 8]))
+        assert c.count("s").count == 298 and c.retrieve("s", [7]) == []
         with pytest.raises(BadRequest, match="expected dim 50, got 3"):
-            c.search("s", [1.0, 2.0, 3.0])
+            c.qinco_search("s", [1.0, 2.0, 3.0])
         with pytest.raises(BadRequest, match="not been tuned"):
-            c.search("s", vectors[0], target_recall=0.9)
+            c.qinco_search("s", vectors[0], target_recall=0.9)
         with pytest.raises(Conflict, match="already exists"):
-            c.create_collection("s", model="models/ivf.safetensors")
+            c.create_qinco_collection("s", model="models/ivf.safetensors")
         assert c.delete_collection("s")
         with pytest.raises(NotFound):
-            c.count("s")
+            c.qinco_info("s")
     with Client(server, api_key="wrong") as c, pytest.raises(Unauthorized, match="API key"):
-        c.list_collections()
+        c.qinco_info("s")
 
 
-def test_async_client_every_method(server, vectors):
+def test_async_client_qdrant_calls_and_qinco_calls(server, vectors):
     async def scenario():
         async with AsyncClient(server, api_key=KEY) as c:
             assert (await c.health())["status"] == "ready"
-            await c.create_collection("a", model="models/ivf.safetensors", metric="cosine")
-            assert await c.upsert("a", list(range(100)), vectors[:100], progress=False) == 100
-            assert await c.count("a") == 100
-            hits = await c.search("a", vectors[3], limit=2)
+            await c.create_qinco_collection("a", model="models/ivf.safetensors", metric="cosine")
+            await c.upsert("a", models.Batch(ids=list(range(100)), vectors=vectors[:100].tolist()))
+            assert (await c.count("a")).count == 100
+            hits = await c.qinco_search("a", vectors[3], limit=2)
             assert hits[0].id == 3 and hits[0].score > 0.5
-            both = await asyncio.gather(c.search("a", vectors[4]), c.search_batch("a", vectors[5:7], limit=1))
-            assert both[0][0].id == 4 and [h[0].id for h in both[1]] == [5, 6]
-            assert len(await c.recommend("a", [3], limit=2)) == 2
-            assert (await c.get("a", 3)).id == 3
-            assert (await c.delete("a", [3])).count == 1
-            assert "a" in await c.list_collections()
-            assert (await c.get_collection("a")).metric == "cosine"
-            with pytest.raises(NotFound):
-                await c.get("a", 3)
+            both = await asyncio.gather(c.query_points("a", query=vectors[4].tolist()),
+                                        c.qinco_search_batch("a", vectors[5:7], limit=1))
+            assert both[0].points[0].id == 4 and [h[0].id for h in both[1]] == [5, 6]
+            assert (await c.qinco_info("a")).metric == "cosine"
             assert await c.delete_collection("a")
+            with pytest.raises(NotFound):
+                await c.qinco_info("a")
     asyncio.run(scenario())
 
 
@@ -99,7 +99,7 @@ class Flaky(http.server.BaseHTTPRequestHandler):
         if len(Flaky.seen) <= Flaky.failures:
             body, status = {"status": {"error": "warming up"}}, 503
         else:
-            body, status = {"result": {"count": 42}, "status": "ok", "time": 0}, 200
+            body, status = {"result": True, "status": "ok", "time": 0}, 200
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
@@ -107,7 +107,7 @@ class Flaky(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    do_GET = do_PUT = do_POST = _answer
+    do_GET = do_PUT = do_POST = do_DELETE = _answer
 
     def log_message(self, *args):
         pass
@@ -125,22 +125,22 @@ def flaky():
 def test_retries_5xx_with_backoff_then_recovers(flaky):
     with Client(flaky, retries=3, backoff=0.05) as c:
         t0 = time.perf_counter()
-        assert c.count("x") == 42
+        assert c.cancel_training("x") is True
         assert len(Flaky.seen) == 3 and time.perf_counter() - t0 >= 0.05 + 0.1  # two backoffs
 
 
 def test_async_retries_too(flaky):
     async def go():
         async with AsyncClient(flaky, retries=3, backoff=0.01) as c:
-            return await c.count("x")
-    assert asyncio.run(go()) == 42 and len(Flaky.seen) == 3
+            return await c.cancel_training("x")
+    assert asyncio.run(go()) is True and len(Flaky.seen) == 3
 
 
 def test_gives_up_after_the_retries(flaky):
     Flaky.failures = 10
     try:
         with Client(flaky, retries=2, backoff=0.01) as c, pytest.raises(ServerError, match="warming up"):
-            c.count("x")
+            c.cancel_training("x")
         assert len(Flaky.seen) == 3
     finally:
         Flaky.failures = 2
@@ -148,7 +148,7 @@ def test_gives_up_after_the_retries(flaky):
 
 def test_non_idempotent_create_is_not_resent_after_a_5xx(flaky):
     with Client(flaky, retries=3, backoff=0.01) as c, pytest.raises(ServerError):
-        c.create_collection("x", model="m")
+        c.create_qinco_collection("x", model="m")
     assert len(Flaky.seen) == 1
 
 
@@ -157,7 +157,7 @@ def test_connection_refused_is_retried_then_raised():
     with Client(f"http://127.0.0.1:{port}", retries=2, backoff=0.05) as c:
         t0 = time.perf_counter()
         with pytest.raises(ConnectionFailed):
-            c.count("x")
+            c.qinco_info("x")
         assert time.perf_counter() - t0 >= 0.05 + 0.1
 
 

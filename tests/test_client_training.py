@@ -20,7 +20,7 @@ def mocked(handler, cls=Client):
 
     c = cls("http://qinco.test", retries=0)
     http = httpx.Client if cls is Client else httpx.AsyncClient
-    c._http = http(base_url=c.url, transport=httpx.MockTransport(answer))
+    c._qinco_http = http(base_url=c._qinco_url, transport=httpx.MockTransport(answer))
     return c
 
 
@@ -66,11 +66,11 @@ TRAINING = [info("collecting", points=900), info("collecting", job=job("queued",
 def test_create_self_training_collection_sends_qdrants_body():
     handler, seen = polls(info("collecting", points=0))
     with mocked(handler) as c:
-        got = c.create_collection("c", 384, "cosine", bytes=16, train_after=20000, keep_originals=False)
+        got = c.create_qinco_collection("c", 384, "cosine", bytes=16, train_after=20000, keep_originals=False)
         assert isinstance(got, CollectionInfo) and got.qinco.phase == "collecting" and got.nlist is None
         assert got.config["params"]["vectors"]["distance"] == "Cosine"  # Qdrant's fields kept as extras
-        c.create_collection("d", size=8, distance="Euclid")
-        c.create_collection("e", size=8, distance="l2", encoder="fast", train_minutes=2.5, nlist=0)
+        c.create_qinco_collection("d", size=8, distance="Euclid")
+        c.create_qinco_collection("e", size=8, distance="l2", encoder="fast", train_minutes=2.5, nlist=0)
     assert [s for s in seen if s[0] == "PUT"] == [
         ("PUT", "/collections/c", {"vectors": {"size": 384, "distance": "Cosine"},
                                    "qinco": {"bytes": 16, "train_after": 20000, "keep_originals": False}}),
@@ -82,8 +82,8 @@ def test_create_self_training_collection_sends_qdrants_body():
 def test_create_from_a_model_keeps_the_old_body():
     handler, seen = polls(info("ready"))
     with mocked(handler) as c:
-        c.create_collection("m", model="models/ivf.safetensors")
-        c.create_collection("i", index="indexes/x.qinco", metric="cosine", encoder="fast")
+        c.create_qinco_collection("m", model="models/ivf.safetensors")
+        c.create_qinco_collection("i", index="indexes/x.qinco", metric="cosine", encoder="fast")
     assert [s[2] for s in seen if s[0] == "PUT"] == [{"model": "models/ivf.safetensors", "metric": "l2"},
                                     {"index": "indexes/x.qinco", "encoder": "fast", "metric": "cosine"}]
 
@@ -99,7 +99,7 @@ def test_create_from_a_model_keeps_the_old_body():
 def test_create_refuses_unclear_arguments_before_sending(kwargs, message):
     handler, seen = polls(info("ready"))
     with mocked(handler) as c, pytest.raises(ValueError, match=message):
-        c.create_collection("x", **kwargs)
+        c.create_qinco_collection("x", **kwargs)
     assert seen == []
 
 

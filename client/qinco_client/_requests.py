@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import TrainingFailed
-from .models import CollectionInfo, QincoStatus, Record, ScoredPoint, UpdateResult
+from qdrant_client.models import ScoredPoint
+
+from .models import CollectionInfo, QincoStatus
 
 DISTANCES = {"cosine": "Cosine", "euclid": "Euclid", "l2": "Euclid"}  # Qdrant's names
 
@@ -29,14 +30,10 @@ def as_list(vector) -> list[float]:
     return vector.tolist() if hasattr(vector, "tolist") else [float(v) for v in vector]
 
 
-def as_rows(vectors) -> list[list[float]]:
-    if hasattr(vectors, "tolist"):
-        return vectors.tolist()
-    return [as_list(v) for v in vectors]
-
-
-def search_body(vector, limit, params, target_recall, with_payload, with_vector) -> dict:
+def search_body(vector, limit, params, target_recall, query_filter, with_payload, with_vector) -> dict:
     body = {"vector": as_list(vector), "limit": limit, "with_payload": with_payload, "with_vector": with_vector}
+    if query_filter is not None:  # a dict or qdrant_client.models.Filter
+        body["filter"] = query_filter if isinstance(query_filter, dict) else query_filter.model_dump(exclude_none=True)
     if params and target_recall is not None:
         raise ValueError("give params or target_recall, not both")
     if params:
@@ -47,7 +44,7 @@ def search_body(vector, limit, params, target_recall, with_payload, with_vector)
 
 
 def hits(result) -> list[ScoredPoint]:
-    return [ScoredPoint(**h) for h in result]
+    return [ScoredPoint.model_validate(h) for h in result]
 
 
 def given(**settings) -> dict:
@@ -120,72 +117,19 @@ def not_ready(info: CollectionInfo, timeout: float) -> TimeoutError:
                         f"{info.points_count} points")
 
 
-def list_collections() -> Call:
-    return Call("GET", "/collections", parse=lambda r: [c["name"] for c in r["collections"]])
-
-
-def delete_collection(name) -> Call:
-    return Call("DELETE", f"/collections/{name}", parse=lambda r: bool(r))
-
-
-def point_id(i) -> int | str:
-    """An id as JSON: an integer (numpy's too) or a UUID's string."""
-    return i if isinstance(i, str) else str(i) if isinstance(i, uuid.UUID) else int(i)
-
-
-def upsert_batch(collection, ids, vectors, payloads) -> Call:
-    points = [{"id": point_id(i), "vector": v, **({"payload": p} if p is not None else {})}
-              for i, v, p in zip(ids, vectors, payloads)]
-    # Upserts by id are idempotent: re-sending a batch leaves the same state.
-    return Call("PUT", f"/collections/{collection}/points", {"points": points}, parse=lambda r: UpdateResult(**r))
-
-
-def search(collection, vector, limit, params, target_recall, with_payload, with_vector) -> Call:
-    body = search_body(vector, limit, params, target_recall, with_payload, with_vector)
+def search(collection, vector, limit, params, target_recall, query_filter, with_payload, with_vector) -> Call:
+    body = search_body(vector, limit, params, target_recall, query_filter, with_payload, with_vector)
     return Call("POST", f"/collections/{collection}/points/search", body, parse=hits)
 
 
-def search_batch(collection, vectors, limit, params, target_recall, with_payload, with_vector) -> Call:
-    bodies = [search_body(v, limit, params, target_recall, with_payload, with_vector) for v in vectors]
+def search_batch(collection, vectors, limit, params, target_recall, query_filter, with_payload, with_vector) -> Call:
+    bodies = [search_body(v, limit, params, target_recall, query_filter, with_payload, with_vector) for v in vectors]
     return Call("POST", f"/collections/{collection}/points/search/batch", {"searches": bodies},
                 parse=lambda r: [hits(h) for h in r])
 
 
-def recommend(collection, positive, limit, with_payload) -> Call:
-    body = {"positive": [point_id(i) for i in positive], "limit": limit, "with_payload": with_payload}
-    return Call("POST", f"/collections/{collection}/points/recommend", body, parse=hits)
-
-
-def get(collection, id_, with_vector) -> Call:
-    return Call("GET", f"/collections/{collection}/points/{point_id(id_)}",
-                params={"with_vector": "true"} if with_vector else None, parse=lambda r: Record(**r))
-
-
-def delete(collection, ids) -> Call:
-    return Call("POST", f"/collections/{collection}/points/delete", {"points": [point_id(i) for i in ids]},
-                parse=lambda r: UpdateResult(**r))
-
-
-def count(collection) -> Call:
-    return Call("GET", f"/collections/{collection}/points/count", parse=lambda r: r["count"])
-
-
 def health() -> Call:
     return Call("GET", "/readyz", enveloped=False)
-
-
-def upsert_batches(collection, ids, vectors, payloads, batch_size):
-    """One upsert call per batch of points."""
-    ids = [point_id(i) for i in ids]
-    rows = as_rows(vectors)
-    if len(rows) != len(ids):
-        raise ValueError(f"{len(ids)} ids but {len(rows)} vectors")
-    payloads = list(payloads) if payloads is not None else [None] * len(ids)
-    if len(payloads) != len(ids):
-        raise ValueError(f"{len(ids)} ids but {len(payloads)} payloads")
-    for i0 in range(0, len(ids), batch_size):
-        sl = slice(i0, i0 + batch_size)
-        yield upsert_batch(collection, ids[sl], rows[sl], payloads[sl])
 
 
 def bar(enabled: bool, **kwargs):
@@ -197,17 +141,6 @@ def bar(enabled: bool, **kwargs):
         except ImportError:
             pass
     return None
-
-
-@contextmanager
-def progress(total: int, enabled: bool):
-    """Yields advance(n): a bar of the points sent."""
-    b = bar(enabled, total=total, unit="pt", desc="upsert")
-    try:
-        yield (b.update if b is not None else lambda n: None)
-    finally:
-        if b is not None:
-            b.close()
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Typed results, shared by Client and AsyncClient."""
+"""Typed QINCo results, shared by Client and AsyncClient (Qdrant's own come from qdrant_client.models)."""
 
 from __future__ import annotations
 
@@ -74,22 +74,3 @@ class CollectionInfo(BaseModel):
     default_params: dict[str, Any] | None = None
     tuned: bool | None = None
     qinco: QincoStatus | None = None
-
-
-class ScoredPoint(BaseModel):
-    id: int | str  # an integer or a UUID
-    score: float
-    payload: dict[str, Any] | None = None
-    vector: list[float] | None = None
-
-
-class Record(BaseModel):
-    id: int | str  # an integer or a UUID
-    payload: dict[str, Any] | None = None
-    vector: list[float] | None = None
-
-
-class UpdateResult(BaseModel):
-    operation_id: int
-    status: str
-    count: int

@@ -8,17 +8,30 @@ from fastapi import APIRouter, Depends
 
 from .. import schemas
 from ..deps import ApiError, Service, collection, hit_json, ok, ready, wants_payload
-from ..store import Collection, Hit, SearchBudget
+from ..store import MAX_VECTOR_VALUES, Collection, Hit, SearchBudget
 
 router = APIRouter(tags=["search"], responses=schemas.ERROR_RESPONSES)
 MAX_SEARCH_GROUPS = 64  # different option sets in one batch: each evaluates its filter and scans alone
 
 
-def run_search(svc: Service, c: Collection, searches: list, exclude: list[set[int]] | None = None,
+def search_group(svc: Service, c: Collection, group: list, budget: SearchBudget | None = None,
+                 exclude: list[set] | None = None) -> list[list[Hit]]:
+    """Searches (SearchRequest) that share their options, in one call.  Without a budget, each
+    search gets the budget of a request of its own (a micro-batch of lone requests)."""
+    first = group[0]
+    budget = budget or SearchBudget(svc.settings.max_search_candidates * len(group), MAX_VECTOR_VALUES * len(group))
+    return svc.call(c.search, [s.vector for s in group], first.limit + first.offset,
+                    first.params.for_store() if first.params else None, wants_payload(first.with_payload),
+                    first.with_vector, budget=budget, filter=first.filter, exclude=exclude)
+
+
+def run_search(svc: Service, c: Collection, searches: list, exclude: list[set] | None = None,
                budget: SearchBudget | None = None) -> list[list[dict]]:
     """Searches (SearchRequest): those that share their options go through the shortlist and the
-    decoder together; one candidate budget for the whole request."""
+    decoder together; one candidate budget for the whole request.  A request of one search joins
+    the other lone searches on the collection that run at the same time (service/batching.py)."""
     results: list = [None] * len(searches)
+    lone = len(searches) == 1 and not (exclude and exclude[0]) and svc.settings.search_batching
     groups: dict = {}
     for i, s in enumerate(searches):
         svc.check_limit(s.limit + s.offset)
@@ -28,12 +41,13 @@ def run_search(svc: Service, c: Collection, searches: list, exclude: list[set[in
                                 f"options (limit, params, filter, ...)")
     t0 = time.perf_counter()
     budget = budget or SearchBudget(svc.settings.max_search_candidates)
-    for members in groups.values():
+    for key, members in groups.items():
         first = searches[members[0]]
-        hits = svc.call(c.search, [searches[i].vector for i in members], first.limit + first.offset,
-                        first.params.for_store() if first.params else None, wants_payload(first.with_payload),
-                        first.with_vector, budget=budget, filter=first.filter,
-                        exclude=[exclude[i] for i in members] if exclude else None)
+        if lone:
+            hits = [svc.batcher(c, lambda group: search_group(svc, c, group)).search(first, key)]
+        else:
+            hits = search_group(svc, c, [searches[i] for i in members], budget,
+                                [exclude[i] for i in members] if exclude else None)
         for i, h in zip(members, hits):
             h = h[first.offset:]
             if first.score_threshold is not None:

@@ -1,0 +1,118 @@
+"""Dynamic micro-batching of lone searches: each request gets its own answer, errors stay its own."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from service.batching import SearchBatcher
+from tests.server import free_port, serve
+
+
+def test_batcher_groups_concurrent_searches_and_keeps_answers_apart():
+    sizes = []
+
+    def run_group(searches):
+        sizes.append(len(searches))
+        time.sleep(0.02)  # long enough for the others to queue up behind this batch
+        if any(s < 0 for s in searches):
+            raise ValueError("negative")
+        return [[s * 10] for s in searches]
+
+    batcher = SearchBatcher(run_group)
+    assert batcher.search(1, "a") == [10] and sizes == [1]  # alone: runs at once, by itself
+
+    def one(i):
+        try:
+            return batcher.search(i, "odd" if i % 2 else "even")
+        except ValueError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, [-3] + list(range(1, 40))))
+    assert got == ["negative"] + [[i * 10] for i in range(1, 40)]  # the bad search fails alone
+    assert max(sizes) > 1 and sum(sizes) >= 40
+
+
+def test_batcher_survives_a_failing_leader():
+    def run_group(searches):
+        raise RuntimeError("boom")
+
+    batcher = SearchBatcher(run_group)
+    with pytest.raises(RuntimeError):
+        batcher.search(1, "k")
+    assert not batcher._busy and not batcher._queue
+
+
+@pytest.fixture
+def live(data_dir):
+    port = free_port()
+    proc = serve(data_dir, port, "--no-demo")
+    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+
+
+def batch_sizes(url):
+    text = httpx.get(f"{url}/metrics").text
+    count = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith("qinco_search_batch_size_count")))
+    ones = float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith('qinco_search_batch_size_bucket{le="1.0"}')))
+    return count, ones
+
+
+def test_concurrent_rest_searches_match_lone_ones(live, vectors):
+    url = live
+    httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors"}).raise_for_status()
+    points = [{"id": i, "vector": v.tolist(), "payload": {"n": i, "tag": ["a", "b", "c"][i % 3]}}
+              for i, v in enumerate(vectors[:300])]
+    httpx.put(f"{url}/collections/c/points", json={"points": points}, timeout=60).raise_for_status()
+    # Different options per request: limits, nshort, filters, payloads, an offset, a threshold.
+    bodies = []
+    for i in range(48):
+        body = {"vector": vectors[300 + i].tolist(), "limit": 3 + i % 4, "params": {"nshort": 40 + 20 * (i % 2)}}
+        if i % 3 == 0:
+            body["filter"] = {"must": [{"key": "tag", "match": {"value": "a"}}]}
+        if i % 5 == 0:
+            body["with_payload"] = True
+        if i % 7 == 0:
+            body["offset"] = 1
+        bodies.append(body)
+    bodies.append({"vector": vectors[0].tolist(), "limit": 2000})  # over QINCO_MAX_LIMIT: its own 400
+
+    def ask(client, body):
+        r = client.post(f"{url}/collections/c/points/search", json=body)
+        return r.status_code, r.json()
+
+    with httpx.Client(timeout=60) as client:
+        alone = [ask(client, b) for b in bodies]
+    before, _ = batch_sizes(url)
+    clients = [httpx.Client(timeout=60) for _ in range(8)]
+    lock = threading.Lock()
+    together = [None] * len(bodies)
+
+    def worker(k):
+        for i in range(k, len(bodies), 8):
+            answer = ask(clients[k], bodies[i])
+            with lock:
+                together[i] = answer
+
+    for _ in range(3):
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        for (s1, a), (s2, b) in zip(alone, together):
+            assert s1 == s2
+            if s1 != 200:
+                assert a["status"] == b["status"]
+                continue
+            assert [h["id"] for h in a["result"]] == [h["id"] for h in b["result"]]
+            assert np.allclose([h["score"] for h in a["result"]], [h["score"] for h in b["result"]], atol=1e-5)
+            assert [h.get("payload") for h in a["result"]] == [h.get("payload") for h in b["result"]]
+    [c.close() for c in clients]
+    count, ones = batch_sizes(url)
+    assert count > before and ones < count  # some lone searches ran together
