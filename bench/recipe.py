@@ -67,7 +67,8 @@ def main():
                "--out", str(path), *common, *RECIPES[name]]
         print("$", " ".join(cmd[1:]), flush=True)
         t0 = time.time()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(path.with_suffix(".log"), "w"))
+        with open(path.with_suffix(".log"), "w") as log:  # the trainer logs to stdout, its bar to stderr
+            subprocess.run(cmd, check=True, stdout=log, stderr=log)
         model, extra = load_model(path, with_extra=True)
         state, tc = extra["training"]["state"], extra["training"]["config"]
         # The collections' encoder on the same held-out vectors as the training's validation.

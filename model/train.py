@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .codebooks import fit_model_tables
 from .io import load_model, save_model
 from .network import ENCODERS, Encoder, Qinco, QincoConfig, check_vectors
+from .scan import native_bf16
 from .threads import set_threads
 
 
@@ -46,7 +47,7 @@ class TrainConfig:
     kmeans_iters: int = 20
     table_sample: int = 100_000  # IVF models: vectors encoded to fit the index's fixed tables (more is better)
     threads: int = 0  # 0: all cores
-    bf16: bool = True  # bf16 autocast for the training-time code search
+    bf16: bool | None = None  # bf16 autocast for the training-time code search; None: where the CPU has bf16
 
 
 @dataclass
@@ -205,6 +206,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     lt = model.assign(xt) if cfg.nlist else None
     lv = model.assign(xv) if cfg.nlist else None
     train_encoder = Encoder(A=tc.A, B=tc.B)
+    search_bf16 = native_bf16() if tc.bf16 is None else tc.bf16
     optimizer = make_optimizer(model, tc)
     best = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -243,8 +245,9 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         for c0 in range(0, len(perm) - chunk + 1, chunk):
             xc = xt[perm[c0:c0 + chunk]]
             lc = None if lt is None else lt[perm[c0:c0 + chunk]]
-            # The code search needs no gradient and tolerates bf16 (1.7x faster here).
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+            # The code search needs no gradient and tolerates bf16: faster where the CPU multiplies
+            # bf16, 24x slower where it is emulated (AVX2: 13 vs 307 vectors/s at d=384, A=16 B=4).
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=search_bf16):
                 codes = torch.cat([model.encode_normalized(xc[i:i + tc.batch], train_encoder,
                                                            None if lc is None else lc[i:i + tc.batch])[0]
                                    for i in range(0, chunk, tc.batch)])
