@@ -4,7 +4,8 @@ Starts `qinco serve` on a fresh data directory, creates a collection from an IVF
 model, and loads it with real vectors (timed: that is the insert duration).
 Then, each phase bounded in time:
   - /healthz and search from a single client (the latency of a lone request);
-  - search: C concurrent clients send single-query searches;
+  - search: C concurrent clients send single-query searches (with the server's micro-batching,
+    and again after a restart without it);
   - upsert: C concurrent clients send batches of points;
 and the same searches called in-process on the same index (no HTTP).
 Reports QPS and p50/p95/p99 latency for each, and the REST/in-process ratio.
@@ -15,6 +16,7 @@ Reports QPS and p50/p95/p99 latency for each, and the REST/in-process ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -66,6 +68,24 @@ def run_clients(n_clients: int, seconds: float, make_request) -> tuple[int, list
     return len(latencies), latencies, time.perf_counter() - t0
 
 
+def start_server(data_dir: Path, port: int, batching: bool = True) -> subprocess.Popen:
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "QINCO_SEARCH_BATCHING": "true" if batching else "false"}
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir),
+                               "--port", str(port), "--no-demo"], stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            server.kill()
+            raise SystemExit("server did not start")
+        time.sleep(0.2)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="glove-50", choices=datasets.NAMES)
@@ -85,19 +105,8 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir),
-                               "--port", str(port), "--no-demo"], stderr=subprocess.DEVNULL)
+    server = start_server(data_dir, port)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit("server did not start")
-            time.sleep(0.2)
         httpx.put(f"{url}/collections/bench", json={"model": "models/m.safetensors"}).raise_for_status()
 
         t0 = time.perf_counter()
@@ -127,6 +136,13 @@ def main():
         n, lat, wall = run_clients(args.clients, args.seconds, search)
         rest_qps = n / wall
         print(f"REST search, {args.clients} clients:   {rest_qps:8,.0f} QPS   {percentiles(lat)}")
+
+        # The same concurrent searches with micro-batching off (a restart on the same data).
+        server.kill()
+        server.wait()
+        server = start_server(data_dir, port, batching=False)
+        n, lat, wall = run_clients(args.clients, args.seconds, search)
+        print(f"REST search, {args.clients} clients, no micro-batching: {n / wall:8,.0f} QPS   {percentiles(lat)}")
 
         def upsert(client, i):
             ids = range(10**7 + i * args.batch, 10**7 + (i + 1) * args.batch)

@@ -140,10 +140,6 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
 
 def make_optimizer(model: Qinco, tc: TrainConfig) -> torch.optim.Optimizer:
     """Two groups: the base codebooks (lr_codebooks) and the network (lr, with weight decay)."""
-    if tc.optimizer not in ("adam", "adamw"):
-        raise ValueError(f"optimizer must be adam or adamw, got {tc.optimizer!r}")
-    if tc.schedule not in ("plateau", "cosine"):
-        raise ValueError(f"schedule must be plateau or cosine, got {tc.schedule!r}")
     codebooks = [p for n, p in model.named_parameters() if n.endswith("codebook")]
     network = [p for n, p in model.named_parameters() if not n.endswith("codebook")]
     groups = [{"params": codebooks, "base_lr": tc.lr_codebooks or tc.lr, "weight_decay": 0.0},
@@ -173,6 +169,9 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     report: end with the table of validation MSEs per encoder (the quality encoder's is slow).
     """
     start = time.time()
+    if tc.optimizer not in ("adam", "adamw") or tc.schedule not in ("plateau", "cosine") or tc.lr <= 0:
+        raise ValueError(f"optimizer must be adam or adamw, schedule plateau or cosine, lr > 0; got {tc.optimizer!r}, "
+                         f"{tc.schedule!r}, {tc.lr}")
     budget = tc.max_minutes * 60
     set_threads(tc.threads)
     torch.manual_seed(tc.seed)

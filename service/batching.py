@@ -25,54 +25,54 @@ class Job:
 
 
 class SearchBatcher:
+    """One batch in flight per set of options: searches with other options run beside it, in
+    their own threads, as they did unbatched."""
+
     def __init__(self, run_group: Callable[[list], list], observe_batch: Callable[[int], None] = lambda n: None):
         """run_group(searches sharing their options) -> one hit list per search."""
         self._run_group, self._observe_batch = run_group, observe_batch
         self._cond = threading.Condition()
-        self._queue: list[Job] = []
-        self._busy = False
+        self._queues: dict[str, list[Job]] = {}  # options -> searches waiting (no key without one)
+        self._running: set[str] = set()
 
     def search(self, search, key: str) -> list:
         job = Job(search, key)
         with self._cond:
-            self._queue.append(job)
+            self._queues.setdefault(key, []).append(job)
             while not job.done:
-                if self._busy:
+                if key in self._running:
                     self._cond.wait()
                     continue
-                self._busy, batch, self._queue = True, self._queue, []
+                self._running.add(key)
+                batch = self._queues.pop(key)
                 self._cond.release()
                 try:
                     self._run(batch)
                 finally:
                     self._cond.acquire()
-                    self._busy = False
+                    self._running.discard(key)
                     self._cond.notify_all()
         if job.error is not None:
             raise job.error
         return job.hits
 
-    def _run(self, batch: list[Job]):
-        self._observe_batch(len(batch))
-        groups: dict[str, list[Job]] = {}
-        for job in batch:
-            groups.setdefault(job.key, []).append(job)
+    def _run(self, jobs: list[Job]):
         try:
-            for jobs in groups.values():
-                try:
-                    for job, hits in zip(jobs, self._run_group([j.search for j in jobs]), strict=True):
-                        job.hits = hits
-                except Exception as e:
-                    if len(jobs) == 1:
-                        jobs[0].error = e
-                        continue
+            self._observe_batch(len(jobs))
+            try:
+                for job, hits in zip(jobs, self._run_group([j.search for j in jobs]), strict=True):
+                    job.hits = hits
+            except Exception as e:
+                if len(jobs) == 1:
+                    jobs[0].error = e
+                else:
                     for job in jobs:  # one bad search must not fail the others: each alone, its own answer
                         try:
                             job.hits = self._run_group([job.search])[0]
                         except Exception as e1:
                             job.error = e1
         finally:
-            for job in batch:
+            for job in jobs:
                 if job.hits is None and job.error is None:
                     job.error = RuntimeError("the batch this search was part of did not finish")
                 job.done = True

@@ -36,10 +36,13 @@ class Service:
     _batchers_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def batcher(self, c: Collection, run_group) -> SearchBatcher:
-        """The collection's search batcher (made on first use; run_group(searches) -> hits each)."""
+        """The collection's search batcher, made on first use; run_group(collection, searches) -> hits
+        each.  It holds the collection weakly: a deleted collection's memory and files go with it."""
         with self._batchers_lock:
             if c not in self.batchers:
-                self.batchers[c] = SearchBatcher(run_group, self.metrics.search_batch.observe)
+                ref = weakref.ref(c)
+                self.batchers[c] = SearchBatcher(lambda searches: run_group(ref(), searches),
+                                                 self.metrics.search_batch.observe)
             return self.batchers[c]
 
     def call(self, fn, *args, **kwargs):

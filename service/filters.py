@@ -161,6 +161,17 @@ def in_range(r: schemas.Range) -> Callable[[float], bool]:
     return test
 
 
+def has_id_values(f: schemas.Filter) -> list:
+    """Every id named by a has_id condition of the filter, nested ones included."""
+    out = []
+    for c in f.parts():
+        if isinstance(c, schemas.Filter):
+            out += has_id_values(c)
+        elif isinstance(c, schemas.HasIdCondition):
+            out += c.has_id
+    return out
+
+
 class Evaluator:
     """Evaluates filters for one collection: `all_ids` (sorted), a field-index getter, and how
     `has_id`'s client ids (integers or UUIDs) become internal ids (unknown ones left out)."""

@@ -1,11 +1,11 @@
 """Point ids: Qdrant's are unsigned integers or UUIDs; the index and SQLite key points by int64.
 
-Integer ids stay as they are (0 <= id < UUID_BASE).  The n-th UUID a collection sees gets the
-internal id UUID_BASE + n, durably (table `uuids`, written in the transaction of its first
-upsert), and keeps it after a delete, so a re-upsert, a scroll offset or a `has_id` condition
-on it still resolves to the same point.  In memory the UUIDs are one (n, 16) byte array (16
-bytes per UUID point, for the id -> UUID direction of every answer); UUID -> id look-ups go to
-SQLite's primary-key index.
+Integer ids stay as they are (0 <= id < UUID_BASE).  The k-th UUID a collection sees gets the
+internal id base + k (base = UUID_BASE, or past any older integer id at or above it), durably
+(table `uuids`, written in the transaction of its first upsert), and keeps it after a delete, so
+a re-upsert, a scroll offset or a `has_id` condition on it still resolves to the same point.  In
+memory the UUIDs are one growing (n, 16) byte buffer (16 bytes per UUID point, for the id -> UUID
+direction of every answer); UUID -> id look-ups go to SQLite's primary-key index.
 """
 
 from __future__ import annotations
@@ -23,25 +23,42 @@ class UnknownId(KeyError):
     """A UUID this collection never stored."""
 
 
+def canonical(ids) -> list:
+    """Client ids as Python ints and canonical UUID strings (lower case, hyphenated)."""
+    out = []
+    for i in ids:
+        if isinstance(i, str):
+            try:
+                out.append(str(uuid.UUID(i)))
+            except ValueError:
+                raise ValueError(f"point ids are non-negative integers or UUIDs; {i[:64]!r} is neither") from None
+        else:
+            out.append(int(i))
+    return out
+
+
 class PointIds:
     def __init__(self, db: sqlite3.Connection):
         db.executescript(SCHEMA)
         rows = db.execute("SELECT id, uuid FROM uuids ORDER BY id").fetchall()
-        table = np.zeros((rows[-1][0] - UUID_BASE + 1 if rows else 0, 16), dtype=np.uint8)
-        for i, u in rows:
-            table[i - UUID_BASE] = np.frombuffer(u, dtype=np.uint8)
-        self.table = table  # replaced, never changed in place: readers need no lock
-
-    @property
-    def count(self) -> int:
-        return len(self.table)
+        if rows:
+            self.base = rows[0][0]
+            if rows[-1][0] - self.base != len(rows) - 1:
+                raise ValueError("the uuids table is not numbered consecutively")
+        else:  # integer ids at or above UUID_BASE (written by older versions) stay integers
+            top = max(db.execute(f"SELECT COALESCE(MAX(id), -1) FROM {t}").fetchone()[0]
+                      for t in ("points", "deleted", "originals"))
+            self.base = max(UUID_BASE, top + 1)
+        self._buffer = np.frombuffer(b"".join(u for _, u in rows), dtype=np.uint8).reshape(-1, 16).copy()
+        self.count = len(rows)  # rows of the buffer in use; readers read it before the buffer
 
     def external(self, i: int) -> int | str:
         """The id a client sees for internal id i."""
-        i = int(i)
-        if i < UUID_BASE:
-            return i
-        return str(uuid.UUID(bytes=self.table[i - UUID_BASE].tobytes()))
+        k = int(i) - self.base
+        n = self.count
+        if not 0 <= k < n:
+            return int(i)
+        return str(uuid.UUID(bytes=self._buffer[k].tobytes()))
 
     def lookup(self, db: sqlite3.Connection, ids) -> dict:
         """{client id: internal id} for the ids that resolve (integers always; UUIDs once stored)."""
@@ -65,34 +82,27 @@ class PointIds:
                 raise UnknownId(missing)
         return [found[i] for i in ids if i in found]
 
-    def assign(self, db: sqlite3.Connection, ids) -> tuple[list[int], list[bytes]]:
-        """Internal ids for an upsert, new UUIDs numbered after the known ones (call in the write
-        transaction); returns them and the new UUIDs, for `added` once the transaction commits."""
+    def assign(self, db: sqlite3.Connection, ids) -> tuple[list[int], int]:
+        """Internal ids for an upsert, inside its write transaction (write lock held): new UUIDs are
+        numbered after the known ones and visible to `external` at once, since SQLite readers see
+        them as soon as the transaction commits.  Returns the ids and the count to `restore` if the
+        transaction rolls back."""
         found = self.lookup(db, ids)
-        new: list[bytes] = []
-        out = []
-        for i in ids:
-            if i not in found:
-                found[i] = UUID_BASE + self.count + len(new)
-                new.append(uuid.UUID(i).bytes)
-                db.execute("INSERT INTO uuids (uuid, id) VALUES (?, ?)", (new[-1], found[i]))
-            out.append(int(found[i]))
-        return out, new
-
-    def added(self, new: list[bytes]):
+        before = self.count
+        new = [i for i in dict.fromkeys(ids) if i not in found]
+        for k, u in enumerate(new):
+            found[u] = self.base + before + k
         if new:
-            self.table = np.concatenate([self.table, np.frombuffer(b"".join(new), dtype=np.uint8).reshape(-1, 16)])
+            db.executemany("INSERT INTO uuids (uuid, id) VALUES (?, ?)", [(uuid.UUID(u).bytes, found[u]) for u in new])
+            rows = np.frombuffer(b"".join(uuid.UUID(u).bytes for u in new), dtype=np.uint8).reshape(-1, 16)
+            if before + len(new) > len(self._buffer):  # grow by doubling: appends cost O(1) amortised
+                grown = np.zeros((max(2 * len(self._buffer), before + len(new), 1024), 16), dtype=np.uint8)
+                grown[:before] = self._buffer[:before]
+                self._buffer = grown
+            self._buffer[before:before + len(new)] = rows
+            self.count = before + len(new)
+        return [int(found[i]) for i in ids], before
 
-
-def canonical(ids) -> list:
-    """Client ids as Python ints and canonical UUID strings (lower case, hyphenated)."""
-    out = []
-    for i in ids:
-        if isinstance(i, str):
-            try:
-                out.append(str(uuid.UUID(i)))
-            except ValueError:
-                raise ValueError(f"point ids are non-negative integers or UUIDs; {i[:64]!r} is neither") from None
-        else:
-            out.append(int(i))
-    return out
+    def restore(self, count: int):
+        """Forget the UUIDs numbered after `count` (their transaction rolled back)."""
+        self.count = count

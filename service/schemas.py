@@ -23,6 +23,7 @@ MAX_PAYLOAD_DEPTH = 32
 MAX_FILTER_DEPTH = 16
 MAX_FILTER_CONDITIONS = 64  # each costs a pass over a field index: bounds a filter's CPU
 MAX_FILTER_KEYS = 8  # each may need a field index built
+MAX_FILTER_IDS = 100_000  # has_id ids in one filter: UUIDs among them are SQLite look-ups
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Component = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS, le=MAX_ABS)]
 IntId = Annotated[int, Field(ge=0, le=MAX_ID, strict=True, description="a non-negative integer below 2^62")]
@@ -38,7 +39,7 @@ def parse_uuid(text: str) -> str:
 
 def parse_path_id(text: str) -> int | str:
     """A point id in a URL: digits are an integer id, anything else must be a UUID."""
-    if text.isascii() and text.isdigit():
+    if text.isascii() and text.isdigit() and len(text) != 32:  # 32 digits: a UUID's hex that has no letter
         if int(text) > MAX_ID:
             raise ValueError(f"integer point ids must be at most {MAX_ID}")
         return int(text)
@@ -335,6 +336,9 @@ class Filter(Strict):
             raise ValueError(f"a filter may hold at most {MAX_FILTER_CONDITIONS} conditions, got {conditions}")
         if len(keys) > MAX_FILTER_KEYS:
             raise ValueError(f"a filter may name at most {MAX_FILTER_KEYS} payload keys, got {len(keys)}")
+        named = filter_id_count(self)
+        if named > MAX_FILTER_IDS:
+            raise ValueError(f"a filter's has_id conditions may name at most {MAX_FILTER_IDS} ids in all, got {named}")
         return self
 
 
@@ -354,6 +358,10 @@ def filter_size(f: Filter) -> tuple[int, set[str]]:
             if key:
                 keys.add(key.replace("[]", ""))
     return count, keys
+
+
+def filter_id_count(f: Filter) -> int:
+    return sum(filter_id_count(c) if isinstance(c, Filter) else len(getattr(c, "has_id", None) or ()) for c in f.parts())
 
 
 def filter_depth(f: Filter) -> int:

@@ -52,7 +52,7 @@ from model.io import atomic_write, load_model, save_model
 from model.network import ENCODERS, check_vectors, encode, split_codes
 from model.threads import use_threads
 
-from .filters import Evaluator, PayloadIndexes
+from .filters import Evaluator, PayloadIndexes, has_id_values
 from .ids import UUID_BASE, PointIds, UnknownId, canonical
 from .jobs import JobCancelled, TrainingJob
 from .worker import MIN_PER_LIST, min_points
@@ -405,17 +405,28 @@ class Collection:
         except UnknownId as e:
             raise NotFound(f"point {e.args[0]} not found in collection {self.name!r}") from None
 
-    def filter_ids(self, f) -> np.ndarray:
-        """Sorted ids of the stored points that a filter lets through (index read lock held)."""
-        evaluator = Evaluator(self.index.ids(), lambda key: self.payload_indexes.get(key, self._payload_rows),
-                              self._internal)
+    def has_id_resolver(self, f):
+        """has_id's client ids -> internal ids, the UUIDs looked up now: before the index lock, which
+        filter_ids then holds without waiting on SQLite."""
+        uuids = [i for i in has_id_values(f) if isinstance(i, str)] if f is not None else []
+        if not uuids:
+            return lambda ids: ids
+        with self._reading() as db:
+            found = self.point_ids.lookup(db, canonical(uuids))
+        return lambda ids: [found.get(i, -1) if isinstance(i, str) else i for i in ids]
+
+    def filter_ids(self, f, resolve) -> np.ndarray:
+        """Sorted ids of the stored points that a filter lets through (index read lock held);
+        resolve: from has_id_resolver(f)."""
+        evaluator = Evaluator(self.index.ids(), lambda key: self.payload_indexes.get(key, self._payload_rows), resolve)
         return evaluator.ids(f)
 
     def count_filtered(self, f) -> int:
         use_threads(self.threads)
         self._check_open()
+        resolve = self.has_id_resolver(f)
         with self.index_lock.read():
-            return len(self.filter_ids(f))
+            return len(self.filter_ids(f, resolve))
 
     def payloads(self, ids) -> dict[int, dict | None]:
         with self._reading() as db:
@@ -474,6 +485,7 @@ class Collection:
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         # Qdrant ignores quantization settings that do not apply: so does rescore without originals.
         rescore = bool(params.get("rescore")) and self._has_originals()
+        resolve = self.has_id_resolver(filter)
         try:
             with self.index_lock.read():  # one index throughout, even if a swap replaces it meanwhile
                 index = self.index
@@ -486,7 +498,7 @@ class Collection:
                 budget.take(len(x), k, sp.nshort if sp else 0, with_vector, self.dimension)
                 if rescore:  # the originals read back count as returned vectors
                     budget.take(len(x), k, 0, True, self.dimension)
-                allowed = self.filter_ids(filter) if filter is not None else None
+                allowed = self.filter_ids(filter, resolve) if filter is not None else None
                 D, I = index.search(x, k, sp, allowed_ids=allowed)
         except ValueError as e:
             raise BadRequest(str(e)) from None
@@ -597,16 +609,20 @@ class Collection:
                 codes = self._codes(self.model, x)
             keep = self._has_originals()
             blobs = [c.tobytes() for c in codes] if codes is not None else [b""] * len(ids)
-            with self._transaction():
-                seq = self.last_seq() + 1
-                ids, new_uuids = self.point_ids.assign(self.db, ids)
-                self.db.executemany("INSERT OR REPLACE INTO points (id, codes, payload, seq) VALUES (?, ?, ?, ?)",
-                                    [(i, b, p, seq) for i, b, p in zip(ids, blobs, payload_json)])
-                if keep:
-                    self.db.executemany("INSERT OR REPLACE INTO originals (id, vector) VALUES (?, ?)",
-                                        [(i, v.tobytes()) for i, v in zip(ids, x)])
-                self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            self.point_ids.added(new_uuids)  # before the index can return them
+            uuids_before = self.point_ids.count
+            try:
+                with self._transaction():
+                    seq = self.last_seq() + 1
+                    ids, _ = self.point_ids.assign(self.db, ids)
+                    self.db.executemany("INSERT OR REPLACE INTO points (id, codes, payload, seq) VALUES (?, ?, ?, ?)",
+                                        [(i, b, p, seq) for i, b, p in zip(ids, blobs, payload_json)])
+                    if keep:
+                        self.db.executemany("INSERT OR REPLACE INTO originals (id, vector) VALUES (?, ?)",
+                                            [(i, v.tobytes()) for i, v in zip(ids, x)])
+                    self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+            except BaseException:
+                self.point_ids.restore(uuids_before)  # rolled back: so are its new UUIDs
+                raise
             id_array = np.array(ids, dtype=np.int64)
             if codes is None:
                 self._apply(lambda: (self.index.add_vectors(x, id_array), self.payload_indexes.upsert(ids, payloads)))
@@ -701,8 +717,9 @@ class Collection:
                 offset = self._internal([offset], strict=True)[0]
             except NotFound:
                 raise BadRequest(f"offset {offset} is not a point id of collection {self.name!r}") from None
+        resolve = self.has_id_resolver(f)
         with self.index_lock.read():
-            ids = self.filter_ids(f) if f is not None else self.index.ids()
+            ids = self.filter_ids(f, resolve) if f is not None else self.index.ids()
         start = np.searchsorted(ids, offset) if offset is not None else 0
         page = ids[start:start + limit + 1].tolist()
         nxt = self.point_ids.external(page[limit]) if len(page) > limit else None
@@ -711,8 +728,9 @@ class Collection:
     def _selected(self, f) -> list[int]:
         """The ids a filter lets through, chosen under the write lock (held by the caller), so
         that no write slips in between choosing the points and changing them."""
+        resolve = self.has_id_resolver(f)
         with self.index_lock.read():
-            return self.filter_ids(f).tolist()
+            return self.filter_ids(f, resolve).tolist()
 
     def update_payloads(self, ids: list[int] | None, f, change, chunk: int = 10_000) -> tuple[int, int]:
         """Apply change(payload) -> payload to the points given by ids (one of them not stored:
@@ -1193,8 +1211,12 @@ class Store:
         if index.ntotal:  # import the index's codes as the first write
             db = connect(folder / "points.sqlite")
             db.executescript(SCHEMA)
-            db.execute("BEGIN")
             ids, codes = index.stored_codes()
+            if len(ids) and not (ids.min() >= 0 and ids.max() < UUID_BASE):
+                db.close()
+                raise BadRequest(f"cannot use {source.name}: its point ids must be in [0, 2^62) (the ids above are "
+                                 f"UUIDs'); rebuild it with --ids in that range")
+            db.execute("BEGIN")
             db.executemany("INSERT INTO points (id, codes, payload, seq) VALUES (?, ?, NULL, 1)",
                            [(int(i), c.astype(np.int32).tobytes()) for i, c in zip(ids, codes)])
             db.execute("UPDATE meta SET value = 1 WHERE key='seq'")

@@ -44,7 +44,7 @@ def test_batcher_survives_a_failing_leader():
     batcher = SearchBatcher(run_group)
     with pytest.raises(RuntimeError):
         batcher.search(1, "k")
-    assert not batcher._busy and not batcher._queue
+    assert not batcher._running and not batcher._queues
 
 
 @pytest.fixture
@@ -71,10 +71,12 @@ def test_concurrent_rest_searches_match_lone_ones(live, vectors):
     points = [{"id": i, "vector": v.tolist(), "payload": {"n": i, "tag": ["a", "b", "c"][i % 3]}}
               for i, v in enumerate(vectors[:300])]
     httpx.put(f"{url}/collections/c/points", json={"points": points}, timeout=60).raise_for_status()
-    # Different options per request: limits, nshort, filters, payloads, an offset, a threshold.
+    # Options per request: shared by half of them, else limits, nshort, filters, payloads, an offset.
     bodies = []
     for i in range(48):
-        body = {"vector": vectors[300 + i].tolist(), "limit": 3 + i % 4, "params": {"nshort": 40 + 20 * (i % 2)}}
+        body = {"vector": vectors[300 + i].tolist(), "limit": 5, "params": {"nshort": 40}}
+        if i % 2:  # half share their options (they can batch), half vary them
+            body.update(limit=3 + i % 4, params={"nshort": 40 + 20 * (i % 3)})
         if i % 3 == 0:
             body["filter"] = {"must": [{"key": "tag", "match": {"value": "a"}}]}
         if i % 5 == 0:
@@ -116,3 +118,34 @@ def test_concurrent_rest_searches_match_lone_ones(live, vectors):
     [c.close() for c in clients]
     count, ones = batch_sizes(url)
     assert count > before and ones < count  # some lone searches ran together
+
+
+def test_searches_with_other_options_run_beside_a_batch():
+    def run_group(searches):
+        time.sleep(0.2)
+        return [[s] for s in searches]
+
+    batcher = SearchBatcher(run_group)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda k: batcher.search(k, f"options-{k}"), range(4)))
+    assert got == [[0], [1], [2], [3]] and time.perf_counter() - t0 < 0.6  # not 4 x 0.2 one after another
+    assert not batcher._queues and not batcher._running
+
+
+def test_a_deleted_collection_is_not_kept_alive_by_its_batcher(data_dir, vectors):
+    import gc
+    import weakref
+
+    from tests.test_service import create, make_client, upsert, wait_ready
+    with make_client(data_dir) as client:
+        wait_ready(client)
+        create(client)
+        upsert(client, vectors[:20], range(20))
+        assert client.post("/collections/c/points/search", json={"vector": vectors[0].tolist()}).status_code == 200
+        svc = client.app.state.service
+        ref = weakref.ref(svc.store.get("c"))
+        assert len(svc.batchers) == 1
+        assert client.delete("/collections/c").status_code == 200
+        gc.collect()
+        assert ref() is None and len(svc.batchers) == 0

@@ -410,6 +410,8 @@ def hostile_bodies(v):
         ("post", "/collections/c/points/payload", {"payload": {"a": 1}, "points": ["5c56c793-69f3-4fbf-87e6-c4bf54c28c26"]}),
         ("post", "/collections/c/points/count", {"filter": {"must": [{"has_id": ["x" * 46]}]}}),
         ("post", "/collections/c/points/delete", {"points": ["5c56c793"]}),
+        ("post", "/collections/c/points/count",  # 120,000 ids in all: over the filter's 100,000
+         {"filter": {"should": [{"has_id": list(range(k * 20_000, (k + 1) * 20_000))} for k in range(6)]}}),
         ("get", "/collections/c/points/4611686018427387904", None),
     ]
 

@@ -197,3 +197,32 @@ def test_create_collection_by_vector_params(server, glove_sample):
     with pytest.raises(qdrant_client.http.exceptions.UnexpectedResponse) as e:
         client.create_collection("dot", vectors_config=models.VectorParams(size=50, distance=models.Distance.DOT))
     assert e.value.status_code == 422 and b"not supported" in e.value.content
+
+
+def test_uuids_next_to_integer_ids_written_by_older_versions(tmp_path, ivf_model, glove_sample):
+    """Integer ids at or above 2^62 (allowed before UUIDs) stay integers; new UUIDs are numbered past them."""
+    import sqlite3
+
+    from model.io import save_model
+    from service.ids import UUID_BASE
+    from service.store import Store
+    save_model(ivf_model, tmp_path / "m.safetensors")
+    store = Store(tmp_path / "data")
+    c = store.create("c", "l2", "fast", tmp_path / "m.safetensors")
+    c.upsert([1, 2], glove_sample[:2], [None, {"old": True}])
+    store.close()
+    db = sqlite3.connect(tmp_path / "data" / "collections" / "c" / "points.sqlite")
+    db.execute("UPDATE points SET id = ? WHERE id = 2", (UUID_BASE + 5,))  # as an older version could have
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "data")
+    store.open_all()
+    c = store.get("c")
+    u = str(uuid.uuid4())
+    c.upsert([u], glove_sample[2:3], [{"new": True}])
+    assert c.count() == 3
+    hits = c.search(glove_sample[1:3], 1, None, True, False)
+    assert hits[0][0].id == UUID_BASE + 5 and hits[0][0].payload == {"old": True}
+    assert hits[1][0].id == u and hits[1][0].payload == {"new": True}
+    assert [r["id"] for r in c.records([u, 1], True, False)] == [u, 1]
+    store.close()

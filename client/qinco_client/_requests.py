@@ -33,7 +33,7 @@ def as_list(vector) -> list[float]:
 def search_body(vector, limit, params, target_recall, query_filter, with_payload, with_vector) -> dict:
     body = {"vector": as_list(vector), "limit": limit, "with_payload": with_payload, "with_vector": with_vector}
     if query_filter is not None:  # a dict or qdrant_client.models.Filter
-        body["filter"] = query_filter if isinstance(query_filter, dict) else query_filter.model_dump(exclude_none=True)
+        body["filter"] = query_filter if isinstance(query_filter, dict) else query_filter.model_dump(mode="json", exclude_none=True)
     if params and target_recall is not None:
         raise ValueError("give params or target_recall, not both")
     if params:

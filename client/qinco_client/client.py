@@ -69,6 +69,8 @@ def _qdrant_args(url: str, api_key: str | None, timeout: float, kwargs: dict) ->
 class Client(_Calls, QdrantClient):
     """`with Client("http://127.0.0.1:6343") as c: c.query_points("glove", query=vector)`."""
 
+    _qinco_http = None  # QdrantClient.__del__ closes even a client whose __init__ failed
+
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 3, backoff: float = 0.25, **kwargs):
         """kwargs go to QdrantClient."""
@@ -83,7 +85,8 @@ class Client(_Calls, QdrantClient):
         self.close()
 
     def close(self, **kwargs):
-        self._qinco_http.close()
+        if self._qinco_http is not None:
+            self._qinco_http.close()
         QdrantClient.close(self, **kwargs)
 
     def _send(self, call: rq.Call):
@@ -163,6 +166,8 @@ class Client(_Calls, QdrantClient):
 class AsyncClient(_Calls, AsyncQdrantClient):
     """qdrant-client's AsyncQdrantClient with the QINCo calls of Client, awaited."""
 
+    _qinco_http = None
+
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 3, backoff: float = 0.25, **kwargs):
         AsyncQdrantClient.__init__(self, **_qdrant_args(url, api_key, timeout, kwargs))
@@ -176,7 +181,8 @@ class AsyncClient(_Calls, AsyncQdrantClient):
         await self.close()
 
     async def close(self, **kwargs):
-        await self._qinco_http.aclose()
+        if self._qinco_http is not None:
+            await self._qinco_http.aclose()
         await AsyncQdrantClient.close(self, **kwargs)
 
     async def _send(self, call: rq.Call):

@@ -31,7 +31,8 @@ def run_search(svc: Service, c: Collection, searches: list, exclude: list[set] |
     decoder together; one candidate budget for the whole request.  A request of one search joins
     the other lone searches on the collection that run at the same time (service/batching.py)."""
     results: list = [None] * len(searches)
-    lone = len(searches) == 1 and not (exclude and exclude[0]) and svc.settings.search_batching
+    # Batched only alone: a request's own budget (shared with its other parts) is not the batch's.
+    lone = len(searches) == 1 and not (exclude and exclude[0]) and budget is None and svc.settings.search_batching
     groups: dict = {}
     for i, s in enumerate(searches):
         svc.check_limit(s.limit + s.offset)
@@ -44,7 +45,7 @@ def run_search(svc: Service, c: Collection, searches: list, exclude: list[set] |
     for key, members in groups.items():
         first = searches[members[0]]
         if lone:
-            hits = [svc.batcher(c, lambda group: search_group(svc, c, group)).search(first, key)]
+            hits = [svc.batcher(c, lambda coll, group: search_group(svc, coll, group)).search(first, key)]
         else:
             hits = search_group(svc, c, [searches[i] for i in members], budget,
                                 [exclude[i] for i in members] if exclude else None)
@@ -116,7 +117,7 @@ def run_queries(svc: Service, c: Collection, queries: list[schemas.QueryRequest]
     ranked = [i for i, q in enumerate(queries) if q.query is not None]
     if ranked:
         searches, exclude = as_searches(svc, c, [queries[i] for i in ranked])
-        for i, hits in zip(ranked, run_search(svc, c, searches, exclude, budget)):
+        for i, hits in zip(ranked, run_search(svc, c, searches, exclude, budget if listings else None)):
             results[i] = hits
     for members in listings.values():
         q = queries[members[0]]
