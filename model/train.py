@@ -40,7 +40,7 @@ class TrainConfig:
     reuse: int = 4  # gradient passes over each encoded chunk
     seed: int = 0
     val: int = 0  # held-out vectors for validation, taken from the data (0: min(5000, n / 10))
-    eval_every: int = 50_000  # training vectors between validations
+    eval_every: int = 0  # training vectors between validations (0: an epoch, within [5,000, 50,000])
     warmup: int = 100_000  # training vectors of linear learning-rate warm-up
     patience: int = 3  # validations without progress before lr /= 10 (or stopping at min_lr)
     min_lr: float = 1e-6
@@ -220,6 +220,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     prior = state.seconds
     t0 = time.time()
     init_val = validation_mse(model, xv, lv, train_encoder)
+    val_seconds = time.time() - t0
+    eval_every = tc.eval_every or min(50_000, max(5_000, len(xtrain)))
     # IVF models end by encoding a sample for the index tables: keep time for it.
     n_tables = min(tc.table_sample, len(xtrain)) if cfg.nlist else 0
     reserve = 1.5 * n_tables / len(xv) * (time.time() - t0)
@@ -236,12 +238,12 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     bar = tqdm(total=round(budget), unit="s", desc="training", dynamic_ncols=True,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}s [ETA {remaining}] {postfix}")
     bar.update(round(time.time() - start))
-    since_eval, chunk_seconds, stop = 0, 0.0, False
-    chunk_start = time.time()
+    since_eval, stop = 0, False
     chunk = min(tc.batch * tc.chunk_batches, len(xt))
     while not stop:
         perm = torch.randperm(len(xt), generator=gen)
         for c0 in range(0, len(perm) - chunk + 1, chunk):
+            chunk_start = time.time()
             xc = xt[perm[c0:c0 + chunk]]
             lc = None if lt is None else lt[perm[c0:c0 + chunk]]
             # The code search needs no gradient and tolerates bf16: faster where the CPU multiplies
@@ -272,12 +274,13 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             bar.update(max(0, round(elapsed) - bar.n))
             bar.set_postfix_str(f"step-mean MSE={loss.item() * float(model.scale) ** 2 / cfg.M:.4g} "
                                 f"val={state.best_val_mse:.5g} lr={state.lr:.0e}", refresh=False)
-            # Stop before the rest of this chunk (training + validation) would overrun the budget.
-            if elapsed + 1.1 * chunk_seconds * (1 - since_eval / tc.eval_every) > budget:
+            # Stop when one more chunk and a last validation would overrun the budget.
+            if elapsed + 1.2 * (time.time() - chunk_start) + 1.1 * val_seconds > budget:
                 stop = True
-            if since_eval >= tc.eval_every or (stop and since_eval >= tc.eval_every // 10):
+            if since_eval >= eval_every or (stop and since_eval > 0):
+                t0 = time.time()
                 val = validation_mse(model, xv, lv, train_encoder)
-                chunk_seconds, chunk_start, since_eval = time.time() - chunk_start, time.time(), 0
+                val_seconds, since_eval = time.time() - t0, 0
                 state.history.append((round((time.time() - start + prior) / 60, 2), val))
                 if val < state.best_val_mse * (1 - 1e-4):
                     state.best_val_mse, state.stale = val, 0

@@ -113,7 +113,7 @@ def train_model(job_dir: Path, request: dict, db: sqlite3.Connection, progress: 
     x = read_sample(db, request["d"], request["sample"], request["seed"])
     cfg = model_config(request["d"], len(x), request["bytes"], request.get("nlist"))
     tc = TrainConfig(max_minutes=request["minutes"], threads=request["threads"], seed=request["seed"],
-                     eval_every=max(5_000, min(50_000, len(x))), warmup=min(100_000, 5 * len(x)))
+                     warmup=min(100_000, 5 * len(x)))
     started = time.time()
 
     def report(state, elapsed, budget):

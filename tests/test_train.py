@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from model.io import load_model
@@ -59,3 +60,24 @@ def test_too_few_vectors_for_the_codebooks_is_a_clear_error(tmp_path, glove_samp
     with pytest.raises(ValueError, match="at least K=256 vectors"):
         train(glove_sample[:200], tmp_path / "m.safetensors", QincoConfig(d=50, M=2), TrainConfig(val=20))
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_recipe_options_optimizer_groups_and_schedule():
+    from model.network import Qinco, QincoConfig
+    from model.train import lr_factor, make_optimizer
+    model = Qinco(QincoConfig(d=8, M=2, K=16, L=1, h=8, nlist=0))
+    tc = TrainConfig(lr=1e-3, lr_codebooks=1e-4, optimizer="adamw", weight_decay=0.1, schedule="cosine", warmup=100)
+    opt = make_optimizer(model, tc)
+    codebooks, network = opt.param_groups
+    assert isinstance(opt, torch.optim.AdamW)
+    assert codebooks["base_lr"] == 1e-4 and codebooks["weight_decay"] == 0.0
+    assert network["base_lr"] == 1e-3 and network["weight_decay"] == 0.1
+    assert {id(p) for p in codebooks["params"]} == {id(s.codebook) for s in model.steps}
+    assert lr_factor(tc, 50, 0, 100) == 0.5  # warm-up
+    assert lr_factor(tc, 200, 0, 100) == 1.0 and abs(lr_factor(tc, 200, 50, 100) - 0.5) < 1e-9
+    assert lr_factor(tc, 200, 100, 100) == 0.0  # the cosine reaches 0 at the budget
+    plateau = TrainConfig(warmup=100)
+    assert lr_factor(plateau, 200, 99, 100) == 1.0 and isinstance(make_optimizer(model, plateau), torch.optim.Adam)
+    with pytest.raises(ValueError, match="optimizer"):
+        train(np.zeros((100, 8), np.float32), "/nonexistent/x.safetensors", QincoConfig(d=8, M=2, K=16),
+              TrainConfig(optimizer="sgd"))
