@@ -76,7 +76,7 @@ def test_recipe_options_optimizer_groups_and_schedule():
     assert lr_factor(tc, 50, 0, 100) == 0.5  # warm-up
     assert lr_factor(tc, 200, 0, 100) == 1.0 and abs(lr_factor(tc, 200, 50, 100) - 0.5) < 1e-9
     assert lr_factor(tc, 200, 100, 100) == 0.0  # the cosine reaches 0 at the budget
-    plateau = TrainConfig(warmup=100)
+    plateau = TrainConfig(warmup=100, schedule="plateau", optimizer="adam")
     assert lr_factor(plateau, 200, 99, 100) == 1.0 and isinstance(make_optimizer(model, plateau), torch.optim.Adam)
     with pytest.raises(ValueError, match="optimizer"):
         train(np.zeros((100, 8), np.float32), "/nonexistent/x.safetensors", QincoConfig(d=8, M=2, K=16),
