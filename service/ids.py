@@ -73,8 +73,6 @@ class PointIds:
 
     def internal(self, db: sqlite3.Connection, ids, strict: bool) -> list[int]:
         """Internal ids of `ids` in order; an unknown UUID raises UnknownId (strict) or is left out."""
-        if all(isinstance(i, (int, np.integer)) for i in ids):
-            return [int(i) for i in ids]
         found = self.lookup(db, ids)
         if strict:
             missing = next((i for i in ids if i not in found), None)

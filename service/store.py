@@ -691,7 +691,7 @@ class Collection:
 
     def records(self, ids, with_payload: bool, with_vector: bool) -> list[dict]:
         """Stored points among `ids` (client ids; absent ones skipped), in the order given."""
-        return self._records(self._internal(list(dict.fromkeys(canonical(ids)))), with_payload, with_vector)
+        return self._records(self._internal(ids), with_payload, with_vector)  # _records drops repeats
 
     def _records(self, ids: list[int], with_payload: bool, with_vector: bool) -> list[dict]:
         use_threads(self.threads)
