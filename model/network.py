@@ -71,6 +71,13 @@ class QincoConfig:
         """Bytes of the QINCo codes (the IVF list number is stored apart)."""
         return math.ceil(self.M * self.nbits / 8)
 
+    @property
+    def decode_macs(self) -> int:
+        """Multiply-adds to decode one vector with the fast decoder (the first-layer fold applied)."""
+        de = self.de or self.d
+        per_step = self.d * de + 2 * self.L * de * self.h + (de * self.d if de != self.d else 0)
+        return self.M * per_step
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

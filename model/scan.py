@@ -112,6 +112,8 @@ def scan_tables(tables: np.ndarray, bf16: bool) -> torch.Tensor:
 
 def query_tables(queries: np.ndarray, tables: torch.Tensor, M: int) -> np.ndarray:
     """-2 <q, T_m[k]>: (nq, d) and scan_tables (M * K, d) -> (nq, M, K) float32."""
+    if len(queries) < PARALLEL_SCAN and tables.dtype == torch.float32:  # numpy: no torch dispatch (~15 µs)
+        return (queries @ tables.numpy().T).reshape(len(queries), M, -1)
     products = torch.from_numpy(queries).to(tables.dtype) @ tables.T
     return products.float().view(len(queries), M, -1).numpy()
 
@@ -120,6 +122,9 @@ def list_terms(centroids: np.ndarray, tables: np.ndarray) -> np.ndarray:
     """2 <c_l, T_m[k]>: (nlist, d), (M, K, d) -> (nlist, M, K) float32 (always float32: made once)."""
     c = np.ascontiguousarray(centroids, dtype=np.float32)
     return -query_tables(c, scan_tables(tables, bf16=False), tables.shape[0])
+
+
+PARALLEL_SCAN = 8  # queries from which the scan runs on numba's thread team
 
 
 def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms: np.ndarray,
@@ -137,37 +142,51 @@ def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms
     rows = np.full((nq, n), -1, dtype=np.int64)
     mask = np.zeros(0, dtype=np.bool_) if allowed is None else np.ascontiguousarray(allowed, dtype=np.bool_)
     if n and nq:
-        _scan(qtables, np.ascontiguousarray(coarse_dis, dtype=np.float32), np.ascontiguousarray(probes),
+        kernel = _scan if nq >= PARALLEL_SCAN else _scan_serial
+        kernel(qtables, np.ascontiguousarray(coarse_dis, dtype=np.float32), np.ascontiguousarray(probes),
               lterms, norms, flat.offsets, flat.codes, mask, dis, rows)
     return dis, rows
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _scan(qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows):
-    nq, nprobe = probes.shape
+    for q in numba.prange(len(probes)):
+        _scan_query(q, qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows)
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_serial(qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows):
+    """`_scan` in the calling thread: a few queries do not pay for waking a thread team
+    (in a request thread, with the other core busy, that wake-up cost 10x the scan itself)."""
+    for q in range(len(probes)):
+        _scan_query(q, qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows)
+
+
+@numba.njit(inline="always")
+def _scan_query(q, qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows):
+    nprobe = probes.shape[1]
     M, K = qtables.shape[1], qtables.shape[2]
     n = dis.shape[1]
-    for q in numba.prange(nq):
-        table = np.empty((M, K), dtype=np.float32)
-        heap_dis, heap_rows = dis[q], rows[q]  # max-heap on distance, root = worst kept
-        for j in range(nprobe):
-            l = probes[q, j]
-            if l < 0:
+    table = np.empty((M, K), dtype=np.float32)
+    heap_dis, heap_rows = dis[q], rows[q]  # max-heap on distance, root = worst kept
+    for j in range(nprobe):
+        l = probes[q, j]
+        if l < 0:
+            continue
+        for m in range(M):
+            for k in range(K):
+                table[m, k] = lterms[l, m, k] + qtables[q, m, k]
+        bias = coarse_dis[q, j]
+        filtered = allowed.shape[0] > 0
+        for r in range(offsets[l], offsets[l + 1]):
+            if filtered and not allowed[r]:
                 continue
+            d = bias + norms[codes[r, M]]
             for m in range(M):
-                for k in range(K):
-                    table[m, k] = lterms[l, m, k] + qtables[q, m, k]
-            bias = coarse_dis[q, j]
-            filtered = allowed.shape[0] > 0
-            for r in range(offsets[l], offsets[l + 1]):
-                if filtered and not allowed[r]:
-                    continue
-                d = bias + norms[codes[r, M]]
-                for m in range(M):
-                    d += table[m, codes[r, m]]
-                if d < heap_dis[0]:
-                    _sift_down(heap_dis, heap_rows, d, r, n)
-        _sort_heap(heap_dis, heap_rows, n)
+                d += table[m, codes[r, m]]
+            if d < heap_dis[0]:
+                _sift_down(heap_dis, heap_rows, d, r, n)
+    _sort_heap(heap_dis, heap_rows, n)
 
 
 @numba.njit(inline="always")
@@ -200,5 +219,6 @@ def warm_up() -> None:
     """Compile the scan (seconds the first time on a machine, then loaded from numba's cache;
     free once done in this process)."""
     empty = FlatLists(np.zeros(2, np.int64), np.zeros((0, 2), np.uint8), np.zeros(0, np.int64))
-    scan(np.zeros((1, 1, 256), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int64),
-         np.zeros((1, 1, 256), np.float32), np.zeros(256, np.float32), empty, 1)
+    for nq in (1, PARALLEL_SCAN):  # both kernels
+        scan(np.zeros((nq, 1, 256), np.float32), np.zeros((nq, 1), np.float32), np.zeros((nq, 1), np.int64),
+             np.zeros((1, 1, 256), np.float32), np.zeros(256, np.float32), empty, 1)

@@ -86,17 +86,14 @@ class Guard:
     before the route sees the body; the body is then replayed to the app.
     """
 
-    def __init__(self, app, settings: Settings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
-        self.key = settings.api_key.encode() if settings.api_key else None
+    def __init__(self, app, svc: Service):
+        self.app, self.svc, self.settings, self.metrics = app, svc, svc.settings, svc.metrics
+        self.key = self.settings.api_key.encode() if self.settings.api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        rejection = self._check_key(scope) or self._check_length(scope)
-        if rejection is None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-            rejection, receive = await self._read_body(receive)
         status = [500]
 
         async def send_status(message):
@@ -104,12 +101,17 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        self.svc.in_flight += 1
         try:
+            rejection = self._check_key(scope) or self._check_length(scope)
+            if rejection is None and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+                rejection, receive = await self._read_body(receive)
             if rejection is not None:
                 await rejection(scope, receive, send_status)
             else:
                 await self.app(scope, receive, send_status)
         finally:
+            self.svc.in_flight -= 1
             route = scope.get("route")
             template = route.path if route is not None else "unmatched"
             self.metrics.requests.labels(template, scope["method"], str(status[0])).inc()
@@ -199,7 +201,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
                                      "distance for l2 collections (lower is nearer) and the cosine similarity "
                                      "for cosine collections (higher is nearer).")
     app.state.service = svc
-    app.add_middleware(Guard, settings=settings, metrics=svc.metrics)
+    app.add_middleware(Guard, svc=svc)
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):

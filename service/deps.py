@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import orjson
 from fastapi import Depends, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from model.threads import use_threads
 
@@ -32,6 +33,7 @@ class Service:
     settings: Settings
     metrics: object
     state: dict = field(default_factory=lambda: {"ready": False, "error": None})
+    in_flight: int = 0  # HTTP requests being served (counted by app.Guard, on the event loop)
     batchers: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     _batchers_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -67,6 +69,16 @@ class Service:
     def check_limit(self, limit: int):
         if limit > self.settings.max_limit:
             raise ApiError(400, f"limit must be at most {self.settings.max_limit}, got {limit}")
+
+
+async def off_loop(svc: Service, light: bool, fn, *args):
+    """fn(*args) in the thread pool; or here, in the event loop, when it is light and this request
+    is the only one: handing it to a thread and back costs more than such a search (1-1.4 ms
+    against its 0.5-1 ms on the 2-core machine, bench/RESULTS.md).  With other requests in
+    flight the loop stays free for them (and concurrent searches form micro-batches)."""
+    if light and svc.in_flight <= 1:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
 
 
 # ---- dependencies (async: a dictionary look-up needs no thread hop) ------------------------

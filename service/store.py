@@ -83,6 +83,7 @@ MAX_CANDIDATES = 2_000_000  # queries x max(limit, nshort) in one search call: b
 MAX_VECTOR_VALUES = 20_000_000  # numbers of the vectors returned by one search call (with_vector)
 MAX_RESCORE = 10_000  # candidates re-ranked with their originals in one query
 EXACT_SHORTLIST = 1000  # candidates re-ranked by an `exact` search
+LIGHT_SEARCH_MACS = 12_000_000  # a lone search this cheap runs in the event loop (~0.3-0.5 ms of one core)
 
 
 class SearchBudget:
@@ -513,22 +514,36 @@ class Collection:
             stored, present = self.stored_vectors(found)
             vectors = {int(i): v for i, v, ok in zip(found, stored, present) if ok}
         results = []
+        cosine = self.metric == "cosine"
         for q in range(len(x)):
             hits = []
-            for dist, i in zip(D[q], I[q]):
-                i = int(i)
+            for dist, i in zip(D[q].tolist(), I[q].tolist()):  # Python floats and ints: no numpy scalars
                 if i < 0 or (exclude and i in exclude[q]):
                     continue
                 if (with_payload and i not in payloads) or (with_vector and i not in vectors):
                     continue  # deleted since the search: its row is gone
                 # Qdrant's scores: cosine similarity, or the Euclidean distance (not its square)
-                score = float(1 - dist / 2) if self.metric == "cosine" else float(np.sqrt(max(dist, 0.0)))
+                score = 1 - dist / 2 if cosine else math.sqrt(max(dist, 0.0))
                 vector = vectors[i].tolist() if with_vector else None
                 hits.append(Hit(self.point_ids.external(i), score, payloads.get(i) if with_payload else None, vector))
                 if len(hits) == limit:
                     break
             results.append(hits)
         return results
+
+    def is_light_search(self, params: dict | None, limit: int) -> bool:
+        """Whether one unfiltered query with these options costs at most LIGHT_SEARCH_MACS
+        (a fraction of a millisecond): the service runs such a search in the event loop when
+        it is the only request, where a thread hop would cost more than the search."""
+        params = params or {}
+        index = self.index
+        if index.model is None or params.get("rescore") or params.get("exact") or params.get("target_recall") is not None:
+            return False
+        sp = self._search_params(index, params)
+        cfg = index.model.cfg
+        nshort = max(sp.nshort, limit) if sp.nshort else 0
+        scanned = sp.nprobe * index.ntotal // cfg.nlist * cfg.M  # table look-ups, lists of average size
+        return nshort * cfg.decode_macs + scanned + sp.ef_search * cfg.d <= LIGHT_SEARCH_MACS
 
     @staticmethod
     def _search_params(index, params: dict) -> SearchParams | None:

@@ -10,6 +10,7 @@ import pytest
 
 from service.batching import SearchBatcher
 from tests.server import free_port, serve
+from tests.test_service import client  # noqa: F401  (fixture)
 
 
 def test_batcher_groups_concurrent_searches_and_keeps_answers_apart():
@@ -149,3 +150,53 @@ def test_a_deleted_collection_is_not_kept_alive_by_its_batcher(data_dir, vectors
         assert client.delete("/collections/c").status_code == 200
         gc.collect()
         assert ref() is None and len(svc.batchers) == 0
+
+
+def test_a_lone_light_search_runs_in_the_event_loop(client, vectors, monkeypatch):
+    """deps.off_loop: a cheap search that is the only request skips the thread hop; a costly
+    one (exact, filtered, by stored point) or one beside other requests goes to the pool.
+    Both paths answer the same."""
+    import asyncio
+
+    from service.routers import search as routes
+    from tests.test_service import create, upsert
+
+    where = []
+    real = routes.run_search
+
+    def spy(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            where.append("loop")
+        except RuntimeError:
+            where.append("thread")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "run_search", spy)
+    create(client)
+    upsert(client, vectors[:200], range(200))
+    svc = client.app.state.service
+
+    def search(path, body):
+        r = client.post(f"/collections/c/points/{path}", json=body)
+        assert r.status_code == 200, r.text
+        hits = r.json()["result"]
+        return where[-1], [(h["id"], round(h["score"], 5)) for h in (hits["points"] if path == "query" else hits)]
+
+    v = vectors[300].tolist()
+    place, alone = search("search", {"vector": v, "limit": 5})
+    assert place == "loop"
+    assert search("query", {"query": v, "limit": 5}) == ("loop", alone)
+    assert search("search", {"vector": v, "limit": 5, "params": {"exact": True}})[0] == "thread"
+    assert search("search", {"vector": v, "limit": 5, "params": {"nshort": 5000}})[0] == "thread"
+    assert search("search", {"vector": v, "limit": 5, "filter": {"must": [{"key": "n", "range": {"gte": 0}}]}})[0] == "thread"
+    assert search("query", {"query": 7, "limit": 5})[0] == "thread"
+    svc.in_flight += 1  # as if another request were being served
+    try:
+        assert search("search", {"vector": v, "limit": 5}) == ("thread", alone)
+    finally:
+        svc.in_flight -= 1
+    assert svc.in_flight == 0  # every request counted out, errors included
+    client.post("/collections/c/points/search", json={"vector": [1.0]})
+    client.post("/collections/nope/points/search", json={"vector": v})
+    assert svc.in_flight == 0

@@ -188,6 +188,21 @@ def test_scan_gives_faiss_distances_and_order(index, glove_sample, bf16):
     assert bf16 or (I == If).mean() > 0.9
 
 
+def test_small_batches_scan_as_large_ones(index, glove_sample):
+    """Fewer than PARALLEL_SCAN queries take the serial kernel and numpy's query tables (no
+    thread team, no torch dispatch): each query alone gets the shortlist of the batch."""
+    from model.scan import PARALLEL_SCAN
+    queries = glove_sample[7000:7000 + PARALLEL_SCAN + 4]
+    params = SearchParams(nprobe=4, ef_search=32)
+    Db, Ib, Cb = index.shortlist(queries, 20, params)
+    for q in range(len(queries)):
+        D, I, C = index.shortlist(queries[q:q + 1], 20, params)
+        np.testing.assert_allclose(D[0], Db[q], atol=1e-5)
+        inside = Db[q] < Db[q, -1] - 1e-4  # ties may swap places or fall off the end
+        assert set(I[0, inside]) == set(Ib[q, inside])
+        assert (I[0] == Ib[q]).mean() > 0.8 and (C[0][I[0] == Ib[q]] == Cb[q][I[0] == Ib[q]]).all()
+
+
 def test_writes_are_seen_by_the_next_search(index, base):
     """The scan reads a copy of the lists: every add and remove must refresh it."""
     params = SearchParams(nprobe=16, ef_search=32, nshort=0)

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends
 
 from .. import schemas
-from ..deps import ApiError, Service, collection, hit_json, ok, ready, wants_payload
+from ..deps import ApiError, Service, collection, hit_json, off_loop, ok, ready, wants_payload
 from ..store import MAX_VECTOR_VALUES, Collection, Hit, SearchBudget
 
 router = APIRouter(tags=["search"], responses=schemas.ERROR_RESPONSES)
@@ -59,10 +59,19 @@ def run_search(svc: Service, c: Collection, searches: list, exclude: list[set] |
     return results
 
 
+def is_light(c: Collection, s: schemas.SearchRequest | schemas.QueryRequest) -> bool:
+    """Whether a lone search by vector is cheap enough to run in the event loop (deps.off_loop):
+    no filter, no vectors to return, and few decodes (Collection.is_light_search)."""
+    vector = s.vector if isinstance(s, schemas.SearchRequest) else (
+        s.query.nearest if isinstance(s.query, schemas.NearestQuery) else s.query)
+    return (isinstance(vector, list) and s.filter is None and not s.with_vector
+            and c.is_light_search(s.params.for_store() if s.params else None, s.limit + s.offset))
+
+
 @router.post("/collections/{name}/points/search", response_model=schemas.Envelope[list[schemas.ScoredPoint]])
-def search(body: schemas.SearchRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+async def search(body: schemas.SearchRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     t0 = time.perf_counter()
-    return ok(run_search(svc, c, [body])[0], t0)
+    return ok((await off_loop(svc, is_light(c, body), run_search, svc, c, [body]))[0], t0)
 
 
 @router.post("/collections/{name}/points/search/batch", response_model=schemas.Envelope[list[list[schemas.ScoredPoint]]])
@@ -131,10 +140,10 @@ def run_queries(svc: Service, c: Collection, queries: list[schemas.QueryRequest]
 
 
 @router.post("/collections/{name}/points/query", response_model=schemas.Envelope[schemas.QueryResponse])
-def query_points(body: schemas.QueryRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+async def query_points(body: schemas.QueryRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
     """Qdrant's universal query, for one dense vector: {"points": [ScoredPoint]}."""
     t0 = time.perf_counter()
-    return ok(run_queries(svc, c, [body])[0], t0)
+    return ok((await off_loop(svc, is_light(c, body), run_queries, svc, c, [body]))[0], t0)
 
 
 @router.post("/collections/{name}/points/query/batch", response_model=schemas.Envelope[list[schemas.QueryResponse]])
