@@ -3,7 +3,9 @@
 Starts `qinco serve` on a fresh data directory, creates a collection from an IVF
 model, and loads it with real vectors (timed: that is the insert duration).
 Then, each phase bounded in time:
-  - /healthz and search from a single client (the latency of a lone request);
+  - /healthz and search from a single client (the latency of a lone request), with httpx and
+    with a lean client (one http.client connection, bodies serialised beforehand, as curl or a
+    load generator would send them): the difference is the client's own Python;
   - search: C concurrent clients send single-query searches (with the server's micro-batching,
     and again after a restart without it);
   - upsert: C concurrent clients send batches of points;
@@ -16,6 +18,8 @@ Reports QPS and p50/p95/p99 latency for each, and the REST/in-process ratio.
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import shutil
 import socket
@@ -66,6 +70,25 @@ def run_clients(n_clients: int, seconds: float, make_request) -> tuple[int, list
     for t in threads:
         t.join()
     return len(latencies), latencies, time.perf_counter() - t0
+
+
+def lone_latency(port: int, method: str, path: str, bodies: list[bytes | None], seconds: float) -> list[float]:
+    """Latencies of one client on one kept-alive http.client connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    headers = {"Content-Type": "application/json"}
+    lat, i = [], 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        conn.request(method, path, body=bodies[i % len(bodies)], headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise RuntimeError(data)
+        lat.append(time.perf_counter() - t0)
+        i += 1
+    conn.close()
+    return lat
 
 
 def start_server(data_dir: Path, port: int, batching: bool = True) -> subprocess.Popen:
@@ -133,6 +156,12 @@ def main():
 
         n, lat, wall = run_clients(1, args.seconds, search)
         print(f"REST search, 1 client:    {n / wall:8,.0f} QPS   {percentiles(lat)}")
+        lat = lone_latency(port, "GET", "/healthz", [None], min(args.seconds, 5))
+        print(f"REST /healthz, 1 lean client: {len(lat) / min(args.seconds, 5):8,.0f} QPS   {percentiles(lat)}")
+        bodies = [json.dumps({"vector": q.tolist(), "limit": 10, "params": {
+            "nprobe": params.nprobe, "ef_search": params.ef_search, "nshort": params.nshort}}).encode() for q in queries[:1000]]
+        lat = lone_latency(port, "POST", "/collections/bench/points/search", bodies, args.seconds)
+        print(f"REST search, 1 lean client:   {len(lat) / args.seconds:8,.0f} QPS   {percentiles(lat)}")
         n, lat, wall = run_clients(args.clients, args.seconds, search)
         rest_qps = n / wall
         print(f"REST search, {args.clients} clients:   {rest_qps:8,.0f} QPS   {percentiles(lat)}")

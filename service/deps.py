@@ -87,7 +87,8 @@ async def service(request: Request) -> Service:
     return request.app.state.service
 
 
-async def ready(svc: Service = Depends(service)) -> Service:
+async def ready(request: Request) -> Service:
+    svc = request.app.state.service
     if not svc.state["ready"]:
         raise ApiError(503, svc.state["error"] or "collections are still loading")
     return svc

@@ -498,7 +498,7 @@ class SearchRequest(Strict):
     score_threshold: Finite | None = Field(None, description="cosine: at least this similarity; l2: at most this distance")
     params: SearchParams | None = None
     filter: Filter | None = None
-    with_payload: WithPayload = True
+    with_payload: WithPayload = Field(False, description="payload in the hits (Qdrant's default: none)")
     with_vector: bool = False
 
 
@@ -572,7 +572,7 @@ class RecommendRequest(Strict):
     limit: int = Field(10, ge=1, le=10_000)
     params: SearchParams | None = None
     filter: Filter | None = None
-    with_payload: bool = True
+    with_payload: bool = Field(False, description="payload in the hits (Qdrant's default: none)")
 
 
 # ---- responses (Qdrant's shapes; they document the API, routes send them as built) -----------

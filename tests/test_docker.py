@@ -74,7 +74,7 @@ def test_the_container_command_and_healthcheck_outside_docker(tmp_path):
         url = f"http://127.0.0.1:{port}"
         info = httpx.get(f"{url}/collections/glove").json()["result"]
         assert info["points_count"] == 2000 and info["metric"] == "cosine"
-        hits = httpx.post(f"{url}/collections/glove/points/recommend", json={"positive": [1], "limit": 5}).json()
+        hits = httpx.post(f"{url}/collections/glove/points/recommend", json={"positive": [1], "limit": 5, "with_payload": True}).json()
         assert len(hits["result"]) == 5 and all("word" in h["payload"] for h in hits["result"])
     finally:
         proc.kill()

@@ -81,7 +81,7 @@ def test_upsert_search_get_count_delete(client, vectors):
     res = upsert(client, vectors, ids)
     assert res["count"] == len(vectors) and res["status"] == "completed"
     assert client.get("/collections/c/points/count").json()["result"]["count"] == len(vectors)
-    r = client.post("/collections/c/points/search", json={"vector": vectors[3].tolist(), "limit": 5})
+    r = client.post("/collections/c/points/search", json={"vector": vectors[3].tolist(), "limit": 5, "with_payload": True})
     hits = r.json()["result"]
     assert len(hits) == 5 and hits[0]["id"] == 7 and hits[0]["payload"] == {"n": 7}
     assert [h["score"] for h in hits] == sorted(h["score"] for h in hits)  # l2: distance, ascending
