@@ -206,7 +206,7 @@ class Client(threading.Thread):
                     q = self.vectors[self.rng.randrange(len(self.vectors))]
                     limit = self.rng.choice([1, 10, 10, 50])
                     r = self.request(client, "search", "POST", "/collections/soak/points/search",
-                                     json={"vector": q.tolist(), "limit": limit})
+                                     json={"vector": q.tolist(), "limit": limit, "with_payload": True})
                     if r is not None:
                         hits = r.json()["result"]
                         if len(hits) > limit:

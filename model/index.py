@@ -169,6 +169,11 @@ class QincoIndex:
         invlists = self.index.invlists
         return np.array([invlists.list_size(l) for l in range(invlists.nlist)], dtype=np.int64)
 
+    @property
+    def flat_is_current(self) -> bool:
+        """Whether the next search finds the flat copy up to date (no copy to make or update first)."""
+        return self._flat is not None and not self._dirty
+
     def flat_lists(self) -> FlatLists:
         """The inverted lists as flat arrays for the scan, brought up to date on the first
         search after a write by reading again only the lists written since.

@@ -25,6 +25,8 @@ import numba
 import numpy as np
 import torch
 
+from .threads import numpy_blas_one_thread
+
 # The service scans from several request threads at once: numba's fallback "workqueue"
 # layer aborts on concurrent launches, so insist on OpenMP (libgomp) or TBB.
 numba.config.THREADING_LAYER = "threadsafe"
@@ -113,6 +115,7 @@ def scan_tables(tables: np.ndarray, bf16: bool) -> torch.Tensor:
 def query_tables(queries: np.ndarray, tables: torch.Tensor, M: int) -> np.ndarray:
     """-2 <q, T_m[k]>: (nq, d) and scan_tables (M * K, d) -> (nq, M, K) float32."""
     if len(queries) < PARALLEL_SCAN and tables.dtype == torch.float32:  # numpy: no torch dispatch (~15 µs)
+        numpy_blas_one_thread()
         return (queries @ tables.numpy().T).reshape(len(queries), M, -1)
     products = torch.from_numpy(queries).to(tables.dtype) @ tables.T
     return products.float().view(len(queries), M, -1).numpy()

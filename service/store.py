@@ -84,6 +84,8 @@ MAX_VECTOR_VALUES = 20_000_000  # numbers of the vectors returned by one search 
 MAX_RESCORE = 10_000  # candidates re-ranked with their originals in one query
 EXACT_SHORTLIST = 1000  # candidates re-ranked by an `exact` search
 LIGHT_SEARCH_MACS = 12_000_000  # a lone search this cheap runs in the event loop (~0.3-0.5 ms of one core)
+LIGHT_SEARCH_LIMIT = 100  # results (limit + offset) of such a search: payloads are read in the loop too
+HNSW_NEIGHBOURS = 64  # distances per HNSW node visited (faiss's HNSW32: 64 links on layer 0)
 
 
 class SearchBudget:
@@ -534,16 +536,26 @@ class Collection:
     def is_light_search(self, params: dict | None, limit: int) -> bool:
         """Whether one unfiltered query with these options costs at most LIGHT_SEARCH_MACS
         (a fraction of a millisecond): the service runs such a search in the event loop when
-        it is the only request, where a thread hop would cost more than the search."""
+        it is the only request, where a thread hop would cost more than the search.
+
+        Counted: the HNSW walk, a table per probed list, the codes scanned (lists of average
+        size) and the neural decodes.  Not light: no model yet (exact search), exact, rescore
+        or target_recall options, a long result list, probed lists too small for the results
+        (the search then probes every list), or a list copy to refresh after a write."""
         params = params or {}
         index = self.index
-        if index.model is None or params.get("rescore") or params.get("exact") or params.get("target_recall") is not None:
+        if (index.model is None or params.get("rescore") or params.get("exact")
+                or params.get("target_recall") is not None or limit > LIGHT_SEARCH_LIMIT or not index.flat_is_current):
             return False
         sp = self._search_params(index, params)
         cfg = index.model.cfg
         nshort = max(sp.nshort, limit) if sp.nshort else 0
-        scanned = sp.nprobe * index.ntotal // cfg.nlist * cfg.M  # table look-ups, lists of average size
-        return nshort * cfg.decode_macs + scanned + sp.ef_search * cfg.d <= LIGHT_SEARCH_MACS
+        probed = sp.nprobe * index.ntotal // cfg.nlist  # codes in the probed lists, lists of average size
+        if probed < max(nshort, limit):
+            return False
+        macs = (max(sp.ef_search, sp.nprobe) * HNSW_NEIGHBOURS * cfg.d + sp.nprobe * cfg.M * cfg.K
+                + probed * cfg.M + nshort * cfg.decode_macs)
+        return macs <= LIGHT_SEARCH_MACS
 
     @staticmethod
     def _search_params(index, params: dict) -> SearchParams | None:

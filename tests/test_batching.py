@@ -184,6 +184,7 @@ def test_a_lone_light_search_runs_in_the_event_loop(client, vectors, monkeypatch
         return where[-1], [(h["id"], round(h["score"], 5)) for h in (hits["points"] if path == "query" else hits)]
 
     v = vectors[300].tolist()
+    assert search("search", {"vector": v, "limit": 5})[0] == "thread"  # the lists' copy is refreshed first
     place, alone = search("search", {"vector": v, "limit": 5})
     assert place == "loop"
     assert search("query", {"query": v, "limit": 5}) == ("loop", alone)
@@ -191,6 +192,8 @@ def test_a_lone_light_search_runs_in_the_event_loop(client, vectors, monkeypatch
     assert search("search", {"vector": v, "limit": 5, "params": {"nshort": 5000}})[0] == "thread"
     assert search("search", {"vector": v, "limit": 5, "filter": {"must": [{"key": "n", "range": {"gte": 0}}]}})[0] == "thread"
     assert search("query", {"query": 7, "limit": 5})[0] == "thread"
+    assert search("search", {"vector": v, "limit": 101})[0] == "thread"
+    assert search("search", {"vector": v, "limit": 20, "params": {"nprobe": 1}})[0] == "thread"  # may probe all
     svc.in_flight += 1  # as if another request were being served
     try:
         assert search("search", {"vector": v, "limit": 5}) == ("thread", alone)
