@@ -9,7 +9,8 @@ Then, each phase bounded in time:
   - search: C concurrent clients send single-query searches (with the server's micro-batching,
     and again after a restart without it);
   - upsert: C concurrent clients send batches of points;
-and the same searches called in-process on the same index (no HTTP).
+and the same searches and upserts called in-process on the same index (no HTTP; upserts
+encode without a lock and insert under one, as the store does, without its SQLite commit).
 Reports QPS and p50/p95/p99 latency for each, and the REST/in-process ratio.
 
     python bench/load.py --dataset glove-50 --model runs/glove-50-ivf-8B.safetensors
@@ -180,7 +181,8 @@ def main():
             return client.put(f"{url}/collections/bench/points", json={"points": pts})
 
         n, lat, wall = run_clients(args.clients, args.seconds, upsert)
-        print(f"REST upsert:       {n / wall:8,.0f} requests/s ({n * args.batch / wall:,.0f} points/s)   "
+        rest_points = n * args.batch / wall
+        print(f"REST upsert:       {n / wall:8,.0f} requests/s ({rest_points:,.0f} points/s)   "
               f"{percentiles(lat)}")
     finally:
         server.kill()
@@ -223,6 +225,34 @@ def main():
     local_qps = len(lat) / (time.perf_counter() - t0)
     print(f"in-process search, {args.clients} threads: {local_qps:8,.0f} QPS   {percentiles(lat)}")
     print(f"REST / in-process search throughput: {rest_qps / local_qps:.2f}")
+
+    # The same upserts in-process, in the store's order: encode without a lock, insert under one.
+    lat, lock = [], threading.Lock()
+    counter = iter(range(10**9))
+    deadline = time.perf_counter() + args.seconds
+
+    def local_upsert(c):
+        mine = []
+        while time.perf_counter() < deadline:
+            i = next(counter)
+            rows = np.arange(i * args.batch, (i + 1) * args.batch) % len(base)
+            t0 = time.perf_counter()
+            codes = index.encode(base[rows])
+            with lock:
+                index.add_codes(codes, 10**7 + i * args.batch + np.arange(args.batch))
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=local_upsert, args=(c,)) for c in range(args.clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    local_points = len(lat) * args.batch / (time.perf_counter() - t0)
+    print(f"in-process upsert, {args.clients} threads: {local_points:8,.0f} points/s   {percentiles(lat)}")
+    print(f"REST / in-process upsert throughput: {rest_points / local_points:.2f}")
 
 
 if __name__ == "__main__":
