@@ -274,7 +274,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                 progress(state, elapsed, budget)
             bar.update(max(0, round(elapsed) - bar.n))
             bar.set_postfix_str(f"step-mean MSE={loss.item() * float(model.scale) ** 2 / cfg.M:.4g} "
-                                f"val={state.best_val_mse:.5g} lr={state.lr:.0e}", refresh=False)
+                                f"val={state.best_val_mse:.5g} lr={optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             # Stop when one more chunk and a last validation would overrun the budget.
             if elapsed + 1.2 * (time.time() - chunk_start) + 1.1 * val_seconds > budget:
                 stop = True
@@ -295,7 +295,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                     elif state.stale >= tc.patience:
                         state.lr, state.stale = max(state.lr / 10, tc.min_lr), 0
                 log(f"{(time.time() - start + prior) / 60:5.1f} min  {state.vectors_seen:>9} vectors  "
-                    f"validation MSE {val:.5g} (best {state.best_val_mse:.5g}, lr {state.lr:.0e})")
+                    f"validation MSE {val:.5g} (best {state.best_val_mse:.5g}, lr {optimizer.param_groups[0]['lr']:.1e})")
             if stop:
                 break
     bar.close()
