@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     if r.status_code != 200:
         proc.kill()
         raise SystemExit(f"cannot create main: {r.status_code} {r.text}")
-    vectors = load_vectors(5000, r.json()["result"]["dimension"])
+    vectors = load_vectors(5000, httpx.get(f"{url}/collections/main").json()["result"]["dimension"])  # creation answers true
     campaign = Campaign(args, data_dir, vectors)
     results = []
     started = time.time()

@@ -324,7 +324,7 @@ def main(argv=None) -> int:
             r = httpx.put(f"{url}/collections/{name}", json={"model": model, "metric": metric}, timeout=300)
             if r.status_code != 200:
                 raise RuntimeError(f"cannot create {name}: {r.status_code} {r.text}")
-        d = r.json()["result"]["dimension"]
+        d = httpx.get(f"{url}/collections/soak").json()["result"]["dimension"]  # creation answers true, as Qdrant
         vectors = load_vectors(20_000, d)
         words = [f"w{i}" for i in range(len(vectors))]
         try:
