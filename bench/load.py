@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -44,33 +45,48 @@ def percentiles(lat: list[float]) -> str:
     return f"p50 {np.percentile(a, 50):.2f} ms, p95 {np.percentile(a, 95):.2f} ms, p99 {np.percentile(a, 99):.2f} ms"
 
 
-def run_clients(n_clients: int, seconds: float, make_request) -> tuple[int, list[float]]:
-    """Each client loops make_request(client, i) until the time is up; returns (requests, latencies)."""
+def run_clients(n_clients: int, seconds: float, make_request) -> tuple[int, list[float], float]:
+    """Each client c sends make_request(client, c + i * n_clients), i = 0, 1, ..., until the time is
+    up, on its own httpx connection; returns (requests, latencies, wall seconds)."""
+    clients = [httpx.Client(timeout=30) for _ in range(n_clients)]
+
+    def call(c, i):
+        r = make_request(clients[c], c + i * n_clients)
+        if r.status_code != 200:
+            raise RuntimeError(r.text)
+
+    try:
+        latencies, wall = run_local(n_clients, seconds, call)
+    finally:
+        for client in clients:
+            client.close()
+    return len(latencies), latencies, wall
+
+
+def run_local(n_threads: int, seconds: float, call) -> tuple[list[float], float]:
+    """Each thread c calls call(c, i), i = 0, 1, ..., until the time is up; returns
+    (latencies, wall seconds)."""
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
 
     def loop(c):
-        local = []
-        with httpx.Client(timeout=30) as client:
-            i = c
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                r = make_request(client, i)
-                if r.status_code != 200:
-                    raise RuntimeError(r.text)
-                local.append(time.perf_counter() - t0)
-                i += n_clients
+        local, i = [], 0
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            call(c, i)
+            local.append(time.perf_counter() - t0)
+            i += 1
         with lock:
             latencies.extend(local)
 
-    threads = [threading.Thread(target=loop, args=(c,)) for c in range(n_clients)]
+    threads = [threading.Thread(target=loop, args=(c,)) for c in range(n_threads)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return len(latencies), latencies, time.perf_counter() - t0
+    return latencies, time.perf_counter() - t0
 
 
 def lone_latency(port: int, method: str, path: str, bodies: list[bytes | None], seconds: float) -> list[float]:
@@ -193,64 +209,28 @@ def main():
     index = QincoIndex(load_model(args.model))
     for i0 in range(0, len(base), 4096):
         index.add(base[i0:i0 + 4096], np.arange(i0, i0 + len(base[i0:i0 + 4096])))
-    lone = []
-    deadline = time.perf_counter() + args.seconds
-    i = 0
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        index.search(queries[i % len(queries)][None], 10, params)
-        lone.append(time.perf_counter() - t0)
-        i += 1
-    print(f"in-process search, 1 thread: {len(lone) / args.seconds:8,.0f} QPS   {percentiles(lone)}")
-    lat = []
-    lock = threading.Lock()
-    deadline = time.perf_counter() + args.seconds
+    lone, wall = run_local(1, args.seconds, lambda c, i: index.search(queries[i % len(queries)][None], 10, params))
+    print(f"in-process search, 1 thread: {len(lone) / wall:8,.0f} QPS   {percentiles(lone)}")
 
-    def local(c):
-        i, mine = c, []
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            index.search(queries[i % len(queries)][None], 10, params)
-            mine.append(time.perf_counter() - t0)
-            i += args.clients
-        with lock:
-            lat.extend(mine)
+    def search_local(c, i):
+        index.search(queries[(c + i * args.clients) % len(queries)][None], 10, params)
 
-    threads = [threading.Thread(target=local, args=(c,)) for c in range(args.clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    local_qps = len(lat) / (time.perf_counter() - t0)
+    lat, wall = run_local(args.clients, args.seconds, search_local)
+    local_qps = len(lat) / wall
     print(f"in-process search, {args.clients} threads: {local_qps:8,.0f} QPS   {percentiles(lat)}")
     print(f"REST / in-process search throughput: {rest_qps / local_qps:.2f}")
 
     # The same upserts in-process, in the store's order: encode without a lock, insert under one.
-    lat, lock = [], threading.Lock()
-    counter = iter(range(10**9))
-    deadline = time.perf_counter() + args.seconds
+    insert_lock, batches = threading.Lock(), itertools.count()
 
-    def local_upsert(c):
-        mine = []
-        while time.perf_counter() < deadline:
-            i = next(counter)
-            rows = np.arange(i * args.batch, (i + 1) * args.batch) % len(base)
-            t0 = time.perf_counter()
-            codes = index.encode(base[rows])
-            with lock:
-                index.add_codes(codes, 10**7 + i * args.batch + np.arange(args.batch))
-            mine.append(time.perf_counter() - t0)
-        with lock:
-            lat.extend(mine)
+    def upsert_local(c, i):
+        b = next(batches)
+        codes = index.encode(base[np.arange(b * args.batch, (b + 1) * args.batch) % len(base)])
+        with insert_lock:
+            index.add_codes(codes, 10**7 + b * args.batch + np.arange(args.batch))
 
-    threads = [threading.Thread(target=local_upsert, args=(c,)) for c in range(args.clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    local_points = len(lat) * args.batch / (time.perf_counter() - t0)
+    lat, wall = run_local(args.clients, args.seconds, upsert_local)
+    local_points = len(lat) * args.batch / wall
     print(f"in-process upsert, {args.clients} threads: {local_points:8,.0f} points/s   {percentiles(lat)}")
     print(f"REST / in-process upsert throughput: {rest_points / local_points:.2f}")
 
