@@ -92,20 +92,18 @@ def run_local(n_threads: int, seconds: float, call) -> tuple[list[float], float]
 def lone_latency(port: int, method: str, path: str, bodies: list[bytes | None], seconds: float) -> list[float]:
     """Latencies of one client on one kept-alive http.client connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port)
-    headers = {"Content-Type": "application/json"}
-    lat, i = [], 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        conn.request(method, path, body=bodies[i % len(bodies)], headers=headers)
+
+    def call(c, i):
+        conn.request(method, path, body=bodies[i % len(bodies)], headers={"Content-Type": "application/json"})
         r = conn.getresponse()
         data = r.read()
         if r.status != 200:
             raise RuntimeError(data)
-        lat.append(time.perf_counter() - t0)
-        i += 1
-    conn.close()
-    return lat
+
+    try:
+        return run_local(1, seconds, call)[0]
+    finally:
+        conn.close()
 
 
 def start_server(data_dir: Path, port: int, batching: bool = True) -> subprocess.Popen:

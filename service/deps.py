@@ -88,7 +88,7 @@ async def service(request: Request) -> Service:
 
 
 async def ready(request: Request) -> Service:
-    svc = request.app.state.service
+    svc = await service(request)  # called, not a sub-dependency: one level less to solve per request
     if not svc.state["ready"]:
         raise ApiError(503, svc.state["error"] or "collections are still loading")
     return svc
