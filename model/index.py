@@ -114,6 +114,12 @@ class QincoIndex:
         return self.model.cfg.d
 
     @property
+    def memory_per_point(self) -> int:
+        """Bytes of RAM per stored vector, about: faiss's lists (codes, 8-byte id), the scan's
+        flat copy of them, and faiss's id hashtable (~40 B an entry)."""
+        return 2 * (self.code_bytes + 8) + 40
+
+    @property
     def ntotal(self) -> int:
         return self.index.ntotal
 
@@ -476,6 +482,12 @@ class ExactIndex:
     @property
     def ntotal(self) -> int:
         return self._n
+
+    @property
+    def memory_per_point(self) -> int:
+        """Bytes of RAM per stored vector, about: the float32 row, its id, and the id -> row
+        dict (~100 B an entry in Python)."""
+        return self.d * 4 + 8 + 100
 
     def add_vectors(self, x: np.ndarray, ids) -> None:
         """Upsert: an existing id is replaced."""

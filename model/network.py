@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .threads import numpy_blas_one_thread
+from .threads import numpy_blas_one_thread, torch_threads_default
 
 
 @dataclass(frozen=True)
@@ -607,15 +607,6 @@ _pool_pid = 0
 _pool_lock = threading.Lock()
 
 
-def _torch_threads_default() -> int:
-    """torch's process-wide thread count, as a thread started now would get it."""
-    out = []
-    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    return out[0]
-
-
 def _single_thread_pool(n: int) -> "ThreadPoolExecutor":
     """n worker threads whose torch ops each run on one thread.
 
@@ -629,7 +620,7 @@ def _single_thread_pool(n: int) -> "ThreadPoolExecutor":
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool._max_workers != n or _pool_pid != os.getpid():  # none, or a forked parent's
-            default = _torch_threads_default()
+            default = torch_threads_default()
             barrier = threading.Barrier(n)
 
             def init():

@@ -32,6 +32,33 @@ def use_threads(n: int) -> None:
         set_threads(n)
 
 
+def torch_threads_default() -> int:
+    """torch's process-wide thread count, as a thread started now would get it."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def background_thread(n: int, nice: int) -> None:
+    """Make the calling thread a background worker: `n` threads for its own torch, faiss
+    and numba work, at a lower priority (Linux schedules threads one by one).
+
+    `torch.set_num_threads` also sets the default of threads yet to come (request threads):
+    that default is put back from a throwaway thread, which leaves this thread's own.
+    """
+    default = torch_threads_default()
+    set_threads(n)
+    restore = threading.Thread(target=torch.set_num_threads, args=(default,))
+    restore.start()
+    restore.join()
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+        pass
+
+
 _blas_checked = False
 
 

@@ -47,36 +47,64 @@ class Metrics:
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.phase = Gauge("qinco_collection_phase", "1 for the phase a collection is in",
                            ["collection", "phase"], registry=self.registry)
+        self.status = Gauge("qinco_collection_status", "1 for the collection's status (Qdrant's colours)",
+                            ["collection", "status"], registry=self.registry)
         self.job_progress = Gauge("qinco_training_progress", "progress of the running job's phase, 0 to 1",
                                   ["collection"], registry=self.registry)
+        self.job_eta = Gauge("qinco_training_eta_seconds", "estimated seconds left in the running job's phase",
+                             ["collection"], registry=self.registry)
         self.mse_vs_rq = Gauge("qinco_model_mse_vs_rq", "validation MSE of the serving model / its RQ start",
                                ["collection"], registry=self.registry)
+        self.val_mse = Gauge("qinco_model_val_mse", "validation MSE of the serving model",
+                             ["collection"], registry=self.registry)
         self.generation = Gauge("qinco_model_generation", "model generation serving (+1 per swap)",
                                 ["collection"], registry=self.registry)
+        self.last_swap = Gauge("qinco_model_last_swap_timestamp_seconds", "Unix time of the last model swap",
+                               ["collection"], registry=self.registry)
+        self.encoded = Gauge("qinco_points_encoded", "points served by the QINCo index",
+                             ["collection"], registry=self.registry)
+        self.refine_pending = Gauge("qinco_refine_pending", "points served with fast codes, waiting to be re-encoded",
+                                    ["collection"], registry=self.registry)
+        self.bytes_per_point = Gauge("qinco_bytes_per_point", "bytes per point in memory (estimated) and on disk",
+                                     ["collection", "where"], registry=self.registry)
 
     PHASES = ("collecting", "training", "encoding", "ready")
+    STATUSES = ("grey", "yellow", "green", "red")
+    WHERE = ("memory", "disk")
 
-    def observe_training(self, name: str, status: dict):
-        """A collection's QINCo status as gauges (set at scrape time)."""
+    def observe(self, name: str, info: dict):
+        """A collection's info as gauges (set at scrape time)."""
+        nan = float("nan")
+        status, q = info["status"], info["qinco"]
+        self.points.labels(name).set(info["points_count"])
+        for s in self.STATUSES:
+            self.status.labels(name, s).set(float(status == s))
         for phase in self.PHASES:
-            self.phase.labels(name, phase).set(float(status["phase"] == phase))
-        self.job_progress.labels(name).set(status["job"]["progress"] if status["job"] else 0.0)
-        model = status["model"] or {}
-        self.mse_vs_rq.labels(name).set(model.get("mse_vs_rq") or float("nan"))
+            self.phase.labels(name, phase).set(float(q["phase"] == phase))
+        job, model = q["job"] or {}, q["model"] or {}
+        self.job_progress.labels(name).set(job.get("progress", 0.0))
+        self.job_eta.labels(name).set(nan if job.get("eta_seconds") is None else job["eta_seconds"])
+        self.mse_vs_rq.labels(name).set(model.get("mse_vs_rq") or nan)
+        self.val_mse.labels(name).set(model.get("val_mse") or nan)
         self.generation.labels(name).set(model.get("generation", -1))
+        self.last_swap.labels(name).set(q["last_swap"] or nan)
+        self.encoded.labels(name).set(q["points_encoded"])
+        self.refine_pending.labels(name).set(q["refine_pending"])
+        for where in self.WHERE:
+            self.bytes_per_point.labels(name, where).set(q["bytes_per_point"][where])
 
     def forget(self, name: str):
         """Drop a deleted collection's series."""
-        for gauge in (self.points, self.job_progress, self.mse_vs_rq, self.generation):
-            try:
-                gauge.remove(name)
-            except KeyError:  # never scraped: no series yet
-                pass
-        for phase in self.PHASES:
-            try:
-                self.phase.remove(name, phase)
-            except KeyError:
-                pass
+        gauges = [(g, [()]) for g in (self.points, self.job_progress, self.job_eta, self.mse_vs_rq, self.val_mse,
+                                      self.generation, self.last_swap, self.encoded, self.refine_pending)]
+        gauges += [(self.phase, [(p,) for p in self.PHASES]), (self.status, [(s,) for s in self.STATUSES]),
+                   (self.bytes_per_point, [(w,) for w in self.WHERE])]
+        for gauge, rest in gauges:
+            for labels in rest:
+                try:
+                    gauge.remove(name, *labels)
+                except KeyError:  # never scraped: no series yet
+                    pass
 
 
 class Guard:
@@ -168,7 +196,7 @@ def create_app(settings: Settings | None = None, start_loading: bool = True) -> 
     """The app over the data directory, which it locks (a second server on it is refused)."""
     settings = settings or Settings()
     store = Store(settings.data_dir, settings.snapshot_every, settings.threads, settings.training_threads(),
-                  settings.train_sample)
+                  settings.train_sample, settings.fast_ingest)
     svc = Service(store, settings, Metrics())
     store, state = svc.store, svc.state
 

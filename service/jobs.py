@@ -25,6 +25,23 @@ from pathlib import Path
 log = logging.getLogger("qinco.jobs")
 
 
+LOG_EVERY = 60  # seconds between progress lines in the server log
+
+
+def progress_line(status: dict) -> str:
+    """'training 42%, ETA 12 min, validation MSE 0.0123 (0.961 x RQ)' from a job's status."""
+    line = f"{status['phase']} {100 * status['progress']:.0f}%"
+    if status["eta_seconds"] is not None:
+        line += f", ETA {status['eta_seconds'] / 60:.1f} min"
+    if status["phase"] == "encoding" and status["points_total"]:
+        line += f", {status['points_encoded']:,} of {status['points_total']:,} points"
+    if status["val_mse"] is not None:
+        line += f", validation MSE {status['val_mse']:.5g}"
+        if status["rq_val_mse"]:
+            line += f" ({status['val_mse'] / status['rq_val_mse']:.3f} x RQ)"
+    return line
+
+
 class JobCancelled(Exception):
     pass
 
@@ -111,13 +128,13 @@ class TrainingJob:
                 raise JobCancelled()
             self._process = subprocess.Popen([sys.executable, "-m", "service.worker", str(self.dir)],
                                              env=env, stdin=subprocess.DEVNULL)
-        last_phase = None
+        last_phase, last_log = None, 0.0
         while self._process.poll() is None:
             time.sleep(0.2)
             status = self.status()
-            if status["phase"] != last_phase:
-                last_phase = status["phase"]
-                log.info("%s: job %s %s", self.collection.name, self.id, last_phase)
+            if status["phase"] != last_phase or time.monotonic() - last_log >= LOG_EVERY:
+                last_phase, last_log = status["phase"], time.monotonic()
+                log.info("%s: job %s %s", self.collection.name, self.id, progress_line(status))
         if self.cancelled.is_set():
             raise JobCancelled()
         if self._process.returncode != 0:

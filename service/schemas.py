@@ -672,13 +672,16 @@ class QincoStatus(BaseModel):
     job: TrainingJobStatus | None = None
     model: ModelStatus | None = None
     points_encoded: int
+    refine_pending: int = Field(0, description="points acknowledged with `fast` codes, not yet re-encoded with the "
+                                               "collection's encoder (fast ingest)")
     last_swap: float | None = Field(None, description="Unix time of the last model swap")
     last_error: str | None = Field(None, description="why the last job failed")
     train_after: int
     train_minutes: float | None = None
     keep_originals: bool
     originals: int = Field(description="original vectors kept on disk")
-    bytes_per_point: dict[str, int] = Field(description="memory (codes and id) and disk (SQLite, measured)")
+    bytes_per_point: dict[str, int] = Field(description="memory (index and scan copy, estimated) and disk "
+                                                        "(SQLite, measured)")
 
 
 class CollectionInfo(BaseModel):

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="CPU threads per request for torch, faiss and numba (0: all cores)")
     snapshot_every: int = Field(50_000, ge=1, description="write a snapshot after this many changed points")
     search_batching: bool = Field(True, description="run concurrent lone searches on a collection as one batch")
+    fast_ingest: bool = Field(True, description="acknowledge upserts with `fast` codes and re-encode them with the "
+                              "collection's encoder in the background (off: upserts wait for the better codes)")
     access_log: bool = Field(False, description="log every request (costs time per request; /metrics counts them)")
     # Self-training collections (created by size and distance): defaults of their `qinco` settings
     train_after: int = Field(20_000, ge=0, le=1_000_000_000,

@@ -8,7 +8,7 @@ One folder per collection under <data_dir>/collections/<name>:
   tuning.json        tuned operating points (when created from a tuned index)
   points.sqlite      id -> codes (IVF list first), payload, seq; deleted ids with their seq;
                      original vectors (self-training collections); the model generation and
-                     the training job's record
+                     the training job's record; the points to refine (fast ingest)
   snapshot/          the faiss index as of sequence number S, written atomically
   jobs/<id>/         a training job's files (service/jobs.py)
 
@@ -22,6 +22,11 @@ A write batch gets one sequence number and is one SQLite transaction
 leaves either all of it or none.  On open, the snapshot is loaded and every id
 changed after S is re-applied from SQLite; without a snapshot the index is
 rebuilt from all rows.  Codes are stored, so recovery never re-encodes.
+
+Fast ingest: an upsert is encoded with the `fast` encoder and acknowledged; its vector waits
+in the `refine` table (same transaction) until a background thread re-encodes it with the
+collection's encoder and commits the better codes as a new write, unless the point was
+rewritten or deleted meanwhile.  A swap re-encodes every point and empties the queue.
 
 Locks: encoding runs outside every lock; `write_lock` orders writers (SQLite
 commit, then the in-memory insert); `index_lock` is a readers-writer lock, so
@@ -50,12 +55,12 @@ import numpy as np
 from model.index import ExactIndex, QincoIndex, SearchParams
 from model.io import atomic_write, load_model, save_model
 from model.network import ENCODERS, check_vectors, encode, split_codes
-from model.threads import use_threads
+from model.threads import background_thread, use_threads
 
 from .filters import Evaluator, PayloadIndexes, has_id_values
 from .ids import UUID_BASE, PointIds, UnknownId, canonical
 from .jobs import JobCancelled, TrainingJob
-from .worker import MIN_PER_LIST, min_points
+from .worker import MIN_PER_LIST, NICE, min_points
 
 log = logging.getLogger("qinco.store")
 
@@ -155,6 +160,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS payload_indexes (field TEXT PRIMARY KEY, schema TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS originals (id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS refine (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, vector BLOB NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('seq', 0);
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
@@ -196,9 +202,12 @@ class Hit:
     vector: list[float] | None = None
 
 
+REFINE_BATCH = 256  # points re-encoded per background commit
+
+
 class Collection:
     def __init__(self, folder: Path, snapshot_every: int = 50_000, threads: int = 0, train_threads: int = 1,
-                 train_sample: int = 100_000):
+                 train_sample: int = 100_000, fast_ingest: bool = True):
         self.folder = folder
         self.meta = json.loads((folder / "collection.json").read_text())
         self.name = self.meta["name"]
@@ -208,6 +217,7 @@ class Collection:
         self.qinco = self.meta.get("qinco")  # settings of a self-training collection; None: created from a model
         self.snapshot_every = snapshot_every
         self.threads, self.train_threads, self.train_sample = threads, train_threads, train_sample
+        self.fast_ingest = fast_ingest and self.meta["encoder"] != "fast"
         use_threads(threads)
         self.write_lock = threading.Lock()
         self.index_lock = ReadWriteLock()
@@ -235,6 +245,9 @@ class Collection:
         self.snapshot_seq = self.recovery["snapshot_seq"]
         self.changed_since_snapshot = 0
         self._snapshotting = threading.Lock()
+        self._refine_wake = threading.Event()
+        if self.fast_ingest:
+            threading.Thread(target=self._refine_loop, daemon=True, name=f"refine-{self.name}").start()
 
     # ---- recovery and snapshots -------------------------------------------------------
     def _recover(self) -> tuple[QincoIndex, dict]:
@@ -621,8 +634,9 @@ class Collection:
             raise BadRequest(f"integer point ids must be in [0, 2^62); larger ones are kept for UUIDs")
         x = self.prepare(vectors)
         model = self.model
+        encoder = ENCODERS["fast"] if self.fast_ingest else self.encoder
         t0 = time.perf_counter()
-        codes = self._codes(model, x)
+        codes = self._codes(model, x, encoder)
         encode_seconds = time.perf_counter() - t0
         try:
             if len(x) != len(ids):
@@ -633,7 +647,8 @@ class Collection:
         with self.write_lock:
             self._check_writable()
             if self.model is not model:  # a new model was swapped in meanwhile: its codes, not the old ones
-                codes = self._codes(self.model, x)
+                codes = self._codes(self.model, x, encoder)
+            refine = self.fast_ingest and codes is not None
             keep = self._has_originals()
             blobs = [c.tobytes() for c in codes] if codes is not None else [b""] * len(ids)
             uuids_before = self.point_ids.count
@@ -646,6 +661,9 @@ class Collection:
                     if keep:
                         self.db.executemany("INSERT OR REPLACE INTO originals (id, vector) VALUES (?, ?)",
                                             [(i, v.tobytes()) for i, v in zip(ids, x)])
+                    if refine:
+                        self.db.executemany("INSERT OR REPLACE INTO refine (id, seq, vector) VALUES (?, ?, ?)",
+                                            [(i, seq, v.tobytes()) for i, v in zip(ids, x)])
                     self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
             except BaseException:
                 self.point_ids.restore(uuids_before)  # rolled back: so are its new UUIDs
@@ -656,16 +674,70 @@ class Collection:
             else:
                 self._apply(lambda: (self.index.add_codes(codes, id_array), self.payload_indexes.upsert(ids, payloads)))
             self._maybe_train()
+        if refine:
+            self._refine_wake.set()
         self._maybe_snapshot(len(ids))
         return seq, encode_seconds
 
-    def _codes(self, model, x: np.ndarray) -> np.ndarray | None:
-        """(n, 1 + M) int32 codes of vectors with a model (None before the first one)."""
+    def _codes(self, model, x: np.ndarray, encoder=None) -> np.ndarray | None:
+        """(n, 1 + M) int32 codes of vectors with a model (None before the first one); the
+        collection's encoder unless told."""
         if model is None:
             return None
-        codes = encode(model, x, self.encoder).astype(np.int32)
+        codes = encode(model, x, encoder or self.encoder).astype(np.int32)
         split_codes(model, codes)
         return codes
+
+    # ---- fast ingest: background refinement --------------------------------------------------
+    def _refine_loop(self):
+        """Re-encode the points that upserts acknowledged with `fast` codes, oldest first, on the
+        training thread budget and at the training job's lower priority."""
+        background_thread(self.train_threads, NICE)
+        while not self.closing:
+            self._refine_wake.clear()
+            try:
+                busy = self.job is None and self._refine_batch()
+            except Exception:
+                if self.closing or self.closed:
+                    return
+                log.exception("%s: refining codes failed; trying again in 10 s", self.name)
+                busy = False
+                self._refine_wake.wait(10)
+            if not busy:
+                # a job's swap re-encodes every point: wait for it (or for writes) without polling SQLite
+                self._refine_wake.wait(5 if self.job is not None else None)
+
+    def _refine_batch(self) -> bool:
+        """Re-encode up to REFINE_BATCH queued points; False when none is queued."""
+        model = self.model
+        with self._reading() as db:
+            rows = db.execute("SELECT id, seq, vector FROM refine ORDER BY seq, id LIMIT ?",
+                              (REFINE_BATCH,)).fetchall()
+        if not rows:
+            return False
+        x = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension)
+        codes = self._codes(model, x)
+        with self.write_lock:
+            if self.closing or self.closed or self.broken or self.model is not model:
+                return True  # a swap re-encoded everything and emptied the queue
+            with self._transaction():
+                seq = self.last_seq() + 1
+                done = [self.db.execute("UPDATE points SET codes = ?, seq = ? WHERE id = ? AND seq = ?",
+                                        (c.tobytes(), seq, i, s)).rowcount == 1
+                        for (i, s, _), c in zip(rows, codes)]  # not where rewritten or deleted meanwhile
+                self.db.executemany("DELETE FROM refine WHERE id = ? AND seq = ?", [(i, s) for i, s, _ in rows])
+                if any(done):
+                    self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+            ids = np.array([r[0] for r in rows], dtype=np.int64)[done]
+            if len(ids):
+                self._apply(lambda: self.index.add_codes(codes[done], ids))
+        self._maybe_snapshot(len(ids))
+        return True
+
+    def refine_pending(self) -> int:
+        """Points still served with their `fast` codes."""
+        with self._reading() as db:
+            return db.execute("SELECT count(*) FROM refine").fetchone()[0]
 
     def _apply(self, change):
         """Apply a committed write to the in-memory index (write lock held).
@@ -711,6 +783,7 @@ class Collection:
                 existing += self.db.execute(
                     f"DELETE FROM points WHERE id IN ({','.join('?' * len(chunk))})", chunk).rowcount
                 self.db.execute(f"DELETE FROM originals WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                self.db.execute(f"DELETE FROM refine WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             self.db.executemany("INSERT OR REPLACE INTO deleted (id, seq) VALUES (?, ?)", [(i, seq) for i in ids])
             self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
         self._apply(lambda: (self.index.remove(id_array), self.payload_indexes.delete(ids)))
@@ -1005,6 +1078,7 @@ class Collection:
                 self.db.executemany("UPDATE points SET codes = ? WHERE id = ?",
                                     [(c.astype(np.int32).tobytes(), int(i)) for i, c in zip(stored_ids, stored_codes)])
                 self.db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (generation,))
+                self.db.execute("DELETE FROM refine")  # every point now has the new model's codes
                 self.db.execute("DELETE FROM state WHERE key IN ('job', 'last_error')")
                 self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('model', ?)", (json.dumps(stats),))
                 if not self.qinco["keep_originals"]:
@@ -1036,13 +1110,14 @@ class Collection:
             "nlist": self.model.cfg.nlist}
         q = self.qinco or {}
         n = self.count()
-        memory = self.dimension * 4 + 8 if self.model is None else self.index.code_bytes + 8
+        memory = self.index.memory_per_point
         try:
             disk = sum(p.stat().st_size for p in self.folder.glob("points.sqlite*")) // max(n, 1)
         except OSError:  # deleted meanwhile
             disk = 0
         return {"phase": phase, "job": job, "model": model,
                 "points_encoded": 0 if self.model is None else n,
+                "refine_pending": self.refine_pending() if self.fast_ingest else 0,
                 "last_swap": stats.get("swapped"), "last_error": self.state.get("last_error"),
                 "train_after": q.get("train_after", 0), "train_minutes": q.get("train_minutes"),
                 "keep_originals": bool(q.get("keep_originals")), "originals": n if self._has_originals() else 0,
@@ -1073,6 +1148,7 @@ class Collection:
         with self.write_lock:  # no job can start after this
             self.closing = True
             job = self.job
+        self._refine_wake.set()
         if job is not None:
             job.cancel()
         with self._snapshotting, self.write_lock:
@@ -1087,7 +1163,7 @@ class Collection:
         qinco = self.qinco_status()
         if self.broken:
             status = "red"
-        elif qinco["job"] is not None:
+        elif qinco["job"] is not None or qinco["refine_pending"]:  # Qdrant: yellow while optimizing
             status = "yellow"
         else:
             status = "grey" if model is None else "green"
@@ -1118,7 +1194,7 @@ class Store:
     """The collections of a data directory, which one process at a time may own."""
 
     def __init__(self, data_dir: Path, snapshot_every: int = 50_000, threads: int = 0, train_threads: int = 1,
-                 train_sample: int = 100_000):
+                 train_sample: int = 100_000, fast_ingest: bool = True):
         self.data_dir = Path(data_dir).resolve()
         self.root = self.data_dir / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -1126,6 +1202,7 @@ class Store:
         self.snapshot_every = snapshot_every
         self.threads = threads
         self.train_threads, self.train_sample = train_threads, train_sample
+        self.fast_ingest = fast_ingest
         self.collections: dict[str, Collection] = {}
         self.failed: dict[str, str] = {}  # collections that could not be opened, and why
         self.lock = threading.Lock()
@@ -1189,7 +1266,8 @@ class Store:
         return p
 
     def _open(self, folder: Path) -> Collection:
-        return Collection(folder, self.snapshot_every, self.threads, self.train_threads, self.train_sample)
+        return Collection(folder, self.snapshot_every, self.threads, self.train_threads, self.train_sample,
+                          self.fast_ingest)
 
     def create(self, name: str, metric: str, encoder: str, source: Path | None = None, from_index: bool = False,
                size: int | None = None, qinco: dict | None = None) -> Collection:

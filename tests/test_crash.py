@@ -1,4 +1,8 @@
-"""kill -9 a real `qinco serve` process during concurrent upserts; nothing acknowledged is lost."""
+"""kill -9 a real `qinco serve` process during concurrent upserts; nothing acknowledged is lost.
+
+With an encoder slower than `fast`, the kills also land in the background refinement (fast
+ingest): after the restart it finishes, and every point holds its vector's codes.
+"""
 
 import signal
 import threading
@@ -6,8 +10,10 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
 from model.io import save_model
+from model.network import ENCODERS, encode
 from service.store import Store
 from tests.server import free_port, serve
 
@@ -31,10 +37,11 @@ def writer(url, vectors, first_id, acked, attempted, stop):
                 acked.append((ids, rows))
 
 
-def test_kill_9_during_concurrent_upserts_loses_nothing_acknowledged(tmp_path, ivf_model, glove_sample):
+@pytest.mark.parametrize("encoder", ["fast", "quality"])
+def test_kill_9_during_concurrent_upserts_loses_nothing_acknowledged(tmp_path, ivf_model, glove_sample, encoder):
     save_model(ivf_model, tmp_path / "ivf.safetensors")
     store = Store(tmp_path)
-    store.create("c", "l2", "fast", tmp_path / "ivf.safetensors")
+    store.create("c", "l2", encoder, tmp_path / "ivf.safetensors")
     store.close()
     vectors = glove_sample[:2000]
     acked, attempted = [], []
@@ -78,6 +85,22 @@ def test_kill_9_during_concurrent_upserts_loses_nothing_acknowledged(tmp_path, i
                 results = client.post("/collections/c/points/search/batch", json={"searches": searches}).json()
                 missing += [i for (i, _), hits in zip(chunk, results["result"]) if i not in {h["id"] for h in hits}]
             assert not missing, f"{len(missing)} of {len(points)} acknowledged points not found, e.g. {missing[:5]}"
+            deadline = time.time() + 120
+            while client.get("/collections/c").json()["result"]["qinco"]["refine_pending"]:
+                assert time.time() < deadline, "the refinement did not finish after the restart"
+                time.sleep(0.2)
     finally:
         proc.kill()
         proc.wait()
+    row_of = {i: r for ids, rows in attempted for i, r in zip(ids, rows)}
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.get("c")
+    ids = sorted(present)
+    db = dict(c.db.execute("SELECT id, codes FROM points").fetchall())
+    want = encode(ivf_model, vectors[[row_of[i] for i in ids]], ENCODERS[encoder]).astype(np.int32)
+    assert np.array_equal(np.stack([np.frombuffer(db[i], dtype=np.int32) for i in ids]), want)
+    stored_ids, stored_codes = c.index.stored_codes()
+    order = np.argsort(stored_ids)
+    assert np.array_equal(stored_ids[order], ids) and np.array_equal(stored_codes[order], want)
+    store.close()

@@ -1,6 +1,8 @@
 """Self-training collections over REST: create by size and distance, exact search while collecting,
 automatic training, the swap, retraining, cancel, swap-in of a model file, rescore, kill -9."""
 
+import logging
+import os
 import signal
 import time
 
@@ -86,20 +88,34 @@ def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
     upsert(server, range(1500, 2100), x[1500:2100])
     i = wait_for(server, lambda i: i["qinco"]["phase"] != "collecting")
     assert i["status"] == "yellow" and i["qinco"]["job"]["kind"] == "train"
-    written = 2100
-    while info(server)["qinco"]["phase"] != "ready" and written < 4000:
-        upsert(server, range(written, written + 100), x[written:written + 100])
-        written += 100
-    i = wait_for(server, lambda i: i["qinco"]["phase"] == "ready")
+    written, etas = 2100, []
+    while (i := info(server))["qinco"]["phase"] != "ready":
+        etas.append((i["qinco"]["job"] or {}).get("eta_seconds"))
+        if written < 4000:
+            upsert(server, range(written, written + 100), x[written:written + 100])
+            written += 100
+        assert i["qinco"]["last_error"] is None, i["qinco"]["last_error"]
+        time.sleep(0.05)
+    assert any(e is not None and e >= 0 for e in etas), etas
+    assert i["qinco"]["refine_pending"] == 0  # the swap encoded every point with the collection's encoder
     upsert(server, range(written, written + 100), x[written:written + 100])
     written += 100
-    i = info(server)
+    i = wait_for(server, lambda i: i["qinco"]["refine_pending"] == 0)  # fast ingest: refined in the background
     assert i["status"] == "green" and i["points_count"] == written
     r = server.post("/collections/own/points", json={"ids": [5], "with_vector": True})
     assert np.allclose(r.json()["result"][0]["vector"], x[5], atol=1e-6)  # the original, kept on disk
     q = i["qinco"]
     assert q["model"]["generation"] == 1 and q["model"]["bytes"] == 4 and q["points_encoded"] == written
     assert q["model"]["mse_vs_rq"] is not None and q["last_swap"] is not None and q["originals"] == written
+    assert q["bytes_per_point"]["memory"] == 2 * (5 + 8) + 40 and q["bytes_per_point"]["disk"] > 50 * 4
+    metrics = server.get("/metrics").text
+    for line in ('qinco_collection_status{collection="own",status="green"} 1.0',
+                 f'qinco_points_encoded{{collection="own"}} {float(written)}',
+                 'qinco_refine_pending{collection="own"} 0.0',
+                 'qinco_model_last_swap_timestamp_seconds{collection="own"} 1.',
+                 'qinco_bytes_per_point{collection="own",where="memory"} 66.0',
+                 'qinco_model_generation{collection="own"} 1.0'):
+        assert line in metrics, line
     # Every point is served by the new model: a stored vector finds itself.
     found = sum(search(server, x[j], limit=1)[0]["id"] == j for j in range(0, written, 97))
     assert found >= 0.8 * len(range(0, written, 97))
@@ -188,6 +204,12 @@ def test_qdrant_create_body_and_bad_train_requests(server, glove_sample):
     assert r.status_code == 422
     r = server.post("/collections/q/train", json={"model": "../outside.safetensors"})
     assert r.status_code == 400
+    r = server.post("/collections/q/train", json={"minutes": 1, "colour": "blue"})
+    assert r.status_code == 422 and "colour" in r.text
+    assert server.put("/collections/d32", json={"vectors": {"size": 32, "distance": "Euclid"}}).status_code == 200
+    r = server.post("/collections/d32/train", json={"model": "models/ivf.safetensors"})
+    assert r.status_code == 400 and "dimension 50" in r.json()["status"]["error"]
+    assert info(server, "d32")["qinco"]["job"] is None
     # A collection created from a model keeps no originals: it cannot train or rescore.
     assert server.put("/collections/m", json={"model": "models/ivf.safetensors"}).status_code == 200
     r = server.post("/collections/m/train")
@@ -301,4 +323,114 @@ def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sam
     c.start_training({"train_minutes": 0.05})
     assert c.job is not None and "paused" not in c.state
     c.cancel_training()
+    store.close()
+
+
+SWAP_CHILD = r'''
+import sys, time
+from pathlib import Path
+from service.store import Collection, Store
+
+data, stage = Path(sys.argv[1]), sys.argv[2]
+
+
+def hang():
+    (data / "stage-reached").write_text(stage)
+    time.sleep(3600)  # until the test kills this process
+
+
+class HangAfterGeneration:
+    """The swap's transaction, stopped after its last statement: every code and the generation
+    written, not committed."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def execute(self, sql, *args):
+        out = self.db.execute(sql, *args)
+        if "key = 'generation'" in sql:
+            hang()
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+swap = Collection.swap
+
+
+def swap_then_hang(self, job, *args, **kwargs):
+    if stage == "in_transaction":
+        self.db = HangAfterGeneration(self.db)
+    return swap(self, job, *args, **kwargs)
+
+
+Collection.swap = swap_then_hang
+if stage == "after_commit":  # committed and switched in memory; the old files not yet removed
+    remove = Collection._remove_stale_models
+    Collection._remove_stale_models = lambda self: hang() if self.generation else remove(self)
+store = Store(data, train_threads=1)
+store.open_all()  # resumes the job, which trains, encodes and swaps
+time.sleep(3600)
+'''
+
+
+@pytest.mark.parametrize("stage", ["in_transaction", "after_commit"])
+def test_kill_9_inside_the_swap(tmp_path, glove_sample, stage, caplog):
+    """A process killed inside the swap's transaction restarts on the old state (collecting,
+    every point) and its job runs again; one killed after the commit serves the new model."""
+    import subprocess
+    import sys
+
+    from service.store import Store
+    from tests.server import ROOT
+    x = glove_sample[:1200]
+    store = Store(tmp_path, train_threads=1)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco={**SETTINGS, "train_after": 0, "keep_originals": True,
+                                                            "nlist": None})
+    c.upsert(list(range(1200)), x, [{"i": i} for i in range(1200)])
+    c.start_training()
+    store.close()  # the job's record stays: the child process resumes it
+    child = subprocess.Popen([sys.executable, "-c", SWAP_CHILD, str(tmp_path), stage], cwd=ROOT,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "stage-reached").exists():
+            assert child.poll() is None and time.time() < deadline, f"the child never reached {stage}"
+            time.sleep(0.1)
+    finally:
+        child.kill()  # SIGKILL
+        child.wait()
+
+    caplog.set_level(logging.INFO, logger="qinco.jobs")
+    store = Store(tmp_path, train_threads=1)
+    store.open_all()
+    c = store.get("s")
+    assert c.count() == 1200 and c.payloads([7])[7] == {"i": 7}
+    if stage == "in_transaction":
+        assert c.generation == 0 and c.model is None and c.qinco_status()["phase"] == "training"
+        deadline = time.time() + 30
+        while c.job._process is None and time.time() < deadline:
+            time.sleep(0.01)
+        worker, lower = c.job._process, min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        niced = False
+        while not niced and worker.poll() is None and time.time() < deadline:  # the worker lowers its own
+            try:
+                niced = os.getpriority(os.PRIO_PROCESS, worker.pid) == lower
+            except ProcessLookupError:  # gone meanwhile
+                break
+            time.sleep(0.01)
+        assert niced, "the training worker did not run below the server's priority"
+        assert {bytes(r[0]) for r in c.db.execute("SELECT codes FROM points")} == {b""}
+        deadline = time.time() + 240
+        while c.job is not None and time.time() < deadline:  # the resumed job swaps this time
+            time.sleep(0.2)
+        progress = [r.getMessage() for r in caplog.records if r.name == "qinco.jobs"]
+        assert any(" training " in m and "%" in m for m in progress), progress  # the server log follows the job
+        assert any(" encoding " in m for m in progress), progress
+    assert c.generation == 1 and c.model is not None and c.job is None and c.count() == 1200
+    assert c.qinco_status()["phase"] == "ready" and c.qinco_status()["last_error"] is None
+    assert sorted(p.name for p in (tmp_path / "collections" / "s").glob("model*.safetensors")) == ["model-1.safetensors"]
+    assert [h.id for h in c.search(x[5:6], 1, {"nprobe": c.model.cfg.nlist, "nshort": 200}, False, False)[0]] == [5]
     store.close()

@@ -48,6 +48,7 @@ class QincoStatus(BaseModel):
     job: TrainingJob | None = None
     model: ModelStats | None = None
     points_encoded: int  # points served by the QINCo index
+    refine_pending: int = 0  # acknowledged with `fast` codes, not yet re-encoded (fast ingest)
     last_swap: float | None = None
     last_error: str | None = None  # why the last job failed
     train_after: int  # 0: only trained on request
@@ -64,7 +65,7 @@ class CollectionInfo(BaseModel):
     """
     model_config = ConfigDict(extra="allow")
     name: str
-    status: str  # "grey" collecting | "yellow" a job runs | "green" | "red"
+    status: str  # "grey" collecting | "yellow" a job runs or codes are refined | "green" | "red"
     dimension: int
     metric: str
     points_count: int

@@ -7,6 +7,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import Service, error, service
+from ..store import NotFound
 
 router = APIRouter(tags=["service"])
 
@@ -28,6 +29,8 @@ async def readyz(svc: Service = Depends(service)):
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(svc: Service = Depends(service)):
     for name, c in list(svc.store.collections.items()):
-        svc.metrics.points.labels(name).set(c.count())
-        svc.metrics.observe_training(name, c.qinco_status())
+        try:
+            svc.metrics.observe(name, c.info())
+        except NotFound:  # deleted meanwhile
+            svc.metrics.forget(name)
     return PlainTextResponse(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
