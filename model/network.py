@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .threads import numpy_blas_one_thread, torch_threads_default
+from .threads import numpy_blas_one_thread, own_torch_threads
 
 
 @dataclass(frozen=True)
@@ -602,41 +602,32 @@ def code_width(cfg: QincoConfig) -> int:
     return cfg.M + (1 if cfg.nlist else 0)
 
 
-_pool: "ThreadPoolExecutor | None" = None
-_pool_pid = 0
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, n): a forked child makes its own
 _pool_lock = threading.Lock()
 
 
-def _single_thread_pool(n: int) -> "ThreadPoolExecutor":
-    """n worker threads whose torch ops each run on one thread.
+def _single_thread_pool(n: int) -> ThreadPoolExecutor:
+    """n worker threads whose torch ops each run on one thread (one pool per n, kept).
 
     Small encoding chunks spend much of their time in OpenMP barriers when every op is
     split across the cores (and far more when the CPU is shared); independent chunks on
-    single-threaded workers do not wait for each other.  torch's thread count is per
-    thread once a thread has used it, but `torch.set_num_threads` also sets the default
-    of threads yet to come: it is put back, from a throwaway thread, once the workers
-    have taken theirs.
+    single-threaded workers do not wait for each other.
     """
-    global _pool, _pool_pid
+    key = (os.getpid(), n)
     with _pool_lock:
-        if _pool is None or _pool._max_workers != n or _pool_pid != os.getpid():  # none, or a forked parent's
-            default = torch_threads_default()
+        pool = _pools.get(key)
+        if pool is None:
             barrier = threading.Barrier(n)
 
             def init():
-                torch.set_num_threads(1)
-                barrier.wait()  # every worker starts (and takes its setting) now
+                own_torch_threads(1)
+                barrier.wait()  # n threads: none is idle until all have started
 
             pool = ThreadPoolExecutor(n, thread_name_prefix="qinco-encode", initializer=init)
             for f in [pool.submit(lambda: None) for _ in range(n)]:
                 f.result()
-            restore = threading.Thread(target=torch.set_num_threads, args=(default,))
-            restore.start()
-            restore.join()
-            if _pool is not None and _pool_pid == os.getpid():
-                _pool.shutdown(wait=False)
-            _pool, _pool_pid = pool, os.getpid()
-        return _pool
+            _pools[key] = pool
+        return pool
 
 
 def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: int = 1024,

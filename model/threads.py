@@ -20,9 +20,10 @@ def set_threads(n: int) -> None:
     does the work must call this (or `use_threads`) itself.
     """
     if n:
-        torch.set_num_threads(n)
         faiss.omp_set_num_threads(n)
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        with _torch_lock:  # last (see background_thread)
+            torch.set_num_threads(n)
     _applied.n = n
 
 
@@ -30,6 +31,9 @@ def use_threads(n: int) -> None:
     """`set_threads(n)` in the calling thread, unless it already did: cheap on every request."""
     if getattr(_applied, "n", None) != n:
         set_threads(n)
+
+
+_torch_lock = threading.Lock()
 
 
 def torch_threads_default() -> int:
@@ -41,20 +45,34 @@ def torch_threads_default() -> int:
     return out[0]
 
 
+def own_torch_threads(n: int) -> None:
+    """torch uses n threads in the calling thread; threads started later keep the default.
+
+    torch keeps one default for new threads, and `torch.set_num_threads` changes it too.  A
+    thread takes its count on its first parallel op, after which the default no longer
+    reaches it: so this thread runs one before the default is put back from a throwaway
+    thread.
+    """
+    with _torch_lock:
+        default = torch_threads_default()
+        torch.set_num_threads(n)
+        torch.ones(1 << 16).sum()  # this thread's first parallel op, if it had none
+        restore = threading.Thread(target=torch.set_num_threads, args=(default,))
+        restore.start()
+        restore.join()
+
+
 def background_thread(n: int, nice: int) -> None:
     """Make the calling thread a background worker: `n` threads for its own torch, faiss
-    and numba work, at a lower priority (Linux schedules threads one by one).
-
-    `torch.set_num_threads` also sets the default of threads yet to come (request threads):
-    that default is put back from a throwaway thread, which leaves this thread's own.
-    """
-    default = torch_threads_default()
-    set_threads(n)
-    restore = threading.Thread(target=torch.set_num_threads, args=(default,))
-    restore.start()
-    restore.join()
+    and numba work (request threads keep theirs), and a priority `nice` steps lower
+    (Linux schedules threads one by one)."""
+    faiss.omp_set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    own_torch_threads(n)  # last: starting numba's thread pool can reset torch's count in this thread
+    _applied.n = n
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
         pass
 

@@ -163,7 +163,8 @@ class CreateCollection(Strict):
     index: str | None = Field(None, min_length=1, max_length=4096,
                               description="or a built index directory, inside the data directory")
     metric: Metric | None = None
-    encoder: Encoder = Field(Encoder.balanced, description="QINCo encoder used for upserts")
+    encoder: Encoder = Field(Encoder.balanced, description="QINCo encoder of the stored codes (with fast ingest, "
+                             "upserts are acknowledged with `fast` codes and re-encoded with this one in the background)")
     # Qdrant's, accepted and ignored (one shard, one replica, no WAL of its own to tune):
     shard_number: int | None = Field(None, ge=1, le=1)
     sharding_method: str | None = None

@@ -161,6 +161,7 @@ CREATE TABLE IF NOT EXISTS payload_indexes (field TEXT PRIMARY KEY, schema TEXT 
 CREATE TABLE IF NOT EXISTS originals (id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS refine (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, vector BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS refine_order ON refine(seq, id);
 INSERT OR IGNORE INTO meta VALUES ('seq', 0);
 INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
@@ -203,6 +204,7 @@ class Hit:
 
 
 REFINE_BATCH = 256  # points re-encoded per background commit
+REFINE_QUEUE_BYTES = 1 << 30  # past this many queued vector bytes, upserts wait for the better codes
 
 
 class Collection:
@@ -246,7 +248,8 @@ class Collection:
         self.changed_since_snapshot = 0
         self._snapshotting = threading.Lock()
         self._refine_wake = threading.Event()
-        if self.fast_ingest:
+        self.refine_pending = self.db.execute("SELECT count(*) FROM refine").fetchone()[0]  # under write_lock
+        if self.fast_ingest or self.refine_pending:  # a queue left by a run with fast ingest drains too
             threading.Thread(target=self._refine_loop, daemon=True, name=f"refine-{self.name}").start()
 
     # ---- recovery and snapshots -------------------------------------------------------
@@ -634,7 +637,8 @@ class Collection:
             raise BadRequest(f"integer point ids must be in [0, 2^62); larger ones are kept for UUIDs")
         x = self.prepare(vectors)
         model = self.model
-        encoder = ENCODERS["fast"] if self.fast_ingest else self.encoder
+        fast = self.fast_ingest and self.refine_pending * 4 * self.dimension < REFINE_QUEUE_BYTES
+        encoder = ENCODERS["fast"] if fast else self.encoder
         t0 = time.perf_counter()
         codes = self._codes(model, x, encoder)
         encode_seconds = time.perf_counter() - t0
@@ -648,7 +652,8 @@ class Collection:
             self._check_writable()
             if self.model is not model:  # a new model was swapped in meanwhile: its codes, not the old ones
                 codes = self._codes(self.model, x, encoder)
-            refine = self.fast_ingest and codes is not None
+            refine = fast and codes is not None
+            requeued = 0
             keep = self._has_originals()
             blobs = [c.tobytes() for c in codes] if codes is not None else [b""] * len(ids)
             uuids_before = self.point_ids.count
@@ -661,8 +666,10 @@ class Collection:
                     if keep:
                         self.db.executemany("INSERT OR REPLACE INTO originals (id, vector) VALUES (?, ?)",
                                             [(i, v.tobytes()) for i, v in zip(ids, x)])
+                    if codes is not None and self.refine_pending:  # rewritten: the old vector's row goes
+                        requeued = self._unqueue(ids)
                     if refine:
-                        self.db.executemany("INSERT OR REPLACE INTO refine (id, seq, vector) VALUES (?, ?, ?)",
+                        self.db.executemany("INSERT INTO refine (id, seq, vector) VALUES (?, ?, ?)",
                                             [(i, seq, v.tobytes()) for i, v in zip(ids, x)])
                     self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
             except BaseException:
@@ -674,17 +681,18 @@ class Collection:
             else:
                 self._apply(lambda: (self.index.add_codes(codes, id_array), self.payload_indexes.upsert(ids, payloads)))
             self._maybe_train()
-        if refine:
-            self._refine_wake.set()
+            self.refine_pending += (len(ids) if refine else 0) - requeued
+            if refine:
+                self._refine_wake.set()
         self._maybe_snapshot(len(ids))
         return seq, encode_seconds
 
-    def _codes(self, model, x: np.ndarray, encoder=None) -> np.ndarray | None:
+    def _codes(self, model, x: np.ndarray, encoder=None, workers: int = 0) -> np.ndarray | None:
         """(n, 1 + M) int32 codes of vectors with a model (None before the first one); the
         collection's encoder unless told."""
         if model is None:
             return None
-        codes = encode(model, x, encoder or self.encoder).astype(np.int32)
+        codes = encode(model, x, encoder or self.encoder, workers=workers).astype(np.int32)
         split_codes(model, codes)
         return codes
 
@@ -693,19 +701,20 @@ class Collection:
         """Re-encode the points that upserts acknowledged with `fast` codes, oldest first, on the
         training thread budget and at the training job's lower priority."""
         background_thread(self.train_threads, NICE)
-        while not self.closing:
-            self._refine_wake.clear()
+        while True:
+            self._refine_wake.clear()  # before the checks: a wake-up after them is not lost
+            if self.closing or self.closed:
+                return
             try:
-                busy = self.job is None and self._refine_batch()
+                busy = self.job is None and not self.broken and self._refine_batch()
             except Exception:
                 if self.closing or self.closed:
                     return
                 log.exception("%s: refining codes failed; trying again in 10 s", self.name)
-                busy = False
-                self._refine_wake.wait(10)
-            if not busy:
-                # a job's swap re-encodes every point: wait for it (or for writes) without polling SQLite
-                self._refine_wake.wait(5 if self.job is not None else None)
+                time.sleep(10)
+                continue
+            if not busy:  # idle, or a job runs (its swap re-encodes every point)
+                self._refine_wake.wait(5)
 
     def _refine_batch(self) -> bool:
         """Re-encode up to REFINE_BATCH queued points; False when none is queued."""
@@ -716,28 +725,36 @@ class Collection:
         if not rows:
             return False
         x = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension)
-        codes = self._codes(model, x)
+        codes = self._codes(model, x, workers=1)  # this thread's own torch threads
         with self.write_lock:
-            if self.closing or self.closed or self.broken or self.model is not model:
+            if self.closing or self.closed or self.broken:
+                return False
+            if self.model is not model:
                 return True  # a swap re-encoded everything and emptied the queue
             with self._transaction():
                 seq = self.last_seq() + 1
                 done = [self.db.execute("UPDATE points SET codes = ?, seq = ? WHERE id = ? AND seq = ?",
                                         (c.tobytes(), seq, i, s)).rowcount == 1
                         for (i, s, _), c in zip(rows, codes)]  # not where rewritten or deleted meanwhile
-                self.db.executemany("DELETE FROM refine WHERE id = ? AND seq = ?", [(i, s) for i, s, _ in rows])
+                removed = self.db.executemany("DELETE FROM refine WHERE id = ? AND seq = ?",
+                                              [(i, s) for i, s, _ in rows]).rowcount
                 if any(done):
                     self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+            self.refine_pending -= removed
             ids = np.array([r[0] for r in rows], dtype=np.int64)[done]
             if len(ids):
                 self._apply(lambda: self.index.add_codes(codes[done], ids))
         self._maybe_snapshot(len(ids))
         return True
 
-    def refine_pending(self) -> int:
-        """Points still served with their `fast` codes."""
-        with self._reading() as db:
-            return db.execute("SELECT count(*) FROM refine").fetchone()[0]
+    def _unqueue(self, ids: list[int]) -> int:
+        """Drop the refinement rows of `ids` (in the caller's transaction); returns how many."""
+        removed = 0
+        for i0 in range(0, len(ids), 900):
+            chunk = ids[i0:i0 + 900]
+            removed += self.db.execute(f"DELETE FROM refine WHERE id IN ({','.join('?' * len(chunk))})",
+                                       chunk).rowcount
+        return removed
 
     def _apply(self, change):
         """Apply a committed write to the in-memory index (write lock held).
@@ -783,9 +800,10 @@ class Collection:
                 existing += self.db.execute(
                     f"DELETE FROM points WHERE id IN ({','.join('?' * len(chunk))})", chunk).rowcount
                 self.db.execute(f"DELETE FROM originals WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-                self.db.execute(f"DELETE FROM refine WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             self.db.executemany("INSERT OR REPLACE INTO deleted (id, seq) VALUES (?, ?)", [(i, seq) for i in ids])
             self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
+            unqueued = self._unqueue(ids)
+        self.refine_pending -= unqueued
         self._apply(lambda: (self.index.remove(id_array), self.payload_indexes.delete(ids)))
         return seq, existing
 
@@ -1087,6 +1105,7 @@ class Collection:
                 self.index, self.model, self.generation, self.tuning = new, model, generation, {}
                 self.job = None
             self.state = {"model": stats}
+            self.refine_pending = 0
             self.changed_since_snapshot = 0
             self._remove_stale_models()
             shutil.rmtree(job.dir, ignore_errors=True)
@@ -1117,7 +1136,7 @@ class Collection:
             disk = 0
         return {"phase": phase, "job": job, "model": model,
                 "points_encoded": 0 if self.model is None else n,
-                "refine_pending": self.refine_pending() if self.fast_ingest else 0,
+                "refine_pending": self.refine_pending,
                 "last_swap": stats.get("swapped"), "last_error": self.state.get("last_error"),
                 "train_after": q.get("train_after", 0), "train_minutes": q.get("train_minutes"),
                 "keep_originals": bool(q.get("keep_originals")), "originals": n if self._has_originals() else 0,

@@ -21,6 +21,7 @@ def stored(c: Collection) -> dict[int, np.ndarray]:
     """id -> codes as SQLite holds them; the index must hold the same."""
     rows = c.db.execute("SELECT id, codes FROM points").fetchall()
     db = {i: np.frombuffer(b, dtype=np.int32) for i, b in rows}
+    assert c.db.execute("SELECT count(*) FROM refine").fetchone()[0] == c.refine_pending
     ids, codes = c.index.stored_codes()
     assert dict(zip(ids.tolist(), map(tuple, codes.tolist()))) == {i: tuple(v.tolist()) for i, v in db.items()}
     return db
@@ -28,8 +29,8 @@ def stored(c: Collection) -> dict[int, np.ndarray]:
 
 def wait_refined(c: Collection, timeout: float = 60):
     deadline = time.time() + timeout
-    while c.refine_pending():
-        assert time.time() < deadline, f"{c.refine_pending()} points still waiting to be refined"
+    while c.refine_pending:
+        assert time.time() < deadline, f"{c.refine_pending} points still waiting to be refined"
         time.sleep(0.05)
 
 
@@ -63,7 +64,7 @@ def test_upserts_are_acknowledged_fast_and_refined_in_the_background(tmp_path, i
     assert (fast != better).any(), "the test needs points whose codes the better encoder changes"
     db = stored(c)
     assert np.array_equal(np.stack([db[i] for i in range(300)]), fast)
-    assert c.refine_pending() == 300 and c.info()["status"] == "yellow"
+    assert c.refine_pending == 300 and c.info()["status"] == "yellow"
     refiner = next(t for t in threading.enumerate() if t.name == "refine-c")
     assert os.getpriority(os.PRIO_PROCESS, refiner.native_id) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
 
@@ -71,7 +72,7 @@ def test_upserts_are_acknowledged_fast_and_refined_in_the_background(tmp_path, i
     y = vectors[300:310]
     c.upsert(list(range(10)), y, [None] * 10)
     c.delete(list(range(10, 20)))
-    assert c.refine_pending() == 290  # the rewrites replaced their queue rows, the deletes removed theirs
+    assert c.refine_pending == 290  # the rewrites replaced their queue rows, the deletes removed theirs
     hits_before = c.search(x[50:51], 5, None, False, False)
     gate.set()
     wait_refined(c)
@@ -92,8 +93,8 @@ def test_a_point_rewritten_while_its_batch_is_encoded_keeps_the_new_vector(tmp_p
     encoding, go_on = threading.Event(), threading.Event()
     codes = Collection._codes
 
-    def slow_in_refiner(self, model, x, encoder=None):
-        out = codes(self, model, x, encoder)
+    def slow_in_refiner(self, model, x, encoder=None, workers=0):
+        out = codes(self, model, x, encoder, workers)
         if threading.current_thread().name.startswith("refine-"):
             encoding.set()
             go_on.wait()
@@ -116,7 +117,7 @@ def test_the_queue_survives_a_restart(tmp_path, ivf_model, vectors, gate):
     c.upsert(list(range(100)), vectors[:100], [None] * 100)
     store.close()
     gate.set()
-    store = Store(tmp_path / "data")
+    store = Store(tmp_path / "data", fast_ingest=False)  # turned off since: what is queued still drains
     store.open_all()
     c = store.get("c")
     wait_refined(c)
@@ -128,10 +129,28 @@ def test_the_queue_survives_a_restart(tmp_path, ivf_model, vectors, gate):
 def test_off_or_with_the_fast_encoder_nothing_is_queued(tmp_path, ivf_model, vectors):
     store, c = create(tmp_path, ivf_model, fast_ingest=False)
     c.upsert(list(range(50)), vectors[:50], [None] * 50)
-    assert c.refine_pending() == 0
+    assert c.refine_pending == 0
     db = stored(c)
     assert np.array_equal(np.stack([db[i] for i in range(50)]), codes_of(ivf_model, vectors[:50], "quality"))
     f = store.create("f", "l2", "fast", tmp_path / "ivf.safetensors")
     f.upsert(list(range(50)), vectors[:50], [None] * 50)
     assert not f.fast_ingest and f.db.execute("SELECT count(*) FROM refine").fetchone()[0] == 0
+    store.close()
+
+
+def test_a_full_queue_makes_upserts_wait_for_the_better_codes(tmp_path, ivf_model, vectors, gate, monkeypatch):
+    import service.store
+    monkeypatch.setattr(service.store, "REFINE_QUEUE_BYTES", 100 * 50 * 4)  # 100 queued 50-d vectors
+    store, c = create(tmp_path, ivf_model)
+    c.upsert(list(range(100)), vectors[:100], [None] * 100)
+    c.upsert(list(range(100, 150)), vectors[100:150], [None] * 50)  # the queue is full: no fast codes
+    assert c.refine_pending == 100
+    db = stored(c)
+    assert np.array_equal(np.stack([db[i] for i in range(100, 150)]), codes_of(ivf_model, vectors[100:150], "quality"))
+    c.upsert([0], vectors[200:201], [None])  # rewritten with the better codes: its queued row goes
+    assert c.refine_pending == 99
+    gate.set()
+    wait_refined(c)
+    db = stored(c)
+    assert np.array_equal(db[0], codes_of(ivf_model, vectors[200:201], "quality")[0])
     store.close()

@@ -272,3 +272,30 @@ def test_fast_weights_not_cached_in_training_mode(gaussian):
         p.grad = torch.ones_like(p)
     opt.step()
     np.testing.assert_allclose(decode(model, codes[:20]), reference_decode(model, codes[:20]), atol=1e-5)
+
+
+def test_encode_workers_and_background_threads_keep_their_own_torch_threads():
+    """Threads that set their own torch thread count keep it, and leave the default of threads
+    started later alone (session 9 found the encode pool's workers back at the default)."""
+    import threading
+
+    from model.network import _single_thread_pool
+    from model.threads import background_thread, torch_threads_default
+
+    default = torch_threads_default()
+
+    def used_threads(_=None):
+        torch.ones(1 << 16).sum()
+        return torch.get_num_threads()
+
+    assert set(_single_thread_pool(2).map(used_threads, range(4))) == {1}
+    seen = []
+
+    def background():
+        background_thread(1, 0)
+        seen.append(used_threads())
+
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+    assert seen == [1] and torch_threads_default() == default
