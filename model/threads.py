@@ -24,6 +24,9 @@ def set_threads(n: int) -> None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
         with _torch_lock:  # last (see background_thread)
             torch.set_num_threads(n)
+    elif getattr(_applied, "n", None) is None:
+        with _torch_lock:  # take torch's default now, not inside another thread's own_torch_threads
+            torch.ones(1 << 16).sum()
     _applied.n = n
 
 
@@ -66,15 +69,18 @@ def background_thread(n: int, nice: int) -> None:
     """Make the calling thread a background worker: `n` threads for its own torch, faiss
     and numba work (request threads keep theirs), and a priority `nice` steps lower
     (Linux schedules threads one by one)."""
-    faiss.omp_set_num_threads(n)
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    own_torch_threads(n)  # last: starting numba's thread pool can reset torch's count in this thread
-    _applied.n = n
+    n = max(1, n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # before the nice: numba's pool is shared
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
         pass
+    # After the nice, so that the OpenMP threads these start for this thread inherit it; torch
+    # last: starting numba's thread pool can reset torch's count in this thread.
+    faiss.omp_set_num_threads(n)
+    own_torch_threads(n)
+    _applied.n = n
 
 
 _blas_checked = False

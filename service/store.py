@@ -666,22 +666,22 @@ class Collection:
                     if keep:
                         self.db.executemany("INSERT OR REPLACE INTO originals (id, vector) VALUES (?, ?)",
                                             [(i, v.tobytes()) for i, v in zip(ids, x)])
-                    if codes is not None and self.refine_pending:  # rewritten: the old vector's row goes
+                    if codes is not None:  # rewritten: a row of its old vector goes
                         requeued = self._unqueue(ids)
                     if refine:
-                        self.db.executemany("INSERT INTO refine (id, seq, vector) VALUES (?, ?, ?)",
+                        self.db.executemany("INSERT OR REPLACE INTO refine (id, seq, vector) VALUES (?, ?, ?)",
                                             [(i, seq, v.tobytes()) for i, v in zip(ids, x)])
                     self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
             except BaseException:
                 self.point_ids.restore(uuids_before)  # rolled back: so are its new UUIDs
                 raise
+            self.refine_pending += (len(ids) if refine else 0) - requeued
             id_array = np.array(ids, dtype=np.int64)
             if codes is None:
                 self._apply(lambda: (self.index.add_vectors(x, id_array), self.payload_indexes.upsert(ids, payloads)))
             else:
                 self._apply(lambda: (self.index.add_codes(codes, id_array), self.payload_indexes.upsert(ids, payloads)))
             self._maybe_train()
-            self.refine_pending += (len(ids) if refine else 0) - requeued
             if refine:
                 self._refine_wake.set()
         self._maybe_snapshot(len(ids))
@@ -711,8 +711,10 @@ class Collection:
                 if self.closing or self.closed:
                     return
                 log.exception("%s: refining codes failed; trying again in 10 s", self.name)
-                time.sleep(10)
+                self._refine_wake.wait(10)
                 continue
+            if not busy and not self.fast_ingest and not self.refine_pending:
+                return  # what a run with fast ingest left is done
             if not busy:  # idle, or a job runs (its swap re-encodes every point)
                 self._refine_wake.wait(5)
 
@@ -740,11 +742,15 @@ class Collection:
                                               [(i, s) for i, s, _ in rows]).rowcount
                 if any(done):
                     self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (seq,))
-            self.refine_pending -= removed
             ids = np.array([r[0] for r in rows], dtype=np.int64)[done]
-            if len(ids):
-                self._apply(lambda: self.index.add_codes(codes[done], ids))
-        self._maybe_snapshot(len(ids))
+            try:
+                if len(ids):
+                    self._apply(lambda: self.index.add_codes(codes[done], ids))
+            finally:  # counted once the index serves them: `refine_pending == 0` means refined
+                self.refine_pending -= removed
+            # Counted, not started here: a snapshot thread started from this one would inherit its
+            # low priority while it holds the write lock.  The next write starts it.
+            self.changed_since_snapshot += len(ids)
         return True
 
     def _unqueue(self, ids: list[int]) -> int:

@@ -430,3 +430,17 @@ def test_new_routes_refuse_hostile_input_and_change_nothing(filled, vectors):
     assert filled.get("/collections/c/points/count").json()["result"]["count"] == 50
     assert filled.get("/collections/c/points/1").json()["result"]["payload"] == {"n": 1}
     assert probe(filled, vectors) == before
+
+
+@pytest.mark.parametrize("body", [b'{"points": [', b'{"points": []} trailing', b'\xff\xfe{"points": []}',
+                                  b'\xef\xbb\xbf{"points": []}', b'[' * 100_000 + b']' * 100_000,
+                                  b'{"points": [{"id": 1, "vector": [' + b'1e400, ' * 49 + b'1e400]}]}',
+                                  b'{"points": "\xc3\x28"}', b''])
+def test_bodies_that_are_not_json_get_4xx(filled, vectors, body):
+    """Bodies go through pydantic-core's JSON parser first (deps.JsonRequest), then the standard
+    library's: whatever either refuses is a 4xx, and nothing changes."""
+    before = probe(filled, vectors)
+    r = filled.request("PUT", "/collections/c/points", content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert filled.get("/collections/c/points/count").json()["result"]["count"] == 50
+    assert probe(filled, vectors) == before

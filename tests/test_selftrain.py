@@ -91,6 +91,7 @@ def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
     written, etas = 2100, []
     while (i := info(server))["qinco"]["phase"] != "ready":
         etas.append((i["qinco"]["job"] or {}).get("eta_seconds"))
+        assert search(server, x[7], limit=1)[0]["id"] == 7  # searches go on during the job
         if written < 4000:
             upsert(server, range(written, written + 100), x[written:written + 100])
             written += 100

@@ -46,11 +46,17 @@ def create(client, name="c", **body):
     return client.get(f"/collections/{name}").json()["result"]
 
 
-def upsert(client, vectors, ids, name="c", payload=True):
+def upsert(client, vectors, ids, name="c", payload=True, settle=True):
+    """Then, with `settle`, wait until the background refinement (fast ingest) has re-encoded the
+    points, so that what a test compares afterwards does not change under it."""
     points = [{"id": int(i), "vector": v.tolist(), **({"payload": {"n": int(i)}} if payload else {})}
               for i, v in zip(ids, vectors)]
     r = client.put(f"/collections/{name}/points", json={"points": points})
     assert r.status_code == 200, r.text
+    deadline = time.time() + 60
+    while settle and client.get(f"/collections/{name}").json()["result"]["qinco"]["refine_pending"]:
+        assert time.time() < deadline, "the background refinement did not finish"
+        time.sleep(0.02)
     return r.json()["result"]
 
 

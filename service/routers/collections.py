@@ -7,12 +7,12 @@ import time
 from fastapi import APIRouter, Depends
 
 from .. import schemas
-from ..deps import ApiError, Service, collection, ok, ready, update_result
+from ..deps import ApiError, JsonRoute, Service, collection, ok, ready, update_result
 from ..settings import Settings
 from ..store import Collection
 from ..worker import MIN_PER_LIST, min_points
 
-router = APIRouter(tags=["collections"], responses=schemas.ERROR_RESPONSES)
+router = APIRouter(route_class=JsonRoute, tags=["collections"], responses=schemas.ERROR_RESPONSES)
 
 
 @router.get("/collections", response_model=schemas.Envelope[schemas.CollectionsList])

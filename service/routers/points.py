@@ -7,10 +7,10 @@ import time
 from fastapi import APIRouter, Depends, Path
 
 from .. import schemas
-from ..deps import ApiError, Service, collection, ok, ready, record_json, update_result, wants_payload
+from ..deps import ApiError, JsonRoute, Service, collection, ok, ready, record_json, update_result, wants_payload
 from ..store import Collection
 
-router = APIRouter(tags=["points"], responses=schemas.ERROR_RESPONSES)
+router = APIRouter(route_class=JsonRoute, tags=["points"], responses=schemas.ERROR_RESPONSES)
 
 
 @router.put("/collections/{name}/points", response_model=schemas.Envelope[schemas.UpdateResult])

@@ -7,10 +7,10 @@ import time
 from fastapi import APIRouter, Depends
 
 from .. import schemas
-from ..deps import ApiError, Service, collection, hit_json, off_loop, ok, ready, wants_payload
+from ..deps import ApiError, JsonRoute, Service, collection, hit_json, off_loop, ok, ready, wants_payload
 from ..store import MAX_VECTOR_VALUES, Collection, Hit, SearchBudget
 
-router = APIRouter(tags=["search"], responses=schemas.ERROR_RESPONSES)
+router = APIRouter(route_class=JsonRoute, tags=["search"], responses=schemas.ERROR_RESPONSES)
 MAX_SEARCH_GROUPS = 64  # different option sets in one batch: each evaluates its filter and scans alone
 
 
