@@ -391,7 +391,8 @@ class Collection:
         return self.index.d
 
     def count(self) -> int:
-        return self.index.ntotal
+        with self.index_lock.read():  # an upsert or refinement removes, then adds: not mid-way
+            return self.index.ntotal
 
     def prepare(self, vectors) -> np.ndarray:
         try:

@@ -157,3 +157,16 @@ def test_a_full_queue_makes_upserts_wait_for_the_better_codes(tmp_path, ivf_mode
     db = stored(c)
     assert np.array_equal(db[0], codes_of(ivf_model, vectors[200:201], "quality")[0])
     store.close()
+
+
+def test_the_count_never_dips_while_points_are_refined(tmp_path, ivf_model, vectors):
+    """A refinement replaces codes (remove, then add): a count read meanwhile must not see the
+    points gone (found by the qdrant-client UUID test in CI)."""
+    store, c = create(tmp_path, ivf_model)
+    for i0 in range(0, 400, 20):
+        c.upsert(list(range(i0, i0 + 20)), vectors[i0:i0 + 20], [None] * 20)
+        counts = []
+        while c.refine_pending:
+            counts.append(c.count())
+        assert set(counts) <= {i0 + 20}, counts
+    store.close()
