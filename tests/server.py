@@ -42,3 +42,13 @@ def start(cmd: list[str], port: int, env: dict | None = None, timeout: float = 1
 def serve(data_dir: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
     return start(cmd, port, env)
+
+
+def wait_green(client, name: str, timeout: float = 60):
+    """With a qdrant-client, as a Qdrant user waits for optimisation: here, for the points
+    acknowledged with `fast` codes to get the collection encoder's (fast ingest), so that
+    rankings no longer move."""
+    deadline = time.time() + timeout
+    while (status := client.get_collection(name).status) != "green":
+        assert time.time() < deadline, status
+        time.sleep(0.05)

@@ -13,7 +13,7 @@ from model.io import save_model
 from qdrant_client import QdrantClient, models
 from qinco_client import (AsyncClient, BadRequest, Client, CollectionInfo, Conflict, ConnectionFailed, NotFound,
                           ServerError, Unauthorized)
-from tests.server import free_port, serve
+from tests.server import free_port, serve, wait_green
 
 KEY = "sdk-test-key"
 
@@ -44,6 +44,7 @@ def test_sync_client_qdrant_calls_and_qinco_calls(server, vectors):
         assert "s" in [x.name for x in c.get_collections().collections]
         c.upload_collection("s", vectors, payload=[{"i": i} for i in range(300)], ids=range(300), batch_size=64)
         assert c.count("s").count == 300 and c.qinco_info("s").points_count == 300
+        wait_green(c, "s")
         hits = c.query_points("s", query=vectors[7], limit=3, with_payload=True).points
         assert isinstance(hits[0], models.ScoredPoint) and hits[0].id == 7 and hits[0].payload == {"i": 7}
         hits = c.qinco_search("s", vectors[7].tolist(), limit=3, params={"nprobe": 16, "nshort": 100},
@@ -77,6 +78,8 @@ def test_async_client_qdrant_calls_and_qinco_calls(server, vectors):
             await c.create_qinco_collection("a", model="models/ivf.safetensors", metric="cosine")
             await c.upsert("a", models.Batch(ids=list(range(100)), vectors=vectors[:100].tolist()))
             assert (await c.count("a")).count == 100
+            while (await c.get_collection("a")).status != "green":  # see wait_green
+                await asyncio.sleep(0.05)
             hits = await c.qinco_search("a", vectors[3], limit=2)
             assert hits[0].id == 3 and hits[0].score > 0.5
             both = await asyncio.gather(c.query_points("a", query=vectors[4].tolist()),

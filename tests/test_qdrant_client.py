@@ -6,7 +6,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.server import free_port, serve
+from tests.server import free_port, serve, wait_green
 
 qdrant_client = pytest.importorskip("qdrant_client")
 from qdrant_client import AsyncQdrantClient, QdrantClient, models  # noqa: E402
@@ -35,6 +35,7 @@ def test_everyday_calls(server, vectors):
                         for i in range(40)])
     client.upsert("c", models.Batch(ids=[40, 41], vectors=vectors[40:42].tolist(),
                                     payloads=[{"n": 40, "tag": "t1"}, {"n": 41, "tag": "t2"}]))
+    wait_green(client, "c")
     assert client.count("c", exact=True).count == 42
     assert client.count("c", count_filter=models.Filter(must=[models.FieldCondition(
         key="tag", match=models.MatchValue(value="t0"))])).count == 14
@@ -124,6 +125,7 @@ def test_uuid_ids(data_dir, vectors):
         client.upsert("c", [models.PointStruct(id=uuid.UUID(uuids[3]).hex.upper(), vector=vectors[3].tolist(),
                                                payload={"n": 3, "again": True})])
         assert client.count("c").count == 25
+        wait_green(client, "c")
 
         hits = client.query_points("c", query=vectors[4].tolist(), limit=3, with_payload=True).points
         assert hits[0].id == uuids[4] and hits[0].payload == {"n": 4}
@@ -159,9 +161,11 @@ def test_uuid_ids(data_dir, vectors):
     try:
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False)
         assert client.count("c").count == 23
+        wait_green(client, "c")
         hits = client.query_points("c", query=vectors[9].tolist(), limit=1).points
         assert hits[0].id == uuids[9]
         client.upsert("c", [models.PointStruct(id=uuids[0], vector=vectors[0].tolist())])  # deleted, back again
+        wait_green(client, "c")
         assert client.query_points("c", query=vectors[0].tolist(), limit=1).points[0].id == uuids[0]
         fresh = str(uuid.uuid4())
         client.upsert("c", [models.PointStruct(id=fresh, vector=vectors[30].tolist())])
@@ -176,6 +180,8 @@ def test_async_client(server, vectors):
         client = AsyncQdrantClient(url=server, prefer_grpc=False, check_compatibility=False)
         await client.upsert("c", [models.PointStruct(id=i, vector=vectors[i].tolist(), payload={"n": i})
                                   for i in range(10)])
+        while (await client.get_collection("c")).status != models.CollectionStatus.GREEN:  # see wait_green
+            await asyncio.sleep(0.05)
         hits = (await client.query_points("c", query=vectors[4].tolist(), limit=2)).points
         count = (await client.count("c")).count
         await client.close()
