@@ -60,7 +60,7 @@ from model.threads import background_thread, use_threads
 from .filters import Evaluator, PayloadIndexes, has_id_values
 from .ids import UUID_BASE, PointIds, UnknownId, canonical
 from .jobs import JobCancelled, TrainingJob
-from .worker import MIN_PER_LIST, NICE, min_points
+from .worker import MIN_PER_LIST, min_points
 
 log = logging.getLogger("qinco.store")
 
@@ -205,6 +205,9 @@ class Hit:
 
 REFINE_BATCH = 256  # points re-encoded per background commit
 REFINE_QUEUE_BYTES = 1 << 30  # past this many queued vector bytes, upserts wait for the better codes
+# The refiner takes what CPU writes and searches leave: during a bulk upload it mostly waits (the
+# upload is acknowledged faster), and catches up once the upload pauses.
+REFINE_NICE = 19
 
 
 class Collection:
@@ -700,8 +703,8 @@ class Collection:
     # ---- fast ingest: background refinement --------------------------------------------------
     def _refine_loop(self):
         """Re-encode the points that upserts acknowledged with `fast` codes, oldest first, on the
-        training thread budget and at the training job's lower priority."""
-        background_thread(self.train_threads, NICE)
+        training thread budget, below the priority of everything else (the training job's too)."""
+        background_thread(self.train_threads, REFINE_NICE)
         while True:
             self._refine_wake.clear()  # before the checks: a wake-up after them is not lost
             if self.closing or self.closed:

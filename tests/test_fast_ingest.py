@@ -10,7 +10,7 @@ import pytest
 
 from model.io import save_model
 from model.network import ENCODERS, encode
-from service.store import Collection, Store
+from service.store import REFINE_NICE, Collection, Store
 
 
 def codes_of(model, x, encoder: str) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_upserts_are_acknowledged_fast_and_refined_in_the_background(tmp_path, i
     assert np.array_equal(np.stack([db[i] for i in range(300)]), fast)
     assert c.refine_pending == 300 and c.info()["status"] == "yellow"
     refiner = next(t for t in threading.enumerate() if t.name == "refine-c")
-    lower, deadline = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10), time.time() + 30
+    lower, deadline = min(19, os.getpriority(os.PRIO_PROCESS, 0) + REFINE_NICE), time.time() + 30
     while os.getpriority(os.PRIO_PROCESS, refiner.native_id) != lower:  # it lowers its own when it starts
         assert time.time() < deadline, "the refiner did not run below the caller's priority"
         time.sleep(0.01)
