@@ -80,7 +80,7 @@ def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
         codes, t_enc = timed(encode, model, xb, enc)
         recon, t_dec = timed(decode, model, codes)
         row = evaluate("", xb, xq, gt, recon, t_enc, t_dec)
-        row["codec"] = f"QINCo {name} (A={min(enc.A, model.cfg.K)}, B={enc.B})"
+        row["codec"] = f"QINCo {name} (A={min(enc.A, model.cfg.K)}, B={enc.B}), {path.stem}"
         rows.append(row)
     if model.cfg.nlist == 0 and model.cfg.de == 0 and model.cfg.rank == 0 and codes is not None:
         index = to_faiss_qinco(model)
@@ -88,7 +88,7 @@ def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
         (recon, t_dec) = timed(index.sa_decode, np.ascontiguousarray(codes[:n]))
         ours = model.denormalize(torch.from_numpy(recon)).numpy()
         agree = float(np.abs(ours - decode(model, codes[:n])).max())
-        rows.append({"codec": "faiss IndexQINCo decode (same network)", "decode_per_s": n / t_dec,
+        rows.append({"codec": f"faiss IndexQINCo decode (same network), {path.stem}", "decode_per_s": n / t_dec,
                      "max_abs_diff_vs_ours": agree})
     return rows
 

@@ -38,6 +38,8 @@ RECIPES = {
     "a4-adamw-cosine-lr5e-4": OLD + COSINE + ["--A", "4", "--lr", "5e-4", "--lr_codebooks", "1e-4"],
     "a4-adamw-cosine-lr1e-3": OLD + COSINE + ["--A", "4", "--lr", "1e-3", "--lr_codebooks", "1e-4"],
     "default": [],
+    "de0": ["--de", "0"],  # the blocks at width d (the default below d = 256)
+    "de128": ["--de", "128"],  # the blocks at width 128 (QINCo2's de; the default from d = 256 on)
 }
 
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import datasets, io
 from .index import QincoIndex, SearchParams
-from .network import ENCODERS, Encoder, QincoConfig, code_dtype, code_width, decode, encode
+from .network import ENCODERS, HIGH_D, HIGH_D_WIDTH, Encoder, QincoConfig, code_dtype, code_width, decode, default_de, encode
 from .ray_encode import RayRun, encode_on_ray
 from .threads import set_threads
 from .train import TrainConfig, train
@@ -57,7 +57,8 @@ def cmd_train(args):
     cfg = None
     if not args.resume:
         cfg = QincoConfig(d=data.shape[1], M=args.bytes * 8 // int(np.log2(args.K)), K=args.K, L=args.L,
-                          h=args.h, de=args.de, rank=args.rank, nlist=args.nlist)
+                          h=args.h, de=default_de(data.shape[1]) if args.de is None else args.de,
+                          rank=args.rank, nlist=args.nlist)
     tc_fields = {f.name for f in fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in tc_fields and v is not None})
     train(data, args.out, cfg, tc, resume=args.resume)
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--K", type=int, default=arch.K, help="codewords per step (default 256)")
     p.add_argument("--L", type=int, default=arch.L, help="residual blocks per step (default 2)")
     p.add_argument("--h", type=int, default=arch.h, help="hidden width (default 256)")
-    p.add_argument("--de", type=int, default=arch.de, help="embedding width (default 0: d)")
+    p.add_argument("--de", type=int, help=f"embedding width, 0: d (default {HIGH_D_WIDTH} from d = {HIGH_D} on, else 0)")
     p.add_argument("--rank", type=int, default=arch.rank, help="low-rank concatenation, QINCo-LR (default 0: off)")
     for name, kind, help_ in [("A", int, "training pre-selection"), ("B", int, "training beam"),
                               ("lr", float, "learning rate"), ("batch", int, "batch size"),

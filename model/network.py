@@ -90,6 +90,16 @@ class QincoConfig:
         return cls(**data)
 
 
+HIGH_D, HIGH_D_WIDTH = 256, 128
+
+
+def default_de(d: int) -> int:
+    """The blocks' width for d-dimensional data: HIGH_D_WIDTH from d = HIGH_D on (QINCo2's de),
+    else d (0).  At d = 384 a step then costs ~2.5x less, so a training minute sees more vectors
+    and ends lower (bench/RESULTS.md "Session 10")."""
+    return HIGH_D_WIDTH if d >= HIGH_D else 0
+
+
 @dataclass(frozen=True)
 class Encoder:
     """Encoding search: pre-select the A best base codewords, keep B beams."""

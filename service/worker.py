@@ -50,9 +50,9 @@ def min_points(nlist: int | None) -> int:
 
 def model_config(d: int, n: int, code_bytes: int, nlist: int | None):
     """The architecture for n training points: a smaller network for small sets (it overfits less
-    and takes more steps per minute)."""
-    from model.network import QincoConfig
-    return QincoConfig(d=d, M=code_bytes, K=256, L=2, h=128 if n < 50_000 else 256,
+    and takes more steps per minute), and narrower blocks for high d (`default_de`)."""
+    from model.network import QincoConfig, default_de
+    return QincoConfig(d=d, M=code_bytes, K=256, L=2, h=128 if n < 50_000 else 256, de=default_de(d),
                        nlist=nlist or auto_nlist(n))
 
 

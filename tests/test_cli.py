@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from model.cli import main
+from model.io import load_model
+from service.worker import model_config
 
 
 def test_train_encode_decode_round_trip(tmp_path, glove_sample):
@@ -19,6 +21,18 @@ def test_train_encode_decode_round_trip(tmp_path, glove_sample):
     assert y.shape == (2000, 50) and y.dtype == np.float32
     err = ((y - glove_sample[:2000]) ** 2).sum(1).mean()
     assert err < (glove_sample[:2000] ** 2).sum(1).mean()  # it actually compresses
+    assert load_model(model).cfg.de == 0  # d = 50: the blocks work in d
+
+
+@pytest.mark.parametrize("flag, de", [([], 128), (["--de", "0"], 0)])
+def test_high_d_training_narrows_the_blocks_by_default(tmp_path, flag, de):
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((600, 256)).astype(np.float32))
+    model = tmp_path / "m.safetensors"
+    main(["train", str(data), "--out", str(model), "--bytes", "1", "--K", "16", "--L", "1", "--h", "32",
+          "--max-minutes", "0.05", "--val", "100", *flag])
+    assert load_model(model).cfg.de == de
+    assert model_config(384, 10_000, 8, None).de == 128 and model_config(50, 10_000, 8, None).de == 0
 
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
