@@ -152,13 +152,14 @@ def main():
           "| stored MSE (x off) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        vs_off = f" ({r['mse'] / base['mse']:.4f})" if len(rows) == 2 else ""
         print(f"| {'on' if r['fast_ingest'] else 'off'} | {r['acked_per_s']:,} | {r['upload_s']} "
-              f"| {r['refine_after_upload_s']} | {r['all_refined_per_s']:,} | {r['mse']:.5g} "
-              f"({r['mse'] / base['mse']:.4f}) |")
-    print(f"\nacknowledged points/s, on / off: {rows[-1]['acked_per_s'] / base['acked_per_s']:.2f}x; "
-          f"MSE of `fast` codes on {len(sample):,} base vectors (what a point holds until refined): {fast_mse:.5g}")
+              f"| {r['refine_after_upload_s']} | {r['all_refined_per_s']:,} | {r['mse']:.5g}{vs_off} |")
+    if len(rows) == 2:
+        print(f"\nacknowledged points/s, on / off: {rows[1]['acked_per_s'] / base['acked_per_s']:.2f}x")
+    print(f"MSE of `fast` codes on {len(sample):,} base vectors (what a point holds until refined): {fast_mse:.5g}")
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"ingest-{args.dataset}.json"
+    out = args.out / f"ingest-{args.dataset}{'' if args.settings == 'both' else '-on'}.json"
     out.write_text(json.dumps({"dataset": args.dataset, "model": str(args.model), "clients": args.clients,
                                "batch": args.batch, "rows": rows, "fast_mse_sample": fast_mse}, indent=1))
     print(f"wrote {out}")

@@ -28,7 +28,7 @@ from model.network import ENCODERS  # noqa: E402
 from model.train import split_learn, validation_mse  # noqa: E402
 
 OLD = ["--A", "16", "--optimizer", "adam", "--schedule", "plateau", "--lr", "1e-4", "--lr_codebooks", "0",
-       "--weight_decay", "0"]  # the recipe before session 7
+       "--weight_decay", "0", "--de", "0"]  # the recipe before session 7 (blocks at width d)
 COSINE = ["--optimizer", "adamw", "--schedule", "cosine", "--weight_decay", "0.1", "--lr_codebooks", "0"]
 RECIPES = {
     "base": OLD,  # Adam 1e-4, plateau (lr / 10 after 3 stale validations), A=16 B=4

@@ -55,6 +55,8 @@ def cmd_train(args):
     if args.bytes * 8 % max(1, int(np.log2(args.K))) and not args.resume:
         raise SystemExit(f"--bytes {args.bytes} is not a whole number of {int(np.log2(args.K))}-bit steps")
     cfg = None
+    if args.de is not None and not 0 <= args.de <= data.shape[1]:
+        raise ValueError(f"--de must be between 0 (d) and d = {data.shape[1]}, got {args.de}")
     if not args.resume:
         cfg = QincoConfig(d=data.shape[1], M=args.bytes * 8 // int(np.log2(args.K)), K=args.K, L=args.L,
                           h=args.h, de=default_de(data.shape[1]) if args.de is None else args.de,

@@ -45,6 +45,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -638,7 +639,7 @@ class Collection:
         if len(payloads) != len(ids):
             raise BadRequest(f"{len(ids)} ids but {len(payloads)} payloads")
         if any(isinstance(i, int) and not 0 <= i < UUID_BASE for i in ids):
-            raise BadRequest(f"integer point ids must be in [0, 2^62); larger ones are kept for UUIDs")
+            raise BadRequest("integer point ids must be in [0, 2^62); larger ones are kept for UUIDs")
         x = self.prepare(vectors)
         model = self.model
         fast = self.fast_ingest and self.refine_pending * 4 * self.dimension < REFINE_QUEUE_BYTES
@@ -703,14 +704,21 @@ class Collection:
     # ---- fast ingest: background refinement --------------------------------------------------
     def _refine_loop(self):
         """Re-encode the points that upserts acknowledged with `fast` codes, oldest first, on the
-        training thread budget, below the priority of everything else (the training job's too)."""
-        background_thread(self.train_threads, REFINE_NICE)
+        training thread budget.  The encoding runs in a helper thread below the priority of
+        everything else (the training job's too); this thread commits at normal priority, so
+        that no write or search waits on a lock held by a thread the scheduler starves."""
+        background_thread(self.train_threads, 0)
+        with ThreadPoolExecutor(1, thread_name_prefix=f"refine-encode-{self.name}", initializer=background_thread,
+                                initargs=(self.train_threads, REFINE_NICE)) as encoder:
+            self._refine_until_done(encoder)
+
+    def _refine_until_done(self, encoder: ThreadPoolExecutor):
         while True:
             self._refine_wake.clear()  # before the checks: a wake-up after them is not lost
             if self.closing or self.closed:
                 return
             try:
-                busy = self.job is None and not self.broken and self._refine_batch()
+                busy = self.job is None and not self.broken and self._refine_batch(encoder)
             except Exception:
                 if self.closing or self.closed:
                     return
@@ -722,8 +730,8 @@ class Collection:
             if not busy:  # idle, or a job runs (its swap re-encodes every point)
                 self._refine_wake.wait(5)
 
-    def _refine_batch(self) -> bool:
-        """Re-encode up to REFINE_BATCH queued points; False when none is queued."""
+    def _refine_batch(self, encoder: ThreadPoolExecutor) -> bool:
+        """Re-encode up to REFINE_BATCH queued points (in `encoder`); False when none is queued."""
         model = self.model
         with self._reading() as db:
             rows = db.execute("SELECT id, seq, vector FROM refine ORDER BY seq, id LIMIT ?",
@@ -731,7 +739,7 @@ class Collection:
         if not rows:
             return False
         x = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension)
-        codes = self._codes(model, x, workers=1)  # this thread's own torch threads
+        codes = encoder.submit(self._codes, model, x, None, 1).result()  # workers=1: that thread's own torch threads
         with self.write_lock:
             if self.closing or self.closed or self.broken:
                 return False

@@ -40,6 +40,11 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
         main(["encode", str(tmp_path / "none.npy"), "--model", str(tmp_path / "none.safetensors"), "--out", "x.npy"])
     assert e.value.code == 2
     assert "no such model file" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.zeros((100, 16), np.float32))
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(tmp_path / "x.npy"), "--out", str(tmp_path / "m.safetensors"), "--de", "17"])
+    assert e.value.code == 2
+    assert "--de must be between 0 (d) and d = 16, got 17" in capsys.readouterr().err
 
 
 def test_build_tune_search_eval(tmp_path, ivf_model, glove_sample, capsys):

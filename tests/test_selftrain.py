@@ -433,3 +433,26 @@ def test_kill_9_inside_the_swap(tmp_path, glove_sample, stage, caplog):
     assert sorted(p.name for p in (tmp_path / "collections" / "s").glob("model*.safetensors")) == ["model-1.safetensors"]
     assert [h.id for h in c.search(x[5:6], 1, {"nprobe": c.model.cfg.nlist, "nshort": 200}, False, False)[0]] == [5]
     store.close()
+
+
+def test_a_high_d_collection_trains_a_model_with_narrower_blocks(tmp_path, glove_sample):
+    """From d = 256 on a job's model has de = 128 (`default_de`): it trains, swaps and serves."""
+    from service.store import Store
+    lift = np.random.default_rng(0).standard_normal((50, 256)).astype(np.float32)
+    x = np.ascontiguousarray(glove_sample[:1200] @ lift)  # real vectors in 256 dimensions
+    store = Store(tmp_path, train_threads=1)
+    store.open_all()
+    c = store.create("wide", "l2", "balanced", size=256, qinco={**SETTINGS, "train_after": 0, "keep_originals": True,
+                                                               "nlist": None})
+    c.upsert(list(range(1200)), x, [None] * 1200)
+    c.start_training()
+    deadline = time.time() + 180
+    while c.generation == 0 and time.time() < deadline:
+        assert c.qinco_status()["last_error"] is None, c.qinco_status()["last_error"]
+        time.sleep(0.2)
+    assert c.generation == 1 and c.model.cfg.de == 128 and c.model.cfg.d == 256
+    assert c.count() == 1200
+    hits = c.search(x[:3], 10, {"rescore": True}, False, False)
+    assert [len(h) for h in hits] == [10] * 3
+    assert [h[0].id for h in hits] == [0, 1, 2]  # re-ranked with the originals: each finds itself
+    store.close()
