@@ -45,7 +45,6 @@ import sqlite3
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,7 @@ from model.threads import background_thread, use_threads
 from .filters import Evaluator, PayloadIndexes, has_id_values
 from .ids import UUID_BASE, PointIds, UnknownId, canonical
 from .jobs import JobCancelled, TrainingJob
-from .worker import MIN_PER_LIST, min_points
+from .worker import MIN_PER_LIST, NICE, min_points
 
 log = logging.getLogger("qinco.store")
 
@@ -206,9 +205,6 @@ class Hit:
 
 REFINE_BATCH = 256  # points re-encoded per background commit
 REFINE_QUEUE_BYTES = 1 << 30  # past this many queued vector bytes, upserts wait for the better codes
-# The refiner takes what CPU writes and searches leave: during a bulk upload it mostly waits (the
-# upload is acknowledged faster), and catches up once the upload pauses.
-REFINE_NICE = 19
 
 
 class Collection:
@@ -639,7 +635,7 @@ class Collection:
         if len(payloads) != len(ids):
             raise BadRequest(f"{len(ids)} ids but {len(payloads)} payloads")
         if any(isinstance(i, int) and not 0 <= i < UUID_BASE for i in ids):
-            raise BadRequest("integer point ids must be in [0, 2^62); larger ones are kept for UUIDs")
+            raise BadRequest(f"integer point ids must be in [0, 2^62); larger ones are kept for UUIDs")
         x = self.prepare(vectors)
         model = self.model
         fast = self.fast_ingest and self.refine_pending * 4 * self.dimension < REFINE_QUEUE_BYTES
@@ -704,21 +700,14 @@ class Collection:
     # ---- fast ingest: background refinement --------------------------------------------------
     def _refine_loop(self):
         """Re-encode the points that upserts acknowledged with `fast` codes, oldest first, on the
-        training thread budget.  The encoding runs in a helper thread below the priority of
-        everything else (the training job's too); this thread commits at normal priority, so
-        that no write or search waits on a lock held by a thread the scheduler starves."""
-        background_thread(self.train_threads, 0)
-        with ThreadPoolExecutor(1, thread_name_prefix=f"refine-encode-{self.name}", initializer=background_thread,
-                                initargs=(self.train_threads, REFINE_NICE)) as encoder:
-            self._refine_until_done(encoder)
-
-    def _refine_until_done(self, encoder: ThreadPoolExecutor):
+        training thread budget and at the training job's lower priority."""
+        background_thread(self.train_threads, NICE)
         while True:
             self._refine_wake.clear()  # before the checks: a wake-up after them is not lost
             if self.closing or self.closed:
                 return
             try:
-                busy = self.job is None and not self.broken and self._refine_batch(encoder)
+                busy = self.job is None and not self.broken and self._refine_batch()
             except Exception:
                 if self.closing or self.closed:
                     return
@@ -730,8 +719,8 @@ class Collection:
             if not busy:  # idle, or a job runs (its swap re-encodes every point)
                 self._refine_wake.wait(5)
 
-    def _refine_batch(self, encoder: ThreadPoolExecutor) -> bool:
-        """Re-encode up to REFINE_BATCH queued points (in `encoder`); False when none is queued."""
+    def _refine_batch(self) -> bool:
+        """Re-encode up to REFINE_BATCH queued points; False when none is queued."""
         model = self.model
         with self._reading() as db:
             rows = db.execute("SELECT id, seq, vector FROM refine ORDER BY seq, id LIMIT ?",
@@ -739,7 +728,7 @@ class Collection:
         if not rows:
             return False
         x = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension)
-        codes = encoder.submit(self._codes, model, x, None, 1).result()  # workers=1: that thread's own torch threads
+        codes = self._codes(model, x, workers=1)  # this thread's own torch threads
         with self.write_lock:
             if self.closing or self.closed or self.broken:
                 return False
