@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bytes", type=int, default=8, help="code bytes per vector (default 8)")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (default 0: no IVF step)")
     p.add_argument("--max-minutes", dest="max_minutes", type=float, help="time budget (default 60)")
+    p.add_argument("--max-vectors", dest="max_vectors", type=int,
+                   help="stop after seeing N training vectors; the schedule then runs over vectors, "
+                        "so a run is reproducible on any machine (default 0: the time budget alone)")
     p.add_argument("--resume", action="store_true", help="continue training the model in --out")
     p.add_argument("--limit", type=int, help="use only the first N vectors")
     arch = QincoConfig(d=1, M=1)

@@ -88,7 +88,7 @@ class QincoIndex:
     """A QINCo model and its IVF-HNSW index, searched with neural re-ranking."""
 
     def __init__(self, model: Qinco, index: faiss.IndexIVFResidualQuantizer | None = None,
-                 tuning: dict | None = None):
+                 tuning: dict | None = None, bf16: bool | None = None):
         self.model = model.eval()
         self.index = index if index is not None else make_faiss_index(model)
         self.tuning = tuning or {}  # {"k": int, "points": [OperatingPoint as dict]}
@@ -99,7 +99,8 @@ class QincoIndex:
         if rq.search_type != faiss.AdditiveQuantizer.ST_norm_qint8 or self.code_bytes != cfg.M + 1:
             raise QincoIndexError("the index must be IVF{nlist}_HNSW32,RQ{M}x8_Nqint8 (M code bytes, then the norm)")
         self.tables = faiss.vector_to_array(rq.codebooks).reshape(cfg.M, cfg.K, cfg.d)
-        self.scan_tables = scan_tables(self.tables, bf16=native_bf16())
+        # bf16 query tables where the CPU multiplies bf16 (None); True forces them (emulated: tests).
+        self.scan_tables = scan_tables(self.tables, bf16=native_bf16() if bf16 is None else bf16)
         centroids = self.index.quantizer.reconstruct_n(0, cfg.nlist)
         self.list_terms = list_terms(centroids, self.tables)  # (nlist, M, K): 4 * nlist * M * K bytes
         self.norms = norm_of_byte(rq.norm_min, rq.norm_max)

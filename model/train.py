@@ -28,6 +28,10 @@ from .threads import set_threads
 @dataclass
 class TrainConfig:
     max_minutes: float = 60.0  # wall-clock budget, initialisation included
+    # Training vectors to see (0: no limit).  When set, the warm-up and the cosine run over
+    # vectors, not time, so the same data, seed and count give the same model on any machine
+    # (max_minutes still stops a run that is too slow).
+    max_vectors: int = 0
     # The recipe: bench/RESULTS.md "Training recipe" (equal-budget comparisons, a held-out set).
     A: int = 4  # pre-selected candidates per beam while training (A=16: 2.2x slower, worse per minute)
     B: int = 4  # beams while training
@@ -153,11 +157,14 @@ def make_optimizer(model: Qinco, tc: TrainConfig) -> torch.optim.Optimizer:
 
 
 def lr_factor(tc: TrainConfig, vectors_seen: int, elapsed: float, budget: float) -> float:
-    """Linear warm-up over `warmup` vectors, then 1 (plateau) or a cosine that reaches 0 at the budget."""
-    warm = min(1.0, vectors_seen / max(1, tc.warmup))
+    """Linear warm-up over `warmup` vectors, then 1 (plateau) or a cosine that reaches 0 at the
+    budget: at max_vectors when it is set (at most a tenth of them warm up), else at `budget` seconds."""
+    warmup = min(tc.warmup, tc.max_vectors // 10) if tc.max_vectors else tc.warmup
+    warm = min(1.0, vectors_seen / max(1, warmup))
     if tc.schedule == "plateau" or warm < 1.0:
         return warm
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / max(budget, 1e-9))))
+    done = vectors_seen / tc.max_vectors if tc.max_vectors else elapsed / max(budget, 1e-9)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConfig(),
@@ -173,6 +180,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     if tc.optimizer not in ("adam", "adamw") or tc.schedule not in ("plateau", "cosine") or tc.lr <= 0:
         raise ValueError(f"optimizer must be adam or adamw, schedule plateau or cosine, lr > 0; got {tc.optimizer!r}, "
                          f"{tc.schedule!r}, {tc.lr}")
+    if tc.max_vectors < 0 or tc.max_minutes <= 0:
+        raise ValueError(f"max_vectors must be >= 0 and max_minutes > 0, got {tc.max_vectors}, {tc.max_minutes}")
     budget = tc.max_minutes * 60
     set_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -277,6 +286,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                                 f"val={state.best_val_mse:.5g} lr={optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             # Stop when one more chunk and a last validation would overrun the budget.
             if elapsed + 1.2 * (time.time() - chunk_start) + 1.1 * val_seconds > budget:
+                stop = True
+            if tc.max_vectors and state.vectors_seen >= tc.max_vectors:
                 stop = True
             if since_eval >= eval_every or (stop and since_eval > 0):
                 t0 = time.time()

@@ -32,13 +32,28 @@ def gaussian():
     return np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
 
 
+# Fixture models train for a number of vectors, not minutes, on one thread and in float32: the
+# same model on every machine, whatever its speed or its bf16 hardware (about 6 s here).
+FIXTURE_TRAINING = dict(max_vectors=60_000, max_minutes=30, threads=1, bf16=False, seed=0)
+
+
 @pytest.fixture(scope="session")
 def ivf_model(glove_sample, tmp_path_factory):
-    """A small IVF-QINCo model (4 bytes, 16 lists) trained briefly on real GloVe vectors."""
-    from model.train import TrainConfig, train
+    """A small IVF-QINCo model (2 code bytes + list, 16 lists) trained on 60,000 real GloVe vectors."""
     cfg = QincoConfig(d=50, M=2, K=256, L=1, h=32, nlist=16)
     out = tmp_path_factory.mktemp("ivf") / "ivf.safetensors"
-    return train(glove_sample[:4000], out, cfg, TrainConfig(max_minutes=0.1, A=8, B=2, batch=128, val=500))
+    return train_fixture(glove_sample[:4000], out, cfg, A=8, B=2, batch=128, val=500)
+
+
+def train_fixture(x, out, cfg: QincoConfig, **options) -> Qinco:
+    """train() with FIXTURE_TRAINING, then the test process's thread count back as it was."""
+    from model.threads import set_threads
+    from model.train import TrainConfig, train
+    threads = torch.get_num_threads()
+    try:
+        return train(x, out, cfg, TrainConfig(**{**FIXTURE_TRAINING, **options}), report=False)
+    finally:
+        set_threads(threads)
 
 
 @pytest.fixture
@@ -54,3 +69,10 @@ def data_dir(tmp_path, ivf_model):
 def vectors(glove_sample):
     """400 real GloVe vectors that the tiny model was not trained on."""
     return glove_sample[4000:4400]
+
+
+@pytest.fixture(scope="session")
+def regular_install(tmp_path_factory) -> Path:
+    """A fresh venv outside the checkout with the project's and the client's wheels (tests/installed.py)."""
+    from tests.installed import regular_install
+    return regular_install(tmp_path_factory.mktemp("installed"))

@@ -19,10 +19,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int, env: dict | None = None, timeout: float = 180) -> subprocess.Popen:
+def start(cmd: list[str], port: int, env: dict | None = None, timeout: float = 180, cwd: Path = ROOT
+          ) -> subprocess.Popen:
     """The server's log goes to a temporary file (a pipe nobody reads would block it once full)."""
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
     proc.log = log
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -11,7 +11,7 @@ def test_train_encode_decode_round_trip(tmp_path, glove_sample):
     np.save(data, glove_sample[:2000].astype(np.float16))  # float16 input is accepted
     model = tmp_path / "m.safetensors"
     main(["train", str(data), "--out", str(model), "--bytes", "2", "--K", "16", "--L", "1", "--h", "32",
-          "--max-minutes", "0.1", "--val", "300", "--A", "4", "--B", "2"])
+          "--max-vectors", "8000", "--val", "300", "--A", "4", "--B", "2"])
     codes = tmp_path / "codes.npy"
     main(["encode", str(data), "--model", str(model), "--out", str(codes), "--encoder", "fast"])
     c = np.load(codes)
@@ -30,7 +30,7 @@ def test_high_d_training_narrows_the_blocks_by_default(tmp_path, flag, de):
     np.save(data, np.random.default_rng(0).standard_normal((600, 256)).astype(np.float32))
     model = tmp_path / "m.safetensors"
     main(["train", str(data), "--out", str(model), "--bytes", "1", "--K", "16", "--L", "1", "--h", "32",
-          "--max-minutes", "0.05", "--val", "100", *flag])
+          "--max-vectors", "2000", "--val", "100", *flag])
     assert load_model(model).cfg.de == de
     assert model_config(384, 10_000, 8, None).de == 128 and model_config(50, 10_000, 8, None).de == 0
 

@@ -1,12 +1,11 @@
-"""No Docker engine here: check the files' structure, and run the container's exact command outside Docker."""
+"""No Docker engine here: check the files' structure, and run the container's exact command outside
+Docker, from a regular install of the wheel as the image has it (tests/installed.py), not the editable one."""
 
 import json
 import os
 import re
-import shlex
+import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import yaml
@@ -58,18 +57,20 @@ def test_dockerfile_installs_what_the_install_script_installs():
     assert set(image_extras) <= set(extras) and "data" in image_extras
 
 
-def test_the_container_command_and_healthcheck_outside_docker(tmp_path):
-    """`qinco serve` with the image's environment (demo included, made small), then the HEALTHCHECK probe."""
+def test_the_container_command_and_healthcheck_outside_docker(tmp_path, regular_install):
+    """`qinco serve` with the image's environment (demo included, made small), then the HEALTHCHECK probe,
+    both from the regular install's bin/ (the image's PATH is its venv's bin/)."""
     port = free_port()
-    env = {"QINCO_DATA_DIR": str(tmp_path), "QINCO_HOST": "127.0.0.1", "QINCO_PORT": str(port),
-           "QINCO_DEMO_POINTS": "2000"}
-    qinco = str(Path(sys.executable).parent / "qinco")
+    env = {"QINCO_DATA_DIR": str(tmp_path / "data"), "QINCO_HOST": "127.0.0.1", "QINCO_PORT": str(port),
+           "QINCO_DEMO_POINTS": "2000", "PATH": f"{regular_install / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.update({k: "" for k in ("PYTHONPATH",) if k in os.environ})
     cmd = exec_form(instruction("CMD")[-1])
-    proc = start([qinco, *cmd[1:]], port, env)
+    assert shutil.which(cmd[0], path=env["PATH"]) == str(regular_install / "bin" / cmd[0])
+    proc = start(cmd, port, env, cwd=tmp_path)
     try:
         probe = exec_form(instruction("HEALTHCHECK")[-1].split("CMD", 1)[1].strip())
-        assert probe[0] == "python"
-        r = subprocess.run([sys.executable, *probe[1:]], env={**os.environ, **env}, timeout=30)
+        assert shutil.which(probe[0], path=env["PATH"]) == str(regular_install / "bin" / probe[0])
+        r = subprocess.run(probe, env={**os.environ, **env}, cwd=tmp_path, timeout=30)
         assert r.returncode == 0
         url = f"http://127.0.0.1:{port}"
         info = httpx.get(f"{url}/collections/glove").json()["result"]

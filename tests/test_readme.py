@@ -44,7 +44,7 @@ def shell_commands() -> list[str]:
 COVERED_ELSEWHERE = ("bash scripts/", "docker compose", "QINCO_API_KEY=secret docker compose")
 
 # The README's budgets and sizes, scaled down so that CI runs every command in seconds.
-SCALE_DOWN = [("--max-minutes 60", "--max-minutes 0.1"), ("--nlist 1024", "--nlist 16")]
+SCALE_DOWN = [("--max-minutes 60", "--max-vectors 5000"), ("--nlist 1024", "--nlist 16")]
 EXTRA_FLAGS = {
     "train runs/": "--limit 2500",
     "bench/codec.py": "--nt 2000 --nb 500 --nq 100 --lsq-train 500 --encoders fast",
