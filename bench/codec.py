@@ -1,4 +1,4 @@
-"""Codec benchmark: QINCo against faiss PQ, OPQ, RQ and LSQ at the same code size.
+"""Codec benchmark: QINCo against faiss PQ, OPQ, RQ, LSQ++ and their product variants at the same code size.
 
 For each data set and code size, every codec is trained on the same learn set,
 encodes the same base, and is judged in the same run:
@@ -46,14 +46,35 @@ def evaluate(name: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, recon: n
 
 
 def faiss_codecs(d: int, nbytes: int) -> dict[str, str]:
+    """Row name -> faiss factory key (with options after '|'): every faiss codec at these bytes,
+    each trained on the whole learn split with its authors' defaults, and stronger settings."""
     M = nbytes
     opq_d = d if d % M == 0 else (d // M + 1) * M
-    return {f"PQ{M}x8": f"PQ{M}", f"OPQ{M}_{opq_d},PQ{M}x8": f"OPQ{M}_{opq_d},PQ{M}",
-            f"RQ{M}x8 (beam 5)": f"RQ{M}x8", f"LSQ{M}x8": f"LSQ{M}x8"}
+    codecs = {f"PQ{M}x8": f"PQ{M}", f"OPQ{M}_{opq_d},PQ{M}x8": f"OPQ{M}_{opq_d},PQ{M}",
+              f"RQ{M}x8 (beam 5)": f"RQ{M}x8|beam=5",
+              f"RQ{M}x8 (beam 32, codebook refinement)": f"RQ{M}x8|beam=32,refine=1",
+              f"LSQ{M}x8 (LSQ++, defaults)": f"LSQ{M}x8",
+              f"LSQ{M}x8 (LSQ++, train_iters 50, encode_ils_iters 32)": f"LSQ{M}x8|train_iters=50,encode_ils_iters=32"}
+    if M % 2 == 0:  # product variants: 2 halves of the vector, M/2 bytes each
+        codecs[f"PRQ2x{M // 2}x8"] = f"PRQ2x{M // 2}x8|beam=5"
+        codecs[f"PLSQ2x{M // 2}x8"] = f"PLSQ2x{M // 2}x8"
+    return codecs
+
+
+def quantizers(index) -> list:
+    """The additive quantizer(s) inside a faiss codec index: one, one per product part, or none (PQ)."""
+    if not hasattr(index, "aq"):
+        return []
+    q = faiss.downcast_AdditiveQuantizer(index.aq)
+    if isinstance(q, (faiss.ProductResidualQuantizer, faiss.ProductLocalSearchQuantizer)):
+        return [faiss.downcast_AdditiveQuantizer(q.subquantizer(i)) for i in range(q.nsplits)]
+    return [q]
 
 
 def bench_faiss(key: str, xt, xb, xq, gt, lsq_train: int) -> dict:
     d = xt.shape[1]
+    key, _, options = key.partition("|")
+    options = dict(kv.split("=") for kv in options.split(",") if kv)
     if key.startswith("PQ") and d % int(key[2:]):  # PQ needs d divisible by M: zero-pad (changes no distance)
         M = int(key[2:])
         padded = d + (-d) % M
@@ -61,14 +82,20 @@ def bench_faiss(key: str, xt, xb, xq, gt, lsq_train: int) -> dict:
                                         faiss.IndexPQ(padded, M, 8))
     else:
         index = faiss.index_factory(d, key)
-    if key.startswith("RQ"):
-        index.rq.max_beam_size = 5
-    if key.startswith("LSQ") and lsq_train:  # LSQ training encodes its set many times over
+    for q in quantizers(index):
+        if "beam" in options:
+            q.max_beam_size = int(options["beam"])
+        if options.get("refine") == "1":
+            q.train_type = faiss.ResidualQuantizer.Train_progressive_dim | faiss.ResidualQuantizer.Train_refine_codebook
+        for name in ("train_iters", "encode_ils_iters"):
+            if name in options:
+                setattr(q, name, int(options[name]))
+    if "LSQ" in key and lsq_train:  # LSQ training encodes its set many times over
         xt = xt[:lsq_train]
-    index.train(xt)
+    _, t_train = timed(index.train, xt)
     codes, t_enc = timed(index.sa_encode, xb)
     recon, t_dec = timed(index.sa_decode, codes)
-    return evaluate("", xb, xq, gt, recon, t_enc, t_dec)
+    return {**evaluate("", xb, xq, gt, recon, t_enc, t_dec), "train_s": t_train, "trained_on": len(xt)}
 
 
 def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
@@ -95,11 +122,11 @@ def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
 
 def print_table(title: str, rows: list[dict]):
     print(f"\n## {title}\n")
-    print("| codec | MSE | R@1 | R@10 | encode vec/s | decode vec/s |")
-    print("|---|---|---|---|---|---|")
+    print("| codec | MSE | R@1 | R@10 | training s | encode vec/s | decode vec/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [r["codec"]] + [f"{r[k]:.4f}" if k in r else "" for k in ("mse", "R@1", "R@10")]
-        cells += [f"{r[k]:,.0f}" if k in r else "" for k in ("encode_per_s", "decode_per_s")]
+        cells += [f"{r[k]:,.0f}" if k in r else "" for k in ("train_s", "encode_per_s", "decode_per_s")]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -114,6 +141,7 @@ def main():
     p.add_argument("--nt", type=int, default=0, help="train faiss codecs on the first NT learn vectors (default: all)")
     p.add_argument("--nq", type=int, default=2000, help="queries (default 2000)")
     p.add_argument("--skip-faiss", action="store_true")
+    p.add_argument("--faiss", default="", help="only the faiss rows whose name contains one of these (comma-separated)")
     p.add_argument("--lsq-train", type=int, default=0, help="train LSQ on the first N learn vectors (default: all)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
@@ -134,6 +162,8 @@ def main():
     rows = []
     if not args.skip_faiss:
         for name, key in faiss_codecs(ds.d, args.bytes).items():
+            if args.faiss and not any(part in name for part in args.faiss.split(",")):
+                continue
             row = bench_faiss(key, ds.learn, xb, xq, gt, args.lsq_train)
             row["codec"] = f"faiss {name}"
             rows.append(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import fields
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import datasets, io
+from . import datasets, distributed, io
 from .index import QincoIndex, SearchParams
 from .network import ENCODERS, HIGH_D, HIGH_D_WIDTH, Encoder, QincoConfig, code_dtype, code_width, decode, default_de, encode
 from .ray_encode import RayRun, encode_on_ray
@@ -63,8 +64,10 @@ def cmd_train(args):
                           rank=args.rank, nlist=args.nlist)
     tc_fields = {f.name for f in fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in tc_fields and v is not None})
+    distributed.init_from_env(distributed.resolve_device(tc.device))  # under torchrun: one process per device
     train(data, args.out, cfg, tc, resume=args.resume)
-    print(f"saved {args.out}")
+    if distributed.rank_world()[0] == 0:
+        print(f"saved {args.out}")
 
 
 def cmd_data(args):
@@ -90,7 +93,8 @@ def cmd_encode(args):
             for rows, part in ray_codes(args, x, bar, args.batch, run):
                 codes[rows] = part
         else:
-            codes = encode(model, x, encoder_from_args(args), args.batch, progress=bar)
+            codes = encode(model, x, encoder_from_args(args), args.batch, progress=bar,
+                           device=distributed.resolve_device(args.device))
     if args.ray:
         print(run.report(), file=sys.stderr)  # per-actor throughput
     if args.int32:
@@ -115,6 +119,7 @@ def cmd_build(args):
         raise ValueError(f"{len(ids)} ids for {len(x)} vectors")
     index = QincoIndex(model)
     encoder = encoder_from_args(args)
+    device = distributed.resolve_device(args.device)
     run = RayRun()
     with tqdm(total=len(x), unit="vec", desc="encoding + adding") as bar:
         if args.ray and len(x):  # segments of --batch rows, each encoded like index.encode(segment): the same index
@@ -122,7 +127,7 @@ def cmd_build(args):
                 index.add_codes(codes, ids[rows])
         else:
             for i0 in range(0, len(x), args.batch):  # batches keep memory flat on big files
-                codes = index.encode(x[i0:i0 + args.batch], encoder)
+                codes = index.encode(x[i0:i0 + args.batch], encoder, device=device)
                 index.add_codes(codes, ids[i0:i0 + args.batch])
                 bar.update(len(codes))
     if run.vectors:
@@ -248,6 +253,9 @@ def plot_recall_qps(curves: dict[str, list[dict]], path: str, title: str, recall
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qinco", description="QINCo Search: neural vector compression and search")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    parser.add_argument("--device", default=os.environ.get("QINCO_DEVICE", "auto"),
+                        help="train, encode and build on auto (a GPU where torch sees one), cpu, cuda or cuda:N "
+                             "(default: $QINCO_DEVICE, else auto); several GPUs or machines: torchrun")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a QINCo model on a vector file")
@@ -274,8 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
                               ("lr_codebooks", float, "base codebooks' learning rate, 0: --lr"),
                               ("optimizer", str, "adam or adamw"), ("weight_decay", float, "AdamW weight decay"),
                               ("schedule", str, "plateau or cosine (to 0 at --max-minutes)"),
-                              ("warmup", int, "vectors of linear learning-rate warm-up")]:
+                              ("warmup", int, "vectors of linear learning-rate warm-up"),
+                              ("init", str, "base codebooks from faiss rq, lsq (LSQ++) or the best of both"),
+                              ("stop_after", int, "validations without progress before stopping, 0: never"),
+                              ("grad_clip", float, "clip gradient values to +-this, 0: off")]:
         p.add_argument(f"--{name}", type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
+    p.add_argument("--reset-dead", dest="reset_dead", action="store_true", default=None,
+                   help="each epoch, give codewords that no code chose a random residual (QINCo2)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="write a benchmark data set's splits and ground truth as .npy files")

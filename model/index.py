@@ -125,9 +125,9 @@ class QincoIndex:
         return self.index.ntotal
 
     # ---- writing -----------------------------------------------------------------
-    def encode(self, x, encoder: Encoder = ENCODERS["balanced"], progress=None) -> np.ndarray:
+    def encode(self, x, encoder: Encoder = ENCODERS["balanced"], progress=None, device="cpu") -> np.ndarray:
         """Raw vectors -> (n, 1 + M) int32 codes, IVF list first (the slow part: no lock needed)."""
-        return encode(self.model, x, encoder, progress=progress)
+        return encode(self.model, x, encoder, progress=progress, device=device)
 
     def add(self, x, ids=None, encoder: Encoder = ENCODERS["balanced"], progress=None) -> np.ndarray:
         """Encode and add vectors; existing ids are replaced.  Returns the ids."""

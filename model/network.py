@@ -27,6 +27,7 @@ decoder for re-ranking shortlists (no per-module dispatch).  Tests hold both to 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -301,6 +302,8 @@ class Qinco(nn.Module):
         The fast path (`FastSteps.encode`): under torch.autocast (training) the network runs in
         the autocast dtype, the candidate errors always in float32.
         """
+        if xn.device.type != "cpu":  # the fast path is numpy; the reference runs on any device
+            return self.encode_normalized_reference(xn, encoder, lists)
         dtype = None
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
@@ -641,7 +644,8 @@ def _single_thread_pool(n: int) -> ThreadPoolExecutor:
 
 
 def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: int = 1024,
-           progress=None, workers: int = 0, dtype: torch.dtype | None = None) -> np.ndarray:
+           progress=None, workers: int = 0, dtype: torch.dtype | None = None,
+           device: torch.device | str = "cpu") -> np.ndarray:
     """Raw vectors (n, d) -> codes (n, M) uint8, or (n, M+1) int32 with the IVF list first.
 
     workers: single-threaded encoding threads (default: the caller's torch thread count);
@@ -650,9 +654,12 @@ def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: 
     float32 either way).  bfloat16 pays only where the CPU multiplies it in hardware
     (`model.scan.native_bf16()`): emulated, it ran 8x slower here, and it raised the MSE by
     about 1e-4 (relative) on the demo model (bench/RESULTS.md).
+    device: a GPU runs the reference search on a copy of the model, in bf16 autocast.
     """
     cfg = model.cfg
     x = check_vectors(x, cfg.d)
+    if torch.device(device).type != "cpu":
+        return _encode_on(model, x, encoder, torch.device(device), batch_size, progress)
     workers = workers or torch.get_num_threads()
     fast = fast_steps(model, dtype)
     out = np.empty((len(x), code_width(cfg)), dtype=code_dtype(cfg))
@@ -673,6 +680,27 @@ def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: 
             codes = torch.cat(list(_single_thread_pool(workers).map(lambda job: run(*job), jobs)))
         else:
             codes = run(xn, start)
+        if cfg.nlist:
+            codes = torch.cat([lists[:, None], codes], 1)
+        out[i0:i0 + len(codes)] = codes.numpy()
+        if progress is not None:
+            progress.update(len(codes))
+    return out
+
+
+@torch.inference_mode()
+def _encode_on(model: Qinco, x: np.ndarray, encoder: Encoder, device: torch.device, batch_size: int,
+               progress) -> np.ndarray:
+    """`encode` on an accelerator: the coarse assignment stays in faiss on the CPU."""
+    cfg = model.cfg
+    on_device = copy.deepcopy(model).to(device).eval()
+    out = np.empty((len(x), code_width(cfg)), dtype=code_dtype(cfg))
+    for i0 in range(0, len(x), batch_size):
+        xn = model.normalize(torch.from_numpy(x[i0:i0 + batch_size]))
+        lists = model.assign(xn) if cfg.nlist else None
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            codes, _ = on_device.encode_normalized(xn.to(device), encoder, None if lists is None else lists.to(device))
+        codes = codes.cpu()
         if cfg.nlist:
             codes = torch.cat([lists[:, None], codes], 1)
         out[i0:i0 + len(codes)] = codes.numpy()

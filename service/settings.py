@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     train_bytes: int = Field(8, ge=1, le=64, description="code bytes per vector of a trained model")
     keep_originals: bool = Field(True, description="keep original vectors after training (rescore, retraining)")
     train_threads: int = Field(0, ge=0, le=1024, description="CPU threads of a training job (0: half the cores)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,2})?)$",
+                        description="where training jobs train and encode: auto (a GPU where torch sees one), "
+                                    "cpu, cuda or cuda:N")
     train_sample: int = Field(100_000, ge=1_000, le=10_000_000,
                               description="originals a job trains on at most (a random sample)")
     demo: bool = Field(True, description="create the demo collection on first start when none exists")

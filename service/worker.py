@@ -107,12 +107,18 @@ def read_sample(db: sqlite3.Connection, d: int, n: int, seed: int) -> np.ndarray
     return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), d)
 
 
+def device() -> str:
+    """QINCO_DEVICE, as the server's settings read it (this process inherits its environment)."""
+    from service.settings import Settings
+    return Settings().device
+
+
 def train_model(job_dir: Path, request: dict, db: sqlite3.Connection, progress: Progress):
     from model.train import TrainConfig, train
 
     x = read_sample(db, request["d"], request["sample"], request["seed"])
     cfg = model_config(request["d"], len(x), request["bytes"], request.get("nlist"))
-    tc = TrainConfig(max_minutes=request["minutes"], threads=request["threads"], seed=request["seed"],
+    tc = TrainConfig(max_minutes=request["minutes"], threads=request["threads"], seed=request["seed"], device=device(),
                      warmup=min(100_000, 5 * len(x)))
     started = time.time()
 
@@ -137,8 +143,9 @@ def encode_all(job_dir: Path, request: dict, db: sqlite3.Connection, progress: P
     from model.io import load_model
     from model.network import ENCODERS, encode
 
+    from model.distributed import resolve_device
     model = load_model(job_dir / "model.safetensors")
-    encoder, d = ENCODERS[request["encoder"]], request["d"]
+    encoder, d, on = ENCODERS[request["encoder"]], request["d"], resolve_device(device())
     db.execute("BEGIN")  # a consistent snapshot: writes after `seq` are the server's to catch up
     seq = db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]
     total = db.execute("SELECT count(*) FROM originals").fetchone()[0]
@@ -149,7 +156,7 @@ def encode_all(job_dir: Path, request: dict, db: sqlite3.Connection, progress: P
             ids = np.array([r[0] for r in batch], dtype=np.int64)
             x = np.frombuffer(b"".join(r[1] for r in batch), dtype=np.float32).reshape(-1, d)
             fi.write(ids.tobytes())
-            fc.write(encode(model, x, encoder).astype(np.int32).tobytes())
+            fc.write(encode(model, x, encoder, device=on).astype(np.int32).tobytes())
             done += len(batch)
             rate = done / max(time.time() - started, 1e-9)
             progress("encoding", done / max(total, 1), (total - done) / rate, points_encoded=done,

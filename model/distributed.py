@@ -1,0 +1,98 @@
+"""Where training runs: the device (`--device auto|cpu|cuda`) and several processes (torch.distributed).
+
+Several processes are launched by torchrun (one per GPU, or a few per CPU machine), each with the
+same data and arguments.  Rank 0 initialises the model and the others receive it; every process
+then searches the codes of its share of each chunk (the expensive part), and DDP averages the
+gradients, so the optimizer steps are those of one process with the whole batch.  No gradient
+synchronisation of our own: only the decisions (stop, validation MSE) are reduced here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA where torch sees a GPU, else the CPU.  Under torchrun, `cuda` is this process's GPU."""
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if kind == "auto":
+        kind = name = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda: torch sees no CUDA device here (no GPU, or a CPU build of torch)")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return torch.device(name)
+
+
+def init_from_env(device: torch.device) -> None:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share(n: int) -> slice:
+    """This process's equal share of n items (the last n % world are left out)."""
+    rank, world = rank_world()
+    size = n // world
+    return slice(rank * size, (rank + 1) * size)
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model as DDP sees it when several processes train (gradients averaged in backward)."""
+    if rank_world()[1] == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)  # buffers (mean, centroids) never change
+
+
+def broadcast_state(model: torch.nn.Module, obj):
+    """Rank 0's weights and buffers into every process's model; returns rank 0's `obj`."""
+    if rank_world()[1] == 1:
+        return obj
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, 0)
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def sum_all(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over the processes."""
+    if rank_world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    return sum_all([float(flag)], device)[0] > 0
+
+
+def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    if rank_world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_tensor(t: torch.Tensor) -> torch.Tensor:
+    if rank_world()[1] > 1:
+        dist.broadcast(t, 0)
+    return t
