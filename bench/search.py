@@ -1,4 +1,4 @@
-"""Search benchmark: the QINCo IVF-HNSW pipeline against faiss IVF-PQ and IVF-RQ.
+"""Search benchmark: the QINCo IVF-HNSW pipeline against faiss IVF-PQ, IVF-RQ and IVF-LSQ (LSQ++).
 
 All three use the same nlist and the same HNSW coarse quantizer (the QINCo
 model's centroids), are trained on the same learn set and hold the same
@@ -19,6 +19,7 @@ recall each reaches), and writes recall-vs-QPS plots.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -67,12 +68,12 @@ def build_qinco(model_path: Path, base: np.ndarray, encoder: str, cache: Path) -
 
 
 def build_faiss(kind: str, model, learn: np.ndarray, base: np.ndarray, nbytes: int):
-    """IVF-PQ or IVF-RQ over the model's centroids; returns (index, seconds to add the base)."""
+    """IVF-PQ, IVF-RQ or IVF-LSQ (LSQ++) over the model's centroids; returns (index, seconds to add the base)."""
     d, nlist = model.cfg.d, model.cfg.nlist
     centroids = model.centroids_raw()
     pad = (-d) % nbytes if kind == "PQ" else 0  # PQ needs d divisible by M: zero-pad (changes no distance)
     inner = d + pad
-    codec = f"PQ{nbytes}x8" if kind == "PQ" else f"RQ{nbytes}x8_Nqint8"
+    codec = f"PQ{nbytes}x8" if kind == "PQ" else f"{kind}{nbytes}x8_Nqint8"
     ivf = faiss.index_factory(inner, f"IVF{nlist}_HNSW32,{codec}")
     quantizer = faiss.downcast_index(ivf.quantizer)
     quantizer.add(np.pad(centroids, ((0, 0), (0, pad))))
@@ -82,6 +83,29 @@ def build_faiss(kind: str, model, learn: np.ndarray, base: np.ndarray, nbytes: i
     t0 = time.perf_counter()
     index.add(base)
     return index, time.perf_counter() - t0, ivf
+
+
+def lists_of(model, x: np.ndarray) -> np.ndarray:
+    return model.assign(model.normalize(torch.from_numpy(x))).numpy()
+
+
+def build_lsq_scan(model, learn: np.ndarray, base: np.ndarray, nbytes: int) -> tuple[QincoIndex, float]:
+    """Our IVF-HNSW scan fed LSQ++ codes: the model's centroids and HNSW, faiss LSQ++ (defaults, the
+    whole learn split's IVF residuals) as the fixed tables.  No neural decoder: table order only."""
+    centroids = model.centroids_raw()
+    lsq = faiss.LocalSearchQuantizer(model.cfg.d, nbytes, 8)
+    lsq.train(np.ascontiguousarray(learn - centroids[lists_of(model, learn)]))
+    t0 = time.perf_counter()
+    lists = lists_of(model, base)
+    codes = lsq.compute_codes(np.ascontiguousarray(base - centroids[lists]))
+    norms = (lsq.decode(codes) ** 2).sum(1)
+    fed = copy.deepcopy(model)
+    tables = faiss.vector_to_array(lsq.codebooks).reshape(fed.tables.shape)
+    fed.tables.copy_(torch.from_numpy(tables))
+    fed.norm_range.copy_(torch.tensor([norms.min(), norms.max()], dtype=fed.norm_range.dtype))
+    index = QincoIndex(fed)
+    index.add_codes(np.hstack([lists[:, None], codes.astype(np.int64)]), np.arange(len(base)))
+    return index, time.perf_counter() - t0
 
 
 def recall_row(ids: np.ndarray, nearest: np.ndarray, seconds: float, **params) -> dict:
@@ -184,15 +208,18 @@ def main():
     # The pipeline is every operating point (the tuner picks nshort 0 where re-ranking does not pay);
     # its parts are shown apart so that what re-ranking adds can be seen.
     curves = {f"QINCo IVF-HNSW ({nbytes}+1 B)": rows,
-              f"  of which re-ranked (nshort > 0)": [r for r in rows if r["nshort"]],
-              f"  of which fixed tables alone (nshort 0)": [r for r in rows if not r["nshort"]]}
+              "  of which re-ranked (nshort > 0)": [r for r in rows if r["nshort"]],
+              "  of which fixed tables alone (nshort 0)": [r for r in rows if not r["nshort"]]}
     curves = {name: points for name, points in curves.items() if points}  # e.g. no nshort 0 in the grid
     loads = dict.fromkeys(curves, qinco_load)
-    for kind in ("PQ", "RQ"):
+    for kind in ("PQ", "RQ", "LSQ"):
         fidx, seconds, ivf = build_faiss(kind, model, ds.learn, ds.base, nbytes)
-        name = f"faiss IVF-{kind} ({nbytes}+1 B)" if kind == "RQ" else f"faiss IVF-{kind} ({nbytes} B)"
+        name = f"faiss IVF-{kind} ({nbytes} B)" if kind == "PQ" else f"faiss IVF-{kind} ({nbytes}+1 B)"
         curves[name] = sweep_faiss(fidx, ivf, xq, nearest, nprobes)
         loads[name] = seconds
+    fed, seconds = build_lsq_scan(model, ds.learn, ds.base, nbytes)
+    name = f"our scan fed LSQ++ codes ({nbytes}+1 B)"
+    curves[name], loads[name] = sweep_qinco(fed, xq, nearest, [0], nprobes), seconds
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from model.cli import build_parser, run
@@ -20,6 +21,7 @@ def cmd_serve(args):
     settings = Settings(_env_file=args.config, **overrides) if args.config else Settings(**overrides)
     if args.no_demo:
         settings.demo = False
+    os.environ["QINCO_DEVICE"] = settings.device  # training jobs (child processes) read it, --config or not
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
