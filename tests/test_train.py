@@ -1,10 +1,12 @@
+import faiss
 import numpy as np
 import torch
 import pytest
 
 from model.io import load_model
-from model.network import QincoConfig
-from model.train import TrainConfig, lr_factor, train
+from model.network import Encoder, QincoConfig, decode
+from model.train import (TrainConfig, choose_start, initialise, lr_factor, lsq_codebooks, train, train_lsq,
+                         validation_mse)
 from tests.conftest import FIXTURE_TRAINING, train_fixture
 
 QUICK = TrainConfig(A=8, B=2, batch=128, val=1000, eval_every=2000, lr=1e-3, **FIXTURE_TRAINING)
@@ -14,7 +16,8 @@ def test_short_training_on_real_data_beats_rq_initialisation(tmp_path, glove_sam
     cfg = QincoConfig(d=50, M=3, K=32, L=1, h=64)
     out = tmp_path / "glove.safetensors"
     # 50,000 vectors: 0.976x the initial validation MSE here (about 5 s).
-    train_fixture(glove_sample, out, cfg, A=8, B=2, batch=128, val=1000, eval_every=2000, lr=1e-3, max_vectors=50_000)
+    train_fixture(glove_sample, out, cfg, A=8, B=2, batch=128, val=1000, eval_every=2000, lr=1e-3, max_vectors=50_000,
+                  init="rq")
     model, extra = load_model(out, with_extra=True)
     state = extra["training"]["state"]
     # The RQ start and the trained model, measured with the same training encoder.
@@ -130,3 +133,91 @@ def test_training_with_the_bf16_code_search(tmp_path, glove_sample):
         assert state["vectors_seen"] >= 8_000 and state["best_val_mse"] <= state["init_val_mse"]
     # Validation runs outside autocast, so the two differ only by the codes the search chose.
     assert abs(states[True]["best_val_mse"] / states[False]["best_val_mse"] - 1) < 0.01, states
+
+
+def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample):
+    """At step 0 QINCo is an additive quantizer: started from LSQ++, it decodes any code as the sum
+    of LSQ++'s codewords (its tables largest energy first), and "best" keeps the better start."""
+    cfg = QincoConfig(d=50, M=3, K=16, L=1, h=16)
+    x, xval = glove_sample[:3000], glove_sample[3000:3500]
+    tc = TrainConfig(init="best", seed=0, threads=1)
+    model, state, candidates = initialise(x, xval, cfg, tc)
+    assert set(candidates) == {"rq", "lsq"} and state.lsq_val_mse < state.rq_val_mse * 1.2
+    tables = candidates["lsq"]
+    energy = (tables ** 2).sum((1, 2))
+    assert (np.diff(energy) <= 0).all()
+    # The same tables as faiss's LSQ++ trained the same way on the same normalised data.
+    xn = ((x - model.mean.numpy()) / float(model.scale)).astype(np.float32)
+    lsq = train_lsq(xn, cfg, tc.seed)
+    raw = faiss.vector_to_array(lsq.codebooks).reshape(cfg.M, cfg.K, cfg.d)
+    np.testing.assert_allclose(lsq_codebooks(lsq, cfg), raw[np.argsort(-(raw ** 2).sum((1, 2)), kind="stable")])
+    codes = np.random.default_rng(0).integers(0, cfg.K, (20, cfg.M))
+    xv = model.normalize(torch.from_numpy(xval))
+    choose_start(model, state, {"lsq": tables}, xv, Encoder(A=4, B=2))
+    expected = sum(tables[m][codes[:, m]] for m in range(cfg.M)) * float(model.scale) + model.mean.numpy()
+    np.testing.assert_allclose(decode(model, codes), expected, rtol=1e-4, atol=1e-4)
+    # "best": the start with the lower validation MSE under the training encoder.
+    scores = {}
+    for name in ("rq", "lsq"):
+        choose_start(model, state, {name: candidates[name]}, xv, Encoder(A=4, B=2))
+        scores[name] = validation_mse(model, xv, None, Encoder(A=4, B=2))
+    choose_start(model, state, candidates, xv, Encoder(A=4, B=2))
+    assert state.init == min(scores, key=scores.get)
+
+
+def test_stop_after_validations_without_progress(tmp_path, glove_sample):
+    cfg = QincoConfig(d=50, M=2, K=16, L=1, h=16)
+    out = tmp_path / "m.safetensors"
+    # A learning rate too small to move anything: after the warm-up, 2 stale validations end the run.
+    train_fixture(glove_sample[:3000], out, cfg, A=4, B=2, batch=128, val=500, eval_every=1000, lr=1e-12,
+                  warmup=1000, stop_after=2, max_vectors=100_000, init="rq")
+    state = load_model(out, with_extra=True)[1]["training"]["state"]
+    assert state["since_best"] == 2 and state["vectors_seen"] < 20_000, state
+
+
+class RecordingOptimizer(torch.optim.SGD):
+    """SGD that remembers the largest gradient value it was asked to apply."""
+
+    largest = 0.0
+
+    def step(self, closure=None):
+        self.largest = max([self.largest] + [float(p.grad.abs().max()) for g in self.param_groups
+                                             for p in g["params"] if p.grad is not None])
+        return super().step(closure)
+
+
+def test_gradient_values_are_clipped(glove_sample):
+    from model.train import gradient_passes
+    from tests.conftest import random_model
+    model = random_model(QincoConfig(d=50, M=2, K=16, L=1, h=16)).train()
+    x = torch.from_numpy(glove_sample[:256]) * 10  # large errors, large gradients
+    with torch.no_grad():
+        codes = model.encode_normalized(x, Encoder(A=4, B=2))[0]
+    for clip in (0.0, 1e-3):
+        opt = RecordingOptimizer(model.parameters(), lr=0.0)
+        tc = TrainConfig(grad_clip=clip, reuse=1)
+        gradient_passes(model, opt, x, codes, None, tc, 128, torch.Generator().manual_seed(0), False)
+        assert (opt.largest <= clip * (1 + 1e-6)) if clip else (opt.largest > 1e-2), (clip, opt.largest)
+
+
+def test_dead_codewords_get_a_residual_of_their_step(glove_sample):
+    from model.train import make_optimizer, reset_dead_codewords
+    from tests.conftest import random_model
+    model = random_model(QincoConfig(d=50, M=2, K=16, L=1, h=16)).train()
+    x = torch.from_numpy(glove_sample[:300])
+    with torch.no_grad():
+        codes = model.encode_normalized(x, Encoder(A=4, B=2))[0]
+    usage = torch.ones(2, 16, dtype=torch.long)
+    usage[0, 3] = usage[1, [5, 7]] = 0
+    before = [s.codebook.detach().clone() for s in model.steps]
+    assert reset_dead_codewords(model, make_optimizer(model, TrainConfig()), usage, x, codes, None,
+                                torch.Generator().manual_seed(0)) == 3
+    with torch.no_grad():
+        recon = model(codes)
+    residuals = [x, x - recon[0]]  # what step 1 and step 2 quantize
+    for m, dead in ((0, [3]), (1, [5, 7])):
+        cb = model.steps[m].codebook.detach()
+        alive = [k for k in range(16) if k not in dead]
+        assert torch.equal(cb[alive], before[m][alive])
+        for k in dead:  # each reset codeword is one vector's residual at that step
+            assert (residuals[m] - cb[k]).abs().max(1).values.min() < 1e-5
