@@ -86,6 +86,8 @@ def bench_faiss(key: str, xt, xb, xq, gt, lsq_train: int) -> dict:
         if "beam" in options:
             q.max_beam_size = int(options["beam"])
         if options.get("refine") == "1":
+            if len(xt) < q.total_codebook_size:
+                return {"skipped": f"codebook refinement needs at least M x K = {q.total_codebook_size} training vectors"}
             q.train_type = faiss.ResidualQuantizer.Train_progressive_dim | faiss.ResidualQuantizer.Train_refine_codebook
         for name in ("train_iters", "encode_ils_iters"):
             if name in options:
@@ -166,6 +168,9 @@ def main():
                 continue
             row = bench_faiss(key, ds.learn, xb, xq, gt, args.lsq_train)
             row["codec"] = f"faiss {name}"
+            if "skipped" in row:
+                print(f"{row['codec']}: skipped, {row['skipped']}")
+                continue
             rows.append(row)
             print(json.dumps(row), flush=True)
     for path in args.model:

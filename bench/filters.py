@@ -2,7 +2,7 @@
 
 Each base vector gets a synthetic payload {"bucket": b}, b uniform in [0, 1000); a filter
 {"key": "bucket", "range": {"lt": 1000 s}} lets a fraction s through.  For every
-selectivity and nprobe: the ids the filter allows (service.filters over a field index,
+selectivity and nprobe: the ids the filter allows (service.engine.filters over a field index,
 timed apart), the filtered search, and recall against the exact nearest allowed neighbours
 of the original vectors (faiss IndexFlatL2 over the allowed base rows).  One thread.
 
@@ -24,8 +24,8 @@ from model.index import QincoIndex, SearchParams
 from model.io import load_model
 from model.network import ENCODERS
 from model.threads import set_threads
-from service import schemas
-from service.filters import Evaluator, FieldIndex
+from service.http import schemas
+from service.engine.filters import Evaluator, FieldIndex
 
 
 def timed_search(index, queries, k, params, allowed, repeats=3):

@@ -37,7 +37,7 @@ from bench.soak import free_port, start_server, stop_server  # noqa: E402
 from model import datasets  # noqa: E402
 from model.io import load_model  # noqa: E402
 from model.network import ENCODERS, decode, encode  # noqa: E402
-from service.store import Store  # noqa: E402
+from service.engine.registry import Store  # noqa: E402
 
 COLLECTION = "ingest"
 METRIC = {"angular": "cosine", "l2": "l2"}
@@ -88,10 +88,11 @@ def stored_mse(data_dir: Path, x: np.ndarray) -> float:
     try:
         store.open_all()
         c = store.get(COLLECTION)
-        ids, codes = c.index.stored_codes()
+        space = c.space
+        ids, codes = space.index.stored_codes()
         assert len(ids) == len(x), f"{len(ids)} points stored, {len(x)} uploaded"
-        xhat = decode(c.model, codes)
-        return float(((c.prepare(x[ids]) - xhat) ** 2).sum(1).mean())
+        xhat = decode(space.model, codes)
+        return float(((space.prepare(x[ids]) - xhat) ** 2).sum(1).mean())
     finally:
         store.close()
 

@@ -10,6 +10,7 @@ synchronisation of our own: only the decisions (stop, validation MSE) are reduce
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,8 @@ def init_from_env(device: torch.device) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 initialises alone (k-means, RQ, LSQ++) while the others wait: a long timeout.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
 
 
 def rank_world() -> tuple[int, int]:
@@ -62,14 +64,19 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
                                    broadcast_buffers=False)  # buffers (mean, centroids) never change
 
 
-def broadcast_state(model: torch.nn.Module, obj):
-    """Rank 0's weights and buffers into every process's model; returns rank 0's `obj`."""
+def broadcast_state(model: torch.nn.Module, obj, device: torch.device):
+    """Rank 0's `obj`, and its weights and buffers into every process's model (through `device`:
+    NCCL sends GPU tensors only).  An exception as `obj` is raised in every process."""
     if rank_world()[1] == 1:
         return obj
-    for tensor in model.state_dict().values():
-        dist.broadcast(tensor, 0)
     box = [obj]
     dist.broadcast_object_list(box, 0)
+    if isinstance(box[0], BaseException):
+        raise RuntimeError(f"rank 0 failed to initialise: {box[0]}") from box[0]
+    for tensor in model.state_dict().values():
+        on_device = tensor.to(device)
+        dist.broadcast(on_device, 0)
+        tensor.copy_(on_device)
     return box[0]
 
 
@@ -84,6 +91,11 @@ def sum_all(values: list[float], device: torch.device) -> list[float]:
 
 def any_process(flag: bool, device: torch.device) -> bool:
     return sum_all([float(flag)], device)[0] > 0
+
+
+def mean_all(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise means over the processes: one clock (elapsed time) for every process's schedule."""
+    return [v / rank_world()[1] for v in sum_all(values, device)]
 
 
 def sum_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -37,15 +37,6 @@ from .network import Encoder
 BLOCK_BYTES = 8 << 20  # vectors per block: about this many bytes (several segments), or fewer for balance
 
 
-def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _import_ray():
     try:
         import ray
@@ -273,15 +264,3 @@ def encode_on_ray(model_path, x: np.ndarray, encoder: Encoder, chunk: int, batch
     finally:
         if started:
             ray.shutdown()
-
-
-def encode_ray(model_path, x: np.ndarray, encoder: Encoder, batch_size: int = 1024, address: str | None = "local",
-               actors: int = 0, progress=None, run: RayRun | None = None) -> np.ndarray:
-    """Like network.encode(model, x, encoder, batch_size), on a Ray cluster: the same codes."""
-    from . import io
-    from .network import code_dtype, code_width
-    cfg = io.load_model(model_path).cfg
-    out = np.empty((len(x), code_width(cfg)), dtype=code_dtype(cfg))
-    for rows, codes in encode_on_ray(model_path, x, encoder, batch_size, batch_size, address, actors, progress, run):
-        out[rows] = codes
-    return out

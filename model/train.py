@@ -89,7 +89,8 @@ INITS = ("rq", "lsq", "best")
 
 
 def log(msg: str):
-    tqdm.write(msg)
+    if distributed.rank_world()[0] == 0:  # several processes: rank 0 speaks for them
+        tqdm.write(msg)
 
 
 def split_learn(x: np.ndarray, val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,9 +101,16 @@ def split_learn(x: np.ndarray, val: int, seed: int) -> tuple[np.ndarray, np.ndar
     return x[perm[val:]], x[perm[:val]]
 
 
+def check_data(n: int, cfg: QincoConfig) -> None:
+    """Enough training vectors (besides the validation ones) for k-means and the codebooks:
+    faiss would abort with a C++ traceback."""
+    if cfg.nlist > n:
+        raise ValueError(f"nlist={cfg.nlist} needs at least that many training vectors, got {n}")
+    if n < cfg.K:
+        raise ValueError(f"training needs at least K={cfg.K} vectors besides the validation ones, got {n}")
+
+
 def train_centroids(xn: np.ndarray, nlist: int, iters: int, seed: int) -> np.ndarray:
-    if nlist > len(xn):
-        raise ValueError(f"nlist={nlist} needs at least that many training vectors, got {len(xn)}")
     km = faiss.Kmeans(xn.shape[1], nlist, niter=iters, seed=seed, max_points_per_centroid=256)
     km.train(xn)
     return km.centroids
@@ -152,24 +160,27 @@ def lsq_codebooks(lsq: faiss.LocalSearchQuantizer, cfg: QincoConfig) -> np.ndarr
     return tables[np.argsort(-(tables ** 2).sum((1, 2)), kind="stable")]
 
 
-def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfig
+def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfig, budget: float = math.inf
                ) -> tuple[Qinco, TrainState, dict[str, np.ndarray]]:
     """A model at step 0 (an additive quantizer), the state with the faiss baselines' validation
-    MSE, and the candidate base codebooks by name (tc.init: "rq", "lsq" or both)."""
+    MSE, and the candidate base codebooks by name (tc.init: "rq", "lsq" or both).
+
+    LSQ++ cannot be interrupted: with init "best" it is skipped when it would likely take more
+    than a quarter of the `budget` seconds (it took 2-4x RQ's training time here)."""
+    check_data(len(x), cfg)
     model = Qinco(cfg)
     mean = x.mean(0)
     scale = float(np.sqrt(((x - mean) ** 2).sum(1).mean() / cfg.d))  # per-coordinate RMS
     model.mean.copy_(torch.from_numpy(mean))
     model.scale.fill_(scale)
     xn, valn = (x - mean) / scale, (xval - mean) / scale
+    t_start = time.time()
     if cfg.nlist:
         t0 = time.time()
         model.set_centroids(torch.from_numpy(train_centroids(xn, cfg.nlist, tc.kmeans_iters, tc.seed)))
         log(f"k-means: {cfg.nlist} centroids in {time.time() - t0:.0f}s")
         xn = xn - model.centroids[model.assign(torch.from_numpy(xn))].numpy()
         valn = valn - model.centroids[model.assign(torch.from_numpy(valn))].numpy()
-    if len(xn) < cfg.K:  # faiss k-means would abort with a C++ traceback
-        raise ValueError(f"training needs at least K={cfg.K} vectors besides the validation ones, got {len(xn)}")
     xn = np.ascontiguousarray(xn, dtype=np.float32)
     valn = np.ascontiguousarray(valn, dtype=np.float32)
     state = TrainState(lr=tc.lr)
@@ -178,7 +189,11 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
     state.rq_val_mse = mse(valn, rq.decode(rq.compute_codes(valn))) * scale ** 2
     log(f"faiss RQ {cfg.M}x{cfg.nbits} (beam 5) in {time.time() - t0:.0f}s, validation MSE {state.rq_val_mse:.5g}")
     candidates = {"rq": rq_codebooks(rq, cfg)} if tc.init in ("rq", "best") else {}
-    if tc.init in ("lsq", "best"):
+    lsq_estimate = (time.time() - t_start) + 4 * (time.time() - t0)
+    if tc.init == "best" and lsq_estimate > budget / 4:
+        log(f"faiss LSQ++ skipped: it would end about {lsq_estimate:.0f}s into a {budget:.0f}s budget "
+            "(a quarter at most)")
+    elif tc.init in ("lsq", "best"):
         t0 = time.time()
         lsq = train_lsq(xn, cfg, tc.seed)
         state.lsq_val_mse = mse(valn, lsq.decode(lsq.compute_codes(valn))) * scale ** 2
@@ -207,11 +222,15 @@ def make_optimizer(model: Qinco, tc: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam([{k: v for k, v in g.items() if k != "weight_decay"} for g in groups])
 
 
+def warmup_vectors(tc: TrainConfig) -> int:
+    """Vectors of linear warm-up: `warmup`, at most a tenth of max_vectors when that is set."""
+    return min(tc.warmup, tc.max_vectors // 10) if tc.max_vectors else tc.warmup
+
+
 def lr_factor(tc: TrainConfig, vectors_seen: int, elapsed: float, budget: float) -> float:
     """Linear warm-up over `warmup` vectors, then 1 (plateau) or a cosine that reaches 0 at the
     budget: at max_vectors when it is set (at most a tenth of them warm up), else at `budget` seconds."""
-    warmup = min(tc.warmup, tc.max_vectors // 10) if tc.max_vectors else tc.warmup
-    warm = min(1.0, vectors_seen / max(1, warmup))
+    warm = min(1.0, vectors_seen / max(1, warmup_vectors(tc)))
     if tc.schedule == "plateau" or warm < 1.0:
         return warm
     done = vectors_seen / tc.max_vectors if tc.max_vectors else elapsed / max(budget, 1e-9)
@@ -258,11 +277,18 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             raise ValueError("a new model needs a QincoConfig")
         if cfg.d != x.shape[1]:
             raise ValueError(f"expected dim {cfg.d}, got {x.shape[1]}")
-        model, state = Qinco(cfg), None
+        check_data(len(xtrain), cfg)  # in every process: a bad set fails everywhere, none waits for rank 0
         if rank == 0:
-            model, state, candidates = initialise(xtrain, xval, cfg, tc)
-            choose_start(model, state, candidates, model.normalize(torch.from_numpy(xval)), train_encoder)
-        state = distributed.broadcast_state(model, state)
+            try:
+                model, state, candidates = initialise(xtrain, xval, cfg, tc, budget)
+                choose_start(model, state, candidates, model.normalize(torch.from_numpy(xval)), train_encoder)
+            except Exception as e:
+                if world == 1:
+                    raise
+                model, state = Qinco(cfg), e  # the others raise it too, instead of waiting
+        else:
+            model, state = Qinco(cfg), None
+        state = distributed.broadcast_state(model, state, device)
 
     # The coarse assignment runs in faiss, on the CPU; then everything moves to the device.
     xt = model.normalize(torch.from_numpy(xtrain))
@@ -289,7 +315,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     prior = state.seconds
     t0 = time.time()
     val = validation_mse(model, xv, lv, train_encoder, shared=True)
-    val_seconds = time.time() - t0
+    val_seconds = distributed.mean_all([time.time() - t0], device)[0]  # one budget in every process
     eval_every = tc.eval_every or min(50_000, max(5_000, len(xtrain)))
     # IVF models end by encoding a sample for the index tables: keep time for it.
     n_tables = min(tc.table_sample, len(xtrain)) if cfg.nlist else 0
@@ -321,12 +347,13 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             if tc.reset_dead:
                 usage += torch.bincount((codes + torch.arange(cfg.M, device=device) * cfg.K).flatten(),
                                         minlength=cfg.M * cfg.K).view(cfg.M, cfg.K)
-            factor = lr_factor(tc, state.vectors_seen + chunk, time.time() - start, budget)
+            clock = distributed.mean_all([time.time() - start], device)[0]  # one schedule in every process
+            factor = lr_factor(tc, state.vectors_seen + chunk, clock, budget)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * (state.lr / tc.lr) * factor  # state.lr: after plateau cuts
             loss = gradient_passes(net, optimizer, xc, codes, lc, tc, batch, gen, bf16 and device.type == "cuda")
-            state.vectors_seen += chunk
-            since_eval += chunk
+            state.vectors_seen += len(xc) * world
+            since_eval += len(xc) * world
             elapsed = time.time() - start
             if progress is not None and lead:
                 progress(state, elapsed, budget)
@@ -340,13 +367,13 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             if since_eval >= eval_every or (stop and since_eval > 0):
                 t0 = time.time()
                 val = validation_mse(model, xv, lv, train_encoder, shared=True)
-                val_seconds, since_eval = time.time() - t0, 0
+                val_seconds, since_eval = distributed.mean_all([time.time() - t0], device)[0], 0
                 state.history.append((round((time.time() - start + prior) / 60, 2), val))
                 if val < state.best_val_mse * (1 - 1e-4):
                     state.best_val_mse, state.stale, state.since_best = val, 0, 0
                     best = cpu_copy(model)
                     checkpoint()
-                elif state.vectors_seen > tc.warmup:  # leaving the start costs a little at first
+                elif state.vectors_seen > warmup_vectors(tc):  # leaving the start costs a little at first
                     stop = schedule_after_stale(state, tc) or stop
                 log(f"{(time.time() - start + prior) / 60:5.1f} min  {state.vectors_seen:>9} vectors  "
                     f"validation MSE {val:.5g} (best {state.best_val_mse:.5g}, lr {optimizer.param_groups[0]['lr']:.1e})")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from model.cli import build_parser, run
@@ -12,16 +11,15 @@ from model.cli import build_parser, run
 def cmd_serve(args):
     import uvicorn
 
-    from .app import create_app
+    from .http.app import create_app
     from .settings import Settings
-    from .store import DataDirLocked
+    from .engine.registry import DataDirLocked
 
     overrides = {k: v for k, v in (("data_dir", args.data_dir), ("host", args.host), ("port", args.port))
                  if v is not None}
     settings = Settings(_env_file=args.config, **overrides) if args.config else Settings(**overrides)
     if args.no_demo:
         settings.demo = False
-    os.environ["QINCO_DEVICE"] = settings.device  # training jobs (child processes) read it, --config or not
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:

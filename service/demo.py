@@ -17,7 +17,7 @@ import numpy as np
 
 from model.datasets import DatasetUnavailable, glove_source
 from .settings import Settings
-from .store import Store
+from .engine.registry import Store
 
 log = logging.getLogger("qinco.demo")
 DEMO_MODEL = Path(__file__).parent / "demo" / "glove-50-ivf-8B.safetensors"

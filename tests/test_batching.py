@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.batching import SearchBatcher
+from service.http.batching import SearchBatcher
 from tests.server import free_port, serve
 from tests.test_service import client  # noqa: F401  (fixture)
 
@@ -154,16 +154,16 @@ def test_a_deleted_collection_is_not_kept_alive_by_its_batcher(data_dir, vectors
 
 
 def test_a_lone_light_search_runs_in_the_event_loop(client, vectors, monkeypatch):
-    """deps.off_loop: a cheap search that is the only request skips the thread hop; a costly
+    """http.deps.off_loop: a cheap search that is the only request skips the thread hop; a costly
     one (exact, filtered, by stored point) or one beside other requests goes to the pool.
     Both paths answer the same."""
     import asyncio
 
-    from service.routers import search as routes
+    from service.engine import query
     from tests.test_service import create, upsert
 
     where = []
-    real = routes.run_search
+    real = query.run_searches
 
     def spy(*args, **kwargs):
         try:
@@ -173,7 +173,7 @@ def test_a_lone_light_search_runs_in_the_event_loop(client, vectors, monkeypatch
             where.append("thread")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(routes, "run_search", spy)
+    monkeypatch.setattr(query, "run_searches", spy)
     create(client)
     upsert(client, vectors[:200], range(200))
     svc = client.app.state.service

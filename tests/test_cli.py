@@ -3,7 +3,7 @@ import pytest
 
 from model.cli import main
 from model.io import load_model
-from service.worker import model_config
+from service.training.policy import model_config
 
 
 def test_train_encode_decode_round_trip(tmp_path, glove_sample):

@@ -14,7 +14,7 @@ import pytest
 
 from model.io import save_model
 from model.network import ENCODERS, encode
-from service.store import Store
+from service.engine.registry import Store
 from tests.server import free_port, serve
 
 ROUNDS, CLIENTS, BATCH = 3, 4, 25
@@ -99,10 +99,10 @@ def test_kill_9_during_concurrent_upserts_loses_nothing_acknowledged(tmp_path, i
     store.open_all()
     c = store.get("c")
     ids = sorted(present)
-    db = dict(c.db.execute("SELECT id, codes FROM points").fetchall())
+    db = dict(c.record.db.execute("SELECT id, codes FROM points").fetchall())
     want = encode(ivf_model, vectors[[row_of[i] for i in ids]], ENCODERS[encoder]).astype(np.int32)
     assert np.array_equal(np.stack([np.frombuffer(db[i], dtype=np.int32) for i in ids]), want)
-    stored_ids, stored_codes = c.index.stored_codes()
+    stored_ids, stored_codes = c.space.index.stored_codes()
     order = np.argsort(stored_ids)
     assert np.array_equal(stored_ids[order], ids) and np.array_equal(stored_codes[order], want)
     store.close()

@@ -106,3 +106,12 @@ def test_the_cli_takes_a_device(tmp_path, glove_sample, capsys):
             main(["--device", "cuda", "encode", str(data), "--model", str(tmp_path / "m.safetensors"),
                   "--out", str(tmp_path / "c.npy")])
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def ddp_training_on_too_little_data(rank, tmp_path, x):
+    train(x, tmp_path / "m.safetensors", QincoConfig(d=50, M=2), TrainConfig(**FIXTURE_TRAINING, val=20))
+
+
+def test_bad_data_fails_in_every_process_instead_of_hanging(tmp_path, glove_sample):
+    with pytest.raises(mp.ProcessRaisedException, match="at least K=256 vectors"):
+        in_processes(2, ddp_training_on_too_little_data, tmp_path, glove_sample[:200])

@@ -7,11 +7,11 @@ import pytest
 
 from model.index import QincoIndex, SearchParams
 from model.network import decode
-from service import schemas
-from service.filters import Evaluator, FieldIndex
+from service.engine.filters import Evaluator, FieldIndex
+from service.http import schemas
 from tests.test_service import create, make_client, wait_ready
 
-# ---- a reference written from Qdrant's documentation, independent of service/filters.py ------
+# ---- a reference written from Qdrant's documentation, independent of service/engine/filters.py ------
 
 def ref_values(payload, key):
     """Values at a dotted key, arrays flattened at every level."""

@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 from model.io import save_model  # noqa: E402
-from service.store import Store  # noqa: E402
+from service.engine.registry import Store  # noqa: E402
 from tests.server import free_port, serve  # noqa: E402
 
 EXAMPLES = int(os.environ.get("QINCO_FUZZ_EXAMPLES", "35"))
@@ -205,10 +205,22 @@ def bounded_for_generation(spec):
 
     Hypothesis occasionally draws lists near `maxItems` (up to 100,000 points, each with a
     vector), which once took the test process past 6 GiB. Over-limit bodies are tested one by one
-    in test_hardening; here we want many small, varied requests.
+    in test_hardening; here we want many small, varied requests.  The responses' schemas keep
+    their sizes: they check answers (a search with limit 1000 returns more than 64 hits).
     """
+    bounded = capped(spec)
+    for name in response_components(spec):
+        bounded["components"]["schemas"][name] = spec["components"]["schemas"][name]
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if isinstance(operation, dict) and "responses" in operation:
+                bounded["paths"][path][method]["responses"] = operation["responses"]
+    return bounded
+
+
+def capped(spec):
     if isinstance(spec, dict):
-        out = {k: bounded_for_generation(v) for k, v in spec.items()}
+        out = {k: capped(v) for k, v in spec.items()}
         if isinstance(out.get("maxItems"), int) and out["maxItems"] > MAX_GENERATED_ITEMS:
             out["maxItems"] = max(MAX_GENERATED_ITEMS, out.get("minItems", 0))
         if out.get("type") == "array" and "maxItems" not in out and "items" in out:
@@ -217,8 +229,29 @@ def bounded_for_generation(spec):
             out["maxLength"] = max(MAX_GENERATED_LENGTH, out.get("minLength", 0))
         return out
     if isinstance(spec, list):
-        return [bounded_for_generation(v) for v in spec]
+        return [capped(v) for v in spec]
     return spec
+
+
+def response_components(spec) -> set[str]:
+    """The component schemas that responses refer to, directly or through other components."""
+    def refs(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            return ({ref.rsplit("/", 1)[-1]} if ref.startswith("#/components/schemas/") else set()) | \
+                set().union(*(refs(v) for v in node.values()))
+        if isinstance(node, list):
+            return set().union(*(refs(v) for v in node))
+        return set()
+    todo = refs([op.get("responses", {}) for ops in spec["paths"].values() for op in ops.values()
+                 if isinstance(op, dict)])
+    found = set()
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo |= refs(spec["components"]["schemas"].get(name, {}))
+    return found
 
 
 def describe(case, response, url) -> str:

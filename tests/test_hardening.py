@@ -17,8 +17,10 @@ import faiss
 import numba
 import pytest
 
-from service import store as store_module
-from service.store import DataDirLocked, Store
+from service import errors
+from service.engine import snapshots
+from service.engine.collection import Collection
+from service.engine.registry import DataDirLocked, Store
 from tests.server import ROOT, free_port
 from tests.test_service import create, make_client, upsert, wait_ready
 
@@ -137,7 +139,7 @@ def test_delete_and_recreate_during_a_slow_snapshot(data_dir, vectors, monkeypat
     old = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
     old.upsert(list(range(100)), vectors[:100], [{"v": "old"}] * 100)
     writing, release = threading.Event(), threading.Event()
-    real_write = store_module.atomic_write
+    real_write = snapshots.atomic_write
 
     def slow_write(path, write):
         if path.name == "index.faiss":
@@ -145,7 +147,7 @@ def test_delete_and_recreate_during_a_slow_snapshot(data_dir, vectors, monkeypat
             release.wait(10)
         real_write(path, write)
 
-    monkeypatch.setattr(store_module, "atomic_write", slow_write)
+    monkeypatch.setattr(snapshots, "atomic_write", slow_write)
     snap = threading.Thread(target=old.snapshot)
     snap.start()
     assert writing.wait(10)
@@ -156,7 +158,7 @@ def test_delete_and_recreate_during_a_slow_snapshot(data_dir, vectors, monkeypat
     release.set()
     deleted.join(10)
     snap.join(10)
-    monkeypatch.setattr(store_module, "atomic_write", real_write)
+    monkeypatch.setattr(snapshots, "atomic_write", real_write)
     new = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
     new.upsert([7, 8], vectors[200:202], [{"v": "new"}] * 2)
     assert not (new.folder / "snapshot").exists()
@@ -193,16 +195,16 @@ def test_a_failed_insert_after_the_commit_rebuilds_the_index(data_dir, vectors):
     c = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
     c.upsert(list(range(50)), vectors[:50], [None] * 50)
     c.snapshot()
-    index = c.index
-    real_add = index.add_codes
+    index = c.space.index
+    real_add = index.add
 
     def failing_add(*args):
         real_add(*args)  # half done, then it fails
         raise MemoryError("simulated")
 
-    index.add_codes = failing_add
+    index.add = failing_add
     c.upsert([100, 101], vectors[100:102], [None, None])  # committed: served after the rebuild
-    assert c.index is not index and c.count() == 52
+    assert c.space.index is not index and c.count() == 52
     hits = c.search(vectors[100:102], 1, {"nprobe": 16}, False, False)
     assert [h[0].id for h in hits] == [100, 101]
     seq = c.snapshot()
@@ -267,13 +269,13 @@ def test_an_interrupted_demo_creation_resumes(tmp_path):
 
 def test_thread_setting_holds_in_request_workers(data_dir, vectors, monkeypatch):
     seen = []
-    real_search = store_module.Collection.search
+    real_search = Collection.search
 
     def spy(self, *args, **kwargs):
         seen.append((numba.get_num_threads(), faiss.omp_get_max_threads()))
         return real_search(self, *args, **kwargs)
 
-    monkeypatch.setattr(store_module.Collection, "search", spy)
+    monkeypatch.setattr(Collection, "search", spy)
     with make_client(data_dir, threads=1) as c:
         wait_ready(c)
         create(c)
@@ -307,12 +309,12 @@ def test_reads_of_a_deleted_collection_answer_not_found(data_dir, vectors):
     old = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
     old.upsert([1, 2], vectors[:2], [{"v": "old"}, {"v": "old"}])
     store.delete("c")
-    with pytest.raises(store_module.NotFound):
+    with pytest.raises(errors.NotFound):
         old.search(vectors[:1], 1, None, True, False)
     new = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
     new.upsert([1], vectors[:1], [{"v": "new"}])
     for read in (lambda: old.get(1, False), lambda: old.payloads([1]), lambda: old.search(vectors[:1], 1, None, True, False)):
-        with pytest.raises(store_module.NotFound):
+        with pytest.raises(errors.NotFound):
             read()
     store.close()
 
@@ -322,9 +324,9 @@ def test_a_broken_index_is_never_snapshotted(data_dir, vectors):
     c = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
     c.upsert([1], vectors[:1], [None])
     c.broken = "simulated"
-    with pytest.raises(store_module.Unavailable):
+    with pytest.raises(errors.Unavailable):
         c.snapshot()
-    with pytest.raises(store_module.Unavailable):
+    with pytest.raises(errors.Unavailable):
         c.upsert([2], vectors[1:2], [None])
     assert not (c.folder / "snapshot").exists()
     store.close()

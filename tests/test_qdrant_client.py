@@ -210,8 +210,8 @@ def test_uuids_next_to_integer_ids_written_by_older_versions(tmp_path, ivf_model
     import sqlite3
 
     from model.io import save_model
-    from service.ids import UUID_BASE
-    from service.store import Store
+    from service.engine.ids import UUID_BASE
+    from service.engine.registry import Store
     save_model(ivf_model, tmp_path / "m.safetensors")
     store = Store(tmp_path / "data")
     c = store.create("c", "l2", "fast", tmp_path / "m.safetensors")

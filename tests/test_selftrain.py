@@ -273,33 +273,33 @@ class FailingGenerationUpdate:
 
 
 def test_a_swap_failing_mid_transaction_leaves_the_old_state(tmp_path, glove_sample):
-    from service.store import Store
+    from service.engine.registry import Store
     x = glove_sample[:1200]
     store = Store(tmp_path, train_threads=1)
     store.open_all()
     c = store.create("s", "l2", "balanced", size=50, qinco={**SETTINGS, "train_after": 0, "keep_originals": True,
                                                             "nlist": None})
     c.upsert(list(range(1200)), x, [None] * 1200)
-    c.db = FailingGenerationUpdate(c.db)
+    c.record.db = FailingGenerationUpdate(c.record.db)
     c.start_training()
     deadline = time.time() + 180
-    while c.job is not None and time.time() < deadline:
+    while c.space.job is not None and time.time() < deadline:
         time.sleep(0.2)
     status = c.qinco_status()
-    assert "disk full" in status["last_error"] and status["phase"] == "collecting" and c.generation == 0
+    assert "disk full" in status["last_error"] and status["phase"] == "collecting" and c.space.generation == 0
     assert [h.id for h in c.search(x[5:6], 1, {}, False, False)[0]] == [5]  # still exact
     store.close()
     store = Store(tmp_path)
     store.open_all()
     c = store.get("s")
-    assert c.model is None and c.count() == 1200 and not list(tmp_path.glob("collections/s/model*.safetensors"))
-    codes = {bytes(r[0]) for r in c.db.execute("SELECT codes FROM points")}
+    assert c.space.model is None and c.count() == 1200 and not list(tmp_path.glob("collections/s/model*.safetensors"))
+    codes = {bytes(r[0]) for r in c.record.db.execute("SELECT codes FROM points")}
     assert codes == {b""}  # the rolled-back transaction wrote no codes
     store.close()
 
 
 def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sample):
-    from service.store import Store
+    from service.engine.registry import Store
     x = glove_sample[:1300]
     store = Store(tmp_path, train_threads=1)
     store.open_all()
@@ -307,21 +307,21 @@ def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sam
                                                             "keep_originals": True, "nlist": None})
     c.upsert(list(range(1000)), x[:1000], [None] * 1000)
     deadline = time.time() + 30
-    while c.job is None and time.time() < deadline:  # started by the 1000th point
+    while c.space.job is None and time.time() < deadline:  # started by the 1000th point
         time.sleep(0.05)
-    assert c.job is not None and c.cancel_training()
+    assert c.space.job is not None and c.cancel_training()
     c.upsert(list(range(1000, 1300)), x[1000:], [None] * 300)
     time.sleep(0.5)
-    assert c.job is None and c.qinco_status()["phase"] == "collecting"  # no new automatic job
+    assert c.space.job is None and c.qinco_status()["phase"] == "collecting"  # no new automatic job
     store.close()
     store = Store(tmp_path, train_threads=1)
     store.open_all()
     c = store.get("p")
     c.upsert([2000], x[:1], [None])
     time.sleep(0.5)
-    assert c.job is None  # still paused after a restart; an explicit request trains
+    assert c.space.job is None  # still paused after a restart; an explicit request trains
     c.start_training({"train_minutes": 0.05})
-    assert c.job is not None and "paused" not in c.state
+    assert c.space.job is not None and "paused" not in c.space.facts
     c.cancel_training()
     store.close()
 
@@ -329,7 +329,9 @@ def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sam
 SWAP_CHILD = r'''
 import sys, time
 from pathlib import Path
-from service.store import Collection, Store
+from service.engine.lifecycle import Trainer
+from service.engine.registry import Store
+from service.engine.space import VectorSpace
 
 data, stage = Path(sys.argv[1]), sys.argv[2]
 
@@ -356,19 +358,19 @@ class HangAfterGeneration:
         return getattr(self.db, name)
 
 
-swap = Collection.swap
+swap = Trainer.swap
 
 
 def swap_then_hang(self, job, *args, **kwargs):
     if stage == "in_transaction":
-        self.db = HangAfterGeneration(self.db)
+        self.c.record.db = HangAfterGeneration(self.c.record.db)
     return swap(self, job, *args, **kwargs)
 
 
-Collection.swap = swap_then_hang
+Trainer.swap = swap_then_hang
 if stage == "after_commit":  # committed and switched in memory; the old files not yet removed
-    remove = Collection._remove_stale_models
-    Collection._remove_stale_models = lambda self: hang() if self.generation else remove(self)
+    remove = VectorSpace.remove_stale_models
+    VectorSpace.remove_stale_models = lambda self: hang() if self.generation else remove(self)
 store = Store(data, train_threads=1)
 store.open_all()  # resumes the job, which trains, encodes and swaps
 time.sleep(3600)
@@ -382,7 +384,7 @@ def test_kill_9_inside_the_swap(tmp_path, glove_sample, stage, caplog):
     import subprocess
     import sys
 
-    from service.store import Store
+    from service.engine.registry import Store
     from tests.server import ROOT
     x = glove_sample[:1200]
     store = Store(tmp_path, train_threads=1)
@@ -409,11 +411,11 @@ def test_kill_9_inside_the_swap(tmp_path, glove_sample, stage, caplog):
     c = store.get("s")
     assert c.count() == 1200 and c.payloads([7])[7] == {"i": 7}
     if stage == "in_transaction":
-        assert c.generation == 0 and c.model is None and c.qinco_status()["phase"] == "training"
+        assert c.space.generation == 0 and c.space.model is None and c.qinco_status()["phase"] == "training"
         deadline = time.time() + 30
-        while c.job._process is None and time.time() < deadline:
+        while c.space.job._process is None and time.time() < deadline:
             time.sleep(0.01)
-        worker, lower = c.job._process, min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        worker, lower = c.space.job._process, min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
         niced = False
         while not niced and worker.poll() is None and time.time() < deadline:  # the worker lowers its own
             try:
@@ -422,22 +424,22 @@ def test_kill_9_inside_the_swap(tmp_path, glove_sample, stage, caplog):
                 break
             time.sleep(0.01)
         assert niced, "the training worker did not run below the server's priority"
-        assert {bytes(r[0]) for r in c.db.execute("SELECT codes FROM points")} == {b""}
+        assert {bytes(r[0]) for r in c.record.db.execute("SELECT codes FROM points")} == {b""}
         deadline = time.time() + 240
-        while c.job is not None and time.time() < deadline:  # the resumed job swaps this time
+        while c.space.job is not None and time.time() < deadline:  # the resumed job swaps this time
             time.sleep(0.2)
         progress = [r.getMessage() for r in caplog.records if r.name == "qinco.jobs"]
         assert any(" training " in m and "%" in m for m in progress), progress  # the server log follows the job
-    assert c.generation == 1 and c.model is not None and c.job is None and c.count() == 1200
+    assert c.space.generation == 1 and c.space.model is not None and c.space.job is None and c.count() == 1200
     assert c.qinco_status()["phase"] == "ready" and c.qinco_status()["last_error"] is None
     assert sorted(p.name for p in (tmp_path / "collections" / "s").glob("model*.safetensors")) == ["model-1.safetensors"]
-    assert [h.id for h in c.search(x[5:6], 1, {"nprobe": c.model.cfg.nlist, "nshort": 200}, False, False)[0]] == [5]
+    assert [h.id for h in c.search(x[5:6], 1, {"nprobe": c.space.model.cfg.nlist, "nshort": 200}, False, False)[0]] == [5]
     store.close()
 
 
 def test_a_high_d_collection_trains_a_model_with_narrower_blocks(tmp_path, glove_sample):
     """From d = 256 on a job's model has de = 128 (`default_de`): it trains, swaps and serves."""
-    from service.store import Store
+    from service.engine.registry import Store
     lift = np.random.default_rng(0).standard_normal((50, 256)).astype(np.float32)
     x = np.ascontiguousarray(glove_sample[:1200] @ lift)  # real vectors in 256 dimensions
     store = Store(tmp_path, train_threads=1)
@@ -447,10 +449,10 @@ def test_a_high_d_collection_trains_a_model_with_narrower_blocks(tmp_path, glove
     c.upsert(list(range(1200)), x, [None] * 1200)
     c.start_training()
     deadline = time.time() + 180
-    while c.generation == 0 and time.time() < deadline:
+    while c.space.generation == 0 and time.time() < deadline:
         assert c.qinco_status()["last_error"] is None, c.qinco_status()["last_error"]
         time.sleep(0.2)
-    assert c.generation == 1 and c.model.cfg.de == 128 and c.model.cfg.d == 256
+    assert c.space.generation == 1 and c.space.model.cfg.de == 128 and c.space.model.cfg.d == 256
     assert c.count() == 1200
     hits = c.search(x[:3], 10, {"rescore": True}, False, False)
     assert [len(h) for h in hits] == [10] * 3

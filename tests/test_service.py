@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from model.index import QincoIndex
 from model.io import save_model
 from model.network import Encoder
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 from tests.conftest import random_model
 from model.network import QincoConfig

@@ -1,4 +1,4 @@
-"""Property-based state machine: random operation sequences against service.store.Store.
+"""Property-based state machine: random operation sequences against service.engine.registry.Store.
 
 Hypothesis runs random sequences of create / upsert / delete / search / get /
 count / snapshot / delete-collection / restart on a real Store (a temporary data
@@ -28,7 +28,8 @@ from hypothesis.stateful import (  # noqa: E402
     RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test)
 
 from model.io import save_model  # noqa: E402
-from service.store import BadRequest, Conflict, NotFound, Store  # noqa: E402
+from service.engine.registry import Store  # noqa: E402
+from service.errors import BadRequest, Conflict, NotFound  # noqa: E402
 
 EXAMPLES = int(os.environ.get("QINCO_SM_EXAMPLES", "80"))
 STEPS = int(os.environ.get("QINCO_SM_STEPS", "50"))
@@ -133,7 +134,7 @@ def make_machine(model_path: Path, vectors: np.ndarray, workdir: Path):
             if name not in self.model:
                 return
             c = self.store.get(name)
-            params = {"nprobe": c.index.model.cfg.nlist, "ef_search": 256, "nshort": 200} if exhaustive else None
+            params = {"nprobe": c.space.index.model.cfg.nlist, "ef_search": 256, "nshort": 200} if exhaustive else None
             hits = c.search([vectors[row]], limit, params, with_payload, False)[0]
             live = self.model[name]
             ids = [h.id for h in hits]

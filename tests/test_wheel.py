@@ -25,7 +25,7 @@ def source_packages(*tops: str) -> list[str]:
 
 def test_the_wheels_hold_every_package_and_the_demo_model(regular_install, tmp_path):
     packages = source_packages("model", "service", "qinco_client")
-    assert "service.routers" in packages and "qinco_client" in packages
+    assert "service.http.routers" in packages and "qinco_client" in packages
     code = ("import importlib, sys, pathlib\n"
             "for name in sys.argv[1:]:\n"
             "    print(pathlib.Path(importlib.import_module(name).__file__).resolve())\n"

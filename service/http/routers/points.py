@@ -6,9 +6,12 @@ import time
 
 from fastapi import APIRouter, Depends, Path
 
+from ...engine.collection import Collection
+from ...engine.query import check_limit
+from ...errors import InvalidInput
 from .. import schemas
-from ..deps import ApiError, JsonRoute, Service, collection, ok, ready, record_json, update_result, wants_payload
-from ..store import Collection
+from ..deps import JsonRoute, Service, collection, ready
+from ..responses import ok, record_json, update_result, wants_payload
 
 router = APIRouter(route_class=JsonRoute, tags=["points"], responses=schemas.ERROR_RESPONSES)
 
@@ -19,7 +22,7 @@ def upsert(body: schemas.UpsertPoints, c: Collection = Depends(collection), svc:
     t0 = time.perf_counter()
     ids, vectors, payloads = body.columns()
     svc.check_batch(len(ids), "points")
-    seq, encode_seconds = svc.call(c.upsert, ids, vectors, payloads)
+    seq, encode_seconds = c.upsert(ids, vectors, payloads)
     svc.metrics.encode.observe(encode_seconds)
     return ok(update_result(seq, len(ids)), t0)
 
@@ -29,10 +32,10 @@ def delete_points(body: schemas.DeletePoints, c: Collection = Depends(collection
     """By ids, or every point a filter lets through."""
     t0 = time.perf_counter()
     if body.filter is not None:
-        seq, existed = svc.call(c.delete_filtered, body.filter)
+        seq, existed = c.delete_filtered(body.filter)
     else:
         svc.check_batch(len(body.points), "ids")
-        seq, existed = svc.call(c.delete, body.points)
+        seq, existed = c.delete(body.points)
     return ok(update_result(seq, existed), t0)
 
 
@@ -43,22 +46,22 @@ def count(c: Collection = Depends(collection)):
 
 
 @router.post("/collections/{name}/points/count", response_model=schemas.Envelope[schemas.CountResult])
-def count_filtered(body: schemas.CountRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+def count_filtered(body: schemas.CountRequest, c: Collection = Depends(collection)):
     """Qdrant's count: every point, or those a filter lets through (always exact)."""
     t0 = time.perf_counter()
-    n = c.count() if body.filter is None else svc.call(c.count_filtered, body.filter)
+    n = c.count() if body.filter is None else c.count_filtered(body.filter)
     return ok({"count": n}, t0)
 
 
 @router.get("/collections/{name}/points/{point_id}", response_model=schemas.Envelope[schemas.Record])
 def get_point(point_id: str = Path(max_length=45, description="an integer id or a UUID"), with_vector: bool = False,
-              c: Collection = Depends(collection), svc: Service = Depends(ready)):
+              c: Collection = Depends(collection)):
     t0 = time.perf_counter()
     try:
         point_id = schemas.parse_path_id(point_id)
     except ValueError as e:
-        raise ApiError(422, str(e)) from None
-    return ok(svc.call(c.get, point_id, with_vector), t0)
+        raise InvalidInput(str(e)) from None
+    return ok(c.get(point_id, with_vector), t0)
 
 
 @router.post("/collections/{name}/points", response_model=schemas.Envelope[list[schemas.Record]])
@@ -66,24 +69,23 @@ def retrieve(body: schemas.RetrieveRequest, c: Collection = Depends(collection),
     """Qdrant's retrieve: the stored points among the ids (absent ones left out)."""
     t0 = time.perf_counter()
     svc.check_batch(len(body.ids), "ids")
-    records = svc.call(c.records, body.ids, wants_payload(body.with_payload), body.with_vector)
+    records = c.records(body.ids, wants_payload(body.with_payload), body.with_vector)
     return ok([record_json(r, body.with_payload) for r in records], t0)
 
 
 @router.post("/collections/{name}/points/scroll", response_model=schemas.Envelope[schemas.ScrollResult])
-def scroll(body: schemas.ScrollRequest, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+def scroll(body: schemas.ScrollRequest, c: Collection = Depends(collection)):
     """Points by ascending id, a page at a time; `next_page_offset` is the next page's `offset`."""
     t0 = time.perf_counter()
-    svc.check_limit(body.limit)
-    records, nxt = svc.call(c.scroll, body.filter, body.offset, body.limit, wants_payload(body.with_payload),
-                            body.with_vector)
+    check_limit(c, body.limit)
+    records, nxt = c.scroll(body.filter, body.offset, body.limit, wants_payload(body.with_payload), body.with_vector)
     return ok({"points": [record_json(r, body.with_payload) for r in records], "next_page_offset": nxt}, t0)
 
 
 def payload_write(svc: Service, c: Collection, points, filter, change) -> dict:
     if points is not None:
         svc.check_batch(len(points), "ids")
-    return update_result(*svc.call(c.update_payloads, points, filter, change))
+    return update_result(*c.update_payloads(points, filter, change))
 
 
 @router.post("/collections/{name}/points/payload", response_model=schemas.Envelope[schemas.UpdateResult])

@@ -1,9 +1,10 @@
 """A collection's background training job, seen from the server.
 
 A job trains a model on a sample of the collection's original vectors (or takes a model file the
-user gave), encodes every point with it, and hands the result to `Collection.swap`, which
-switches to it atomically.  The heavy work runs in a child process (service/worker.py); this
-thread starts it, reads its progress, stops it on cancel, and does the swap.
+user gave), encodes every point with it, and hands the result to its `swap` (the engine's
+Trainer.swap), which switches to it atomically.  The heavy work runs in a child process
+(service/training/worker.py); the job's thread (started by the engine: `run`) starts it, reads
+its progress, stops it on cancel, and calls the swap.
 
 The job's record (id, kind, request) is a row of the collection's SQLite `state` table, written
 when it starts and removed by the swap's transaction (or on cancel or failure).  A job whose
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("qinco.jobs")
 
@@ -47,23 +49,23 @@ class JobCancelled(Exception):
 
 
 class TrainingJob:
-    def __init__(self, collection, record: dict, train_threads: int):
-        self.collection = collection
-        self.record = record  # {"id", "kind", "request", "started"}: what the state row holds
-        self.dir: Path = collection.folder / "jobs" / record["id"]
-        self.train_threads = train_threads
+    def __init__(self, name: str, jobs: Path, database: Path, record: dict, threads: int, device: str,
+                 swap: Callable[[TrainingJob], int], failed: Callable[[TrainingJob, str], None]):
+        """name: the collection's; jobs: its jobs folder; database: its points.sqlite; record:
+        {"id", "kind", "request", "started"}, what the record's `job` fact holds; swap(job) -> the
+        generation it serves; failed(job, reason)."""
+        self.name, self.database, self.record, self.threads, self.device = name, database, record, threads, device
+        self.dir: Path = jobs / record["id"]
+        self._swap, self._failed = swap, failed
         self.phase = "queued"  # queued, training, encoding, swapping
         self.cancelled = threading.Event()
         self._process: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"train-{collection.name}")
+        self._lock = threading.Lock()  # the process handle (a leaf lock: it takes no other)
+        self.thread: threading.Thread | None = None  # running `run`, set by whoever starts it
 
     @property
     def id(self) -> str:
         return self.record["id"]
-
-    def start(self):
-        self.thread.start()
 
     def cancel(self, wait: bool = True):
         """Stop the worker; the collection keeps serving what it served before."""
@@ -71,7 +73,7 @@ class TrainingJob:
         with self._lock:
             if self._process is not None and self._process.poll() is None:
                 self._process.kill()
-        if wait and threading.current_thread() is not self.thread:
+        if wait and self.thread is not None and threading.current_thread() is not self.thread:
             self.thread.join(timeout=60)
 
     def status(self) -> dict:
@@ -92,30 +94,29 @@ class TrainingJob:
                 "val_mse": progress.get("val_mse"), "rq_val_mse": progress.get("rq_val_mse")}
 
     # ---- the job's thread -----------------------------------------------------------------
-    def _run(self):
-        c = self.collection
+    def run(self):
         try:
-            (c.folder / "jobs").mkdir(exist_ok=True)
+            self.dir.parent.mkdir(exist_ok=True)
             self.dir.mkdir(exist_ok=True)  # not parents: never recreate a deleted collection's folder
             for stale in ("progress.json", "encoded.json", "error.txt"):  # of an interrupted run
                 (self.dir / stale).unlink(missing_ok=True)
-            request = {**self.record["request"], "database": str(c.folder / "points.sqlite"),
-                       "kind": self.record["kind"], "threads": self.train_threads}
+            request = {**self.record["request"], "database": str(self.database),
+                       "kind": self.record["kind"], "threads": self.threads, "device": self.device}
             (self.dir / "request.json").write_text(json.dumps(request))
             self.phase = "training"
             self._work()
             self.phase = "swapping"
-            c.swap(self)
-            log.info("%s: job %s done: serving model generation %d", c.name, self.id, c.generation)
+            generation = self._swap(self)
+            log.info("%s: job %s done: serving model generation %d", self.name, self.id, generation)
         except JobCancelled:
-            log.info("%s: job %s cancelled", c.name, self.id)
+            log.info("%s: job %s cancelled", self.name, self.id)
         except Exception as e:
             if self.cancelled.is_set():
-                log.info("%s: job %s cancelled", c.name, self.id)
+                log.info("%s: job %s cancelled", self.name, self.id)
             else:
-                log.exception("%s: job %s failed", c.name, self.id)
-                c.job_failed(self, f"{type(e).__name__}: {e}")
-        # Its folder goes with its record (Collection._end_job, Collection.swap): a folder without a
+                log.exception("%s: job %s failed", self.name, self.id)
+                self._failed(self, f"{type(e).__name__}: {e}")
+        # Its folder goes with its record (Trainer._end, Trainer.swap): a folder without a
         # record is removed at the next open, and one with a record lets the job resume.
 
     def _work(self):
@@ -126,7 +127,7 @@ class TrainingJob:
         with self._lock:
             if self.cancelled.is_set():
                 raise JobCancelled()
-            self._process = subprocess.Popen([sys.executable, "-m", "service.worker", str(self.dir)],
+            self._process = subprocess.Popen([sys.executable, "-m", "service.training.worker", str(self.dir)],
                                              env=env, stdin=subprocess.DEVNULL)
         last_phase, last_log = None, 0.0
         while self._process.poll() is None:
@@ -134,7 +135,7 @@ class TrainingJob:
             status = self.status()
             if status["phase"] != last_phase or time.monotonic() - last_log >= LOG_EVERY:
                 last_phase, last_log = status["phase"], time.monotonic()
-                log.info("%s: job %s %s", self.collection.name, self.id, progress_line(status))
+                log.info("%s: job %s %s", self.name, self.id, progress_line(status))
         if self.cancelled.is_set():
             raise JobCancelled()
         if self._process.returncode != 0:

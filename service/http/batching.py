@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 
 @dataclass
-class Job:
-    search: Any  # schemas.SearchRequest
-    key: str  # its options: jobs with the same key share one call
+class PendingSearch:
+    search: Any  # an engine Query
+    key: str  # its options: searches with the same key share one call
     hits: list | None = None
     error: Exception | None = None
     done: bool = False
@@ -31,15 +31,15 @@ class SearchBatcher:
     def __init__(self, run_group: Callable[[list], list], observe_batch: Callable[[int], None] = lambda n: None):
         """run_group(searches sharing their options) -> one hit list per search."""
         self._run_group, self._observe_batch = run_group, observe_batch
-        self._cond = threading.Condition()
-        self._queues: dict[str, list[Job]] = {}  # options -> searches waiting (no key without one)
+        self._cond = threading.Condition()  # a leaf lock (engine/concurrency.py): it takes no other
+        self._queues: dict[str, list[PendingSearch]] = {}  # options -> searches waiting (no key without one)
         self._running: set[str] = set()
 
     def search(self, search, key: str) -> list:
-        job = Job(search, key)
+        pending = PendingSearch(search, key)
         with self._cond:
-            self._queues.setdefault(key, []).append(job)
-            while not job.done:
+            self._queues.setdefault(key, []).append(pending)
+            while not pending.done:
                 if key in self._running:
                     self._cond.wait()
                     continue
@@ -52,27 +52,27 @@ class SearchBatcher:
                     self._cond.acquire()
                     self._running.discard(key)
                     self._cond.notify_all()
-        if job.error is not None:
-            raise job.error
-        return job.hits
+        if pending.error is not None:
+            raise pending.error
+        return pending.hits
 
-    def _run(self, jobs: list[Job]):
+    def _run(self, batch: list[PendingSearch]):
         try:
-            self._observe_batch(len(jobs))
+            self._observe_batch(len(batch))
             try:
-                for job, hits in zip(jobs, self._run_group([j.search for j in jobs]), strict=True):
-                    job.hits = hits
+                for pending, hits in zip(batch, self._run_group([p.search for p in batch]), strict=True):
+                    pending.hits = hits
             except Exception as e:
-                if len(jobs) == 1:
-                    jobs[0].error = e
+                if len(batch) == 1:
+                    batch[0].error = e
                 else:
-                    for job in jobs:  # one bad search must not fail the others: each alone, its own answer
+                    for pending in batch:  # one bad search must not fail the others: each alone, its own answer
                         try:
-                            job.hits = self._run_group([job.search])[0]
+                            pending.hits = self._run_group([pending.search])[0]
                         except Exception as e1:
-                            job.error = e1
+                            pending.error = e1
         finally:
-            for job in jobs:
-                if job.hits is None and job.error is None:
-                    job.error = RuntimeError("the batch this search was part of did not finish")
-                job.done = True
+            for pending in batch:
+                if pending.hits is None and pending.error is None:
+                    pending.error = RuntimeError("the batch this search was part of did not finish")
+                pending.done = True

@@ -15,7 +15,11 @@ import uuid
 
 import numpy as np
 
+from .record import array_of, select_in
+
 UUID_BASE = 1 << 62
+MAX_INT_ID = UUID_BASE - 1  # integer point ids are 0 .. MAX_INT_ID; the internal ids above are UUIDs'
+INT_ID_RANGE = "[0, 2^62)"  # the same, as messages say it
 SCHEMA = "CREATE TABLE IF NOT EXISTS uuids (uuid BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;"
 
 
@@ -23,18 +27,22 @@ class UnknownId(KeyError):
     """A UUID this collection never stored."""
 
 
-def canonical(ids) -> list:
-    """Client ids as Python ints and canonical UUID strings (lower case, hyphenated)."""
-    out = []
-    for i in ids:
-        if isinstance(i, str):
-            try:
-                out.append(str(uuid.UUID(i)))
-            except ValueError:
-                raise ValueError(f"point ids are non-negative integers or UUIDs; {i[:64]!r} is neither") from None
-        else:
-            out.append(int(i))
-    return out
+def parse_uuid(text: str) -> str:
+    """A UUID in its canonical form (lower case, hyphenated)."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise ValueError("point ids are non-negative integers or UUIDs (e.g. "
+                         "'5c56c793-69f3-4fbf-87e6-c4bf54c28c26')") from None
+
+
+def canonical_ids(ids) -> list:
+    """Client ids as Python ints and canonical UUID strings."""
+    return [parse_uuid(i) if isinstance(i, str) else int(i) for i in ids]
+
+
+def is_int_id(i) -> bool:
+    return 0 <= i <= MAX_INT_ID
 
 
 class PointIds:
@@ -49,7 +57,7 @@ class PointIds:
             top = max(db.execute(f"SELECT COALESCE(MAX(id), -1) FROM {t}").fetchone()[0]
                       for t in ("points", "deleted", "originals"))
             self.base = max(UUID_BASE, top + 1)
-        self._buffer = np.frombuffer(b"".join(u for _, u in rows), dtype=np.uint8).reshape(-1, 16).copy()
+        self._buffer = array_of([u for _, u in rows], np.uint8, 16).copy()
         self.count = len(rows)  # rows of the buffer in use; readers read it before the buffer
 
     def external(self, i: int) -> int | str:
@@ -64,11 +72,8 @@ class PointIds:
         """{client id: internal id} for the ids that resolve (integers always; UUIDs once stored)."""
         out = {i: i for i in ids if isinstance(i, (int, np.integer))}
         uuids = list({i for i in ids if isinstance(i, str)})
-        for i0 in range(0, len(uuids), 900):
-            chunk = uuids[i0:i0 + 900]
-            rows = db.execute(f"SELECT uuid, id FROM uuids WHERE uuid IN ({','.join('?' * len(chunk))})",
-                              [uuid.UUID(u).bytes for u in chunk]).fetchall()
-            out.update((str(uuid.UUID(bytes=u)), i) for u, i in rows)
+        rows = select_in(db, "uuids", "uuid, id", "uuid", [uuid.UUID(u).bytes for u in uuids])
+        out.update((str(uuid.UUID(bytes=u)), i) for u, i in rows)
         return out
 
     def internal(self, db: sqlite3.Connection, ids, strict: bool) -> list[int]:
@@ -92,7 +97,7 @@ class PointIds:
             found[u] = self.base + before + k
         if new:
             db.executemany("INSERT INTO uuids (uuid, id) VALUES (?, ?)", [(uuid.UUID(u).bytes, found[u]) for u in new])
-            rows = np.frombuffer(b"".join(uuid.UUID(u).bytes for u in new), dtype=np.uint8).reshape(-1, 16)
+            rows = array_of([uuid.UUID(u).bytes for u in new], np.uint8, 16)
             if before + len(new) > len(self._buffer):  # grow by doubling: appends cost O(1) amortised
                 grown = np.zeros((max(2 * len(self._buffer), before + len(new), 1024), 16), dtype=np.uint8)
                 grown[:before] = self._buffer[:before]

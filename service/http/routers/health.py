@@ -6,8 +6,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..deps import Service, error, service
-from ..store import NotFound
+from ...errors import NotFound
+from ..deps import Service, service
+from ..errors import error
 
 router = APIRouter(tags=["service"])
 
@@ -19,11 +20,11 @@ async def healthz():
 
 @router.get("/readyz")
 async def readyz(svc: Service = Depends(service)):
-    state, store = svc.state, svc.store
-    if not state["ready"]:
-        return error(503, state["error"] or "collections are still loading")
+    startup, store = svc.startup, svc.store
+    if not startup.ready:
+        return error(503, startup.error or "collections are still loading")
     return {"status": "ready", "collections": len(store.collections), "failed": dict(store.failed),
-            **({"demo_error": state["demo_error"]} if "demo_error" in state else {})}
+            **({"demo_error": startup.demo_error} if startup.demo_error is not None else {})}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -16,16 +16,18 @@ element does), and never holds for a missing field (but `values_count`, which co
 type, not for null).  `is_empty`: missing, null or [] ([null] is not empty); `is_null`: a
 value stored at the key is null.  `values_count`: how many values, nulls not counted.
 At most MAX_ON_DEMAND fields without a declared index keep an index at a time.
+
+Filters arrive as the request models of service/http/schemas/filters.py; this module reads them
+by their fields and their KIND tag (no import of the HTTP layer).
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import schemas
+from .concurrency import LEAF, OrderedLock
 
 MAX_ON_DEMAND = 16  # field indexes built for filters on fields without a declared payload index
 
@@ -48,12 +50,12 @@ def field_values(payload: dict | None, key: str) -> list:
 
 def raw_values(payload: dict | None, key: str) -> list:
     """The values stored at a key, arrays flattened on the way but not at the last step."""
-    parent, _, last = canonical(key).rpartition(".")
+    parent, _, last = canonical_key(key).rpartition(".")
     holders = field_values(payload, parent) if parent else ([payload] if payload is not None else [])
     return [v[last] for v in holders if isinstance(v, dict) and last in v]
 
 
-def canonical(key: str) -> str:
+def canonical_key(key: str) -> str:
     """`a[].b` and `a.b` address the same values (arrays are flattened either way)."""
     return key.replace("[]", "")
 
@@ -154,20 +156,20 @@ def literal(v) -> tuple:
     return ("bool", v) if isinstance(v, bool) else ("int", v) if isinstance(v, int) else ("str", v)
 
 
-def in_range(r: schemas.Range) -> Callable[[float], bool]:
+def in_range(r) -> Callable[[float], bool]:
     def test(x: float) -> bool:
         return ((r.gt is None or x > r.gt) and (r.gte is None or x >= r.gte)
                 and (r.lt is None or x < r.lt) and (r.lte is None or x <= r.lte))
     return test
 
 
-def has_id_values(f: schemas.Filter) -> list:
+def has_id_values(f) -> list:
     """Every id named by a has_id condition of the filter, nested ones included."""
     out = []
     for c in f.parts():
-        if isinstance(c, schemas.Filter):
+        if c.KIND == "filter":
             out += has_id_values(c)
-        elif isinstance(c, schemas.HasIdCondition):
+        elif c.KIND == "has_id":
             out += c.has_id
     return out
 
@@ -180,7 +182,7 @@ class Evaluator:
                  resolve: Callable[[list], list[int]] = lambda ids: ids):
         self.all_ids, self.field, self.resolve = all_ids, field, resolve
 
-    def ids(self, f: schemas.Filter) -> np.ndarray:
+    def ids(self, f) -> np.ndarray:
         """The sorted ids that the filter lets through."""
         out = self.all_ids
         for c in as_list(f.must):
@@ -200,28 +202,29 @@ class Evaluator:
         return out
 
     def condition(self, c) -> np.ndarray:
-        if isinstance(c, schemas.Filter):
+        if c.KIND == "filter":
             return self.ids(c)
-        if isinstance(c, schemas.HasIdCondition):
+        if c.KIND == "has_id":
             return np.intersect1d(self.all_ids, np.unique(np.array(self.resolve(c.has_id), dtype=np.int64)), assume_unique=True)
-        if isinstance(c, schemas.IsEmptyCondition):  # missing, null or []
+        if c.KIND == "is_empty":  # missing, null or []
             holding = as_ids(self.field(c.is_empty.key).nonempty_ids)
             return np.setdiff1d(self.all_ids, holding, assume_unique=True)
-        if isinstance(c, schemas.IsNullCondition):
+        if c.KIND == "is_null":
             return np.intersect1d(self.all_ids, as_ids(self.field(c.is_null.key).null_ids), assume_unique=True)
         return np.intersect1d(self.all_ids, self.field_condition(c), assume_unique=True)
 
-    def field_condition(self, c: schemas.FieldCondition) -> np.ndarray:
+    def field_condition(self, c) -> np.ndarray:
         index = self.field(c.key)
         m = c.match
-        if isinstance(m, schemas.MatchValue):
+        kind = m.KIND if m is not None else None
+        if kind == "value":
             return index.ids_of([literal(m.value)])
-        if isinstance(m, schemas.MatchAny):
+        if kind == "any":
             return index.ids_of([literal(v) for v in m.any])
-        if isinstance(m, schemas.MatchExcept):
+        if kind == "except":
             excluded = {literal(v) for v in m.except_}
             return index.ids_where(lambda t: t[0] != "null" and t not in excluded)
-        if isinstance(m, schemas.MatchText):
+        if kind == "text":
             return index.ids_where(lambda t: t[0] == "str" and m.text in t[1])
         if c.range is not None:
             return index.ids_in_range(c.range)
@@ -247,10 +250,10 @@ class PayloadIndexes:
     def __init__(self, declared: dict[str, str]):
         self.declared = dict(declared)  # key -> field schema
         self.fields: dict[str, FieldIndex] = {}
-        self.build_lock = threading.Lock()
+        self.build_lock = OrderedLock(LEAF, "payload index build")
 
     def get(self, key: str, rows: Callable[[], Iterable[tuple[int, dict | None]]]) -> FieldIndex:
-        key = canonical(key)
+        key = canonical_key(key)
         index = self.fields.get(key)
         if index is None:
             with self.build_lock:
@@ -277,10 +280,12 @@ class PayloadIndexes:
 
     def drop(self, key: str):
         self.declared.pop(key, None)
-        self.fields.pop(canonical(key), None)
+        self.fields.pop(canonical_key(key), None)
 
     def schema(self) -> dict:
         """Qdrant's payload_schema of the declared indexes (safe beside concurrent changes)."""
-        fields = dict(self.fields)
-        return {k: {"data_type": v, "points": len(fields[canonical(k)].values_of) if canonical(k) in fields else 0}
-                for k, v in dict(self.declared).items()}
+        fields, out = dict(self.fields), {}
+        for key, schema in dict(self.declared).items():
+            index = fields.get(canonical_key(key))
+            out[key] = {"data_type": schema, "points": len(index.values_of) if index is not None else 0}
+        return out

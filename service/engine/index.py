@@ -1,0 +1,197 @@
+"""What a vector space searches, behind one protocol.
+
+  QincoSpaceIndex  QINCo codes in faiss IVF lists (model/index.py's QincoIndex): the fixed-table
+                   shortlist, then neural re-ranking.
+  ExactSpaceIndex  the original vectors themselves, searched by brute force (ExactIndex): what a
+                   self-training collection serves until its first model.
+
+The engine adds, removes, searches and reconstructs through SpaceIndex and never asks which one
+it holds; the QINCo knobs (nprobe, ef_search, nshort) stay behind `search_params`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import faiss
+import numpy as np
+
+from model.index import ExactIndex, QincoIndex, SearchParams
+from model.network import Encoder, Qinco, encode, split_codes
+
+EXACT_SHORTLIST = 1000  # candidates re-ranked by an `exact` search
+HNSW_NEIGHBOURS = 64  # distances per HNSW node visited (faiss's HNSW32: 64 links on layer 0)
+
+
+class SpaceIndex(Protocol):
+    model: Qinco | None  # None: the exact index
+    exact: bool  # searches and reconstructs the original vectors themselves
+    d: int
+    code_bytes: int  # bytes per vector in the index (0: exact)
+    nlist: int  # IVF lists (0: exact)
+
+    @property
+    def ntotal(self) -> int: ...
+
+    @property
+    def memory_per_point(self) -> int: ...
+
+    def encode(self, x: np.ndarray, encoder: Encoder, workers: int = 0) -> np.ndarray:
+        """What `add` takes for vectors x (the slow part: called outside every lock)."""
+
+    def stored_form(self, encoded: np.ndarray) -> list[bytes]:
+        """What the record's `points.codes` holds for each encoded vector."""
+
+    def add(self, encoded: np.ndarray, ids: np.ndarray) -> None:
+        """Upsert: an existing id is replaced."""
+
+    def remove(self, ids) -> int: ...
+
+    def ids(self) -> np.ndarray:
+        """Sorted ids of the stored vectors."""
+
+    def reconstruct(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(n, d) vectors (zeros where absent) and the mask of the ids found."""
+
+    def search(self, x: np.ndarray, k: int, params: SearchParams | None,
+               allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Squared L2 distances and ids of the k nearest, ascending (-1: none)."""
+
+    def search_params(self, options: dict) -> SearchParams | None:
+        """The parameters for a request's options (nprobe, ef_search, nshort, target_recall, exact)."""
+
+    def search_cost(self, params: SearchParams | None, limit: int) -> int | None:
+        """Multiply-adds of one unfiltered query, or None where that cannot be told cheaply."""
+
+    def default_params(self) -> dict: ...
+
+    def serialize(self) -> bytes | None:
+        """The index as a snapshot stores it (None: nothing to store, the record holds it all)."""
+
+
+class QincoSpaceIndex:
+    exact = False
+
+    def __init__(self, index: QincoIndex):
+        self.qinco = index
+        self.model, self.d = index.model, index.d
+        self.code_bytes, self.nlist = index.code_bytes, index.model.cfg.nlist
+
+    @property
+    def ntotal(self) -> int:
+        return self.qinco.ntotal
+
+    @property
+    def memory_per_point(self) -> int:
+        return self.qinco.memory_per_point
+
+    def encode(self, x: np.ndarray, encoder: Encoder, workers: int = 0) -> np.ndarray:
+        """(n, 1 + M) int32 codes, IVF list first."""
+        codes = encode(self.model, x, encoder, workers=workers).astype(np.int32)
+        split_codes(self.model, codes)  # refuses codes the model cannot hold
+        return codes
+
+    def stored_form(self, encoded: np.ndarray) -> list[bytes]:
+        return [c.tobytes() for c in encoded]
+
+    def add(self, encoded: np.ndarray, ids: np.ndarray) -> None:
+        self.qinco.add_codes(encoded, ids)
+
+    def remove(self, ids) -> int:
+        return self.qinco.remove(ids)
+
+    def ids(self) -> np.ndarray:
+        return self.qinco.ids()
+
+    def stored_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.qinco.stored_codes()
+
+    def reconstruct(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        return self.qinco.reconstruct_many(ids)
+
+    def search(self, x, k, params, allowed_ids=None):
+        return self.qinco.search(x, k, params, allowed_ids=allowed_ids)
+
+    def search_params(self, options: dict) -> SearchParams:
+        if options.get("target_recall") is not None:
+            return self.qinco.params_for_recall(options["target_recall"])
+        default = SearchParams()
+        sp = SearchParams(options.get("nprobe") or min(default.nprobe, self.nlist),
+                          options.get("ef_search") or default.ef_search,
+                          default.nshort if options.get("nshort") is None else options["nshort"])
+        if options.get("exact"):  # every list, a wide shortlist: exact but for the table order
+            sp = SearchParams(self.nlist, max(sp.ef_search, self.nlist), max(sp.nshort, EXACT_SHORTLIST))
+        return sp
+
+    def search_cost(self, params: SearchParams, limit: int) -> int | None:
+        """The HNSW walk, a table per probed list, the codes scanned (lists of average size) and
+        the neural decodes.  None: probed lists too small for the results (the search then
+        probes every list), or a list copy to refresh after a write."""
+        if not self.qinco.flat_is_current:
+            return None
+        cfg = self.model.cfg
+        nshort = max(params.nshort, limit) if params.nshort else 0
+        probed = params.nprobe * self.ntotal // cfg.nlist  # codes in the probed lists
+        if probed < max(nshort, limit):
+            return None
+        return (max(params.ef_search, params.nprobe) * HNSW_NEIGHBOURS * cfg.d + params.nprobe * cfg.M * cfg.K
+                + probed * cfg.M + nshort * cfg.decode_macs)
+
+    def default_params(self) -> dict:
+        default = SearchParams()
+        return {"nprobe": min(default.nprobe, self.nlist), "ef_search": default.ef_search, "nshort": default.nshort}
+
+    def serialize(self) -> bytes:
+        return faiss.serialize_index(self.qinco.index).tobytes()
+
+
+class ExactSpaceIndex:
+    model = None
+    exact = True
+    code_bytes = 0
+    nlist = 0
+
+    def __init__(self, d: int):
+        self.flat = ExactIndex(d)
+        self.d = d
+
+    @property
+    def ntotal(self) -> int:
+        return self.flat.ntotal
+
+    @property
+    def memory_per_point(self) -> int:
+        return self.flat.memory_per_point
+
+    def encode(self, x: np.ndarray, encoder: Encoder, workers: int = 0) -> np.ndarray:
+        return x  # its own vectors: nothing to encode
+
+    def stored_form(self, encoded: np.ndarray) -> list[bytes]:
+        return [b""] * len(encoded)  # the record's originals hold them
+
+    def add(self, encoded: np.ndarray, ids: np.ndarray) -> None:
+        self.flat.add_vectors(encoded, ids)
+
+    def remove(self, ids) -> int:
+        return self.flat.remove(ids)
+
+    def ids(self) -> np.ndarray:
+        return self.flat.ids()
+
+    def reconstruct(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        return self.flat.reconstruct_many(ids)
+
+    def search(self, x, k, params, allowed_ids=None):
+        return self.flat.search(x, k, allowed_ids=allowed_ids)
+
+    def search_params(self, options: dict) -> None:
+        return None  # exact whatever the options
+
+    def search_cost(self, params, limit: int) -> None:
+        return None  # a pass over every vector: never light
+
+    def default_params(self) -> dict:
+        return {"exact": True}
+
+    def serialize(self) -> None:
+        return None  # the originals in the record are the whole state

@@ -1,0 +1,151 @@
+"""One search call on a collection's vector space: its budget, its parameters, the filter, the
+index search under the index lock, the rescore with the originals, and the hits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from model.threads import use_threads
+
+from ..errors import BadRequest
+
+if TYPE_CHECKING:  # annotations only: the collection imports this module
+    from .collection import Collection
+
+MAX_VECTOR_VALUES = 20_000_000  # numbers of the vectors returned by one search request (with_vector)
+MAX_RESCORE = 10_000  # candidates re-ranked with their originals in one query
+LIGHT_SEARCH_MACS = 12_000_000  # a lone search this cheap runs in the event loop (~0.3-0.5 ms of one core)
+LIGHT_SEARCH_LIMIT = 100  # results (limit + offset) of such a search: payloads are read in the loop too
+
+
+class SearchBudget:
+    """What one request may ask of the searches it makes: shortlist candidates (queries x
+    max(limit, nshort)) and numbers of returned vectors.  Shared by the groups of a batch."""
+
+    def __init__(self, candidates: int, vector_values: int = MAX_VECTOR_VALUES):
+        self.max_candidates, self.max_vector_values = candidates, vector_values
+        self.candidates, self.vector_values = candidates, vector_values  # what is left
+
+    def take(self, nq: int, limit: int, nshort: int, with_vector: bool, d: int):
+        candidates = nq * max(limit, nshort)
+        if candidates > self.candidates:
+            raise BadRequest(f"this request asks for more than {self.max_candidates} search candidates (queries x "
+                             f"max(limit, nshort)): send fewer queries or a smaller nshort")
+        values = nq * limit * d if with_vector else 0
+        if values > self.vector_values:
+            raise BadRequest(f"this request would return more than {self.max_vector_values} vector values: ask for "
+                             f"fewer results or without with_vector")
+        self.candidates -= candidates
+        self.vector_values -= values
+
+
+@dataclass
+class Hit:
+    id: int | str  # the client's id (an integer or a UUID)
+    score: float
+    payload: dict | None = None
+    vector: list[float] | None = None
+
+
+def search(c: Collection, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
+           exclude: list[set] | None = None, budget: SearchBudget | None = None, filter=None) -> list[list[Hit]]:
+    """Nearest stored points of each query; `filter` restricts them; `exclude` (client ids per
+    query) leaves points out.
+
+    params: nprobe, ef_search, nshort, target_recall, exact, rescore, oversampling.  Before its
+    first model a space searches its originals exactly and ignores them."""
+    use_threads(c.config.threads)
+    space = c.space
+    x = space.prepare(queries)
+    params = params or {}
+    exclude = [set(c.internal_ids(list(e))) for e in exclude] if exclude else None
+    extra = max((len(e) for e in exclude), default=0) if exclude else 0
+    # Qdrant ignores quantization settings that do not apply: so does rescore without originals.
+    rescore = bool(params.get("rescore")) and space.keeps_originals
+    resolve = c.has_id_resolver(filter)
+    try:
+        with c.locks.index.read():  # one index throughout, even if a swap replaces it meanwhile
+            index = space.index
+            rescore = rescore and not index.exact  # exact already
+            k = limit + extra
+            if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals
+                k = min(MAX_RESCORE, math.ceil(k * (params.get("oversampling") or 1.0)))
+            sp = index.search_params(params)
+            budget = budget or SearchBudget(c.config.max_search_candidates)
+            budget.take(len(x), k, sp.nshort if sp else 0, with_vector, index.d)
+            if rescore:  # the originals read back count as returned vectors
+                budget.take(len(x), k, 0, True, index.d)
+            allowed = c.filter_ids(filter, resolve) if filter is not None else None
+            D, I = index.search(x, k, sp, allowed_ids=allowed)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if rescore:
+        D, I = rescored(c, x, D, I)
+    if not np.isfinite(D).all():  # float32 overflow: a query far outside the model's range
+        raise BadRequest("the query vector's values are too large for this collection's model")
+    return hits(c, D, I, limit, extra, exclude, with_payload, with_vector)
+
+
+def hits(c: Collection, D: np.ndarray, I: np.ndarray, limit: int, extra: int, exclude: list[set] | None,
+         with_payload: bool, with_vector: bool) -> list[list[Hit]]:
+    """Each query's hits: excluded and since-deleted points left out, Qdrant's scores."""
+    payloads = c.record.payloads({int(i) for i in I.ravel()}) if with_payload else {}
+    vectors = {}
+    if with_vector:
+        found = np.unique(I[:, :limit + extra][I[:, :limit + extra] >= 0])  # not every rescore candidate
+        stored, present = c.stored_vectors(found)
+        vectors = {int(i): v for i, v, ok in zip(found, stored, present) if ok}
+    results = []
+    cosine = c.space.metric == "cosine"
+    for q in range(len(D)):
+        out = []
+        for dist, i in zip(D[q].tolist(), I[q].tolist()):  # Python floats and ints: no numpy scalars
+            if i < 0 or (exclude and i in exclude[q]):
+                continue
+            if (with_payload and i not in payloads) or (with_vector and i not in vectors):
+                continue  # deleted since the search: its row is gone
+            # Qdrant's scores: cosine similarity, or the Euclidean distance (not its square)
+            score = 1 - dist / 2 if cosine else math.sqrt(max(dist, 0.0))
+            vector = vectors[i].tolist() if with_vector else None
+            out.append(Hit(c.point_ids.external(i), score, payloads.get(i) if with_payload else None, vector))
+            if len(out) == limit:
+                break
+        results.append(out)
+    return results
+
+
+def rescored(c: Collection, x: np.ndarray, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates re-ranked by the exact distance to their original vectors (read from disk).
+    One deleted meanwhile (no original) is dropped (id -1) rather than ranked by another distance."""
+    found = np.unique(I[I >= 0])
+    originals = c.record.originals(found)
+    table = np.zeros((len(found) + 1, x.shape[1]), dtype=np.float32)  # last row: "no original"
+    known = np.zeros(len(found) + 1, dtype=bool)
+    for r, i in enumerate(found.tolist()):
+        if i in originals:
+            table[r], known[r] = originals[i], True
+    rows = np.where(I >= 0, np.searchsorted(found, I), len(found))
+    D = np.where(known[rows], ((x[:, None, :] - table[rows]) ** 2).sum(-1), np.inf).astype(np.float32)
+    order = np.argsort(D, axis=1, kind="stable")
+    D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+    gone = ~np.isfinite(D)
+    D[gone], I[gone] = 0.0, -1  # skipped by `hits`
+    return D, I
+
+
+def is_light(c: Collection, params: dict | None, limit: int) -> bool:
+    """Whether one unfiltered query with these options costs at most LIGHT_SEARCH_MACS (a fraction
+    of a millisecond): the service runs such a search in the event loop when it is the only
+    request, where a thread hop would cost more than the search.  Not light: exact, rescore or
+    target_recall options, a long result list, or what the index cannot cost (an exact index)."""
+    params = params or {}
+    if params.get("rescore") or params.get("exact") or params.get("target_recall") is not None \
+            or limit > LIGHT_SEARCH_LIMIT:
+        return False
+    index = c.space.index
+    cost = index.search_cost(index.search_params(params), limit)
+    return cost is not None and cost <= LIGHT_SEARCH_MACS

@@ -1,0 +1,155 @@
+"""Snapshots and recovery of a collection's index.
+
+A snapshot is the faiss index as of sequence number S, in <collection>/snapshot/ (index.faiss
+and snapshot.json: seq, ntotal, the collection's uuid and the model generation), replaced
+atomically.  On open, the snapshot is loaded if its manifest matches (same collection, same
+generation, not ahead of the record), then every id changed after S is re-applied from SQLite;
+without one the index is rebuilt from every row.  Codes are stored, so recovery never
+re-encodes.  A collecting space's state is its originals in the record: no snapshot file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+
+from model.index import QincoIndex
+from model.io import atomic_write
+from model.threads import use_threads
+
+from ..errors import NotFound
+from . import concurrency
+from .index import ExactSpaceIndex, QincoSpaceIndex, SpaceIndex
+
+if TYPE_CHECKING:  # annotations only: the collection imports this module
+    from .collection import Collection
+
+log = logging.getLogger("qinco.store")
+
+
+def fsync_folder(folder: Path):
+    """Make renames and new files in a folder durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Snapshots:
+    """A collection's snapshot, its recovery, and the count of points changed since the last one."""
+
+    def __init__(self, collection: Collection):
+        self.c = collection
+        self.changed = 0  # points changed since the last snapshot (write lock)
+
+    # ---- recovery --------------------------------------------------------------------------------
+    def recover(self) -> tuple[SpaceIndex, dict]:
+        """The index as of the last commit, and what was done: {"snapshot_seq", "replayed" (ids
+        changed after it), "seconds"}."""
+        t0 = time.time()
+        space, record = self.c.space, self.c.record
+        if space.collecting:
+            index = ExactSpaceIndex(space.size)
+            for ids, x in record.all_originals(space.size):
+                index.add(x, ids)
+            log.info("%s: %d original vectors ready in %.1fs (no model yet: exact search)",
+                     self.c.name, index.ntotal, time.time() - t0)
+            return index, {"snapshot_seq": 0, "replayed": index.ntotal, "seconds": round(time.time() - t0, 3)}
+        index, seq = self._load()
+        changed = record.changed_ids(seq)
+        if changed and index.ntotal:
+            index.remove(np.array(changed, dtype=np.int64))
+        for ids, codes in record.codes_after(seq, 1 + space.model.cfg.M):
+            index.add(codes, ids)
+        log.info("%s: %d points ready in %.1fs (snapshot seq %d, %d changed after it)",
+                 self.c.name, index.ntotal, time.time() - t0, seq, len(changed))
+        return index, {"snapshot_seq": seq, "replayed": len(changed), "seconds": round(time.time() - t0, 3)}
+
+    def _load(self) -> tuple[QincoSpaceIndex, int]:
+        """The snapshot's index and seq if it is this collection's and usable; else an empty one, 0."""
+        c, space = self.c, self.c.space
+        snap = c.folder / "snapshot"
+        if (snap / "snapshot.json").exists():
+            try:
+                info = json.loads((snap / "snapshot.json").read_text())
+                if info.get("collection_uuid") != c.uuid:
+                    raise ValueError(f"it belongs to another collection (uuid {info.get('collection_uuid')})")
+                if info.get("generation", 0) != space.generation:
+                    raise ValueError(f"it holds the codes of model generation {info.get('generation', 0)}")
+                faiss_index = faiss.read_index(str(snap / "index.faiss"))
+                if faiss_index.ntotal != info["ntotal"] or faiss_index.d != space.model.cfg.d:
+                    raise ValueError("snapshot does not match its manifest")
+                if int(info["seq"]) > c.record.last_seq():
+                    raise ValueError(f"snapshot seq {info['seq']} is ahead of the database")
+                return QincoSpaceIndex(QincoIndex(space.model, faiss_index, space.tuning)), int(info["seq"])
+            except (ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as e:
+                log.warning("%s: ignoring unusable snapshot (%s); rebuilding from the database", c.folder, e)
+        return QincoSpaceIndex(QincoIndex(space.model, tuning=space.tuning)), 0
+
+    # ---- snapshots -------------------------------------------------------------------------------
+    def write(self) -> int:
+        """Write the index as of the current sequence number; returns it.
+
+        `close` waits for a snapshot in progress, so none can land in the folder of a
+        collection deleted (and perhaps created again) meanwhile.
+        """
+        c = self.c
+        with c.locks.snapshot:
+            with c.locks.write:  # no write between reading seq and copying the index
+                c.check_writable()  # a broken index must not become the record
+                seq = c.record.last_seq()
+                blob = c.space.index.serialize()
+                if blob is None:  # nothing to replay: the record holds it all
+                    c.record.forget_deletes(seq)
+                    return seq
+                manifest = {"seq": seq, "ntotal": c.space.index.ntotal, "collection_uuid": c.uuid,
+                            "generation": c.space.generation}
+            self._replace(blob, manifest)
+            with c.locks.write:
+                c.record.forget_deletes(seq)
+            return seq
+
+    def _replace(self, blob: np.ndarray, manifest: dict):
+        folder = self.c.folder
+        tmp = folder / ".snapshot.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        atomic_write(tmp / "index.faiss", lambda f: f.write(memoryview(blob)))
+        atomic_write(tmp / "snapshot.json", lambda f: f.write(json.dumps(manifest).encode()))
+        old, snap = folder / ".snapshot.old", folder / "snapshot"
+        shutil.rmtree(old, ignore_errors=True)
+        if snap.exists():
+            os.replace(snap, old)
+        os.replace(tmp, snap)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_folder(folder)
+
+    def count(self, changed: int):
+        """Count points changed by a write (write lock held: a counter read and written by two
+        writers at once would lose one's count); past snapshot_every, snapshot in the background."""
+        self.changed += changed
+        if self.changed >= self.c.config.snapshot_every and not self.c.locks.snapshot.locked():
+            self.changed = 0
+            self.start()
+
+    def start(self):
+        concurrency.start("snapshot", self.c.name, self._write_quietly)
+
+    def _write_quietly(self):
+        use_threads(self.c.config.threads)
+        try:
+            if not self.c.closed:
+                self.write()
+        except NotFound:  # deleted meanwhile
+            pass
+        except Exception:  # a failed snapshot loses nothing: SQLite still has every row
+            log.exception("%s: snapshot failed", self.c.name)

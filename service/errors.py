@@ -1,0 +1,47 @@
+"""The service's errors, each with the HTTP status it answers (in the style of Chroma's errors.py).
+
+The engine raises them without knowing HTTP; service/http/errors.py turns every one into Qdrant's
+error envelope with its status, in one exception handler.
+"""
+
+from __future__ import annotations
+
+
+class QincoError(Exception):
+    """An error the client caused or can wait out; its message is meant for the client."""
+
+    status_code = 500
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class BadRequest(QincoError):
+    status_code = 400
+
+
+class NotFound(QincoError):
+    status_code = 404
+
+
+class Conflict(QincoError):
+    status_code = 409
+
+
+class PayloadTooLarge(QincoError):
+    """More points, ids or queries in one request than QINCO_MAX_BATCH."""
+
+    status_code = 413
+
+
+class InvalidInput(QincoError):
+    """Input that the request schemas could not check, found invalid (a point id in a URL)."""
+
+    status_code = 422
+
+
+class Unavailable(QincoError):
+    """A collection or service that cannot serve right now (loading, failed to open, broken)."""
+
+    status_code = 503

@@ -1,0 +1,122 @@
+"""Collections: create (by size and distance, or from a model or index), train, payload indexes."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from .common import MAX_DIMENSION, METRICS, Encoder, IgnoredSettings, Metric, Strict
+from .filters import PayloadKey
+
+
+class VectorParams(Strict):
+    """Qdrant's vector parameters.  QINCo's codes approximate Euclidean distance: Euclid and Cosine
+    (normalised vectors) are served, Dot and Manhattan are not."""
+    size: int = Field(ge=1, le=MAX_DIMENSION, strict=True)
+    distance: str
+    on_disk: bool | None = None  # accepted, ignored: originals are on disk, codes in memory
+    hnsw_config: IgnoredSettings = None  # accepted, ignored: QINCo's own IVF-HNSW settings apply
+    quantization_config: IgnoredSettings = None  # accepted, ignored: every vector is QINCo-quantised
+    datatype: str | None = None
+    multivector_config: None = None
+
+    @model_validator(mode="after")
+    def servable(self):
+        if self.distance not in METRICS:
+            raise ValueError(f"distance {self.distance!r} is not supported: QINCo's codes approximate Euclidean "
+                             f"distance; use 'Cosine' (normalised vectors: the same ranking as 'Dot' on them) "
+                             f"or 'Euclid'")
+        if self.datatype not in (None, "float32"):
+            raise ValueError(f"datatype {self.datatype!r} is not supported: vectors are float32")
+        return self
+
+
+class QincoSettings(Strict):
+    """A self-training collection's settings; the server's QINCO_* settings give the defaults."""
+    bytes: int | None = Field(None, ge=1, le=64, strict=True, description="code bytes per vector")
+    train_after: int | None = Field(None, ge=0, le=1_000_000_000, strict=True,
+                                    description="train automatically once this many points are stored (0: only "
+                                                "on POST /collections/{name}/train)")
+    train_minutes: float | None = Field(None, gt=0, le=24 * 60, description="training budget")
+    keep_originals: bool | None = Field(None, description="keep original vectors after training "
+                                                          "(rescore, retraining); false: codes only")
+    nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")
+
+
+class CreateCollection(Strict):
+    """Qdrant's body (`vectors`: size and distance; QINCo's settings under `qinco`): a collection
+    that trains its own model.  Or an existing model (`model`) or index (`index`) with `metric`.
+    Qdrant's other settings are accepted and ignored."""
+    vectors: VectorParams | None = None
+    qinco: QincoSettings | None = None
+    model: str | None = Field(None, min_length=1, max_length=4096,
+                              description="a trained IVF model file, inside the data directory")
+    index: str | None = Field(None, min_length=1, max_length=4096,
+                              description="or a built index directory, inside the data directory")
+    metric: Metric | None = None
+    encoder: Encoder = Field(Encoder.balanced, description="QINCo encoder of the stored codes (with fast ingest, "
+                             "upserts are acknowledged with `fast` codes and re-encoded with this one in the background)")
+    # Qdrant's, accepted and ignored (one shard, one replica, no WAL of its own to tune):
+    shard_number: int | None = Field(None, ge=1, le=1)
+    sharding_method: str | None = None
+    replication_factor: int | None = Field(None, ge=1, le=1)
+    write_consistency_factor: int | None = Field(None, ge=1, le=1)
+    on_disk_payload: bool | None = None
+    hnsw_config: IgnoredSettings = None
+    wal_config: IgnoredSettings = None
+    optimizers_config: IgnoredSettings = None
+    quantization_config: IgnoredSettings = None
+    strict_mode_config: IgnoredSettings = None
+    sparse_vectors: dict[str, Any] | None = Field(None, max_length=0, description="not supported: only {} or null")
+    init_from: None = None
+    metadata: IgnoredSettings = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def named_vectors(cls, data):
+        vectors = data.get("vectors") if isinstance(data, dict) else None
+        if isinstance(vectors, dict) and "size" not in vectors and vectors and \
+                all(isinstance(v, dict) for v in vectors.values()):
+            raise ValueError("named vectors are not supported: give one unnamed vector config, "
+                             "{\"size\": ..., \"distance\": ...}")
+        return data
+
+    @model_validator(mode="after")
+    def one_source(self):
+        if sum(x is not None for x in (self.vectors, self.model, self.index)) != 1:
+            raise ValueError("give exactly one of 'vectors' (size and distance), 'model' or 'index'")
+        if self.vectors is not None and self.metric is not None:
+            raise ValueError("with 'vectors', the metric is its 'distance' (not 'metric')")
+        if self.vectors is None and self.qinco is not None:
+            raise ValueError("'qinco' settings are for collections created by 'vectors' (size and distance)")
+        return self
+
+
+class TrainRequest(Strict):
+    """Train a new model on the collection's originals, or swap in a model file."""
+    minutes: float | None = Field(None, gt=0, le=24 * 60, description="training budget")
+    bytes: int | None = Field(None, ge=1, le=64, strict=True, description="code bytes per vector")
+    nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")
+    model: str | None = Field(None, min_length=1, max_length=4096,
+                              description="a trained IVF model file inside the data directory, encoded with "
+                                          "and swapped in (no training)")
+
+    @model_validator(mode="after")
+    def model_or_training(self):
+        if self.model is not None and any(v is not None for v in (self.minutes, self.bytes, self.nlist)):
+            raise ValueError("give 'model' alone, or training settings (minutes, bytes, nlist)")
+        return self
+
+
+class FieldSchema(str, Enum):
+    keyword = "keyword"
+    integer = "integer"
+    float = "float"
+    bool = "bool"
+
+
+class CreateFieldIndex(Strict):
+    field_name: PayloadKey
+    field_schema: FieldSchema

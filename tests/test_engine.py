@@ -1,0 +1,136 @@
+"""The engine's seams: its concurrency (no lost update, the lock order checked), its layout (no
+import cycles, small modules, model/ free of service/)."""
+
+import ast
+import threading
+from pathlib import Path
+
+import pytest
+
+from service.engine.concurrency import INDEX, WRITE, LockOrderError, OrderedLock, ReadWriteLock
+from service.engine.registry import Store
+from service.engine.snapshots import Snapshots
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class HeldCounter:
+    """`Snapshots.changed` with a forced interleaving: the first read by thread A waits (up to 2 s)
+    until thread B has written it, as a read-modify-write preempted between its read and its write."""
+
+    def __init__(self):
+        self.value = 0
+        self.first_read, self.second_wrote = threading.Event(), threading.Event()
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = self.value
+        if threading.current_thread().name == "A" and not self.first_read.is_set():
+            self.first_read.set()
+            self.second_wrote.wait(2)  # where the write lock guards the counter, B waits for A: a timeout
+        return value
+
+    def __set__(self, obj, value):
+        self.value = value
+        if threading.current_thread().name == "B":
+            self.second_wrote.set()
+
+
+def test_the_snapshot_counter_loses_no_update(data_dir, vectors):
+    """Two deletes count their points towards the next snapshot at the same moment: both count.
+    (Before the fix, the count ran after the write lock was released: 5 of the 8 were kept.)"""
+    store = Store(data_dir, snapshot_every=10**9, fast_ingest=False)
+    c = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    c.upsert(list(range(8)), vectors[:8], [None] * 8)
+    counter = HeldCounter()
+    c.snapshots.__class__ = type("HeldSnapshots", (Snapshots,), {"changed": counter})
+    a = threading.Thread(target=c.delete, args=([0, 1, 2, 3, 4],), name="A")
+    b = threading.Thread(target=c.delete, args=([5, 6, 7],), name="B")
+    a.start()
+    assert counter.first_read.wait(30)
+    b.start()
+    a.join(30)
+    b.join(30)
+    assert counter.value == 8
+    store.close()
+
+
+def test_a_lock_taken_out_of_order_is_refused():
+    write, index = OrderedLock(WRITE, "write lock"), ReadWriteLock(INDEX, "index lock")
+    with write, index.read():  # the order
+        pass
+    with index.write():
+        with pytest.raises(LockOrderError, match="write lock .* while holding index lock"):
+            with write:
+                pass
+        with pytest.raises(LockOrderError):
+            with index.read():  # not even the same lock twice: a waiting writer would deadlock it
+                pass
+    with write:  # both free again
+        pass
+
+
+def imports_of(path: Path, package: str) -> set[str]:
+    """The project modules a module imports (absolute names)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports are for annotations: never run
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = []
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the module's package, `level` steps up
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            out.add(name)
+            out |= {f"{name}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in ("model", "service")}
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for top in ("model", "service"):
+        for path in (ROOT / top).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def test_no_import_cycles_and_model_stays_the_math():
+    modules = project_modules()
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = {m for m in imports_of(path, package) if m in modules and m != name}
+    for name, deps in graph.items():
+        if name.startswith("model"):
+            assert not [d for d in deps if d.startswith("service")], f"{name} imports the service"
+    for name in graph:  # depth-first search for a path back to the start
+        stack, seen = [(name, [name])], set()
+        while stack:
+            node, path = stack.pop()
+            for dep in graph[node]:
+                assert dep != name, "import cycle: " + " -> ".join(path + [dep])
+                if dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, path + [dep]))
+
+
+def test_service_modules_stay_small():
+    sizes = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in (ROOT / "service").rglob("*.py")}
+    assert max(sizes.values()) <= 400, {str(p): n for p, n in sizes.items() if n > 400}
+
+
+def test_a_search_budget_names_its_own_limits():
+    from service.engine.search import SearchBudget
+    from service.errors import BadRequest
+    budget = SearchBudget(1000, vector_values=500)
+    with pytest.raises(BadRequest, match="more than 500 vector values"):
+        budget.take(1, 10, 0, True, 100)
+    with pytest.raises(BadRequest, match="more than 1000 search candidates"):
+        budget.take(2, 10, 600, False, 100)
