@@ -658,55 +658,53 @@ def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: 
     """
     cfg = model.cfg
     x = check_vectors(x, cfg.d)
-    if torch.device(device).type != "cpu":
-        return _encode_on(model, x, encoder, torch.device(device), batch_size, progress)
-    workers = workers or torch.get_num_threads()
-    fast = fast_steps(model, dtype)
+    device = torch.device(device)
+    search = _device_search(model, encoder, device) if device.type != "cpu" else \
+        _cpu_search(model, encoder, workers or torch.get_num_threads(), dtype)
     out = np.empty((len(x), code_width(cfg)), dtype=code_dtype(cfg))
+    for i0 in range(0, len(x), batch_size):
+        with torch.inference_mode():
+            xn = model.normalize(torch.from_numpy(x[i0:i0 + batch_size]))
+            lists = model.assign(xn) if cfg.nlist else None  # in faiss, on the CPU
+        codes = search(xn, lists)
+        if cfg.nlist:
+            codes = torch.cat([lists[:, None], codes], 1)
+        out[i0:i0 + len(codes)] = codes.numpy()
+        if progress is not None:
+            progress.update(len(codes))
+    return out
+
+
+def _cpu_search(model: Qinco, encoder: Encoder, workers: int, dtype: torch.dtype | None):
+    """(xn, lists) -> codes by the fast path, split over single-threaded workers."""
+    fast = fast_steps(model, dtype)
 
     @torch.inference_mode()
     def run(xn, start):
         return fast.encode(xn, encoder, start)[0]
 
-    for i0 in range(0, len(x), batch_size):
+    def search(xn, lists):
         with torch.inference_mode():
-            xn = model.normalize(torch.from_numpy(x[i0:i0 + batch_size]))
-            lists = model.assign(xn) if cfg.nlist else None
             start = model.start(lists, len(xn))
         parts = min(workers, len(xn) // 16)  # 16 vectors at least per worker
-        if parts > 1:
-            bounds = np.linspace(0, len(xn), parts + 1).astype(int)
-            jobs = [(xn[a:b], start[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-            codes = torch.cat(list(_single_thread_pool(workers).map(lambda job: run(*job), jobs)))
-        else:
-            codes = run(xn, start)
-        if cfg.nlist:
-            codes = torch.cat([lists[:, None], codes], 1)
-        out[i0:i0 + len(codes)] = codes.numpy()
-        if progress is not None:
-            progress.update(len(codes))
-    return out
+        if parts <= 1:
+            return run(xn, start)
+        bounds = np.linspace(0, len(xn), parts + 1).astype(int)
+        jobs = [(xn[a:b], start[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(list(_single_thread_pool(workers).map(lambda job: run(*job), jobs)))
+    return search
 
 
-@torch.inference_mode()
-def _encode_on(model: Qinco, x: np.ndarray, encoder: Encoder, device: torch.device, batch_size: int,
-               progress) -> np.ndarray:
-    """`encode` on an accelerator: the coarse assignment stays in faiss on the CPU."""
-    cfg = model.cfg
+def _device_search(model: Qinco, encoder: Encoder, device: torch.device):
+    """(xn, lists) -> codes on an accelerator: the reference search on a copy of the model, in bf16 autocast."""
     on_device = copy.deepcopy(model).to(device).eval()
-    out = np.empty((len(x), code_width(cfg)), dtype=code_dtype(cfg))
-    for i0 in range(0, len(x), batch_size):
-        xn = model.normalize(torch.from_numpy(x[i0:i0 + batch_size]))
-        lists = model.assign(xn) if cfg.nlist else None
+
+    @torch.inference_mode()
+    def search(xn, lists):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             codes, _ = on_device.encode_normalized(xn.to(device), encoder, None if lists is None else lists.to(device))
-        codes = codes.cpu()
-        if cfg.nlist:
-            codes = torch.cat([lists[:, None], codes], 1)
-        out[i0:i0 + len(codes)] = codes.numpy()
-        if progress is not None:
-            progress.update(len(codes))
-    return out
+        return codes.cpu()
+    return search
 
 
 def split_codes_np(model: Qinco, codes) -> tuple[np.ndarray, np.ndarray | None]:
