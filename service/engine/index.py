@@ -65,7 +65,7 @@ class SpaceIndex(Protocol):
 
     def default_params(self) -> dict: ...
 
-    def serialize(self) -> bytes | None:
+    def serialize(self) -> np.ndarray | None:
         """The index as a snapshot stores it (None: nothing to store, the record holds it all)."""
 
 
@@ -141,8 +141,9 @@ class QincoSpaceIndex:
         default = SearchParams()
         return {"nprobe": min(default.nprobe, self.nlist), "ef_search": default.ef_search, "nshort": default.nshort}
 
-    def serialize(self) -> bytes:
-        return faiss.serialize_index(self.qinco.index).tobytes()
+    def serialize(self) -> np.ndarray:
+        """The faiss index as a uint8 array: one copy, made under the write lock (no second one there)."""
+        return faiss.serialize_index(self.qinco.index)
 
 
 class ExactSpaceIndex:
