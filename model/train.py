@@ -302,13 +302,13 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     optimizer = make_optimizer(model, tc)
     best = cpu_copy(model)
     lead = rank == 0
+    saved = Qinco(cfg) if lead else None  # the CPU model each checkpoint writes `best` through
 
     def checkpoint():
         if not lead:
             return
         state.seconds = prior + time.time() - start
         extra = {"training": {"config": asdict(tc), "state": asdict(state), "n_train": len(xtrain)}}
-        saved = Qinco(cfg)
         saved.load_state_dict(best)
         save_model(saved, out, extra)
 

@@ -5,9 +5,9 @@ import pytest
 
 from model.io import load_model
 from model.network import Encoder, QincoConfig, decode
-from model.train import (TrainConfig, choose_start, initialise, lr_factor, lsq_codebooks, train, train_lsq,
-                         validation_mse)
-from tests.conftest import FIXTURE_TRAINING, train_fixture
+from model.train import (TrainConfig, choose_start, gradient_passes, initialise, lr_factor, lsq_codebooks,
+                         make_optimizer, reset_dead_codewords, train, train_lsq, validation_mse)
+from tests.conftest import FIXTURE_TRAINING, random_model, train_fixture
 
 QUICK = TrainConfig(A=8, B=2, batch=128, val=1000, eval_every=2000, lr=1e-3, **FIXTURE_TRAINING)
 
@@ -187,8 +187,6 @@ class RecordingOptimizer(torch.optim.SGD):
 
 
 def test_gradient_values_are_clipped(glove_sample):
-    from model.train import gradient_passes
-    from tests.conftest import random_model
     model = random_model(QincoConfig(d=50, M=2, K=16, L=1, h=16)).train()
     x = torch.from_numpy(glove_sample[:256]) * 10  # large errors, large gradients
     with torch.no_grad():
@@ -201,8 +199,6 @@ def test_gradient_values_are_clipped(glove_sample):
 
 
 def test_dead_codewords_get_a_residual_of_their_step(glove_sample):
-    from model.train import make_optimizer, reset_dead_codewords
-    from tests.conftest import random_model
     model = random_model(QincoConfig(d=50, M=2, K=16, L=1, h=16)).train()
     x = torch.from_numpy(glove_sample[:300])
     with torch.no_grad():
