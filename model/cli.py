@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                               ("init", str, "base codebooks from faiss rq, lsq (LSQ++) or the best of both"),
                               ("stop_after", int, "validations without progress before stopping, 0: never"),
                               ("grad_clip", float, "clip gradient values to +-this, 0: off")]:
-        p.add_argument(f"--{name}", type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
+        flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # --lr_codebooks and --lr-codebooks
+        p.add_argument(*flags, dest=name, type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
     p.add_argument("--reset-dead", dest="reset_dead", action="store_true", default=None,
                    help="each epoch, give codewords that no code chose a random residual (QINCo2)")
     p.set_defaults(func=cmd_train)
