@@ -99,7 +99,7 @@ def test_kill_9_during_concurrent_upserts_loses_nothing_acknowledged(tmp_path, i
     store.open_all()
     c = store.get("c")
     ids = sorted(present)
-    db = dict(c.record.db.execute("SELECT id, codes FROM points").fetchall())
+    db = dict(c.record.db.execute("SELECT id, codes FROM codes").fetchall())
     want = encode(ivf_model, vectors[[row_of[i] for i in ids]], ENCODERS[encoder]).astype(np.int32)
     assert np.array_equal(np.stack([np.frombuffer(db[i], dtype=np.int32) for i in ids]), want)
     stored_ids, stored_codes = c.space.index.stored_codes()

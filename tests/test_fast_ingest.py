@@ -22,9 +22,9 @@ def codes_of(model, x, encoder: str) -> np.ndarray:
 
 def stored(c: Collection) -> dict[int, np.ndarray]:
     """id -> codes as SQLite holds them; the index must hold the same."""
-    rows = c.record.db.execute("SELECT id, codes FROM points").fetchall()
+    rows = c.record.db.execute("SELECT id, codes FROM codes").fetchall()
     db = {i: np.frombuffer(b, dtype=np.int32) for i, b in rows}
-    assert c.record.db.execute("SELECT count(*) FROM refine").fetchone()[0] == c.refiner.pending
+    assert c.record.db.execute("SELECT count(*) FROM refine").fetchone()[0] == c.space.refiner.pending
     ids, codes = c.space.index.stored_codes()
     assert dict(zip(ids.tolist(), map(tuple, codes.tolist()))) == {i: tuple(v.tolist()) for i, v in db.items()}
     return db
@@ -32,8 +32,8 @@ def stored(c: Collection) -> dict[int, np.ndarray]:
 
 def wait_refined(c: Collection, timeout: float = 60):
     deadline = time.time() + timeout
-    while c.refiner.pending:
-        assert time.time() < deadline, f"{c.refiner.pending} points still waiting to be refined"
+    while c.space.refiner.pending:
+        assert time.time() < deadline, f"{c.space.refiner.pending} points still waiting to be refined"
         time.sleep(0.05)
 
 
@@ -67,7 +67,7 @@ def test_upserts_are_acknowledged_fast_and_refined_in_the_background(tmp_path, i
     assert (fast != better).any(), "the test needs points whose codes the better encoder changes"
     db = stored(c)
     assert np.array_equal(np.stack([db[i] for i in range(300)]), fast)
-    assert c.refiner.pending == 300 and c.info()["status"] == "yellow"
+    assert c.space.refiner.pending == 300 and c.info()["status"] == "yellow"
     refiner = next(t for t in threading.enumerate() if t.name == "refine-c")
     lower, deadline = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10), time.time() + 30
     while os.getpriority(os.PRIO_PROCESS, refiner.native_id) != lower:  # it lowers its own when it starts
@@ -78,7 +78,7 @@ def test_upserts_are_acknowledged_fast_and_refined_in_the_background(tmp_path, i
     y = vectors[300:310]
     c.upsert(list(range(10)), y, [None] * 10)
     c.delete(list(range(10, 20)))
-    assert c.refiner.pending == 290  # the rewrites replaced their queue rows, the deletes removed theirs
+    assert c.space.refiner.pending == 290  # the rewrites replaced their queue rows, the deletes removed theirs
     hits_before = c.search(x[50:51], 5, None, False, False)
     gate.set()
     wait_refined(c)
@@ -135,12 +135,12 @@ def test_the_queue_survives_a_restart(tmp_path, ivf_model, vectors, gate):
 def test_off_or_with_the_fast_encoder_nothing_is_queued(tmp_path, ivf_model, vectors):
     store, c = create(tmp_path, ivf_model, fast_ingest=False)
     c.upsert(list(range(50)), vectors[:50], [None] * 50)
-    assert c.refiner.pending == 0
+    assert c.space.refiner.pending == 0
     db = stored(c)
     assert np.array_equal(np.stack([db[i] for i in range(50)]), codes_of(ivf_model, vectors[:50], "quality"))
     f = store.create("f", "l2", "fast", tmp_path / "ivf.safetensors")
     f.upsert(list(range(50)), vectors[:50], [None] * 50)
-    assert not f.refiner.enabled and f.record.db.execute("SELECT count(*) FROM refine").fetchone()[0] == 0
+    assert not f.space.refiner.enabled and f.record.db.execute("SELECT count(*) FROM refine").fetchone()[0] == 0
     store.close()
 
 
@@ -150,11 +150,11 @@ def test_a_full_queue_makes_upserts_wait_for_the_better_codes(tmp_path, ivf_mode
     store, c = create(tmp_path, ivf_model)
     c.upsert(list(range(100)), vectors[:100], [None] * 100)
     c.upsert(list(range(100, 150)), vectors[100:150], [None] * 50)  # the queue is full: no fast codes
-    assert c.refiner.pending == 100
+    assert c.space.refiner.pending == 100
     db = stored(c)
     assert np.array_equal(np.stack([db[i] for i in range(100, 150)]), codes_of(ivf_model, vectors[100:150], "quality"))
     c.upsert([0], vectors[200:201], [None])  # rewritten with the better codes: its queued row goes
-    assert c.refiner.pending == 99
+    assert c.space.refiner.pending == 99
     gate.set()
     wait_refined(c)
     db = stored(c)
@@ -169,7 +169,7 @@ def test_the_count_never_dips_while_points_are_refined(tmp_path, ivf_model, vect
     for i0 in range(0, 400, 20):
         c.upsert(list(range(i0, i0 + 20)), vectors[i0:i0 + 20], [None] * 20)
         counts = []
-        while c.refiner.pending:
+        while c.space.refiner.pending:
             counts.append(c.count())
         assert set(counts) <= {i0 + 20}, counts
     store.close()

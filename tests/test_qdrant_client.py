@@ -218,7 +218,8 @@ def test_uuids_next_to_integer_ids_written_by_older_versions(tmp_path, ivf_model
     c.upsert([1, 2], glove_sample[:2], [None, {"old": True}])
     store.close()
     db = sqlite3.connect(tmp_path / "data" / "collections" / "c" / "points.sqlite")
-    db.execute("UPDATE points SET id = ? WHERE id = 2", (UUID_BASE + 5,))  # as an older version could have
+    for table in ("points", "codes"):  # as an older version could have
+        db.execute(f"UPDATE {table} SET id = ? WHERE id = 2", (UUID_BASE + 5,))
     db.commit()
     db.close()
     store = Store(tmp_path / "data")

@@ -70,8 +70,21 @@ def demo(tmp_path_factory):
     proc.wait()
 
 
+RAG_FRAMEWORKS = ("langchain_qdrant", "llama_index")
+
+
+def python_examples(rag: bool) -> list[str]:
+    """The Python blocks, either those that use a RAG framework's vector store or the others."""
+    return [code for code in blocks("python") if any(f in code for f in RAG_FRAMEWORKS) == rag]
+
+
+def run_python(code: str, port: int) -> None:
+    exec(compile(code.replace("127.0.0.1:6343", f"127.0.0.1:{port}"), "README.md", "exec"), {})
+
+
 def test_readme_has_examples():
-    assert len(shell_commands()) >= 4 and len(blocks("python")) >= 2
+    assert len(shell_commands()) >= 4 and len(python_examples(rag=False)) >= 2
+    assert [any(f in code for code in python_examples(rag=True)) for f in RAG_FRAMEWORKS] == [True, True]
 
 
 def test_curl_examples_work_as_written(demo):
@@ -87,10 +100,20 @@ def test_curl_examples_work_as_written(demo):
 
 def test_python_examples_work_as_written(demo, capsys):
     _, port = demo
-    for code in blocks("python"):
-        exec(compile(code.replace("127.0.0.1:6343", f"127.0.0.1:{port}"), "README.md", "exec"), {})
+    for code in python_examples(rag=False):
+        run_python(code, port)
     out = capsys.readouterr().out
     assert "queen" in out or "king" in out
+
+
+def test_rag_framework_examples_work_as_written(demo, capsys):
+    """The "RAG frameworks" examples (LangChain, LlamaIndex): each finds the text its question is about."""
+    _, port = demo
+    for code in python_examples(rag=True):
+        run_python(code, port)
+    out = capsys.readouterr().out.splitlines()
+    assert "Paris is the capital of France geo" in out  # LangChain: the text and its metadata
+    assert any(re.fullmatch(r"0\.\d+ QINCo keeps each vector in 8 bytes", line) for line in out), out  # LlamaIndex
 
 
 def scaled(cmd: str) -> str:

@@ -171,7 +171,8 @@ def test_keep_originals_false_holds_only_codes(server, glove_sample):
 @pytest.mark.parametrize("body, status, message", [
     ({"vectors": {"size": 50, "distance": "Dot"}}, 422, "'Dot' is not supported"),
     ({"vectors": {"size": 50, "distance": "Manhattan"}}, 422, "not supported"),
-    ({"vectors": {"text": {"size": 50, "distance": "Cosine"}}}, 422, "named vectors are not supported"),
+    ({"vectors": {"text": {"size": 50, "distance": "Dot"}}}, 422, "'Dot' is not supported"),
+    ({"vectors": {"text": {"size": 50, "distance": "Cosine"}}, "qinco": {"train_after": 10}}, 400, "at least 1000"),
     ({"vectors": {"size": 0, "distance": "Cosine"}}, 422, "size"),
     ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"train_after": 10}}, 400, "at least 1000"),
     ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"train_after": 2000, "nlist": 1024}}, 400,
@@ -264,7 +265,7 @@ class FailingGenerationUpdate:
         self.db = db
 
     def execute(self, sql, *args):
-        if "key = 'generation'" in sql:
+        if sql.startswith("UPDATE meta") and "generation" in (args[0] if args else ()):
             raise OSError("disk full (simulated)")
         return self.db.execute(sql, *args)
 
@@ -293,7 +294,7 @@ def test_a_swap_failing_mid_transaction_leaves_the_old_state(tmp_path, glove_sam
     store.open_all()
     c = store.get("s")
     assert c.space.model is None and c.count() == 1200 and not list(tmp_path.glob("collections/s/model*.safetensors"))
-    codes = {bytes(r[0]) for r in c.record.db.execute("SELECT codes FROM points")}
+    codes = {bytes(r[0]) for r in c.record.db.execute("SELECT codes FROM codes")}
     assert codes == {b""}  # the rolled-back transaction wrote no codes
     store.close()
 
@@ -350,7 +351,7 @@ class HangAfterGeneration:
 
     def execute(self, sql, *args):
         out = self.db.execute(sql, *args)
-        if "key = 'generation'" in sql:
+        if sql.startswith("UPDATE meta") and "generation" in (args[0] if args else ()):
             hang()
         return out
 
@@ -424,7 +425,7 @@ def test_kill_9_inside_the_swap(tmp_path, glove_sample, stage, caplog):
                 break
             time.sleep(0.01)
         assert niced, "the training worker did not run below the server's priority"
-        assert {bytes(r[0]) for r in c.record.db.execute("SELECT codes FROM points")} == {b""}
+        assert {bytes(r[0]) for r in c.record.db.execute("SELECT codes FROM codes")} == {b""}
         deadline = time.time() + 240
         while c.space.job is not None and time.time() < deadline:  # the resumed job swaps this time
             time.sleep(0.2)

@@ -1,14 +1,13 @@
-"""A collection: its durable record, its vector space(s), its payload indexes, and the parts that
-run them.  One folder per collection under <data_dir>/collections/<name>:
+"""A collection: its durable record, its vector spaces (Qdrant's named vectors), its points and
+payload indexes, and the parts that run them.  One folder per collection under
+<data_dir>/collections/<name>:
 
-  collection.json      name, uuid, metric, encoder; size and `qinco` settings of a self-training
-                       collection (written once, atomically)
-  model.safetensors    the model of generation 0; model-G.safetensors: generation G >= 1, trained
-                       by the collection itself
-  tuning.json          tuned operating points (when created from a tuned index)
+  collection.json      name, uuid, and its vector spaces (`vectors`: name, metric, encoder; size and
+                       `qinco` settings of a self-training one), written once, atomically
   points.sqlite        the record of truth (engine/record.py)
-  snapshot/            the index as of a sequence number (engine/snapshots.py)
-  jobs/<id>/           a training job's files (service/training/)
+  snapshot/            the indexes as of a sequence number (engine/snapshots.py)
+  model*.safetensors, tuning.json, jobs/   the first vector space's files; vectors/<k>/: space k's
+                       (engine/space.py, service/training/)
 
 A write batch gets one sequence number and is one SQLite transaction: it is acknowledged only
 after the commit, then applied in memory.  Everything that can be refused is checked before
@@ -25,20 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from model.network import ENCODERS
 from model.threads import use_threads
 
 from ..errors import BadRequest, NotFound, Unavailable
-from . import reads, search as searching
+from . import reads, search as searching, writes
 from .concurrency import CollectionLocks
 from .config import CollectionConfig
 from .filters import Evaluator, PayloadIndexes, has_id_values
-from .ids import INT_ID_RANGE, PointIds, UnknownId, canonical_ids, is_int_id
+from .ids import INT_ID_RANGE, PointIds, PointSet, UnknownId, canonical_ids, is_int_id
 from .lifecycle import Trainer
 from .record import Record
 from .refine import Refiner
 from .snapshots import Snapshots
-from .space import VectorSpace
+from .space import VectorSpace, space_metas
 
 log = logging.getLogger("qinco.store")
 
@@ -48,11 +46,10 @@ class Collection:
 
       record           points.sqlite (record.py)
       point_ids        client ids <-> internal ids (ids.py)
-      spaces           its vector spaces by name; `space` is the unnamed one (space.py)
+      points           the stored points' internal ids (ids.PointSet; index lock)
+      spaces           its vector spaces by name (space.py), each with its index, trainer and refiner
       payload_indexes  the field indexes that filters read (filters.py; index lock)
       snapshots        snapshot, recovery, the count of changed points (snapshots.py)
-      trainer          the space's training jobs and swap (lifecycle.py)
-      refiner          fast ingest's background re-encoding (refine.py)
       closing, broken  set under the write lock; read anywhere
     """
 
@@ -61,25 +58,55 @@ class Collection:
         self.meta = json.loads((folder / "collection.json").read_text())
         self.name = self.meta["name"]
         self.uuid = self.meta.get("uuid")  # identity: a snapshot of another collection of this name is refused
+        self.named = bool(self.meta.get("named"))  # created with named vectors (Qdrant's info shows them so)
         use_threads(config.threads)
         self.locks = CollectionLocks()
-        self.record = Record(folder / "points.sqlite", self.name)
+        metas = space_metas(self.meta)
+        self.record = Record(folder / "points.sqlite", self.name, len(metas))
         self.point_ids = PointIds(self.record.db)
-        # One unnamed vector space today; Qdrant's named vectors add more, each with its own parts.
-        self.spaces = {"": VectorSpace(folder, self.meta, self.record.generation(), self.record.facts())}
+        self.spaces = {m["name"]: VectorSpace(folder, m, k, self.record.space(k)) for k, m in enumerate(metas)}
         self.closing = False
         self.broken: str | None = None  # why writes are refused until a restart (a failed rebuild)
         self.snapshots = Snapshots(self)
-        self.space.index, self.recovery = self.snapshots.recover()
+        self.recovery = self._recover()
         self.payload_indexes = PayloadIndexes(self.record.declared_payload_indexes())
         for key in self.payload_indexes.declared:  # built now, not on the first filter
             self.payload_indexes.get(key, self.record.payload_rows)
-        self.trainer = Trainer(self, self.space)
-        self.refiner = Refiner(self, self.space)
+        for space in self.spaces.values():
+            space.trainer = Trainer(self, space)
+            space.refiner = Refiner(self, space)
+
+    def _recover(self) -> dict:
+        """Every space's index and the point set as of the last commit; what was done."""
+        t0 = time.time()
+        done = [self.snapshots.recover(space) for space in self.spaces.values()]
+        for space, (index, _) in zip(self.spaces.values(), done):
+            space.index = index
+        self.points = PointSet(self.record.point_ids())
+        return {"snapshot_seq": max(r["snapshot_seq"] for _, r in done),
+                "replayed": sum(r["replayed"] for _, r in done), "seconds": round(time.time() - t0, 3)}
 
     @property
     def space(self) -> VectorSpace:
-        return self.spaces[""]
+        """The unnamed vector's space, or the first named one (the collection's figures in `info`)."""
+        return self.spaces.get("") or next(iter(self.spaces.values()))
+
+    def space_named(self, name: str | None) -> VectorSpace:
+        """The space of Qdrant's `using` (None: the unnamed vector, "")."""
+        try:
+            return self.spaces[name or ""]
+        except KeyError:
+            known = ", ".join(repr(n) for n in self.spaces)
+            what = "no unnamed vector (name one with `using`)" if not name else f"no vector named {name!r}"
+            raise BadRequest(f"collection {self.name!r} has {what}; its vectors: {known}") from None
+
+    def spaces_named(self, names) -> list[VectorSpace]:
+        """The spaces of `with_vector`: True (all), False (none) or a list of names."""
+        if names is True:
+            return list(self.spaces.values())
+        if not names:
+            return []
+        return [self.space_named(n) for n in dict.fromkeys(names)]
 
     @property
     def dimension(self) -> int:
@@ -122,7 +149,7 @@ class Collection:
         resolve: from has_id_resolver(f)."""
         def field(key: str):
             return self.payload_indexes.get(key, self.record.payload_rows)
-        return Evaluator(self.space.index.ids(), field, resolve).ids(f)
+        return Evaluator(self.points.ids, field, resolve).ids(f)
 
     def _selected(self, f) -> list[int]:
         """The ids a filter lets through, chosen under the write lock (held by the caller), so
@@ -133,8 +160,7 @@ class Collection:
 
     # ---- reads -------------------------------------------------------------------------------------
     def count(self) -> int:
-        with self.locks.index.read():  # an upsert or refinement removes, then adds: not mid-way
-            return self.space.index.ntotal
+        return len(self.points)
 
     def count_filtered(self, f) -> int:
         use_threads(self.config.threads)
@@ -146,84 +172,52 @@ class Collection:
     def payloads(self, ids) -> dict[int, dict | None]:
         return self.record.payloads(ids)
 
-    def get(self, point_id: int | str, with_vector: bool) -> dict:
+    def get(self, point_id: int | str, with_vector) -> dict:
         return reads.get(self, point_id, with_vector)
 
-    def stored_vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        return reads.stored_vectors(self, ids)
+    def vectors_of(self, ids, space: VectorSpace) -> np.ndarray:
+        return reads.vectors_of(self, ids, space)
 
-    def vectors_of(self, ids) -> np.ndarray:
-        return reads.vectors_of(self, ids)
-
-    def records(self, ids, with_payload: bool, with_vector: bool) -> list[dict]:
+    def records(self, ids, with_payload: bool, with_vector) -> list[dict]:
         return reads.records(self, self.internal_ids(ids), with_payload, with_vector)
 
     def scroll(self, f, offset: int | str | None, limit: int, with_payload: bool,
-               with_vector: bool) -> tuple[list, int | str | None]:
+               with_vector) -> tuple[list, int | str | None]:
         return reads.scroll(self, f, offset, limit, with_payload, with_vector)
 
-    def search(self, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
+    def search(self, queries, limit: int, params: dict | None, with_payload: bool, with_vector,
                exclude: list[set] | None = None, budget: searching.SearchBudget | None = None,
-               filter=None) -> list[list[searching.Hit]]:
-        """engine/search.py's search on this collection (its unnamed vector space)."""
-        return searching.search(self, queries, limit, params, with_payload, with_vector, exclude, budget, filter)
+               filter=None, using: str | None = None) -> list[list[searching.Hit]]:
+        """engine/search.py's search on the vector space `using` (None: the unnamed vector)."""
+        return searching.search(self, self.space_named(using), queries, limit, params, with_payload, with_vector,
+                                exclude, budget, filter)
 
     # ---- writes ------------------------------------------------------------------------------------
     def upsert(self, ids: list, vectors, payloads: list[dict | None]) -> tuple[int, float]:
-        """Encode (no lock), commit to SQLite, then insert in memory.  Returns (seq, encode seconds)."""
-        use_threads(self.config.threads)
-        ids = self._checked_ids(ids, len(payloads))
-        space = self.space
-        x = space.prepare(vectors)
-        index = space.index
-        fast = self.refiner.acknowledges_fast()
-        encoder = ENCODERS["fast"] if fast else space.encoder
-        t0 = time.perf_counter()
-        encoded = index.encode(x, encoder)
-        encode_seconds = time.perf_counter() - t0
-        try:
-            if len(x) != len(ids):
-                raise ValueError("ids and vectors do not match")
-            payload_json = [None if p is None else json.dumps(p, allow_nan=False) for p in payloads]
-        except (ValueError, TypeError, OverflowError) as e:
-            raise BadRequest(f"cannot store this batch: {e}") from None
-        with self.locks.write:
-            self.check_writable()
-            if space.index.model is not index.model:  # a new model was swapped in meanwhile: its codes
-                encoded = space.index.encode(x, encoder)
-            index = space.index
-            refine = fast and not index.exact
-            uuids_before = self.point_ids.count
-            try:
-                with self.record.write() as w:
-                    ids, _ = self.point_ids.assign(self.record.db, ids)
-                    self.record.put_points(ids, index.stored_form(encoded), payload_json, w.seq)
-                    if space.keeps_originals:
-                        self.record.put_originals(ids, x)
-                    requeued = self.record.unqueue(ids)  # rewritten: a queue row of its old vector goes
-                    if refine:
-                        self.record.queue(ids, x, w.seq)
-            except BaseException:
-                self.point_ids.restore(uuids_before)  # rolled back: so are its new UUIDs
-                raise
-            self.refiner.pending += (len(ids) if refine else 0) - requeued
-            id_array = np.array(ids, dtype=np.int64)
-            self.apply(lambda: (space.index.add(encoded, id_array), self.payload_indexes.upsert(ids, payloads)))
-            self.trainer.maybe_train()
-            if refine:
-                self.refiner.wake.set()
-            self.snapshots.count(len(ids))
-        return w.seq, encode_seconds
+        """Points, each with its vectors by space name ({"": [...]} for the unnamed one; or plain
+        vectors, an (n, d) array or list, for the unnamed one) and payload,
+        replacing the whole point (a vector it had but not given is removed, as in Qdrant).  Encode
+        (no lock), commit to SQLite, then insert in memory.  Returns (seq, encode seconds)."""
+        return writes.write(self, ids, vectors, payloads)
 
-    def _checked_ids(self, ids: list, n_payloads: int) -> list:
+    def update_vectors(self, ids: list, vectors) -> tuple[int, float]:
+        """Set the given vectors of stored points (one missing: NotFound, nothing changed); their
+        other vectors and payloads stay."""
+        return writes.write(self, ids, vectors, None)
+
+    def delete_vectors(self, ids: list | None, f, names: list[str]) -> tuple[int, int]:
+        """Remove the named vectors of the points given by ids (one of them not stored: NotFound,
+        nothing changed) or by a filter; the points and their other vectors stay.  Returns (seq,
+        how many points)."""
+        return writes.delete_vectors(self, ids, f, names)
+
+    def _checked_ids(self, ids: list) -> list:
         try:
             ids = canonical_ids(ids)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         if len(set(ids)) != len(ids):
             raise BadRequest("duplicate ids in one batch")
-        if n_payloads != len(ids):
-            raise BadRequest(f"{len(ids)} ids but {n_payloads} payloads")
         if any(isinstance(i, int) and not is_int_id(i) for i in ids):
             raise BadRequest(f"integer point ids must be in {INT_ID_RANGE}; larger ones are kept for UUIDs")
         return ids
@@ -242,7 +236,7 @@ class Collection:
             log.exception("%s: in-memory write failed after its commit; rebuilding from the database", self.name)
             try:
                 with self.locks.index.write():
-                    self.space.index, self.recovery = self.snapshots.recover()
+                    self.recovery = self._recover()
                     self.payload_indexes = PayloadIndexes(self.payload_indexes.declared)
             except Exception as e2:
                 self.broken = (f"a write was committed but the in-memory index could not be rebuilt after it "
@@ -265,10 +259,17 @@ class Collection:
         ids = sorted(set(int(i) for i in ids))
         id_array = np.array(ids, dtype=np.int64)
         with self.record.write() as w:
-            existing = self.record.delete_points(ids, w.seq)
-            unqueued = self.record.unqueue(ids)
-        self.refiner.pending -= unqueued
-        self.apply(lambda: (self.space.index.remove(id_array), self.payload_indexes.delete(ids)))
+            existing = self.record.delete_points(ids)
+            unqueued = [space.record.delete_vectors(ids, w.seq) for space in self.spaces.values()]
+        for space, n in zip(self.spaces.values(), unqueued):
+            space.refiner.pending -= n
+
+        def change():
+            self.points.remove(id_array)
+            for space in self.spaces.values():
+                space.index.remove(id_array)
+            self.payload_indexes.delete(ids)
+        self.apply(change)
         return w.seq, existing
 
     def delete_filtered(self, f, chunk: int = 10_000) -> tuple[int, int]:
@@ -338,43 +339,53 @@ class Collection:
             return self.record.last_seq()
 
     # ---- training, snapshots, status, close ----------------------------------------------------------
-    def start_training(self, request: dict | None = None, model_source: Path | None = None) -> dict:
-        return self.trainer.start(request, model_source)
+    def start_training(self, request: dict | None = None, model_source: Path | None = None,
+                       using: str | None = None) -> dict:
+        return self.space_named(using).trainer.start(request, model_source)
 
-    def cancel_training(self) -> bool:
-        return self.trainer.cancel()
+    def cancel_training(self, using: str | None = None) -> bool:
+        return self.space_named(using).trainer.cancel()
 
     def snapshot(self) -> int:
         return self.snapshots.write()
 
-    def qinco_status(self) -> dict:
-        return self.trainer.status()
+    def qinco_status(self, using: str | None = None) -> dict:
+        """The training status of a vector space (None: the collection's first, `space`)."""
+        return (self.space if using is None else self.space_named(using)).trainer.status()
 
     def info(self) -> dict:
-        """The collection's figures and health (Qdrant's colours); service/http adds Qdrant's shape."""
-        space = self.space
+        """The collection's figures and health (Qdrant's colours); service/http adds Qdrant's shape.
+        The top-level figures are those of `space`; `vectors` has every space's."""
         n = self.count()
-        qinco = self.qinco_status()
+        vectors = {name: self._space_info(space) for name, space in self.spaces.items()}
+        first = vectors[self.space.name]
         if self.broken:
             status = "red"
-        elif qinco["job"] is not None or qinco["refine_pending"]:  # Qdrant: yellow while optimizing
-            status = "yellow"
+        elif any(v["qinco"]["job"] is not None or v["qinco"]["refine_pending"] for v in vectors.values()):
+            status = "yellow"  # Qdrant: yellow while optimizing
         else:
-            status = "grey" if space.collecting else "green"
-        return {"name": self.name, "status": status, "dimension": space.dimension, "metric": space.metric,
-                "points_count": n, "bytes_per_vector": space.index.code_bytes, "nlist": space.index.nlist,
+            status = "grey" if all(space.collecting for space in self.spaces.values()) else "green"
+        return {"name": self.name, "status": status, "points_count": n, "named": self.named, "vectors": vectors,
+                **{k: first[k] for k in ("dimension", "metric", "bytes_per_vector", "nlist", "encoder", "tuned",
+                                          "default_params", "qinco")},
+                "payload_schema": self.payload_indexes.schema(), "error": self.broken}
+
+    @staticmethod
+    def _space_info(space: VectorSpace) -> dict:
+        return {"dimension": space.dimension, "metric": space.metric, "vectors_count": space.index.ntotal,
+                "bytes_per_vector": space.index.code_bytes, "nlist": space.index.nlist,
                 "encoder": space.encoder_name, "tuned": bool(space.tuning.get("points")),
-                "default_params": space.index.default_params(), "payload_schema": self.payload_indexes.schema(),
-                "qinco": qinco, "error": self.broken}
+                "default_params": space.index.default_params(), "qinco": space.trainer.status()}
 
     def close(self):
-        """Stop a job (it resumes at the next open), wait for a snapshot in progress, then refuse
-        everything."""
+        """Stop the jobs (they resume at the next open), wait for a snapshot in progress, then
+        refuse everything."""
         with self.locks.write:  # no job can start after this
             self.closing = True
-            job = self.space.job
-        self.refiner.wake.set()
-        if job is not None:
+            jobs = [space.job for space in self.spaces.values() if space.job is not None]
+        for space in self.spaces.values():
+            space.refiner.wake.set()
+        for job in jobs:
             job.cancel()
         with self.locks.snapshot, self.locks.write:
             self.record.close()

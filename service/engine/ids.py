@@ -15,7 +15,7 @@ import uuid
 
 import numpy as np
 
-from .record import array_of, select_in
+from .sql import array_of, select_in
 
 UUID_BASE = 1 << 62
 MAX_INT_ID = UUID_BASE - 1  # integer point ids are 0 .. MAX_INT_ID; the internal ids above are UUIDs'
@@ -109,3 +109,40 @@ class PointIds:
     def restore(self, count: int):
         """Forget the UUIDs numbered after `count` (their transaction rolled back)."""
         self.count = count
+
+
+class PointSet:
+    """The ids of a collection's stored points, ascending, in one int64 array (8 bytes a point;
+    replaced, never changed in place, under the index write lock: readers keep the array they read)."""
+
+    def __init__(self, ids: np.ndarray):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _positions(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids sorted and unique, where they go in the array, and which are there already."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        pos = np.searchsorted(self.ids, ids)
+        found = pos < len(self.ids)
+        found[found] = self.ids[pos[found]] == ids[found]
+        return ids, pos, found
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """A bool mask over `ids`: which are stored points."""
+        ids = np.asarray(ids, dtype=np.int64)
+        array = self.ids
+        if not len(array):
+            return np.zeros(len(ids), dtype=bool)
+        return array[np.minimum(np.searchsorted(array, ids), len(array) - 1)] == ids
+
+    def add(self, ids):
+        ids, pos, found = self._positions(ids)
+        if not found.all():
+            self.ids = np.insert(self.ids, pos[~found], ids[~found])
+
+    def remove(self, ids):
+        _, pos, found = self._positions(ids)
+        if found.any():
+            self.ids = np.delete(self.ids, pos[found])

@@ -53,12 +53,12 @@ class Trainer:
             if c.closing:
                 raise NotFound(f"collection {c.name!r} is closing")
             if space.job is not None:
-                raise Conflict(f"collection {c.name!r} is already training (job {space.job.id}); wait for it "
-                               f"or cancel it with DELETE /collections/{c.name}/train")
+                raise Conflict(f"{space.label} of collection {c.name!r} is already training (job {space.job.id}); "
+                               f"wait for it or cancel it with DELETE /collections/{c.name}/train")
             if not space.keeps_originals:
-                raise BadRequest(f"collection {c.name!r} keeps no original vectors, so it cannot be re-encoded: "
-                                 f"create it by size and distance (with keep_originals) to train it")
-            n = c.record.count("originals")
+                raise BadRequest(f"{space.label} of collection {c.name!r} keeps no original vectors, so it cannot be "
+                                 f"re-encoded: create it by size and distance (with keep_originals) to train it")
+            n = space.record.count("originals")
             settings = {**space.settings, **{k: v for k, v in request.items() if v is not None}}
             given = self._check_model(model_source) if model_source is not None else None
             if given is None:
@@ -68,6 +68,7 @@ class Trainer:
                       "request": {"d": space.dimension, "minutes": settings["train_minutes"],
                                   "bytes": settings["bytes"], "nlist": settings.get("nlist"),
                                   "encoder": space.encoder_name, "sample": c.config.train_sample,
+                                  "originals": space.record.table("originals"),
                                   "seed": space.generation}}  # reproducible: the same data, the same model
             job = self._job(record)
             if given is not None:  # the job starts at the encoding
@@ -76,12 +77,12 @@ class Trainer:
                 unknown = {"val_mse": None, "rq_val_mse": None, "trained_on": None}
                 atomic_write(job.dir / "trained.json", lambda f: f.write(json.dumps(unknown).encode()))
             with c.record.transaction():
-                c.record.put_fact("job", record)
-                c.record.drop_facts("paused")
+                space.record.put_fact("job", record)
+                space.record.drop_facts("paused")
             space.facts.pop("paused", None)
             space.facts["job"] = record
             self._launch(job)
-        log.info("%s: job %s started (%s, %d points)", c.name, job.id, record["kind"], n)
+        log.info("%s: %s: job %s started (%s, %d points)", c.name, space.label, job.id, record["kind"], n)
         return self.status()
 
     def _check_model(self, path: Path):
@@ -101,13 +102,14 @@ class Trainer:
             raise BadRequest(f"nlist {settings['nlist']} needs {need} training points, more than the "
                              f"{self.c.config.train_sample} a job samples (QINCO_TRAIN_SAMPLE)")
         if n < need:
-            raise BadRequest(f"collection {self.c.name!r} holds {n} points; training needs at least {need}"
+            raise BadRequest(f"{self.space.label} of collection {self.c.name!r} holds {n} vectors; training needs "
+                             f"at least {need}"
                              + (f" (nlist {settings['nlist']} x {MIN_PER_LIST} per list)"
                                 if settings.get("nlist") else ""))
 
     def _job(self, record: dict) -> TrainingJob:
         c = self.c
-        return TrainingJob(c.name, c.folder / "jobs", c.record.path, record, c.config.training_threads,
+        return TrainingJob(c.name, self.space.folder / "jobs", c.record.path, record, c.config.training_threads,
                            c.config.device, swap=self.swap, failed=self.failed)
 
     def _launch(self, job: TrainingJob):
@@ -135,7 +137,7 @@ class Trainer:
     def resume(self):
         """Start again a job that the last run of the server left unfinished."""
         c, record = self.c, self.space.facts.get("job")
-        for folder in (c.folder / "jobs").glob("*"):  # of jobs that ended (or were never recorded)
+        for folder in (self.space.folder / "jobs").glob("*"):  # of jobs that ended (or were never recorded)
             if record is None or folder.name != record["id"]:
                 shutil.rmtree(folder, ignore_errors=True)
         if record is not None and self.space.job is None and not c.closing:
@@ -148,7 +150,7 @@ class Trainer:
         """Stop the running job; what served before keeps serving.  False if it swapped first."""
         job = self.space.job
         if job is None:
-            raise NotFound(f"collection {self.c.name!r} has no training job")
+            raise NotFound(f"{self.space.label} of collection {self.c.name!r} has no training job")
         job.cancel()  # waits for the job's thread: a swap under way either commits or not
         with self.c.locks.write:
             if self.space.job is not job:
@@ -164,8 +166,8 @@ class Trainer:
     def _end(self, job: TrainingJob, error: str | None, paused: bool = False):
         """Forget a job that did not swap (write lock held): its record first, then its files.
         A cancel while collecting pauses automatic training until the next train request."""
-        space, record = self.space, self.c.record
-        with record.transaction():
+        space, record = self.space, self.space.record
+        with self.c.record.transaction():
             record.drop_facts("job")
             if error is not None:
                 record.put_fact("last_error", error)
@@ -184,7 +186,7 @@ class Trainer:
         of every point and the generation.  Writes wait for the last catch-up and that transaction
         (an UPDATE of every row: seconds per million points); searches go on.  Returns the new
         generation."""
-        c, space, record = self.c, self.space, self.c.record
+        c, space, record = self.c, self.space, self.space.record
         use_threads(c.config.threads)
         model_file, trained, encoded = job.outputs()
         model = load_model(model_file)
@@ -212,10 +214,10 @@ class Trainer:
                 raise RuntimeError(f"the new index holds {new.ntotal} points, the collection {space.index.ntotal}")
             generation = space.generation + 1
             save_model(model, space.model_path(generation), {"training": trained})
-            fsync_folder(c.folder)  # the file outlives a power loss before the commit names it
+            fsync_folder(space.folder)  # the file outlives a power loss before the commit names it
             stored_ids, stored_codes = new.stored_codes()
             figures = {**trained, "generation": generation, "swapped": time.time()}
-            with record.transaction():
+            with c.record.transaction():
                 record.set_codes(stored_ids, stored_codes)
                 record.set_generation(generation)
                 record.unqueue_all()  # every point now has the new model's codes
@@ -227,7 +229,7 @@ class Trainer:
                 space.index, space.model, space.generation, space.tuning = new, model, generation, {}
                 space.job = None
             space.facts = {"model": figures}
-            c.refiner.pending = 0
+            space.refiner.pending = 0
             c.snapshots.changed = 0
             space.remove_stale_models()
             shutil.rmtree(job.dir, ignore_errors=True)
@@ -253,7 +255,7 @@ class Trainer:
             "mse_vs_rq": ratio, "trained_on": figures.get("trained_on"), "bytes": space.model.cfg.M,
             "nlist": space.model.cfg.nlist}
         q = space.settings or {}
-        n = c.count()
+        n = space.index.ntotal
         memory = space.index.memory_per_point
         try:
             disk = c.record.size_on_disk() // max(n, 1)
@@ -261,7 +263,7 @@ class Trainer:
             disk = 0
         return {"phase": phase, "job": job, "model": model,
                 "points_encoded": 0 if space.collecting else n,
-                "refine_pending": c.refiner.pending,
+                "refine_pending": space.refiner.pending,
                 "last_swap": figures.get("swapped"), "last_error": space.facts.get("last_error"),
                 "train_after": q.get("train_after", 0), "train_minutes": q.get("train_minutes"),
                 "keep_originals": bool(q.get("keep_originals")), "originals": n if space.keeps_originals else 0,

@@ -16,7 +16,7 @@ from model.threads import background_thread
 
 from ..training.policy import NICE
 from . import concurrency
-from .record import array_of
+from .sql import array_of
 
 if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .collection import Collection
@@ -34,10 +34,10 @@ class Refiner:
     def __init__(self, collection: Collection, space: VectorSpace):
         self.c, self.space = collection, space
         self.enabled = collection.config.fast_ingest and space.encoder_name != "fast"
-        self.pending = collection.record.count("refine")  # queued points (write lock)
+        self.pending = space.record.count("refine")  # queued points (write lock)
         self.wake = threading.Event()
         if self.enabled or self.pending:  # a queue left by a run with fast ingest drains too
-            concurrency.start("refine", collection.name, self.run)
+            concurrency.start("refine", collection.name if space.k == 0 else f"{collection.name}:{space.name}", self.run)
 
     def acknowledges_fast(self) -> bool:
         """Whether an upsert now gets `fast` codes (the queue has room)."""
@@ -69,7 +69,7 @@ class Refiner:
         """Re-encode up to REFINE_BATCH queued points; False when none is queued."""
         c, space = self.c, self.space
         index = space.index
-        rows = c.record.queued(REFINE_BATCH)
+        rows = space.record.queued(REFINE_BATCH)
         if not rows:
             return False
         x = array_of([r[2] for r in rows], np.float32, space.dimension)
@@ -80,7 +80,7 @@ class Refiner:
             if space.model is not index.model:
                 return True  # a swap re-encoded everything and emptied the queue
             with c.record.write() as w:
-                done, removed = c.record.refine_codes([(i, s) for i, s, _ in rows], codes, w.seq)
+                done, removed = space.record.refine_codes([(i, s) for i, s, _ in rows], codes, w.seq)
                 w.changed = any(done)
             ids = np.array([r[0] for r in rows], dtype=np.int64)[done]
             try:

@@ -26,6 +26,7 @@ from .collection import Collection
 from .concurrency import REGISTRY, OrderedLock
 from .config import CollectionConfig
 from .ids import INT_ID_RANGE, is_int_id
+from .space import MAX_SPACES
 
 log = logging.getLogger("qinco.store")
 
@@ -77,7 +78,8 @@ class Store:
                 elif (folder / "collection.json").exists():
                     try:
                         self.collections[folder.name] = c = Collection(folder, self.config)
-                        c.trainer.resume()
+                        for space in c.spaces.values():
+                            space.trainer.resume()
                     except Exception as e:
                         log.exception("collection %s could not be opened", folder.name)
                         self.failed[folder.name] = f"{type(e).__name__}: {e}"
@@ -110,12 +112,17 @@ class Store:
         return p
 
     def create(self, name: str, metric: str, encoder: str, source: Path | None = None, from_index: bool = False,
-               size: int | None = None, qinco: dict | None = None) -> Collection:
+               size: int | None = None, qinco: dict | None = None, named: dict[str, dict] | None = None) -> Collection:
         """A new collection from a model file or an index directory (a path already checked), or,
         with `size` and `qinco` settings (the config's defaults for those not given), one that
-        trains its own model."""
+        trains its own model.  `named`: Qdrant's named vectors instead, {name: {"size", "metric"}},
+        each a vector space that trains its own model with these settings (`size`, `metric`
+        unused)."""
         use_threads(self.config.threads)
-        qinco = self.config.self_training(qinco) if size is not None else None
+        trains = size is not None or named is not None
+        qinco = self.config.self_training(qinco) if trains else None
+        if named is not None and not 1 <= len(named) <= MAX_SPACES:
+            raise BadRequest(f"a collection holds 1 to {MAX_SPACES} named vectors, not {len(named)}")
         with self.lock:
             if self.closed:
                 raise Unavailable("the service is shutting down")
@@ -125,8 +132,11 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
-                if size is not None:
-                    self._populate_trainable(tmp, name, metric, encoder, size, qinco)
+                if trains:
+                    spaces = [{"name": n, "metric": v["metric"], "size": v["size"]} for n, v in named.items()] \
+                        if named is not None else [{"name": "", "metric": metric, "size": size}]
+                    self._populate_trainable(tmp, name, [{**v, "encoder": encoder, "qinco": qinco} for v in spaces],
+                                             named is not None)
                 else:
                     self._populate(tmp, name, metric, encoder, source, from_index)
                 os.replace(tmp, self.root / name)
@@ -162,12 +172,12 @@ class Store:
                 raise BadRequest(f"cannot use {source.name}: its point ids must be in {INT_ID_RANGE} (the ids "
                                  f"above are UUIDs'); rebuild it with --ids in that range")
             record.import_codes(folder / "points.sqlite", ids, codes)
-        _write_meta(folder, {"name": name, "metric": metric, "encoder": encoder})
+        _write_meta(folder, name, [{"name": "", "metric": metric, "encoder": encoder}], named=False)
 
     @staticmethod
-    def _populate_trainable(folder: Path, name: str, metric: str, encoder: str, size: int, qinco: dict):
-        record.create(folder / "points.sqlite").close()
-        _write_meta(folder, {"name": name, "metric": metric, "encoder": encoder, "size": size, "qinco": qinco})
+    def _populate_trainable(folder: Path, name: str, spaces: list[dict], named: bool):
+        record.create(folder / "points.sqlite", len(spaces)).close()
+        _write_meta(folder, name, spaces, named)
 
     def delete(self, name: str):
         with self.lock:
@@ -195,8 +205,8 @@ class Store:
         self._lock_file.close()
 
 
-def _write_meta(folder: Path, meta: dict):
-    """collection.json: what the collection is (written once, atomically)."""
-    meta = {"name": meta["name"], "uuid": str(uuid.uuid4()), "metric": meta["metric"], "encoder": meta["encoder"],
-            "created": time.time(), **{k: v for k, v in meta.items() if k in ("size", "qinco")}}
+def _write_meta(folder: Path, name: str, spaces: list[dict], named: bool):
+    """collection.json: what the collection is (written once, atomically): its vector spaces
+    (engine/space.py), and whether they were given as Qdrant's named vectors."""
+    meta = {"name": name, "uuid": str(uuid.uuid4()), "created": time.time(), "named": named, "vectors": spaces}
     atomic_write(folder / "collection.json", lambda f: f.write(json.dumps(meta).encode()))

@@ -12,11 +12,13 @@ import numpy as np
 from model.threads import use_threads
 
 from ..errors import BadRequest
+from . import reads
+from .reads import MAX_VECTOR_VALUES, returned_dimensions
 
 if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .collection import Collection
+    from .space import VectorSpace
 
-MAX_VECTOR_VALUES = 20_000_000  # numbers of the vectors returned by one search request (with_vector)
 MAX_RESCORE = 10_000  # candidates re-ranked with their originals in one query
 LIGHT_SEARCH_MACS = 12_000_000  # a lone search this cheap runs in the event loop (~0.3-0.5 ms of one core)
 LIGHT_SEARCH_LIMIT = 100  # results (limit + offset) of such a search: payloads are read in the loop too
@@ -51,15 +53,16 @@ class Hit:
     vector: list[float] | None = None
 
 
-def search(c: Collection, queries, limit: int, params: dict | None, with_payload: bool, with_vector: bool,
-           exclude: list[set] | None = None, budget: SearchBudget | None = None, filter=None) -> list[list[Hit]]:
-    """Nearest stored points of each query; `filter` restricts them; `exclude` (client ids per
-    query) leaves points out.
+def search(c: Collection, space: VectorSpace, queries, limit: int, params: dict | None, with_payload: bool,
+           with_vector, exclude: list[set] | None = None, budget: SearchBudget | None = None,
+           filter=None) -> list[list[Hit]]:
+    """Nearest stored points of each query in a vector space (points without a vector there are
+    not candidates); `filter` restricts them; `exclude` (client ids per query) leaves points out.
+    with_vector: False, True (every vector of the hits) or a list of names.
 
     params: nprobe, ef_search, nshort, target_recall, exact, rescore, oversampling.  Before its
     first model a space searches its originals exactly and ignores them."""
     use_threads(c.config.threads)
-    space = c.space
     x = space.prepare(queries)
     params = params or {}
     exclude = [set(c.internal_ids(list(e))) for e in exclude] if exclude else None
@@ -76,7 +79,7 @@ def search(c: Collection, queries, limit: int, params: dict | None, with_payload
                 k = min(MAX_RESCORE, math.ceil(k * (params.get("oversampling") or 1.0)))
             sp = index.search_params(params)
             budget = budget or SearchBudget(c.config.max_search_candidates)
-            budget.take(len(x), k, sp.nshort if sp else 0, with_vector, index.d)
+            budget.take(len(x), k, sp.nshort if sp else 0, bool(with_vector), returned_dimensions(c, with_vector))
             if rescore:  # the originals read back count as returned vectors
                 budget.take(len(x), k, 0, True, index.d)
             allowed = c.filter_ids(filter, resolve) if filter is not None else None
@@ -84,23 +87,22 @@ def search(c: Collection, queries, limit: int, params: dict | None, with_payload
     except ValueError as e:
         raise BadRequest(str(e)) from None
     if rescore:
-        D, I = rescored(c, x, D, I)
+        D, I = rescored(space, x, D, I)
     if not np.isfinite(D).all():  # float32 overflow: a query far outside the model's range
         raise BadRequest("the query vector's values are too large for this collection's model")
-    return hits(c, D, I, limit, extra, exclude, with_payload, with_vector)
+    return hits(c, space, D, I, limit, extra, exclude, with_payload, with_vector)
 
 
-def hits(c: Collection, D: np.ndarray, I: np.ndarray, limit: int, extra: int, exclude: list[set] | None,
-         with_payload: bool, with_vector: bool) -> list[list[Hit]]:
+def hits(c: Collection, space: VectorSpace, D: np.ndarray, I: np.ndarray, limit: int, extra: int,
+         exclude: list[set] | None, with_payload: bool, with_vector) -> list[list[Hit]]:
     """Each query's hits: excluded and since-deleted points left out, Qdrant's scores."""
     payloads = c.record.payloads({int(i) for i in I.ravel()}) if with_payload else {}
     vectors = {}
     if with_vector:
         found = np.unique(I[:, :limit + extra][I[:, :limit + extra] >= 0])  # not every rescore candidate
-        stored, present = c.stored_vectors(found)
-        vectors = {int(i): v for i, v, ok in zip(found, stored, present) if ok}
+        vectors = reads.vectors_json(c, found[c.points.contains(found)], with_vector)  # not deleted since
     results = []
-    cosine = c.space.metric == "cosine"
+    cosine = space.metric == "cosine"
     for q in range(len(D)):
         out = []
         for dist, i in zip(D[q].tolist(), I[q].tolist()):  # Python floats and ints: no numpy scalars
@@ -110,7 +112,7 @@ def hits(c: Collection, D: np.ndarray, I: np.ndarray, limit: int, extra: int, ex
                 continue  # deleted since the search: its row is gone
             # Qdrant's scores: cosine similarity, or the Euclidean distance (not its square)
             score = 1 - dist / 2 if cosine else math.sqrt(max(dist, 0.0))
-            vector = vectors[i].tolist() if with_vector else None
+            vector = vectors[i] if with_vector else None
             out.append(Hit(c.point_ids.external(i), score, payloads.get(i) if with_payload else None, vector))
             if len(out) == limit:
                 break
@@ -118,11 +120,11 @@ def hits(c: Collection, D: np.ndarray, I: np.ndarray, limit: int, extra: int, ex
     return results
 
 
-def rescored(c: Collection, x: np.ndarray, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rescored(space: VectorSpace, x: np.ndarray, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Candidates re-ranked by the exact distance to their original vectors (read from disk).
     One deleted meanwhile (no original) is dropped (id -1) rather than ranked by another distance."""
     found = np.unique(I[I >= 0])
-    originals = c.record.originals(found)
+    originals = space.record.originals(found)
     table = np.zeros((len(found) + 1, x.shape[1]), dtype=np.float32)  # last row: "no original"
     known = np.zeros(len(found) + 1, dtype=bool)
     for r, i in enumerate(found.tolist()):
@@ -137,7 +139,7 @@ def rescored(c: Collection, x: np.ndarray, D: np.ndarray, I: np.ndarray) -> tupl
     return D, I
 
 
-def is_light(c: Collection, params: dict | None, limit: int) -> bool:
+def is_light(space: VectorSpace, params: dict | None, limit: int) -> bool:
     """Whether one unfiltered query with these options costs at most LIGHT_SEARCH_MACS (a fraction
     of a millisecond): the service runs such a search in the event loop when it is the only
     request, where a thread hop would cost more than the search.  Not light: exact, rescore or
@@ -146,6 +148,6 @@ def is_light(c: Collection, params: dict | None, limit: int) -> bool:
     if params.get("rescore") or params.get("exact") or params.get("target_recall") is not None \
             or limit > LIGHT_SEARCH_LIMIT:
         return False
-    index = c.space.index
+    index = space.index
     cost = index.search_cost(index.search_params(params), limit)
     return cost is not None and cost <= LIGHT_SEARCH_MACS

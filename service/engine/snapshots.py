@@ -1,11 +1,12 @@
-"""Snapshots and recovery of a collection's index.
+"""Snapshots and recovery of a collection's indexes, one per vector space.
 
-A snapshot is the faiss index as of sequence number S, in <collection>/snapshot/ (index.faiss
-and snapshot.json: seq, ntotal, the collection's uuid and the model generation), replaced
-atomically.  On open, the snapshot is loaded if its manifest matches (same collection, same
-generation, not ahead of the record), then every id changed after S is re-applied from SQLite;
-without one the index is rebuilt from every row.  Codes are stored, so recovery never
-re-encodes.  A collecting space's state is its originals in the record: no snapshot file.
+A snapshot is the faiss index of each space as of sequence number S, in <collection>/snapshot/
+(index.faiss for space 0, index_K.faiss for space K, and snapshot.json: seq, the collection's
+uuid, and per space its ntotal and model generation), replaced atomically.  On open, a space's
+snapshot is loaded if the manifest matches (same collection, same generation, not ahead of the
+record), then every id whose vector changed after S is re-applied from SQLite; without one the
+index is rebuilt from every row.  Codes are stored, so recovery never re-encodes.  A collecting
+space's state is its originals in the record: no snapshot file.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from model.threads import use_threads
 from ..errors import NotFound
 from . import concurrency
 from .index import ExactSpaceIndex, QincoSpaceIndex, SpaceIndex
+from .space_record import scoped
 
 if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .collection import Collection
+    from .space import VectorSpace
 
 log = logging.getLogger("qinco.store")
 
@@ -44,6 +47,11 @@ def fsync_folder(folder: Path):
         os.close(fd)
 
 
+def index_file(k: int) -> str:
+    """The snapshot's file of space k's index."""
+    return scoped("index", k) + ".faiss"
+
+
 class Snapshots:
     """A collection's snapshot, its recovery, and the count of points changed since the last one."""
 
@@ -52,47 +60,54 @@ class Snapshots:
         self.changed = 0  # points changed since the last snapshot (write lock)
 
     # ---- recovery --------------------------------------------------------------------------------
-    def recover(self) -> tuple[SpaceIndex, dict]:
-        """The index as of the last commit, and what was done: {"snapshot_seq", "replayed" (ids
-        changed after it), "seconds"}."""
+    def recover(self, space: VectorSpace) -> tuple[SpaceIndex, dict]:
+        """A space's index as of the last commit, and what was done: {"snapshot_seq", "replayed"
+        (ids changed after it), "seconds"}."""
         t0 = time.time()
-        space, record = self.c.space, self.c.record
+        record = space.record
         if space.collecting:
             index = ExactSpaceIndex(space.size)
             for ids, x in record.all_originals(space.size):
                 index.add(x, ids)
-            log.info("%s: %d original vectors ready in %.1fs (no model yet: exact search)",
-                     self.c.name, index.ntotal, time.time() - t0)
+            log.info("%s: %s: %d original vectors ready in %.1fs (no model yet: exact search)",
+                     self.c.name, space.label, index.ntotal, time.time() - t0)
             return index, {"snapshot_seq": 0, "replayed": index.ntotal, "seconds": round(time.time() - t0, 3)}
-        index, seq = self._load()
+        index, seq = self._load(space)
         changed = record.changed_ids(seq)
         if changed and index.ntotal:
             index.remove(np.array(changed, dtype=np.int64))
         for ids, codes in record.codes_after(seq, 1 + space.model.cfg.M):
             index.add(codes, ids)
-        log.info("%s: %d points ready in %.1fs (snapshot seq %d, %d changed after it)",
-                 self.c.name, index.ntotal, time.time() - t0, seq, len(changed))
+        log.info("%s: %s: %d points ready in %.1fs (snapshot seq %d, %d changed after it)",
+                 self.c.name, space.label, index.ntotal, time.time() - t0, seq, len(changed))
         return index, {"snapshot_seq": seq, "replayed": len(changed), "seconds": round(time.time() - t0, 3)}
 
-    def _load(self) -> tuple[QincoSpaceIndex, int]:
-        """The snapshot's index and seq if it is this collection's and usable; else an empty one, 0."""
-        c, space = self.c, self.c.space
+    def _load(self, space: VectorSpace) -> tuple[QincoSpaceIndex, int]:
+        """The snapshot's index of a space and its seq if it is this collection's and usable; else
+        an empty one, 0."""
+        c = self.c
         snap = c.folder / "snapshot"
         if (snap / "snapshot.json").exists():
             try:
                 info = json.loads((snap / "snapshot.json").read_text())
                 if info.get("collection_uuid") != c.uuid:
                     raise ValueError(f"it belongs to another collection (uuid {info.get('collection_uuid')})")
-                if info.get("generation", 0) != space.generation:
-                    raise ValueError(f"it holds the codes of model generation {info.get('generation', 0)}")
-                faiss_index = faiss.read_index(str(snap / "index.faiss"))
-                if faiss_index.ntotal != info["ntotal"] or faiss_index.d != space.model.cfg.d:
+                # a snapshot written before named vectors holds space 0's figures at its top level
+                spaces = info["spaces"] if "spaces" in info else [info]
+                mine = spaces[space.k] if space.k < len(spaces) else None
+                if mine is None:
+                    raise ValueError(f"it holds no index of {space.label}")
+                if mine.get("generation", 0) != space.generation:
+                    raise ValueError(f"it holds the codes of model generation {mine.get('generation', 0)}")
+                faiss_index = faiss.read_index(str(snap / index_file(space.k)))
+                if faiss_index.ntotal != mine["ntotal"] or faiss_index.d != space.model.cfg.d:
                     raise ValueError("snapshot does not match its manifest")
                 if int(info["seq"]) > c.record.last_seq():
                     raise ValueError(f"snapshot seq {info['seq']} is ahead of the database")
                 return QincoSpaceIndex(QincoIndex(space.model, faiss_index, space.tuning)), int(info["seq"])
             except (ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as e:
-                log.warning("%s: ignoring unusable snapshot (%s); rebuilding from the database", c.folder, e)
+                log.warning("%s: ignoring unusable snapshot of %s (%s); rebuilding from the database",
+                            c.folder, space.label, e)
         return QincoSpaceIndex(QincoIndex(space.model, tuning=space.tuning)), 0
 
     # ---- snapshots -------------------------------------------------------------------------------
@@ -107,23 +122,26 @@ class Snapshots:
             with c.locks.write:  # no write between reading seq and copying the index
                 c.check_writable()  # a broken index must not become the record
                 seq = c.record.last_seq()
-                blob = c.space.index.serialize()
-                if blob is None:  # nothing to replay: the record holds it all
+                blobs = [space.index.serialize() for space in c.spaces.values()]
+                if all(blob is None for blob in blobs):  # nothing to replay: the record holds it all
                     c.record.forget_deletes(seq)
                     return seq
-                manifest = {"seq": seq, "ntotal": c.space.index.ntotal, "collection_uuid": c.uuid,
-                            "generation": c.space.generation}
-            self._replace(blob, manifest)
+                manifest = {"seq": seq, "collection_uuid": c.uuid, "spaces": [
+                    None if blob is None else {"ntotal": space.index.ntotal, "generation": space.generation}
+                    for space, blob in zip(c.spaces.values(), blobs)]}
+            self._replace(blobs, manifest)
             with c.locks.write:
                 c.record.forget_deletes(seq)
             return seq
 
-    def _replace(self, blob: np.ndarray, manifest: dict):
+    def _replace(self, blobs: list[np.ndarray | None], manifest: dict):
         folder = self.c.folder
         tmp = folder / ".snapshot.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        atomic_write(tmp / "index.faiss", lambda f: f.write(memoryview(blob)))
+        for k, blob in enumerate(blobs):
+            if blob is not None:
+                atomic_write(tmp / index_file(k), lambda f: f.write(memoryview(blob)))
         atomic_write(tmp / "snapshot.json", lambda f: f.write(json.dumps(manifest).encode()))
         old, snap = folder / ".snapshot.old", folder / "snapshot"
         shutil.rmtree(old, ignore_errors=True)

@@ -1,9 +1,12 @@
-"""A vector space: the vectors of a collection's points under one model.
+"""A vector space: the vectors of a collection's points under one model; Qdrant's named vectors.
 
-It holds the vectors' size and metric, the encoder, the model and its generation, the index
-that serves them (engine/index.py), whether originals are kept, and the training lifecycle's
-state.  A collection holds one today, named "" (Qdrant's unnamed vector); Qdrant's named
-vectors will give it several, each with its own model, index, training and originals.
+It holds the vectors' name, size and metric, the encoder, the model and its generation, the
+index that serves them (engine/index.py), its tables in the record (record.SpaceRecord),
+whether originals are kept, and the training lifecycle's state, job (lifecycle.py) and refine
+queue (refine.py).  A collection holds one or several, in the order of collection.json's
+`vectors`; Qdrant's unnamed vector is the one named "".  Space k keeps its files (models,
+tuning, jobs) in <collection>/vectors/<k>, space 0 in the collection's folder (where collections
+made before named vectors have them).
 
 What changes together is replaced together: a swap sets model, generation, tuning and index
 under the write lock and the index lock (engine/lifecycle.py); `job` and `facts` change under
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,11 +26,33 @@ from model.network import ENCODERS, Qinco, check_vectors
 
 from ..errors import BadRequest
 from .index import SpaceIndex
+from .space_record import SpaceRecord
+
+if TYPE_CHECKING:  # annotations only
+    from .lifecycle import Trainer
+    from .refine import Refiner
+
+MAX_SPACES = 16  # named vectors per collection: each has its own model, index, queue and jobs
+
+
+def space_metas(meta: dict) -> list[dict]:
+    """A collection's vector spaces from its collection.json: `vectors`, or the one unnamed
+    space of a collection made before named vectors (its settings at the top level)."""
+    if "vectors" in meta:
+        return meta["vectors"]
+    return [{"name": "", **{k: meta[k] for k in ("metric", "encoder", "size", "qinco") if k in meta}}]
+
+
+def space_folder(collection_folder: Path, k: int) -> Path:
+    return collection_folder if k == 0 else collection_folder / "vectors" / str(k)
 
 
 class VectorSpace:
-    def __init__(self, folder: Path, meta: dict, generation: int, facts: dict, name: str = ""):
-        self.folder, self.name = folder, name
+    def __init__(self, collection_folder: Path, meta: dict, k: int, record: SpaceRecord):
+        self.k, self.name, self.record = k, meta["name"], record
+        self.folder = folder = space_folder(collection_folder, k)
+        folder.mkdir(parents=True, exist_ok=True)
+        generation, facts = record.generation(), record.facts()
         self.metric = meta["metric"]
         self.encoder_name = meta["encoder"]
         self.encoder = ENCODERS[self.encoder_name]
@@ -40,6 +66,8 @@ class VectorSpace:
         self.facts = facts  # the record's training facts: job, last_error, paused, model (its figures)
         self.job = None  # the running training job (service/training/job.py)
         self.index: SpaceIndex  # set by the recovery (engine/snapshots.py)
+        self.trainer: Trainer  # set by the collection, once the index is recovered
+        self.refiner: Refiner
 
     def _load_model(self) -> Qinco | None:
         path = self.model_path(self.generation)
@@ -60,6 +88,11 @@ class VectorSpace:
     @property
     def dimension(self) -> int:
         return self.index.d
+
+    @property
+    def label(self) -> str:
+        """How messages name it."""
+        return "the unnamed vector" if self.name == "" else f"vector {self.name!r}"
 
     @property
     def collecting(self) -> bool:

@@ -70,10 +70,13 @@ def record_json(r: dict, with_payload) -> dict:
 
 def collection_info(info: dict) -> dict:
     """Qdrant's collection info (a single segment, shard and replica; its HNSW settings are those
-    of the IVF coarse quantizer), then the engine's own figures (Collection.info)."""
-    qdrant = {"optimizer_status": "ok", "indexed_vectors_count": info["qinco"]["points_encoded"],
+    of the IVF coarse quantizer), then the engine's own figures (Collection.info).  Its vectors'
+    config has Qdrant's two forms: one unnamed vector's, or the named vectors' by name."""
+    params = {name: {"size": v["dimension"], "distance": DISTANCES[v["metric"]]} for name, v in info["vectors"].items()}
+    qdrant = {"optimizer_status": "ok",
+              "indexed_vectors_count": sum(v["qinco"]["points_encoded"] for v in info["vectors"].values()),
               "segments_count": 1,
-              "config": {"params": {"vectors": {"size": info["dimension"], "distance": DISTANCES[info["metric"]]},
+              "config": {"params": {"vectors": params if info["named"] else params[""],
                                     "shard_number": 1, "replication_factor": 1,
                                     "write_consistency_factor": 1, "on_disk_payload": True},
                          "hnsw_config": {"m": 32, "ef_construct": 40, "full_scan_threshold": 0},

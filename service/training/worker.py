@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine.record import connect_read_only, originals_as_of_now, sample_originals
+from service.engine.space_record import originals_as_of_now, sample_originals
+from service.engine.sql import connect_read_only
 from service.training.policy import NICE, model_config
 
 ENCODE_CHUNK = 4096
@@ -71,7 +72,7 @@ def watch_parent():
 def train_model(job_dir: Path, request: dict, db: sqlite3.Connection, progress: Progress):
     from model.train import TrainConfig, train
 
-    x = sample_originals(db, request["d"], request["sample"], request["seed"])
+    x = sample_originals(db, request["d"], request["sample"], request["seed"], request.get("originals", "originals"))
     cfg = model_config(request["d"], len(x), request["bytes"], request.get("nlist"))
     tc = TrainConfig(max_minutes=request["minutes"], threads=request["threads"], seed=request["seed"],
                      device=request.get("device", "auto"),
@@ -103,7 +104,8 @@ def encode_all(job_dir: Path, request: dict, db: sqlite3.Connection, progress: P
     model = load_model(job_dir / "model.safetensors")
     encoder, on = ENCODERS[request["encoder"]], resolve_device(request.get("device", "auto"))
     done, started = 0, time.time()
-    with originals_as_of_now(db, request["d"], ENCODE_CHUNK) as (seq, total, batches), \
+    with originals_as_of_now(db, request["d"], ENCODE_CHUNK, request.get("originals", "originals")) \
+            as (seq, total, batches), \
             open(job_dir / "ids.i64", "wb") as fi, open(job_dir / "codes.i32", "wb") as fc:
         for ids, x in batches:
             fi.write(ids.tobytes())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from ...engine.collection import Collection
 from ...errors import Conflict
@@ -27,7 +27,11 @@ def create_collection(name: schemas.CollectionName, body: schemas.CreateCollecti
     it receives.  Or from a trained model file or index directory.  Answers `true`, as Qdrant."""
     t0 = time.perf_counter()
     store = svc.store
-    if body.vectors is not None:
+    if isinstance(body.vectors, dict):  # Qdrant's named vectors: a vector space each
+        given = body.qinco.model_dump(exclude_none=True) if body.qinco else {}
+        named = {n: {"size": v.size, "metric": schemas.METRICS[v.distance]} for n, v in body.vectors.items()}
+        store.create(name, None, body.encoder.value, qinco=given, named=named)
+    elif body.vectors is not None:
         given = body.qinco.model_dump(exclude_none=True) if body.qinco else {}
         store.create(name, schemas.METRICS[body.vectors.distance], body.encoder.value, size=body.vectors.size,
                      qinco=given)
@@ -45,17 +49,19 @@ def train(body: schemas.TrainRequest | None = None, c: Collection = Depends(coll
     t0 = time.perf_counter()
     body = body or schemas.TrainRequest()
     if body.model is not None:
-        status = c.start_training(model_source=svc.store.resolve(body.model))
+        status = c.start_training(model_source=svc.store.resolve(body.model), using=body.vector)
     else:
-        status = c.start_training({"train_minutes": body.minutes, "bytes": body.bytes, "nlist": body.nlist})
+        status = c.start_training({"train_minutes": body.minutes, "bytes": body.bytes, "nlist": body.nlist},
+                                  using=body.vector)
     return ok(status, t0, 202)
 
 
 @router.delete("/collections/{name}/train", response_model=schemas.Envelope[bool])
-def cancel_training(c: Collection = Depends(collection)):
+def cancel_training(vector: str | None = Query(None, max_length=256, description="the named vector's job"),
+                    c: Collection = Depends(collection)):
     """Stop the training job; the model that served before keeps serving."""
     t0 = time.perf_counter()
-    if not c.cancel_training():
+    if not c.cancel_training(vector):
         raise Conflict(f"the job of collection {c.name!r} finished before it could be cancelled")
     return ok(True, t0)
 

@@ -12,6 +12,17 @@ from ..errors import error
 
 router = APIRouter(tags=["service"])
 
+# The Qdrant REST API these routes follow: that of the qdrant-client release the tests run
+# (clients compare it with their own version and warn when they are more than a minor apart).
+QDRANT_API_VERSION = "1.20.0"
+
+
+@router.get("/")
+async def root():
+    """Qdrant's root: the server's title and version (unwrapped, as Qdrant answers it)."""
+    return {"title": "QINCo Search (Qdrant REST API)", "version": QDRANT_API_VERSION}
+
+
 
 @router.get("/healthz")
 async def healthz():

@@ -7,7 +7,6 @@ import time
 from fastapi import APIRouter, Depends, Path
 
 from ...engine.collection import Collection
-from ...engine.query import check_limit
 from ...errors import InvalidInput
 from .. import schemas
 from ..deps import JsonRoute, Service, collection, ready
@@ -25,6 +24,25 @@ def upsert(body: schemas.UpsertPoints, c: Collection = Depends(collection), svc:
     seq, encode_seconds = c.upsert(ids, vectors, payloads)
     svc.metrics.encode.observe(encode_seconds)
     return ok(update_result(seq, len(ids)), t0)
+
+
+@router.put("/collections/{name}/points/vectors", response_model=schemas.Envelope[schemas.UpdateResult])
+def update_vectors(body: schemas.UpdateVectors, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """Qdrant's update_vectors: set the given (named) vectors of stored points; the rest stays."""
+    t0 = time.perf_counter()
+    svc.check_batch(len(body.points), "points")
+    seq, encode_seconds = c.update_vectors([p.id for p in body.points], [schemas.by_name(p.vector) for p in body.points])
+    svc.metrics.encode.observe(encode_seconds)
+    return ok(update_result(seq, len(body.points)), t0)
+
+
+@router.post("/collections/{name}/points/vectors/delete", response_model=schemas.Envelope[schemas.UpdateResult])
+def delete_vectors(body: schemas.DeleteVectors, c: Collection = Depends(collection), svc: Service = Depends(ready)):
+    """Qdrant's delete_vectors: remove the named vectors of points (by ids or a filter)."""
+    t0 = time.perf_counter()
+    if body.points is not None:
+        svc.check_batch(len(body.points), "ids")
+    return ok(update_result(*c.delete_vectors(body.points, body.filter, body.vector)), t0)
 
 
 @router.post("/collections/{name}/points/delete", response_model=schemas.Envelope[schemas.UpdateResult])
@@ -54,8 +72,9 @@ def count_filtered(body: schemas.CountRequest, c: Collection = Depends(collectio
 
 
 @router.get("/collections/{name}/points/{point_id}", response_model=schemas.Envelope[schemas.Record])
-def get_point(point_id: str = Path(max_length=45, description="an integer id or a UUID"), with_vector: bool = False,
+def get_point(point_id: str = Path(max_length=45, description="an integer id or a UUID"), with_vector: bool = True,
               c: Collection = Depends(collection)):
+    """Qdrant's GET of a point: its payload and every vector."""
     t0 = time.perf_counter()
     try:
         point_id = schemas.parse_path_id(point_id)
@@ -75,10 +94,12 @@ def retrieve(body: schemas.RetrieveRequest, c: Collection = Depends(collection),
 
 @router.post("/collections/{name}/points/scroll", response_model=schemas.Envelope[schemas.ScrollResult])
 def scroll(body: schemas.ScrollRequest, c: Collection = Depends(collection)):
-    """Points by ascending id, a page at a time; `next_page_offset` is the next page's `offset`."""
+    """Points by ascending id, a page at a time; `next_page_offset` is the next page's `offset`.
+    A page holds at most max_limit points: a larger `limit` gets that many and the offset of the
+    rest (clients page on; Haystack asks for 10,000)."""
     t0 = time.perf_counter()
-    check_limit(c, body.limit)
-    records, nxt = c.scroll(body.filter, body.offset, body.limit, wants_payload(body.with_payload), body.with_vector)
+    limit = min(body.limit, c.config.max_limit)
+    records, nxt = c.scroll(body.filter, body.offset, limit, wants_payload(body.with_payload), body.with_vector)
     return ok({"points": [record_json(r, body.with_payload) for r in records], "next_page_offset": nxt}, t0)
 
 

@@ -19,26 +19,26 @@ router = APIRouter(route_class=JsonRoute, tags=["search"], responses=schemas.ERR
 def options(r: schemas.SearchRequest | schemas.QueryRequest) -> str:
     """A search's options as JSON, spelled alike for both requests: searches that share them
     share a call (and a micro-batch)."""
-    return schemas.SearchRequest.model_construct(
+    return schemas.QueryRequest.model_construct(
         limit=r.limit, offset=r.offset, score_threshold=r.score_threshold, params=r.params, filter=r.filter,
-        with_payload=r.with_payload, with_vector=r.with_vector).model_dump_json(exclude={"vector"})
+        with_payload=r.with_payload, with_vector=r.with_vector, using=r.using or None,
+    ).model_dump_json(exclude={"query", "prefetch", "lookup_from"})
 
 
 def as_query(r: schemas.SearchRequest | schemas.QueryRequest, keyed: bool = True) -> query.Query:
     """The engine's query for a request; keyed: with its options' JSON (not needed to tell
     whether it is light, and not made in the event loop for nothing)."""
-    if isinstance(r, schemas.SearchRequest):
-        target = r.vector
-    else:  # a vector, {"nearest": a vector or id}, an id, or None: the points by id
-        target = r.query.nearest if isinstance(r.query, schemas.NearestQuery) else r.query
+    target = r.target  # a vector; a query's may be a stored point's id, or None: the points by id
     if not keyed:
         key = ""
     elif target is None:  # a listing: the whole request is its options
         key = r.model_dump_json()
     else:
         key = options(r)
+    mmr = r.query.mmr if isinstance(r, schemas.QueryRequest) and isinstance(r.query, schemas.NearestQuery) else None
     return query.Query(target, r.limit, r.offset, r.score_threshold, r.params.for_store() if r.params else None,
-                       r.filter, wants_payload(r.with_payload), r.with_vector, key)
+                       r.filter, wants_payload(r.with_payload), r.with_vector, r.using or None,
+                       mmr.model_dump() if mmr else None, key)
 
 
 def searched(svc: Service, c: Collection, requests: list[schemas.SearchRequest]) -> list[list[dict]]:
@@ -75,7 +75,7 @@ def recommend(body: schemas.RecommendRequest, c: Collection = Depends(collection
     """Neighbours of stored points (their mean decoded vector), the points themselves excluded."""
     t0 = time.perf_counter()
     hits = query.recommend(c, body.positive, body.limit, body.params.for_store() if body.params else None,
-                           body.filter, body.with_payload)
+                           body.filter, body.with_payload, body.using)
     return ok([hit_json(h, body.with_payload) for h in hits], t0)
 
 

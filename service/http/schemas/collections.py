@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
-from .common import MAX_DIMENSION, METRICS, Encoder, IgnoredSettings, Metric, Strict
+from ...engine.space import MAX_SPACES
+from .common import MAX_DIMENSION, METRICS, Encoder, IgnoredSettings, Metric, Strict, VectorName
 from .filters import PayloadKey
 
 
@@ -33,6 +34,17 @@ class VectorParams(Strict):
         return self
 
 
+def vectors_form(value) -> str:
+    """Which of Qdrant's two forms a `vectors` config is, so that errors speak of that one only."""
+    return "one" if isinstance(value, dict) and ("size" in value or "distance" in value) else "named"
+
+
+VectorsConfig = Annotated[
+    Annotated[VectorParams, Tag("one")]
+    | Annotated[dict[VectorName, VectorParams], Field(min_length=1, max_length=MAX_SPACES), Tag("named")],
+    Discriminator(vectors_form)]
+
+
 class QincoSettings(Strict):
     """A self-training collection's settings; the server's QINCO_* settings give the defaults."""
     bytes: int | None = Field(None, ge=1, le=64, strict=True, description="code bytes per vector")
@@ -49,7 +61,9 @@ class CreateCollection(Strict):
     """Qdrant's body (`vectors`: size and distance; QINCo's settings under `qinco`): a collection
     that trains its own model.  Or an existing model (`model`) or index (`index`) with `metric`.
     Qdrant's other settings are accepted and ignored."""
-    vectors: VectorParams | None = None
+    vectors: VectorsConfig | None = Field(None, description="one unnamed vector's size and distance, or Qdrant's "
+                                                            "named vectors: {name: {size, distance}}, each trained "
+                                                            "on its own")
     qinco: QincoSettings | None = None
     model: str | None = Field(None, min_length=1, max_length=4096,
                               description="a trained IVF model file, inside the data directory")
@@ -69,22 +83,15 @@ class CreateCollection(Strict):
     optimizers_config: IgnoredSettings = None
     quantization_config: IgnoredSettings = None
     strict_mode_config: IgnoredSettings = None
-    sparse_vectors: dict[str, Any] | None = Field(None, max_length=0, description="not supported: only {} or null")
+    sparse_vectors: dict[str, Any] | None = Field(None, description="not supported: only {} or null")
     init_from: None = None
     metadata: IgnoredSettings = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def named_vectors(cls, data):
-        vectors = data.get("vectors") if isinstance(data, dict) else None
-        if isinstance(vectors, dict) and "size" not in vectors and vectors and \
-                all(isinstance(v, dict) for v in vectors.values()):
-            raise ValueError("named vectors are not supported: give one unnamed vector config, "
-                             "{\"size\": ..., \"distance\": ...}")
-        return data
-
     @model_validator(mode="after")
     def one_source(self):
+        if self.sparse_vectors:
+            raise ValueError("sparse vectors are not supported: give dense vectors only (named ones included), "
+                             "and no hybrid search")
         if sum(x is not None for x in (self.vectors, self.model, self.index)) != 1:
             raise ValueError("give exactly one of 'vectors' (size and distance), 'model' or 'index'")
         if self.vectors is not None and self.metric is not None:
@@ -96,6 +103,7 @@ class CreateCollection(Strict):
 
 class TrainRequest(Strict):
     """Train a new model on the collection's originals, or swap in a model file."""
+    vector: VectorName | None = Field(None, description="the named vector to train (null: the unnamed one)")
     minutes: float | None = Field(None, gt=0, le=24 * 60, description="training budget")
     bytes: int | None = Field(None, ge=1, le=64, strict=True, description="code bytes per vector")
     nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")

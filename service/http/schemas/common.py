@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from ...engine.ids import MAX_INT_ID as MAX_ID, parse_uuid
 
@@ -81,6 +81,29 @@ Payload = Annotated[dict[str, Any] | None, AfterValidator(_valid_payload)]
 IgnoredSettings = Annotated[dict[str, Any] | None, AfterValidator(_valid_payload),
                             Field(description="Qdrant's, accepted (finite JSON) and ignored")]
 Vector = Annotated[list[Component], Field(min_length=1, description=f"finite numbers, |x| <= {MAX_ABS:g}")]
+
+
+def refuse_sparse(value: Any) -> Any:
+    """Sparse vectors ({"indices", "values"}) get their own message, not a union's errors."""
+    if isinstance(value, dict) and ("indices" in value or "values" in value):
+        raise ValueError("sparse vectors are not supported: every vector is dense (a list of numbers); "
+                         "named dense vectors are")
+    return value
+
+
+VectorName = Annotated[str, Field(max_length=256, description="a named vector's name (\"\": the unnamed one)"),
+                       AfterValidator(check_unicode)]
+DenseVector = Annotated[Vector, BeforeValidator(refuse_sparse)]
+NamedVectors = Annotated[dict[VectorName, DenseVector], Field(max_length=16)]
+VectorInput = Annotated[Vector | NamedVectors, BeforeValidator(refuse_sparse),
+                        Field(description="a vector, or vectors by name (Qdrant's named vectors)")]
+WithVector = Annotated[bool | Annotated[list[VectorName], Field(max_length=16)],
+                      Field(description="true: every vector; or the names of those wanted")]
+
+
+def by_name(vector: list | dict) -> dict:
+    """A point's vectors by name: a plain vector is the unnamed one ("")."""
+    return vector if isinstance(vector, dict) else {"": vector}
 
 
 class Strict(BaseModel):

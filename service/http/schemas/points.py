@@ -6,27 +6,35 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, model_validator
 
-from .common import Payload, PointId, Strict, TopKey, Vector, WithPayload, _valid_payload
+from .common import (DenseVector, Payload, PointId, Strict, TopKey, VectorInput, VectorName, WithPayload, WithVector,
+                     _valid_payload, by_name)
 from .filters import Filter
 
 
 class Point(Strict):
     id: PointId
-    vector: Vector
+    vector: VectorInput
     payload: Payload = None
 
 
 class PointsBatch(Strict):
-    """Qdrant's column form of an upsert."""
+    """Qdrant's column form of an upsert: `vectors` a list of vectors, or lists by name."""
     ids: list[PointId] = Field(min_length=1)
-    vectors: list[Vector]
+    vectors: list[DenseVector] | Annotated[dict[VectorName, list[DenseVector]], Field(max_length=16)]
     payloads: list[Payload] | None = None
 
     @model_validator(mode="after")
     def same_lengths(self):
-        if len(self.vectors) != len(self.ids) or (self.payloads is not None and len(self.payloads) != len(self.ids)):
-            raise ValueError("batch: ids, vectors and payloads must have the same length")
+        columns = self.vectors.values() if isinstance(self.vectors, dict) else [self.vectors]
+        if any(len(v) != len(self.ids) for v in columns) or \
+                (self.payloads is not None and len(self.payloads) != len(self.ids)):
+            raise ValueError("batch: ids, vectors (of each name) and payloads must have the same length")
         return self
+
+    def vectors_by_name(self) -> list[dict]:
+        if isinstance(self.vectors, list):
+            return [{"": v} for v in self.vectors]
+        return [{name: column[r] for name, column in self.vectors.items()} for r in range(len(self.ids))]
 
 
 class UpsertPoints(Strict):
@@ -40,11 +48,35 @@ class UpsertPoints(Strict):
             raise ValueError("give either 'points' or 'batch'")
         return self
 
-    def columns(self) -> tuple[list[int], list[list[float]], list[dict | None]]:
+    def columns(self) -> tuple[list[int], list[dict], list[dict | None]]:
+        """ids, each point's vectors by name, payloads."""
         if self.batch is not None:
             b = self.batch
-            return b.ids, b.vectors, b.payloads or [None] * len(b.ids)
-        return [p.id for p in self.points], [p.vector for p in self.points], [p.payload for p in self.points]
+            return b.ids, b.vectors_by_name(), b.payloads or [None] * len(b.ids)
+        return [p.id for p in self.points], [by_name(p.vector) for p in self.points], [p.payload for p in self.points]
+
+
+class PointVectors(Strict):
+    id: PointId
+    vector: VectorInput
+
+
+class UpdateVectors(Strict):
+    """Qdrant's update_vectors: set these vectors of stored points; the others stay."""
+    points: list[PointVectors] = Field(min_length=1)
+
+
+class DeleteVectors(Strict):
+    """Qdrant's delete_vectors: remove the named vectors of the points given by ids or a filter."""
+    points: list[PointId] | None = Field(None, min_length=1)
+    filter: Filter | None = None
+    vector: list[VectorName] = Field(min_length=1, max_length=16, description="names of the vectors to delete")
+
+    @model_validator(mode="after")
+    def ids_or_filter(self):
+        if (self.points is None) == (self.filter is None):
+            raise ValueError("give either 'points' (ids) or 'filter'")
+        return self
 
 
 class PointSelector(Strict):
@@ -71,7 +103,7 @@ class CountRequest(Strict):
 class RetrieveRequest(Strict):
     ids: list[PointId]
     with_payload: WithPayload = True
-    with_vector: bool = False
+    with_vector: WithVector = False
 
 
 class ScrollRequest(Strict):
@@ -79,7 +111,7 @@ class ScrollRequest(Strict):
     limit: int = Field(10, ge=1, le=10_000)
     offset: PointId | None = Field(None, description="the first id of the page (next_page_offset of the last one)")
     with_payload: WithPayload = True
-    with_vector: bool = False
+    with_vector: WithVector = False
 
 
 class SetPayload(PointSelector):

@@ -32,13 +32,13 @@ class ScoredPoint(BaseModel):
     version: int
     score: float
     payload: dict[str, Any] | None = None
-    vector: list[float] | None = None
+    vector: list[float] | dict[str, list[float]] | None = None
 
 
 class Record(BaseModel):
     id: ResponseId
     payload: dict[str, Any] | None = None
-    vector: list[float] | None = None
+    vector: list[float] | dict[str, list[float]] | None = None
 
 
 class UpdateResult(BaseModel):

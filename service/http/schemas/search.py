@@ -4,11 +4,12 @@ similarity for cosine collections (higher is nearer)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
-from .common import MAX_EF_SEARCH, Finite, PointId, Strict, Vector, WithPayload
+from .common import (MAX_EF_SEARCH, DenseVector, Finite, PointId, Strict, Vector, VectorName, WithPayload, WithVector,
+                     refuse_sparse)
 from .filters import Filter
 
 
@@ -51,43 +52,85 @@ class SearchParams(Strict):
                 "oversampling": q.oversampling if q else None}
 
 
+class NamedVector(Strict):
+    """Qdrant's named form of a search vector."""
+    name: VectorName
+    vector: DenseVector
+
+
 class SearchRequest(Strict):
-    vector: Vector
+    vector: DenseVector | NamedVector
     limit: int = Field(10, ge=1, le=10_000)
     offset: int = Field(0, ge=0, le=10_000, description="skip this many of the best results")
     score_threshold: Finite | None = Field(None, description="cosine: at least this similarity; l2: at most this distance")
     params: SearchParams | None = None
     filter: Filter | None = None
     with_payload: WithPayload = Field(False, description="payload in the hits (Qdrant's default: none)")
-    with_vector: bool = False
+    with_vector: WithVector = False
+
+    @property
+    def using(self) -> str | None:
+        return self.vector.name if isinstance(self.vector, NamedVector) else None
+
+    @property
+    def target(self) -> list[float]:
+        return self.vector.vector if isinstance(self.vector, NamedVector) else self.vector
+
+
+UNSUPPORTED_QUERIES = ("fusion", "rrf", "formula", "recommend", "discover", "context", "order_by", "sample")
+
+
+def supported_query(value: Any) -> Any:
+    """Qdrant's query kinds that need more than one dense vector get a message naming them."""
+    if isinstance(value, dict):
+        kind = next((k for k in UNSUPPORTED_QUERIES if k in value), None)
+        if kind is not None:
+            raise ValueError(f"query {kind!r} is not supported: queries are nearest neighbours of one dense vector "
+                             f"or stored point (no hybrid, fusion or recommend queries)")
+        refuse_sparse(value.get("nearest"))
+    return refuse_sparse(value)
+
+
+class Mmr(Strict):
+    """Qdrant's maximal marginal relevance (diversity 0: by relevance only, 1: diversity only)."""
+    diversity: float | None = Field(None, ge=0, le=1, description="default 0.5")
+    candidates_limit: int | None = Field(None, ge=1, le=10_000, description="nearest points to choose from "
+                                                                             "(default: limit)")
 
 
 class NearestQuery(Strict):
-    nearest: Vector | PointId
+    nearest: DenseVector | PointId
+    mmr: Mmr | None = None
 
 
 class QueryRequest(Strict):
     """Qdrant's universal query, for what a single dense vector can do: nearest to a vector,
     or to a stored point (by id); without `query`, the points by ascending id (score 0)."""
-    query: Vector | NearestQuery | PointId | None = None
+    query: Annotated[Vector | NearestQuery | PointId | None, BeforeValidator(supported_query)] = None
     filter: Filter | None = None
     params: SearchParams | None = None
     limit: int = Field(10, ge=1, le=10_000)
     offset: int = Field(0, ge=0, le=10_000)
     score_threshold: Finite | None = None
     with_payload: WithPayload = False
-    with_vector: bool = False
-    using: str | None = Field(None, description="named vectors are not supported: null only")
+    with_vector: WithVector = False
+    using: VectorName | None = Field(None, description="the named vector to search (null: the unnamed one)")
     prefetch: Any = Field(None, description="not supported: null only")
     lookup_from: Any = Field(None, description="not supported: null only")
 
     @model_validator(mode="after")
     def single_dense_vector(self):
-        if self.using is not None:
-            raise ValueError("named vectors are not supported: a collection holds one dense vector per point")
-        if self.prefetch is not None or self.lookup_from is not None:
-            raise ValueError("prefetch and lookup_from are not supported")
+        if self.prefetch is not None:
+            raise ValueError("prefetch is not supported: no hybrid or multi-stage queries (fusion of several "
+                             "searches); query one named vector with `using`")
+        if self.lookup_from is not None:
+            raise ValueError("lookup_from is not supported: a query by point id reads the point in this collection")
         return self
+
+    @property
+    def target(self):
+        """A vector, a stored point's id, or None (the points by id)."""
+        return self.query.nearest if isinstance(self.query, NearestQuery) else self.query
 
 
 class QueryBatch(Strict):
@@ -100,6 +143,7 @@ class SearchBatch(Strict):
 
 class RecommendRequest(Strict):
     positive: list[PointId] = Field(min_length=1, max_length=64, description="ids whose neighbours to find")
+    using: VectorName | None = Field(None, description="the named vector to use (null: the unnamed one)")
     limit: int = Field(10, ge=1, le=10_000)
     params: SearchParams | None = None
     filter: Filter | None = None
