@@ -2,17 +2,19 @@
 
 Layout: a faiss `IVF{nlist}_HNSW32,RQ{M}x8_Nqint8` index whose HNSW coarse
 quantizer holds the model's centroids and whose RQ codebooks are the model's
-fixed tables.  Vectors are encoded once by QINCo and their codes written
-straight into the inverted lists (faiss never re-encodes them).
+fixed tables; its own inverted lists stay empty.  Vectors are encoded once by
+QINCo, and their codes (M bytes and faiss's norm byte) and ids are held once,
+in our lists (model/lists.py), which the scan reads.
 
 Search: HNSW finds `nprobe` lists (`ef_search`) -> their codes are scored with
 the tables, one look-up table per query (model/scan.py; faiss's own scanner
 rebuilds one per probed list) -> the `nshort` best, with their codes -> QINCo
 decodes the shortlist -> exact L2 to the query -> top k.
 
-An index directory holds index.faiss, model.safetensors (with the tables),
-tuning.json and manifest.json (format, sizes, checksums).  Saving is atomic;
-loading checks the manifest and never unpickles.
+An index directory holds index.faiss (the quantizer and tables), lists.npz (codes
+and ids), model.safetensors (with the tables), tuning.json and manifest.json
+(format, sizes, checksums).  Saving is atomic; loading checks the manifest and
+never unpickles.  Format 1 kept the codes in index.faiss: it loads too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,10 +32,12 @@ import numpy as np
 
 from .io import CheckpointError, load_model, save_model, sha256
 from .network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, split_codes
-from .scan import FlatLists, list_terms, native_bf16, norm_of_byte, query_tables, scan, scan_tables, warm_up
+from .lists import ListStore
+from .scan import list_terms, native_bf16, norm_of_byte, query_tables, scan, scan_tables, warm_up
 
 FORMAT = "qinco-search/index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_K = 10_000
 MAX_NSHORT = 100_000
 SCAN_BATCH = 2048  # queries per look-up-table block: (batch, M, K) float32
@@ -80,7 +83,6 @@ def make_faiss_index(model: Qinco) -> faiss.IndexIVFResidualQuantizer:
     norms = np.array([lo, hi], dtype=np.float32)
     rq.train_norm(2, faiss.swig_ptr(norms))
     index.is_trained = True
-    index.set_direct_map_type(faiss.DirectMap.Hashtable)
     return index
 
 
@@ -88,11 +90,18 @@ class QincoIndex:
     """A QINCo model and its IVF-HNSW index, searched with neural re-ranking."""
 
     def __init__(self, model: Qinco, index: faiss.IndexIVFResidualQuantizer | None = None,
-                 tuning: dict | None = None, bf16: bool | None = None):
+                 tuning: dict | None = None, bf16: bool | None = None, lists: ListStore | None = None):
+        """index: the faiss index of the quantizer and tables (a format-1 one with codes in its
+        lists: they move to ours); lists: the codes and ids (default: none, or those)."""
         self.model = model.eval()
         self.index = index if index is not None else make_faiss_index(model)
+        if lists is None:
+            lists = ListStore.from_faiss(self.index.invlists) if self.index.ntotal else \
+                ListStore(model.cfg.nlist, self.index.code_size)
+        if self.index.ntotal:
+            self.index.reset()  # its lists are ours now: held once
+        self.lists = lists
         self.tuning = tuning or {}  # {"k": int, "points": [OperatingPoint as dict]}
-        self.listno_bytes = self.index.coarse_code_size()
         self.code_bytes = self.index.code_size
         # The scan's constants come from the faiss index itself, so that its distances are faiss's.
         cfg, rq = model.cfg, self.index.rq
@@ -104,10 +113,7 @@ class QincoIndex:
         centroids = self.index.quantizer.reconstruct_n(0, cfg.nlist)
         self.list_terms = list_terms(centroids, self.tables)  # (nlist, M, K): 4 * nlist * M * K bytes
         self.norms = norm_of_byte(rq.norm_min, rq.norm_max)
-        self._flat: FlatLists | None = None  # copy of the inverted lists for the scan
-        self._dirty: set[int] = set()  # lists written since the copy was made
-        self._sizes = self._list_sizes()  # kept up to date by add_codes and remove
-        self._flat_lock = threading.Lock()
+        self._sorted_ids: tuple[int, np.ndarray] | None = None  # (lists.version, ids())
         warm_up()  # compile the scan here, not in (and timed with) the first search
 
     @property
@@ -116,13 +122,13 @@ class QincoIndex:
 
     @property
     def memory_per_point(self) -> int:
-        """Bytes of RAM per stored vector, about: faiss's lists (codes, 8-byte id), the scan's
-        flat copy of them, and faiss's id hashtable (~40 B an entry)."""
-        return 2 * (self.code_bytes + 8) + 40
+        """Bytes of RAM per stored vector in the lists: its code and its 8-byte id (plus the
+        lists' unused room, below a quarter: see ListStore.compact)."""
+        return self.code_bytes + 8
 
     @property
     def ntotal(self) -> int:
-        return self.index.ntotal
+        return self.lists.ntotal
 
     # ---- writing -----------------------------------------------------------------
     def encode(self, x, encoder: Encoder = ENCODERS["balanced"], progress=None, device="cpu") -> np.ndarray:
@@ -136,83 +142,53 @@ class QincoIndex:
         self.add_codes(self.encode(x, encoder, progress), ids)
         return ids
 
-    def add_codes(self, codes: np.ndarray, ids) -> None:
-        """Write precomputed codes into the inverted lists (upsert: an existing id is replaced)."""
+    def add_codes(self, codes: np.ndarray, ids, stored: np.ndarray | None = None) -> None:
+        """Write precomputed codes into the lists (upsert: an existing id is replaced).
+        stored: a mask of the ids that may be stored already (None: any may be); the others
+        are new, and no list is searched for them."""
         qcodes, lists = split_codes(self.model, codes)
         if qcodes.shape[1] != self.model.cfg.M:
             raise QincoIndexError(f"codes must hold all {self.model.cfg.M} steps, got {qcodes.shape[1]}")
         ids = self._check_ids(ids, len(qcodes))
-        self.remove(ids)
-        self.index.add_sa_codes(self._pack(qcodes.numpy(), lists.numpy()), ids)
-        np.add.at(self._sizes, lists.numpy(), 1)
-        self._dirty.update(np.unique(lists.numpy()).tolist())
+        lists = lists.numpy()
+        old = ids if stored is None else ids[stored]
+        if len(old):
+            self.lists.remove(old, lists if stored is None else lists[stored])
+        self.lists.add(lists, self._pack(qcodes.numpy()), ids)
+        self.lists.compact()
 
-    def _pack(self, qcodes: np.ndarray, lists: np.ndarray) -> np.ndarray:
-        """faiss sa codes: list number (little-endian) then the packed RQ code with its norm."""
+    def _pack(self, qcodes: np.ndarray) -> np.ndarray:
+        """faiss's packed RQ codes: M bytes, then the norm byte."""
         n = len(qcodes)
         packed = np.zeros((n, self.code_bytes), dtype=np.uint8)
         codes32 = np.ascontiguousarray(qcodes, dtype=np.int32)
         # faiss computes the norm ||r̂||² of the table reconstruction of the residual, as its
         # IVF scanner expects (a centroid-inclusive norm skews every distance).
         self.index.rq.pack_codes(n, faiss.swig_ptr(codes32), faiss.swig_ptr(packed), -1, None, None)
-        listno = lists.astype("<i8").view(np.uint8).reshape(n, 8)[:, :self.listno_bytes]
-        return np.ascontiguousarray(np.hstack([listno, packed]))
+        return packed
 
     def remove(self, ids) -> int:
         """Remove ids (absent ones are ignored); returns how many were removed."""
         ids = np.unique(self._check_ids(ids, None, unique=False))
-        if not len(ids) or not self.ntotal:
-            return 0
-        # The hashtable direct map finds each id directly and skips absent ones.  A removal
-        # shrinks every list it touches (faiss moves the list's last entry into the hole).
-        removed = self.index.remove_ids(faiss.IDSelectorArray(ids))
-        if removed:  # only then walk the list sizes (a Python loop over nlist)
-            sizes = self._list_sizes()
-            self._dirty.update(np.flatnonzero(sizes != self._sizes).tolist())
-            self._sizes = sizes
+        removed = self.lists.remove(ids)
+        if removed:
+            self.lists.compact()
         return removed
 
-    def _list_sizes(self) -> np.ndarray:
-        invlists = self.index.invlists
-        return np.array([invlists.list_size(l) for l in range(invlists.nlist)], dtype=np.int64)
-
-    @property
-    def flat_is_current(self) -> bool:
-        """Whether the next search finds the flat copy up to date (no copy to make or update first)."""
-        return self._flat is not None and not self._dirty
-
-    def flat_lists(self) -> FlatLists:
-        """The inverted lists as flat arrays for the scan, brought up to date on the first
-        search after a write by reading again only the lists written since.
-
-        Safe under the service's readers-writer lock: writers exclude readers, and
-        concurrent readers update the copy once.  A new copy is made each time, so a
-        search still holding the old one is never disturbed.
-        """
-        with self._flat_lock:
-            if self._flat is None:
-                self._flat = FlatLists.copy_from(self.index.invlists)
-            elif self._dirty:
-                self._flat = self._flat.updated(self.index.invlists, self._dirty)
-            self._dirty = set()
-            return self._flat
-
     def ids(self) -> np.ndarray:
-        """Sorted ids of the stored vectors (computed once per flat copy)."""
-        flat = self.flat_lists()
-        if getattr(self, "_ids_of", None) is not flat:
-            self._ids_of, self._ids = flat, np.unique(flat.ids)
-        return self._ids
+        """Sorted ids of the stored vectors (computed once per version of the lists)."""
+        if self._sorted_ids is None or self._sorted_ids[0] != self.lists.version:
+            self._sorted_ids = (self.lists.version, np.sort(self.lists.stored()[2]))
+        return self._sorted_ids[1]
 
     def stored_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """ids (ntotal,) and QINCo codes (ntotal, 1 + M), list first, of every stored vector."""
-        flat = self.flat_lists()
-        return flat.ids, flat.qinco_codes(np.arange(len(flat.ids)), self.model.cfg.M)
+        rows, list_nos, ids = self.lists.stored()
+        return ids, self._qinco_codes(rows, list_nos)
 
-    def _with_list(self, packed: np.ndarray, list_no: int) -> np.ndarray:
-        """Packed RQ codes (n, code bytes) of one list -> (n, 1 + M) int64 codes."""
-        qcodes = packed[:, :self.model.cfg.M].astype(np.int64)
-        return np.hstack([np.full((len(packed), 1), list_no, dtype=np.int64), qcodes])
+    def _qinco_codes(self, rows: np.ndarray, list_nos: np.ndarray) -> np.ndarray:
+        """(n, 1 + M) int64 QINCo codes of rows of the lists, the list number first."""
+        return np.hstack([list_nos[:, None], self.lists.codes[rows, :self.model.cfg.M]]).astype(np.int64)
 
     def reconstruct(self, i: int) -> np.ndarray:
         """The neural decoding of a stored vector (d,)."""
@@ -224,22 +200,12 @@ class QincoIndex:
     def reconstruct_many(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """Neural decodings of stored vectors, decoded together: (n, d) float32 (zeros where
         absent) and a bool mask (n,) of the ids found."""
-        ids = [int(i) for i in ids]
-        found = np.zeros(len(ids), dtype=bool)
-        codes = np.zeros((len(ids), 1 + self.model.cfg.M), dtype=np.int64)
-        for k, i in enumerate(ids):
-            try:
-                lo = self.index.direct_map.get(i)
-            except RuntimeError:
-                continue
-            list_no, offset = lo >> 32, lo & 0xFFFFFFFF
-            ptr = self.index.invlists.get_single_code(list_no, offset)
-            code = np.array(faiss.rev_swig_ptr(ptr, self.code_bytes), dtype=np.uint8)
-            self.index.invlists.release_codes(list_no, ptr)
-            codes[k], found[k] = self._with_list(code[None], list_no)[0], True
-        vectors = np.zeros((len(ids), self.d), dtype=np.float32)
+        rows = self.lists.find(np.asarray([int(i) for i in ids], dtype=np.int64))
+        found = rows >= 0
+        vectors = np.zeros((len(rows), self.d), dtype=np.float32)
         if found.any():
-            vectors[found] = decode(self.model, codes[found])
+            codes = self._qinco_codes(rows[found], self.lists.list_of_rows(rows[found]))
+            vectors[found] = decode(self.model, codes)
         return vectors, found
 
     @staticmethod
@@ -271,13 +237,13 @@ class QincoIndex:
         nshort = max(params.nshort, k) if params.nshort else 0
         return SearchParams(params.nprobe, max(params.ef_search, params.nprobe), nshort)
 
-    def shortlist(self, xq: np.ndarray, n: int, params: SearchParams, flat: FlatLists | None = None,
+    def shortlist(self, xq: np.ndarray, n: int, params: SearchParams,
                   allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Fixed-table scoring of the probed lists: the n best as distances and ids (nq, n),
         ascending, and their codes (nq, n, 1 + M); inf, -1 and zero codes past the last found.
 
-        allowed: a bool mask over the rows of `flat` (a filter), or None for every row."""
-        flat = flat or self.flat_lists()
+        allowed: a bool mask over the rows of the lists (a filter), or None for every row."""
+        lists = self.lists
         M = self.model.cfg.M
         D = np.empty((len(xq), n), dtype=np.float32)
         I = np.full((len(xq), n), -1, dtype=np.int64)
@@ -287,10 +253,10 @@ class QincoIndex:
             block = slice(q0, q0 + SCAN_BATCH)
             coarse_dis, probes = self.index.quantizer.search(xq[block], params.nprobe, params=hnsw)
             D[block], rows = scan(query_tables(xq[block], self.scan_tables, M), coarse_dis, probes,
-                                  self.list_terms, self.norms, flat, n, allowed)
+                                  self.list_terms, self.norms, lists, n, allowed)
             found = rows >= 0
-            I[block][found] = flat.ids[rows[found]]
-            codes[block][found] = flat.qinco_codes(rows[found], M)
+            I[block][found] = lists.ids[rows[found]]
+            codes[block][found] = self._qinco_codes(rows[found], lists.list_of_rows(rows[found]))
         return D, I, codes
 
     def search(self, queries, k: int = 10, params: SearchParams | None = None,
@@ -313,21 +279,20 @@ class QincoIndex:
             params = self.params_for_recall(target_recall)
         params = self.check_params(k, params or SearchParams())
         xq = check_vectors(queries, self.d, "queries")
-        flat, mask = self.flat_lists(), None
-        n_allowed = len(flat.ids)
-        if allowed_ids is not None:
-            mask = rows_of_ids(flat.ids, allowed_ids)
+        mask, n_allowed = None, self.ntotal
+        if allowed_ids is not None:  # over the rows in use: holes and room hold id -1, never allowed
+            mask = rows_of_ids(self.lists.ids[:self.lists.end], allowed_ids)
             n_allowed = int(mask.sum())
-            params = self.filtered_params(params, n_allowed, len(flat.ids), k)
+            params = self.filtered_params(params, n_allowed, self.ntotal, k)
         kk = min(k, n_allowed)
         if kk == 0:
             return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
-        D, I, codes = self.shortlist(xq, params.nshort or kk, params, flat, mask)
+        D, I, codes = self.shortlist(xq, params.nshort or kk, params, mask)
         short = (I >= 0).sum(1) < kk
         if short.any():  # too few vectors in the probed lists: probe them all
             nlist = self.model.cfg.nlist
             wide = SearchParams(nlist, max(params.ef_search, nlist), params.nshort)
-            D[short], I[short], codes[short] = self.shortlist(xq[short], params.nshort or kk, wide, flat, mask)
+            D[short], I[short], codes[short] = self.shortlist(xq[short], params.nshort or kk, wide, mask)
         if params.nshort:
             D = self.rerank_distances(xq, I, codes)
         order = np.argsort(D, axis=1, kind="stable")[:, :kk]
@@ -400,9 +365,10 @@ class QincoIndex:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         faiss.write_index(self.index, str(tmp / "index.faiss"))
+        self.lists.save(tmp / "lists.npz")
         save_model(self.model, tmp / "model.safetensors")
         (tmp / "tuning.json").write_text(json.dumps(self.tuning, indent=1))
-        files = ("index.faiss", "model.safetensors", "tuning.json")
+        files = ("index.faiss", "lists.npz", "model.safetensors", "tuning.json")
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "d": self.d,
                     "M": self.model.cfg.M, "nlist": self.model.cfg.nlist, "ntotal": self.ntotal,
                     "bytes_per_vector": self.code_bytes, "sha256": {f: sha256(tmp / f) for f in files}}
@@ -426,7 +392,7 @@ class QincoIndex:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise QincoIndexError(f"{path}: damaged manifest ({e})") from None
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
             raise QincoIndexError(f"{path}: unsupported index format {manifest.get('format')!r} "
                               f"version {manifest.get('format_version')!r}")
         for name, digest in manifest.get("sha256", {}).items():
@@ -437,9 +403,18 @@ class QincoIndex:
         except CheckpointError as e:
             raise QincoIndexError(str(e)) from None
         index = faiss.read_index(str(path / "index.faiss"))
-        if not isinstance(index, faiss.IndexIVFResidualQuantizer) or index.ntotal != manifest["ntotal"] or index.d != model.cfg.d:
-            raise QincoIndexError(f"{path}: index.faiss does not match the manifest")
-        return cls(model, index, json.loads((path / "tuning.json").read_text()))
+        if not isinstance(index, faiss.IndexIVFResidualQuantizer):
+            raise QincoIndexError(f"{path}: index.faiss is not an IVF-RQ index")
+        lists = None
+        if manifest["format_version"] >= 2:
+            try:
+                lists = ListStore.load(path / "lists.npz", model.cfg.nlist, index.code_size)
+            except (ValueError, KeyError, OSError) as e:
+                raise QincoIndexError(f"{path}: lists.npz cannot be read ({e})") from None
+        n = index.ntotal if lists is None else lists.ntotal
+        if not isinstance(index, faiss.IndexIVFResidualQuantizer) or n != manifest["ntotal"] or index.d != model.cfg.d:
+            raise QincoIndexError(f"{path}: the index does not match the manifest")
+        return cls(model, index, json.loads((path / "tuning.json").read_text()), lists=lists)
 
 
 def rows_of_ids(ids: np.ndarray, allowed_ids: np.ndarray) -> np.ndarray:

@@ -12,81 +12,22 @@ once per index (nlist x M x K floats), as faiss's IVF-PQ does with its "precompu
 tables".  The distances are faiss's own (tests/test_index.py checks them against
 `index.search`), with ||r||² read from faiss's 8-bit norm byte.
 
-The lists are read from a flat copy of faiss's inverted lists (`FlatLists`), so that the
-numba kernel sees three plain arrays; after a write only the lists it touched are read again.
+The lists are the index's own (model/lists.py: one arena of codes, each list a run of rows),
+so that the numba kernel reads plain arrays, and the codes are held once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import faiss
 import numba
 import numpy as np
 import torch
 
+from .lists import ListStore
 from .threads import numpy_blas_one_thread
 
 # The service scans from several request threads at once: numba's fallback "workqueue"
 # layer aborts on concurrent launches, so insist on OpenMP (libgomp) or TBB.
 numba.config.THREADING_LAYER = "threadsafe"
-
-
-@dataclass(frozen=True)
-class FlatLists:
-    """All inverted lists back to back: list l holds rows offsets[l]:offsets[l + 1]."""
-
-    offsets: np.ndarray  # (nlist + 1,) int64
-    codes: np.ndarray  # (ntotal, code bytes) uint8: M code bytes, then the norm byte
-    ids: np.ndarray  # (ntotal,) int64
-
-    @classmethod
-    def copy_from(cls, invlists: faiss.InvertedLists) -> "FlatLists":
-        nlist, code_size = invlists.nlist, invlists.code_size
-        sizes = np.array([invlists.list_size(l) for l in range(nlist)], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        flat = cls(offsets, np.empty((offsets[-1], code_size), dtype=np.uint8), np.empty(offsets[-1], dtype=np.int64))
-        for l in np.flatnonzero(sizes):
-            flat._read_list(invlists, int(l))
-        return flat
-
-    def updated(self, invlists: faiss.InvertedLists, touched) -> "FlatLists":
-        """A new copy where only the `touched` lists are read again from faiss; the others
-        are moved over from this copy with one vectorised gather (no per-list Python loop)."""
-        touched = np.unique(np.asarray(list(touched), dtype=np.int64))
-        sizes = np.diff(self.offsets)
-        new_sizes = sizes.copy()
-        new_sizes[touched] = [invlists.list_size(int(l)) for l in touched]
-        offsets = np.concatenate([[0], np.cumsum(new_sizes)])
-        keep = np.ones(len(sizes), dtype=bool)
-        keep[touched] = False
-        old_rows, new_rows = _rows_of(self.offsets, keep), _rows_of(offsets, keep)
-        codes = np.empty((offsets[-1], self.codes.shape[1]), dtype=np.uint8)
-        ids = np.empty(offsets[-1], dtype=np.int64)
-        codes[new_rows], ids[new_rows] = self.codes[old_rows], self.ids[old_rows]
-        flat = FlatLists(offsets, codes, ids)
-        for l in touched:
-            flat._read_list(invlists, int(l))
-        return flat
-
-    def _read_list(self, invlists: faiss.InvertedLists, l: int) -> None:
-        n, code_size = int(self.offsets[l + 1] - self.offsets[l]), self.codes.shape[1]
-        if n:
-            rows = slice(self.offsets[l], self.offsets[l + 1])
-            self.codes[rows] = faiss.rev_swig_ptr(invlists.get_codes(l), n * code_size).reshape(n, code_size)
-            self.ids[rows] = faiss.rev_swig_ptr(invlists.get_ids(l), n)
-
-    def qinco_codes(self, rows: np.ndarray, M: int) -> np.ndarray:
-        """QINCo codes of some rows (n,) -> (n, 1 + M) int64, the list number first."""
-        lists = np.searchsorted(self.offsets, rows, side="right") - 1
-        return np.hstack([lists[:, None], self.codes[rows, :M]]).astype(np.int64)
-
-
-def _rows_of(offsets: np.ndarray, lists: np.ndarray) -> np.ndarray:
-    """Row numbers of the lists selected by the mask `lists`, back to back: (sum of their sizes,)."""
-    starts, sizes = offsets[:-1][lists], np.diff(offsets)[lists]
-    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    return np.repeat(starts - first, sizes) + np.arange(sizes.sum())
 
 
 def norm_of_byte(norm_min: float, norm_max: float) -> np.ndarray:
@@ -131,14 +72,14 @@ PARALLEL_SCAN = 8  # queries from which the scan runs on numba's thread team
 
 
 def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms: np.ndarray,
-         norms: np.ndarray, flat: FlatLists, n: int, allowed: np.ndarray | None = None
+         norms: np.ndarray, lists: ListStore, n: int, allowed: np.ndarray | None = None
          ) -> tuple[np.ndarray, np.ndarray]:
     """The n nearest codes of each query's probed lists by table distance.
 
     qtables (nq, M, K), coarse_dis and probes (nq, nprobe) from the coarse quantizer
     (probes -1: none), lterms (nlist, M, K), norms (256,); allowed: None, or a bool mask
-    over the rows of `flat` (a filter: other rows never take a place).  Returns distances
-    (nq, n) float32, ascending, and rows of `flat` (nq, n) int64; +inf and -1 past the end.
+    over the rows of `lists` (a filter: other rows never take a place).  Returns distances
+    (nq, n) float32, ascending, and rows of `lists` (nq, n) int64; +inf and -1 past the end.
     """
     nq = len(qtables)
     dis = np.full((nq, n), np.inf, dtype=np.float32)
@@ -147,26 +88,26 @@ def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms
     if n and nq:
         kernel = _scan if nq >= PARALLEL_SCAN else _scan_serial
         kernel(qtables, np.ascontiguousarray(coarse_dis, dtype=np.float32), np.ascontiguousarray(probes),
-              lterms, norms, flat.offsets, flat.codes, mask, dis, rows)
+              lterms, norms, lists.starts, lists.sizes, lists.codes, mask, dis, rows)
     return dis, rows
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _scan(qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows):
+def _scan(qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows):
     for q in numba.prange(len(probes)):
-        _scan_query(q, qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows)
+        _scan_query(q, qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows)
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan_serial(qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows):
+def _scan_serial(qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows):
     """`_scan` in the calling thread: a few queries do not pay for waking a thread team
     (in a request thread, with the other core busy, that wake-up cost 10x the scan itself)."""
     for q in range(len(probes)):
-        _scan_query(q, qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows)
+        _scan_query(q, qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows)
 
 
 @numba.njit(inline="always")
-def _scan_query(q, qtables, coarse_dis, probes, lterms, norms, offsets, codes, allowed, dis, rows):
+def _scan_query(q, qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows):
     nprobe = probes.shape[1]
     M, K = qtables.shape[1], qtables.shape[2]
     n = dis.shape[1]
@@ -181,7 +122,7 @@ def _scan_query(q, qtables, coarse_dis, probes, lterms, norms, offsets, codes, a
                 table[m, k] = lterms[l, m, k] + qtables[q, m, k]
         bias = coarse_dis[q, j]
         filtered = allowed.shape[0] > 0
-        for r in range(offsets[l], offsets[l + 1]):
+        for r in range(starts[l], starts[l] + sizes[l]):
             if filtered and not allowed[r]:
                 continue
             d = bias + norms[codes[r, M]]
@@ -221,7 +162,7 @@ def _sort_heap(hd, hr, n):
 def warm_up() -> None:
     """Compile the scan (seconds the first time on a machine, then loaded from numba's cache;
     free once done in this process)."""
-    empty = FlatLists(np.zeros(2, np.int64), np.zeros((0, 2), np.uint8), np.zeros(0, np.int64))
+    empty = ListStore(1, 2)
     for nq in (1, PARALLEL_SCAN):  # both kernels
         scan(np.zeros((nq, 1, 256), np.float32), np.zeros((nq, 1), np.float32), np.zeros((nq, 1), np.int64),
              np.zeros((1, 1, 256), np.float32), np.zeros(256, np.float32), empty, 1)

@@ -14,6 +14,9 @@ def cmd_serve(args):
     from .http.app import create_app
     from .settings import Settings
     from .engine.registry import DataDirLocked
+    from .memory import fix_malloc_thresholds
+
+    fix_malloc_thresholds()  # before the first large allocation
 
     overrides = {k: v for k, v in (("data_dir", args.data_dir), ("host", args.host), ("port", args.port))
                  if v is not None}

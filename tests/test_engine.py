@@ -5,6 +5,7 @@ import ast
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.engine.concurrency import INDEX, WRITE, LockOrderError, OrderedLock, ReadWriteLock
@@ -134,3 +135,27 @@ def test_a_search_budget_names_its_own_limits():
         budget.take(1, 10, 0, True, 100)
     with pytest.raises(BadRequest, match="more than 1000 search candidates"):
         budget.take(2, 10, 600, False, 100)
+
+
+def test_the_point_set_stays_sorted_through_appends_inserts_and_removes():
+    from service.engine.ids import PointSet
+    rng = np.random.default_rng(0)
+    points, expected = PointSet(np.zeros(0, np.int64)), set()
+    views = []
+    for step in range(1500):
+        if step % 3 == 0:  # new ids above every stored one: appended in place
+            ids = np.arange(10_000 + 2 * len(expected), 10_000 + 2 * len(expected) + 10)
+        else:
+            ids = rng.integers(0, 5000, rng.integers(0, 20))
+        if step % 5 == 4:
+            points.remove(ids)
+            expected -= set(ids.tolist())
+        else:
+            points.add(ids)
+            expected |= set(ids.tolist())
+        assert points.ids.tolist() == sorted(expected) and len(points) == len(expected)
+        if step % 100 == 0:
+            views.append((points.ids, points.ids.copy()))
+    assert all((view == copy).all() for view, copy in views)  # what a reader holds never changes
+    probe = np.array(sorted(expected)[:3] + [-1, 10**9])
+    assert points.contains(probe).tolist() == [True, True, True, False, False]

@@ -101,6 +101,29 @@ def test_save_load_gives_identical_results(index, base, tmp_path):
     assert loaded.tuning == index.tuning and loaded.ntotal == index.ntotal
 
 
+def test_a_format_1_directory_with_the_codes_in_faiss_loads(index, base, tmp_path):
+    """Index directories written before lists.npz kept the codes in faiss's own lists."""
+    import json
+    from model.io import sha256
+    index.save(tmp_path / "idx")
+    folder = tmp_path / "idx"
+    shell = faiss.read_index(str(folder / "index.faiss"))
+    rows, list_nos, ids = index.lists.stored()
+    listno = list_nos.astype("<i8").view(np.uint8).reshape(-1, 8)[:, :shell.coarse_code_size()]
+    shell.add_sa_codes(np.ascontiguousarray(np.hstack([listno, index.lists.codes[rows]])), ids)
+    faiss.write_index(shell, str(folder / "index.faiss"))
+    (folder / "lists.npz").unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["sha256"] = {f: sha256(folder / f) for f in ("index.faiss", "model.safetensors", "tuning.json")}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    loaded = QincoIndex.load(folder)
+    assert loaded.ntotal == index.ntotal and loaded.index.ntotal == 0  # the codes moved to our lists
+    D1, I1 = index.search(base[:50], 10, WIDE)
+    D2, I2 = loaded.search(base[:50], 10, WIDE)
+    assert (I1 == I2).all() and np.allclose(D1, D2)
+
+
 def test_damaged_index_directory_is_refused(index, tmp_path):
     index.save(tmp_path / "idx")
     with open(tmp_path / "idx" / "index.faiss", "ab") as f:
@@ -188,7 +211,11 @@ def test_scan_gives_faiss_distances_and_order(index, glove_sample, bf16):
     index.scan_tables = scan_tables(index.tables, bf16)
     D, I, _ = index.shortlist(queries, 20, SearchParams(nprobe=4, ef_search=32))
     sp = faiss.SearchParametersIVF(nprobe=4, quantizer_params=faiss.SearchParametersHNSW(efSearch=32))
-    Df, If = index.index.search(queries, 20, params=sp)
+    reference = faiss.deserialize_index(faiss.serialize_index(index.index))  # faiss's own lists, same codes
+    rows, list_nos, ids = index.lists.stored()
+    listno = list_nos.astype("<i8").view(np.uint8).reshape(-1, 8)[:, :reference.coarse_code_size()]
+    reference.add_sa_codes(np.ascontiguousarray(np.hstack([listno, index.lists.codes[rows]])), ids)
+    Df, If = reference.search(queries, 20, params=sp)
     tol = 1e-2 if bf16 else 1e-5
     np.testing.assert_allclose(D, Df, atol=tol)
     # Equal distances (common with 2-byte codes) may come in either order or fall off the end.
@@ -222,20 +249,32 @@ def test_writes_are_seen_by_the_next_search(index, base):
     assert 10**6 not in index.search(base[:1], 10, params)[1]
 
 
-def test_the_flat_copy_is_updated_list_by_list(index, base):
-    """After writes, only the touched lists are read again: the copy equals a full one."""
-    from model.scan import FlatLists
+def test_the_lists_hold_every_write_once(index, base):
+    """Adds (new and replaced ids, some moving to other lists), removes and compactions: the lists
+    hold each stored id once, with its latest codes, and no removed one."""
     rng = np.random.default_rng(0)
-    index.flat_lists()
-    for step in range(6):
+    ids0, codes0 = index.stored_codes()
+    expected = dict(zip(ids0.tolist(), codes0.tolist()))
+    for step in range(8):
         if step % 2:
-            index.remove(rng.choice(len(base), 200, replace=False) * 3 + 7)
-        else:  # new ids and replaced ids, some moving to other lists
+            gone = rng.choice(len(base), 200, replace=False) * 3 + 7
+            index.remove(gone)
+            for i in gone.tolist():
+                expected.pop(i, None)
+        else:
             ids = np.concatenate([rng.choice(len(base), 50, replace=False) * 3 + 7, 10**6 + step * 100 + np.arange(50)])
-            index.add(base[rng.choice(len(base), 100, replace=False)], ids, ENC)
-        updated, full = index.flat_lists(), FlatLists.copy_from(index.index.invlists)
-        assert (updated.offsets == full.offsets).all() and (updated.ids == full.ids).all()
-        assert (updated.codes == full.codes).all()
+            codes = index.encode(base[rng.choice(len(base), 100, replace=False)], ENC)
+            index.add_codes(codes, ids)
+            expected.update(zip(ids.tolist(), codes.astype(np.int64).tolist()))
+        if step == 5:
+            index.lists.compact(force=True)
+        ids, codes = index.stored_codes()
+        assert len(ids) == len(set(ids.tolist())) == index.ntotal == len(expected)
+        assert {i: c for i, c in zip(ids.tolist(), codes.tolist())} == expected
+        assert (index.ids() == np.sort(ids)).all()
+    params = SearchParams(nprobe=16, ef_search=32, nshort=0)
+    found = index.search(base[:50], 1, params)[1]
+    assert set(found.ravel().tolist()) <= set(expected)
 
 
 def test_concurrent_searches_agree_with_serial_ones(index, glove_sample):

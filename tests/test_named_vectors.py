@@ -216,8 +216,9 @@ def test_each_named_vector_trains_its_own_model(tmp_path, glove_sample):
 
 
 def test_a_record_written_before_named_vectors_opens_as_before(tmp_path, ivf_model, glove_sample):
-    """Older collections kept codes in `points` and their settings at the top of collection.json:
-    they open with every point, payload and snapshot, and take writes."""
+    """Older collections kept codes in `points`, their settings at the top of collection.json, and
+    their snapshot's codes inside index.faiss: they open with every point, payload and snapshot,
+    and take writes."""
     from model.io import save_model
     from service.engine.registry import Store
     save_model(ivf_model, tmp_path / "m.safetensors")
@@ -246,6 +247,16 @@ def test_a_record_written_before_named_vectors_opens_as_before(tmp_path, ivf_mod
     snapshot = json.loads((folder / "snapshot" / "snapshot.json").read_text())
     snapshot.update(snapshot.pop("spaces")[0])
     (folder / "snapshot" / "snapshot.json").write_text(json.dumps(snapshot))
+    # ...and its snapshot kept the codes in faiss's own lists (no lists.npz)
+    import faiss
+    from model.lists import ListStore
+    shell = faiss.read_index(str(folder / "snapshot" / "index.faiss"))
+    lists = ListStore.load(folder / "snapshot" / "lists.npz", shell.nlist, shell.code_size)
+    rows, list_nos, ids = lists.stored()
+    listno = list_nos.astype("<i8").view(np.uint8).reshape(-1, 8)[:, :shell.coarse_code_size()]
+    shell.add_sa_codes(np.ascontiguousarray(np.hstack([listno, lists.codes[rows]])), ids)
+    faiss.write_index(shell, str(folder / "snapshot" / "index.faiss"))
+    (folder / "snapshot" / "lists.npz").unlink()
 
     store = Store(tmp_path / "data")
     store.open_all()

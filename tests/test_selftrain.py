@@ -107,13 +107,13 @@ def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
     q = i["qinco"]
     assert q["model"]["generation"] == 1 and q["model"]["bytes"] == 4 and q["points_encoded"] == written
     assert q["model"]["mse_vs_rq"] is not None and q["last_swap"] is not None and q["originals"] == written
-    assert q["bytes_per_point"]["memory"] == 2 * (5 + 8) + 40 and q["bytes_per_point"]["disk"] > 50 * 4
+    assert q["bytes_per_point"]["memory"] == 5 + 8 and q["bytes_per_point"]["disk"] > 50 * 4
     metrics = server.get("/metrics").text
     for line in ('qinco_collection_status{collection="own",status="green"} 1.0',
                  f'qinco_points_encoded{{collection="own"}} {float(written)}',
                  'qinco_refine_pending{collection="own"} 0.0',
                  'qinco_model_last_swap_timestamp_seconds{collection="own"} 1.',
-                 'qinco_bytes_per_point{collection="own",where="memory"} 66.0',
+                 'qinco_bytes_per_point{collection="own",where="memory"} 13.0',
                  'qinco_model_generation{collection="own"} 1.0'):
         assert line in metrics, line
     # Every point is served by the new model: a stored vector finds itself.

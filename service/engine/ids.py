@@ -112,22 +112,21 @@ class PointIds:
 
 
 class PointSet:
-    """The ids of a collection's stored points, ascending, in one int64 array (8 bytes a point;
-    replaced, never changed in place, under the index write lock: readers keep the array they read)."""
+    """The ids of a collection's stored points, ascending, in one int64 array (8 bytes a point).
+    New ids above every stored one are appended in place (the buffer doubles: its unused end
+    costs no RAM); others make a new array.  Readers take `ids` without a lock: the rows they
+    see never change under them (index write lock for writes)."""
 
     def __init__(self, ids: np.ndarray):
-        self.ids = ids
+        self._state = (ids, len(ids))  # (buffer, count): replaced together
+
+    @property
+    def ids(self) -> np.ndarray:
+        buffer, n = self._state
+        return buffer[:n]
 
     def __len__(self) -> int:
-        return len(self.ids)
-
-    def _positions(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids sorted and unique, where they go in the array, and which are there already."""
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
-        pos = np.searchsorted(self.ids, ids)
-        found = pos < len(self.ids)
-        found[found] = self.ids[pos[found]] == ids[found]
-        return ids, pos, found
+        return self._state[1]
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """A bool mask over `ids`: which are stored points."""
@@ -137,12 +136,34 @@ class PointSet:
             return np.zeros(len(ids), dtype=bool)
         return array[np.minimum(np.searchsorted(array, ids), len(array) - 1)] == ids
 
+    def _positions(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids sorted and unique, where they go in the array, and which are there already."""
+        array = self.ids
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        pos = np.searchsorted(array, ids)
+        found = pos < len(array)
+        found[found] = array[pos[found]] == ids[found]
+        return ids, pos, found
+
     def add(self, ids):
         ids, pos, found = self._positions(ids)
-        if not found.all():
-            self.ids = np.insert(self.ids, pos[~found], ids[~found])
+        new = ids[~found]
+        if not len(new):
+            return
+        buffer, n = self._state
+        if n and new[0] <= buffer[n - 1]:  # among the stored ones: a new array
+            array = np.insert(buffer[:n], pos[~found], new)
+            self._state = (array, len(array))
+            return
+        if n + len(new) > len(buffer):
+            grown = np.empty(max(2 * len(buffer), n + len(new), 1024), dtype=np.int64)
+            grown[:n] = buffer[:n]
+            buffer = grown
+        buffer[n:n + len(new)] = new
+        self._state = (buffer, n + len(new))
 
     def remove(self, ids):
         _, pos, found = self._positions(ids)
         if found.any():
-            self.ids = np.delete(self.ids, pos[found])
+            array = np.delete(self.ids, pos[found])
+            self._state = (array, len(array))

@@ -1,7 +1,7 @@
 """What a vector space searches, behind one protocol.
 
-  QincoSpaceIndex  QINCo codes in faiss IVF lists (model/index.py's QincoIndex): the fixed-table
-                   shortlist, then neural re-ranking.
+  QincoSpaceIndex  QINCo codes in IVF lists (model/index.py's QincoIndex, model/lists.py): the
+                   fixed-table shortlist, then neural re-ranking.
   ExactSpaceIndex  the original vectors themselves, searched by brute force (ExactIndex): what a
                    self-training collection serves until its first model.
 
@@ -11,16 +11,26 @@ it holds; the QINCo knobs (nprobe, ef_search, nshort) stay behind `search_params
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import faiss
 import numpy as np
 
 from model.index import ExactIndex, QincoIndex, SearchParams
+from model.lists import ListStore
 from model.network import Encoder, Qinco, encode, split_codes
 
 EXACT_SHORTLIST = 1000  # candidates re-ranked by an `exact` search
 HNSW_NEIGHBOURS = 64  # distances per HNSW node visited (faiss's HNSW32: 64 links on layer 0)
+
+
+@dataclass
+class Snapshot:
+    """What a snapshot holds of a QINCo index: faiss's quantizer and tables (serialized, lists
+    empty) and the lists."""
+    faiss: np.ndarray
+    lists: ListStore
 
 
 class SpaceIndex(Protocol):
@@ -40,10 +50,11 @@ class SpaceIndex(Protocol):
         """What `add` takes for vectors x (the slow part: called outside every lock)."""
 
     def stored_form(self, encoded: np.ndarray) -> list[bytes]:
-        """What the record's `points.codes` holds for each encoded vector."""
+        """What the record's `codes` table holds for each encoded vector."""
 
-    def add(self, encoded: np.ndarray, ids: np.ndarray) -> None:
-        """Upsert: an existing id is replaced."""
+    def add(self, encoded: np.ndarray, ids: np.ndarray, stored: np.ndarray | None = None) -> None:
+        """Upsert: an existing id is replaced.  stored: a mask of the ids that may be stored
+        already (None: any may be); the others are new (no look-up for them)."""
 
     def remove(self, ids) -> int: ...
 
@@ -65,8 +76,9 @@ class SpaceIndex(Protocol):
 
     def default_params(self) -> dict: ...
 
-    def serialize(self) -> np.ndarray | None:
-        """The index as a snapshot stores it (None: nothing to store, the record holds it all)."""
+    def serialize(self) -> Snapshot | None:
+        """The index as a snapshot stores it, copied now (None: nothing to store, the record holds
+        it all)."""
 
 
 class QincoSpaceIndex:
@@ -94,8 +106,8 @@ class QincoSpaceIndex:
     def stored_form(self, encoded: np.ndarray) -> list[bytes]:
         return [c.tobytes() for c in encoded]
 
-    def add(self, encoded: np.ndarray, ids: np.ndarray) -> None:
-        self.qinco.add_codes(encoded, ids)
+    def add(self, encoded: np.ndarray, ids: np.ndarray, stored: np.ndarray | None = None) -> None:
+        self.qinco.add_codes(encoded, ids, stored)
 
     def remove(self, ids) -> int:
         return self.qinco.remove(ids)
@@ -126,9 +138,7 @@ class QincoSpaceIndex:
     def search_cost(self, params: SearchParams, limit: int) -> int | None:
         """The HNSW walk, a table per probed list, the codes scanned (lists of average size) and
         the neural decodes.  None: probed lists too small for the results (the search then
-        probes every list), or a list copy to refresh after a write."""
-        if not self.qinco.flat_is_current:
-            return None
+        probes every list)."""
         cfg = self.model.cfg
         nshort = max(params.nshort, limit) if params.nshort else 0
         probed = params.nprobe * self.ntotal // cfg.nlist  # codes in the probed lists
@@ -141,9 +151,10 @@ class QincoSpaceIndex:
         default = SearchParams()
         return {"nprobe": min(default.nprobe, self.nlist), "ef_search": default.ef_search, "nshort": default.nshort}
 
-    def serialize(self) -> np.ndarray:
-        """The faiss index as a uint8 array: one copy, made under the write lock (no second one there)."""
-        return faiss.serialize_index(self.qinco.index)
+    def serialize(self) -> Snapshot:
+        """The quantizer and tables (faiss, its lists empty) and a copy of the lists, made under
+        the write lock; written to disk after it."""
+        return Snapshot(faiss.serialize_index(self.qinco.index), self.qinco.lists.frozen())
 
 
 class ExactSpaceIndex:
@@ -170,7 +181,7 @@ class ExactSpaceIndex:
     def stored_form(self, encoded: np.ndarray) -> list[bytes]:
         return [b""] * len(encoded)  # the record's originals hold them
 
-    def add(self, encoded: np.ndarray, ids: np.ndarray) -> None:
+    def add(self, encoded: np.ndarray, ids: np.ndarray, stored: np.ndarray | None = None) -> None:
         self.flat.add_vectors(encoded, ids)
 
     def remove(self, ids) -> int:

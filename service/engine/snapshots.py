@@ -1,8 +1,10 @@
 """Snapshots and recovery of a collection's indexes, one per vector space.
 
-A snapshot is the faiss index of each space as of sequence number S, in <collection>/snapshot/
-(index.faiss for space 0, index_K.faiss for space K, and snapshot.json: seq, the collection's
-uuid, and per space its ntotal and model generation), replaced atomically.  On open, a space's
+A snapshot is the index of each space as of sequence number S, in <collection>/snapshot/:
+index.faiss (the quantizer and tables) and lists.npz (codes and ids, flat arrays read in one
+go) for space 0, index_K.faiss and lists_K.npz for space K, and snapshot.json (seq, the
+collection's uuid, and per space its ntotal and model generation), replaced atomically.
+Snapshots written before lists.npz hold the codes in index.faiss: they load too.  On open, a space's
 snapshot is loaded if the manifest matches (same collection, same generation, not ahead of the
 record), then every id whose vector changed after S is re-applied from SQLite; without one the
 index is rebuilt from every row.  Codes are stored, so recovery never re-encodes.  A collecting
@@ -23,12 +25,13 @@ import faiss
 import numpy as np
 
 from model.index import QincoIndex
+from model.lists import ListStore
 from model.io import atomic_write
 from model.threads import use_threads
 
 from ..errors import NotFound
 from . import concurrency
-from .index import ExactSpaceIndex, QincoSpaceIndex, SpaceIndex
+from .index import ExactSpaceIndex, QincoSpaceIndex, Snapshot, SpaceIndex
 from .space_record import scoped
 
 if TYPE_CHECKING:  # annotations only: the collection imports this module
@@ -48,8 +51,13 @@ def fsync_folder(folder: Path):
 
 
 def index_file(k: int) -> str:
-    """The snapshot's file of space k's index."""
+    """The snapshot's file of space k's quantizer and tables."""
     return scoped("index", k) + ".faiss"
+
+
+def lists_file(k: int) -> str:
+    """The snapshot's file of space k's lists."""
+    return scoped("lists", k) + ".npz"
 
 
 class Snapshots:
@@ -77,7 +85,7 @@ class Snapshots:
         if changed and index.ntotal:
             index.remove(np.array(changed, dtype=np.int64))
         for ids, codes in record.codes_after(seq, 1 + space.model.cfg.M):
-            index.add(codes, ids)
+            index.add(codes, ids, np.zeros(len(ids), bool))  # none is stored: removed above
         log.info("%s: %s: %d points ready in %.1fs (snapshot seq %d, %d changed after it)",
                  self.c.name, space.label, index.ntotal, time.time() - t0, seq, len(changed))
         return index, {"snapshot_seq": seq, "replayed": len(changed), "seconds": round(time.time() - t0, 3)}
@@ -100,12 +108,17 @@ class Snapshots:
                 if mine.get("generation", 0) != space.generation:
                     raise ValueError(f"it holds the codes of model generation {mine.get('generation', 0)}")
                 faiss_index = faiss.read_index(str(snap / index_file(space.k)))
-                if faiss_index.ntotal != mine["ntotal"] or faiss_index.d != space.model.cfg.d:
+                lists = None
+                if (snap / lists_file(space.k)).exists():
+                    lists = ListStore.load(snap / lists_file(space.k), space.model.cfg.nlist, faiss_index.code_size)
+                n = faiss_index.ntotal if lists is None else lists.ntotal
+                if n != mine["ntotal"] or faiss_index.d != space.model.cfg.d:
                     raise ValueError("snapshot does not match its manifest")
                 if int(info["seq"]) > c.record.last_seq():
                     raise ValueError(f"snapshot seq {info['seq']} is ahead of the database")
-                return QincoSpaceIndex(QincoIndex(space.model, faiss_index, space.tuning)), int(info["seq"])
-            except (ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as e:
+                index = QincoIndex(space.model, faiss_index, space.tuning, lists=lists)
+                return QincoSpaceIndex(index), int(info["seq"])
+            except (ValueError, RuntimeError, KeyError, TypeError, OSError, json.JSONDecodeError) as e:
                 log.warning("%s: ignoring unusable snapshot of %s (%s); rebuilding from the database",
                             c.folder, space.label, e)
         return QincoSpaceIndex(QincoIndex(space.model, tuning=space.tuning)), 0
@@ -134,14 +147,15 @@ class Snapshots:
                 c.record.forget_deletes(seq)
             return seq
 
-    def _replace(self, blobs: list[np.ndarray | None], manifest: dict):
+    def _replace(self, blobs: list[Snapshot | None], manifest: dict):
         folder = self.c.folder
         tmp = folder / ".snapshot.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for k, blob in enumerate(blobs):
             if blob is not None:
-                atomic_write(tmp / index_file(k), lambda f: f.write(memoryview(blob)))
+                atomic_write(tmp / index_file(k), lambda f: f.write(memoryview(blob.faiss)))
+                atomic_write(tmp / lists_file(k), blob.lists.save)
         atomic_write(tmp / "snapshot.json", lambda f: f.write(json.dumps(manifest).encode()))
         old, snap = folder / ".snapshot.old", folder / "snapshot"
         shutil.rmtree(old, ignore_errors=True)

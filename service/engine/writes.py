@@ -72,16 +72,16 @@ def write(c: Collection, ids: list, vectors, payloads: list[dict | None] | None)
             raise
         id_array = np.array(internal, dtype=np.int64)
 
-        for space, (_, _, _, queued) in changes.items():
+        for space, (_, _, _, queued, _) in changes.items():
             space.refiner.pending += queued
 
         def change():
             c.points.add(id_array)
-            for space, (added, codes, removed, _) in changes.items():
+            for space, (added, codes, removed, _, stored) in changes.items():
                 if len(removed):
                     space.index.remove(removed)
                 if len(added):
-                    space.index.add(codes, added)
+                    space.index.add(codes, added, stored)
             if payloads is not None:
                 c.payload_indexes.upsert(internal, payloads)
         c.apply(change)
@@ -132,7 +132,8 @@ def put_vectors(c: Collection, ids: list[int], existing: set[int], encoded: dict
                  replace: bool) -> dict[VectorSpace, tuple]:
     """Each space's rows for a write (in its transaction): the vectors given; with `replace`,
     the stored points' vectors not given are deleted.  Returns, per space, what the index
-    then adds (ids, codes) and removes (ids), and the change in its refine queue's length."""
+    then adds (ids, codes) and removes (ids), the change in its refine queue's length, and which
+    of the ids added were stored points (the others are new to every space)."""
     changes = {}
     for space in c.spaces.values():
         e = encoded.get(space)
@@ -149,7 +150,8 @@ def put_vectors(c: Collection, ids: list[int], existing: set[int], encoded: dict
             if e.fast:
                 space.record.queue(given, e.x, seq)
         changes[space] = (np.array(given, dtype=np.int64), e.codes if e else None,
-                          np.array(gone, dtype=np.int64), (len(given) if e and e.fast else 0) - requeued)
+                          np.array(gone, dtype=np.int64), (len(given) if e and e.fast else 0) - requeued,
+                          np.array([i in existing for i in given], dtype=bool))
     return changes
 
 def delete_vectors(c: Collection, ids: list | None, f, names: list[str], chunk: int = 10_000) -> tuple[int, int]:

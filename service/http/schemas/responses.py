@@ -113,7 +113,7 @@ class QincoStatus(BaseModel):
     train_minutes: float | None = None
     keep_originals: bool
     originals: int = Field(description="original vectors kept on disk")
-    bytes_per_point: dict[str, int] = Field(description="memory (index and scan copy, estimated) and disk "
+    bytes_per_point: dict[str, int] = Field(description="memory (per vector in the index: its code and id; while collecting, its original) and disk "
                                                         "(SQLite, measured)")
 
 

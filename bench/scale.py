@@ -1,0 +1,196 @@
+"""The scale curve (issue #26): a real `qinco serve` loaded with N points over REST, measured.
+
+For each N: a fresh data directory and server (`--no-demo`), one collection made from a model
+file (its codes: the model's bytes + the norm byte), N points uploaded with qdrant-client's
+`upload_collection` (batches of --batch, fast ingest on: acknowledged with `fast` codes, then
+re-encoded in the background), then:
+
+  * RSS (/proc/<pid>/status VmRSS) with the empty collection, once every point is acknowledged,
+    once green (refinement done), and after a restart; per point = growth from the empty
+    collection / N (this counts the fixed costs of a first load too: buffers, SQLite caches,
+    thread pools), and the marginal bytes per point between two N (the slope, without them).
+    Peak RSS (VmHWM) over the run: what a memory limit must allow.
+  * disk per point (the data directory / N), acknowledged points/s, seconds to green, seconds
+    from the restart's start until the collection answers a search;
+  * lone REST search latency p50/p99 (sequential queries, the collection's defaults), and QPS
+    with --clients concurrent clients.
+
+Vectors: GloVe-50 (400k, normalised) with the demo model by default; past 400k, GloVe rows
+with Gaussian noise (sigma 0.1 per coordinate, then normalised), so that generated points
+fall where the model's lists are: a memory and speed run, not a recall claim.
+
+    python bench/scale.py --n 100000 1000000
+    python bench/scale.py --n 10000000 --batch 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.soak import DEFAULT_MODEL, free_port, load_vectors, percentiles, start_server, stop_server  # noqa: E402
+
+
+def proc_status(pid: int, key: str) -> int | None:
+    """A /proc/<pid>/status figure in KiB (VmRSS, VmHWM)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """n unit vectors: GloVe's, then GloVe rows with noise past its 400k (see the docstring)."""
+    real = load_vectors(min(n, 400_000), d)
+    real = real / np.linalg.norm(real, axis=1, keepdims=True)
+    if n <= len(real):
+        return real[:n].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, d), np.float32)
+    out[:len(real)] = real
+    for i0 in range(len(real), n, 1_000_000):
+        m = min(1_000_000, n - i0)
+        x = real[rng.integers(0, len(real), m)] + 0.1 * rng.standard_normal((m, d)).astype(np.float32)
+        out[i0:i0 + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def wait_green(url: str, timeout: float) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        info = httpx.get(f"{url}/collections/c", timeout=30).json()["result"]
+        if info["status"] == "green":
+            return time.time() - t0
+        time.sleep(1)
+    raise RuntimeError(f"not green after {timeout} s")
+
+
+def latency(url: str, queries: np.ndarray) -> dict:
+    times = []
+    with httpx.Client(timeout=60) as http:
+        for q in queries:
+            t0 = time.perf_counter()
+            http.post(f"{url}/collections/c/points/query", json={"query": q.tolist(), "limit": 10}).raise_for_status()
+            times.append(time.perf_counter() - t0)
+    p50, p99 = percentiles(times)  # milliseconds
+    return {"p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
+
+
+def qps(url: str, queries: np.ndarray, clients: int, seconds: float = 20) -> float:
+    done, stop = [0] * clients, time.time() + seconds
+
+    def run(k: int):
+        with httpx.Client(timeout=60) as http:
+            i = k
+            while time.time() < stop:
+                http.post(f"{url}/collections/c/points/query",
+                          json={"query": queries[i % len(queries)].tolist(), "limit": 10}).raise_for_status()
+                done[k] += 1
+                i += clients
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return round(sum(done) / seconds, 1)
+
+
+def run_one(n: int, args, model: Path, work: Path) -> dict:
+    from qdrant_client import QdrantClient
+    data = work / f"n{n}"
+    shutil.rmtree(data, ignore_errors=True)
+    (data / "models").mkdir(parents=True)
+    shutil.copy(model, data / "models" / "m.safetensors")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"QINCO_SNAPSHOT_EVERY": str(args.snapshot_every)}
+    proc = start_server(data, port, env, work / f"n{n}.log")
+    out: dict = {"n": n}
+    try:
+        httpx.put(f"{url}/collections/c", json={"model": "models/m.safetensors", "metric": "cosine"},
+                  timeout=120).raise_for_status()
+        time.sleep(2)
+        empty = proc_status(proc.pid, "VmRSS")
+        x = vectors(n, 50)
+        client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
+        t0 = time.time()
+        client.upload_collection("c", x, ids=range(n), batch_size=args.batch, parallel=1, wait=True)
+        load_s = time.time() - t0
+        acked = proc_status(proc.pid, "VmRSS")
+        green_s = wait_green(url, args.green_timeout)
+        time.sleep(5)  # a snapshot started by the last writes
+        green = proc_status(proc.pid, "VmRSS")
+        queries = x[np.random.default_rng(1).choice(n, 300, replace=False)]
+        lone = latency(url, queries)
+        out.update(load_points_per_s=round(n / load_s), green_s=round(load_s + green_s, 1),
+                   rss_empty_mib=round(empty / 1024, 1), rss_per_point_acked=round((acked - empty) * 1024 / n, 1),
+                   rss_per_point_green=round((green - empty) * 1024 / n, 1),
+                   peak_rss_mib=round(proc_status(proc.pid, "VmHWM") / 1024, 1), **lone,
+                   qps=qps(url, queries, args.clients))
+        del x
+    finally:
+        stop_server(proc)
+    out["disk_per_point"] = round(sum(f.stat().st_size for f in (data / "collections").rglob("*") if f.is_file()) / n, 1)
+    t0 = time.time()
+    proc = start_server(data, port, env, work / f"n{n}.log")
+    try:
+        while True:  # searchable: a search answers
+            r = httpx.post(f"{url}/collections/c/points/query", json={"query": [0.1] * 50, "limit": 1}, timeout=60)
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        out["restart_s"] = round(time.time() - t0, 1)
+        time.sleep(2)
+        out["rss_per_point_restart"] = round((proc_status(proc.pid, "VmRSS") - empty) * 1024 / n, 1)
+    finally:
+        stop_server(proc)
+    if not args.keep:
+        shutil.rmtree(data, ignore_errors=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--snapshot-every", type=int, default=50_000)
+    p.add_argument("--green-timeout", type=float, default=4 * 3600)
+    p.add_argument("--work", type=Path, default=None, help="where data directories go (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep each data directory")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    args = p.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="qinco-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in args.n:
+        rows.append(run_one(n, args, args.model, work))
+        if len(rows) > 1:  # the slope between this N and the last: growth per added point
+            a, b = rows[-2], rows[-1]
+            for when in ("green", "restart"):
+                key = f"rss_per_point_{when}"
+                b[f"marginal_{when}"] = round((b[key] * b["n"] - a[key] * a["n"]) / (b["n"] - a["n"]), 1)
+        print(json.dumps(rows[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
