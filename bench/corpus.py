@@ -310,6 +310,7 @@ def embed_all(folder: Path, threads: int) -> None:
         f"({prog['texts_done']:,} done)")
     model = load_model(threads)
     t_last = time.time()
+    recent: list[tuple[float, float]] = []  # (seconds, cost) of the last chunks: the ETA follows the load
     for c in range(prog["chunks_done"], chunks):
         rows = np.sort(order[c * CHUNK:(c + 1) * CHUNK])
         t0 = time.time()
@@ -319,10 +320,11 @@ def embed_all(folder: Path, threads: int) -> None:
         prog["texts_done"] += len(rows)
         prog["seconds"] += dt
         prog["cost_done"] += float(cost(lengths[rows]).sum())
+        recent = (recent + [(dt, float(cost(lengths[rows]).sum()))])[-8:]
         if time.time() - t_last > 30 or c + 1 == chunks:
             out.flush()  # vectors on disk before the progress that counts them
             rate = prog["texts_done"] / prog["seconds"]
-            eta = prog["seconds"] * (cost_total - prog["cost_done"]) / prog["cost_done"]
+            eta = sum(r[0] for r in recent) * (cost_total - prog["cost_done"]) / sum(r[1] for r in recent)
             prog.update(texts_per_s=round(rate, 1), eta_s=round(eta), updated=time.strftime("%Y-%m-%d %H:%M:%S"),
                         n=n)
             tmp = prog_path.with_suffix(".tmp")

@@ -5,7 +5,8 @@ file (its codes: the model's bytes + the norm byte), N points uploaded with qdra
 `upload_collection` (batches of --batch, fast ingest on: acknowledged with `fast` codes, then
 re-encoded in the background), then:
 
-  * RSS (/proc/<pid>/status VmRSS) with the empty collection, once every point is acknowledged,
+  * RSS (/proc/<pid>/status VmRSS) with the empty collection (after a warm-up collection of 2,000
+    points was loaded, searched and deleted), once every point is acknowledged,
     once green (refinement done), and after a restart; per point = growth from the empty
     collection / N (this counts the fixed costs of a first load too: buffers, SQLite caches,
     thread pools), and the marginal bytes per point between two N (the slope, without them).
@@ -71,22 +72,35 @@ def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def wait_green(url: str, timeout: float) -> float:
+def warm_up(url: str, x: np.ndarray):
+    """Load, search and delete a small collection first, so that the baseline RSS has what any
+    first load brings (library pages, thread pools, buffers), not only the empty server."""
+    from qdrant_client import QdrantClient
+    httpx.put(f"{url}/collections/warm", json={"model": "models/m.safetensors", "metric": "cosine"},
+              timeout=120).raise_for_status()
+    client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
+    client.upload_collection("warm", x, ids=range(len(x)), batch_size=500, wait=True)
+    wait_green(url, 600, "warm")
+    latency(url, x[:50], "warm")
+    httpx.delete(f"{url}/collections/warm", timeout=120).raise_for_status()
+
+
+def wait_green(url: str, timeout: float, name: str = "c") -> float:
     t0 = time.time()
     while time.time() - t0 < timeout:
-        info = httpx.get(f"{url}/collections/c", timeout=30).json()["result"]
+        info = httpx.get(f"{url}/collections/{name}", timeout=30).json()["result"]
         if info["status"] == "green":
             return time.time() - t0
         time.sleep(1)
     raise RuntimeError(f"not green after {timeout} s")
 
 
-def latency(url: str, queries: np.ndarray) -> dict:
+def latency(url: str, queries: np.ndarray, name: str = "c") -> dict:
     times = []
     with httpx.Client(timeout=60) as http:
         for q in queries:
             t0 = time.perf_counter()
-            http.post(f"{url}/collections/c/points/query", json={"query": q.tolist(), "limit": 10}).raise_for_status()
+            http.post(f"{url}/collections/{name}/points/query", json={"query": q.tolist(), "limit": 10}).raise_for_status()
             times.append(time.perf_counter() - t0)
     p50, p99 = percentiles(times)  # milliseconds
     return {"p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
@@ -123,11 +137,12 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
     proc = start_server(data, port, env, work / f"n{n}.log")
     out: dict = {"n": n}
     try:
+        x = vectors(n, 50)
+        warm_up(url, x[:2000])
         httpx.put(f"{url}/collections/c", json={"model": "models/m.safetensors", "metric": "cosine"},
                   timeout=120).raise_for_status()
         time.sleep(2)
         empty = proc_status(proc.pid, "VmRSS")
-        x = vectors(n, 50)
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
         t0 = time.time()
         client.upload_collection("c", x, ids=range(n), batch_size=args.batch, parallel=1, wait=True)
