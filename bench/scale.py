@@ -139,8 +139,8 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
     try:
         x = vectors(n, 50)
         warm_up(url, x[:2000])
-        httpx.put(f"{url}/collections/c", json={"model": "models/m.safetensors", "metric": "cosine"},
-                  timeout=120).raise_for_status()
+        httpx.put(f"{url}/collections/c", json={"model": "models/m.safetensors", "metric": "cosine",
+                                                "encoder": args.encoder}, timeout=120).raise_for_status()
         time.sleep(2)
         empty = proc_status(proc.pid, "VmRSS")
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
@@ -185,6 +185,8 @@ def main():
     p.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--encoder", default="balanced", help="the collection's encoder (fast: no background "
+                                                         "re-encoding, green once acknowledged)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--snapshot-every", type=int, default=50_000)
     p.add_argument("--green-timeout", type=float, default=4 * 3600)
