@@ -32,7 +32,7 @@ import numpy as np
 
 from .io import CheckpointError, load_model, save_model, sha256
 from .network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, split_codes
-from .lists import ListStore
+from .lists import ListStore, is_in_sorted
 from .scan import list_terms, native_bf16, norm_of_byte, query_tables, scan, scan_tables, warm_up
 
 FORMAT = "qinco-search/index"
@@ -419,11 +419,7 @@ class QincoIndex:
 
 def rows_of_ids(ids: np.ndarray, allowed_ids: np.ndarray) -> np.ndarray:
     """Bool mask over `ids` (n,): which are among `allowed_ids` (any order, duplicates fine)."""
-    allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
-    if not len(allowed):
-        return np.zeros(len(ids), dtype=bool)
-    at = np.minimum(np.searchsorted(allowed, ids), len(allowed) - 1)
-    return allowed[at] == ids
+    return is_in_sorted(ids, np.unique(np.asarray(allowed_ids, dtype=np.int64)))
 
 
 def pareto_front(points: list[OperatingPoint]) -> list[OperatingPoint]:

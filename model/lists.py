@@ -110,14 +110,14 @@ class ListStore:
     def _remove_in(self, lists: np.ndarray, ids: np.ndarray) -> tuple[int, np.ndarray]:
         """Remove `ids` (sorted) from these lists; returns how many and a mask of `ids` found."""
         rows = self.rows_of_lists(lists)
-        hit = _member(self.ids[rows], ids)
-        found = _member(ids, np.unique(self.ids[rows[hit]]))
+        hit = is_in_sorted(self.ids[rows], ids)
+        found = is_in_sorted(ids, np.unique(self.ids[rows[hit]]))
         if not hit.any():
             return 0, found
         rows_lists = np.repeat(lists, self.sizes[lists])
         for l in np.unique(rows_lists[hit]):  # keep the others, in order, at the list's start
             s, n = int(self.starts[l]), int(self.sizes[l])
-            keep = np.flatnonzero(~_member(self.ids[s:s + n], ids))
+            keep = np.flatnonzero(~is_in_sorted(self.ids[s:s + n], ids))
             self.codes[s:s + len(keep)] = self.codes[s + keep]
             self.ids[s:s + len(keep)] = self.ids[s + keep]
             self.ids[s + len(keep):s + n] = -1
@@ -167,7 +167,7 @@ class ListStore:
         """The row of each id (n,), -1 where absent: one pass over the stored ids."""
         ids = np.asarray(ids, np.int64)
         rows, _, stored_ids = self.stored()
-        hit = _member(stored_ids, np.unique(ids))
+        hit = is_in_sorted(stored_ids, np.unique(ids))
         found_rows, found_ids = rows[hit], stored_ids[hit]
         order = np.argsort(found_ids)
         found_rows, found_ids = found_rows[order], found_ids[order]
@@ -218,7 +218,7 @@ class ListStore:
         return cls(nlist, code_size, sizes, codes, ids)
 
 
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+def is_in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     """A mask over `values`: which are in `sorted_set` (sorted, unique)."""
     if not len(sorted_set):
         return np.zeros(len(values), bool)

@@ -15,6 +15,8 @@ import uuid
 
 import numpy as np
 
+from model.lists import is_in_sorted
+
 from .sql import array_of, select_in
 
 UUID_BASE = 1 << 62
@@ -130,11 +132,7 @@ class PointSet:
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """A bool mask over `ids`: which are stored points."""
-        ids = np.asarray(ids, dtype=np.int64)
-        array = self.ids
-        if not len(array):
-            return np.zeros(len(ids), dtype=bool)
-        return array[np.minimum(np.searchsorted(array, ids), len(array) - 1)] == ids
+        return is_in_sorted(np.asarray(ids, dtype=np.int64), self.ids)
 
     def _positions(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids sorted and unique, where they go in the array, and which are there already."""

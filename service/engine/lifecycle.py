@@ -194,7 +194,8 @@ class Trainer:
         ids = np.fromfile(job.dir / "ids.i64", dtype=np.int64)
         codes = np.fromfile(job.dir / "codes.i32", dtype=np.int32).reshape(len(ids), encoded["width"])
         for i0 in range(0, len(ids), 100_000):
-            new.add(codes[i0:i0 + 100_000], ids[i0:i0 + 100_000], np.zeros(len(ids[i0:i0 + 100_000]), bool))
+            part = slice(i0, i0 + 100_000)
+            new.add(codes[part], ids[part], np.zeros(len(ids[part]), bool))  # a new index: none stored
         seq = encoded["seq"]
         for _ in range(catch_up_rounds):  # writes that came during the encoding, without the lock
             changed, x, seq = record.originals_written_after(seq, space.dimension)

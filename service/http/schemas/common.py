@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 from ...engine.ids import MAX_INT_ID as MAX_ID, parse_uuid
 
@@ -95,7 +95,13 @@ VectorName = Annotated[str, Field(max_length=256, description="a named vector's 
                        AfterValidator(check_unicode)]
 DenseVector = Annotated[Vector, BeforeValidator(refuse_sparse)]
 NamedVectors = Annotated[dict[VectorName, DenseVector], Field(max_length=16)]
-VectorInput = Annotated[Vector | NamedVectors, BeforeValidator(refuse_sparse),
+def list_or_dict(value: Any) -> str:
+    """Which form of a union of a list and an object a value takes: errors then speak of it alone."""
+    return "object" if isinstance(value, dict) else "list"
+
+
+VectorInput = Annotated[Annotated[Vector, Tag("list")] | Annotated[NamedVectors, Tag("object")],
+                        Discriminator(list_or_dict), BeforeValidator(refuse_sparse),
                         Field(description="a vector, or vectors by name (Qdrant's named vectors)")]
 WithVector = Annotated[bool | Annotated[list[VectorName], Field(max_length=16)],
                       Field(description="true: every vector; or the names of those wanted")]

@@ -66,19 +66,6 @@ class UpdateVectors(Strict):
     points: list[PointVectors] = Field(min_length=1)
 
 
-class DeleteVectors(Strict):
-    """Qdrant's delete_vectors: remove the named vectors of the points given by ids or a filter."""
-    points: list[PointId] | None = Field(None, min_length=1)
-    filter: Filter | None = None
-    vector: list[VectorName] = Field(min_length=1, max_length=16, description="names of the vectors to delete")
-
-    @model_validator(mode="after")
-    def ids_or_filter(self):
-        if (self.points is None) == (self.filter is None):
-            raise ValueError("give either 'points' (ids) or 'filter'")
-        return self
-
-
 class PointSelector(Strict):
     """Qdrant's selector: the ids, or a filter."""
     points: list[PointId] | None = Field(None, min_length=1)
@@ -93,6 +80,11 @@ class PointSelector(Strict):
 
 class DeletePoints(PointSelector):
     pass
+
+
+class DeleteVectors(PointSelector):
+    """Qdrant's delete_vectors: remove the named vectors of the points given by ids or a filter."""
+    vector: list[VectorName] = Field(min_length=1, max_length=16, description="names of the vectors to delete")
 
 
 class CountRequest(Strict):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
 
 from .common import (MAX_EF_SEARCH, DenseVector, Finite, PointId, Strict, Vector, VectorName, WithPayload, WithVector,
-                     refuse_sparse)
+                     list_or_dict, refuse_sparse)
 from .filters import Filter
 
 
@@ -59,7 +59,8 @@ class NamedVector(Strict):
 
 
 class SearchRequest(Strict):
-    vector: DenseVector | NamedVector
+    vector: Annotated[Annotated[DenseVector, Tag("list")] | Annotated[NamedVector, Tag("object")],
+                      Discriminator(list_or_dict)]
     limit: int = Field(10, ge=1, le=10_000)
     offset: int = Field(0, ge=0, le=10_000, description="skip this many of the best results")
     score_threshold: Finite | None = Field(None, description="cosine: at least this similarity; l2: at most this distance")
