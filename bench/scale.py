@@ -20,14 +20,23 @@ Vectors: GloVe-50 (400k, normalised) with the demo model by default; past 400k, 
 with Gaussian noise (sigma 0.1 per coordinate, then normalised), so that generated points
 fall where the model's lists are: a memory and speed run, not a recall claim.
 
+`--data minilm`: the real 1M MiniLM set (bench/corpus.py, 384-d), into a collection created by
+size and distance as a user makes one: it trains its own model (`--train-minutes`) on the points
+as they arrive, keeps the originals on disk, and turns green by itself.  Added figures: search
+latency during the upload, R@10 against the exact top 10 (without rescore, and with rescore at
+oversampling 1 and 4), and lone search p50/p99 with the originals' pages dropped from the page
+cache before each query (posix_fadvise DONTNEED on the collection's files) against warm.
+
     python bench/scale.py --n 100000 1000000
     python bench/scale.py --n 10000000 --batch 2000
+    python bench/scale.py --data minilm --n 969003
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -72,38 +81,96 @@ def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def warm_up(url: str, x: np.ndarray):
-    """Load, search and delete a small collection first, so that the baseline RSS has what any
-    first load brings (library pages, thread pools, buffers), not only the empty server."""
+def warm_up(url: str, x: np.ndarray, body: dict):
+    """Load, search and delete a small collection (created with `body`) first, so that the
+    baseline RSS has what any first load brings (library pages, thread pools, buffers), not only
+    the empty server."""
     from qdrant_client import QdrantClient
-    httpx.put(f"{url}/collections/warm", json={"model": "models/m.safetensors", "metric": "cosine"},
-              timeout=120).raise_for_status()
+    httpx.put(f"{url}/collections/warm", json=body, timeout=120).raise_for_status()
     client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
     client.upload_collection("warm", x, ids=range(len(x)), batch_size=500, wait=True)
-    wait_green(url, 600, "warm")
+    wait_green(url, 600, "warm", ("green", "grey"))
     latency(url, x[:50], "warm")
     httpx.delete(f"{url}/collections/warm", timeout=120).raise_for_status()
 
 
-def wait_green(url: str, timeout: float, name: str = "c") -> float:
+def wait_green(url: str, timeout: float, name: str = "c", done=("green",)) -> float:
+    """Seconds until the collection's status is one of `done` (grey: collecting, no model yet)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         info = httpx.get(f"{url}/collections/{name}", timeout=30).json()["result"]
-        if info["status"] == "green":
+        if info["status"] in done:
             return time.time() - t0
         time.sleep(1)
     raise RuntimeError(f"not green after {timeout} s")
 
 
-def latency(url: str, queries: np.ndarray, name: str = "c") -> dict:
+def latency(url: str, queries: np.ndarray, name: str = "c", params: dict | None = None, before=None) -> dict:
+    """Lone searches one after the other; `before()` runs ahead of each, untimed."""
     times = []
     with httpx.Client(timeout=60) as http:
         for q in queries:
+            if before is not None:
+                before()
             t0 = time.perf_counter()
-            http.post(f"{url}/collections/{name}/points/query", json={"query": q.tolist(), "limit": 10}).raise_for_status()
+            http.post(f"{url}/collections/{name}/points/query",
+                      json={"query": q.tolist(), "limit": 10, "params": params or {}}).raise_for_status()
             times.append(time.perf_counter() - t0)
     p50, p99 = percentiles(times)  # milliseconds
     return {"p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
+
+
+def drop_page_cache(folder: Path):
+    """Drop the clean pages of every file of a collection (its originals, its record) from the cache."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def recall_at_10(url: str, queries: np.ndarray, gt: np.ndarray, params: dict) -> float:
+    """Mean share of each query's exact top 10 among its 10 hits (ids are base rows)."""
+    found = 0
+    with httpx.Client(timeout=300) as http:
+        for q0 in range(0, len(queries), 100):
+            searches = [{"query": q.tolist(), "limit": 10, "params": params} for q in queries[q0:q0 + 100]]
+            r = http.post(f"{url}/collections/c/points/query/batch", json={"searches": searches})
+            r.raise_for_status()
+            for hits, want in zip(r.json()["result"], gt[q0:q0 + 100]):
+                found += len({p["id"] for p in hits["points"]} & set(want[:10].tolist()))
+    return round(found / (10 * len(queries)), 4)
+
+
+class DuringLoad:
+    """Lone searches every half second while a load runs: their latencies."""
+
+    def __init__(self, url: str, queries: np.ndarray):
+        self.url, self.queries, self.times, self.stop = url, queries, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        with httpx.Client(timeout=60) as http:
+            i = 0
+            while not self.stop.wait(0.5):
+                t0 = time.perf_counter()
+                r = http.post(f"{self.url}/collections/c/points/query",
+                              json={"query": self.queries[i % len(self.queries)].tolist(), "limit": 10})
+                if r.status_code == 200:
+                    self.times.append(time.perf_counter() - t0)
+                i += 1
+
+    def result(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        if not self.times:
+            return {}
+        p50, p99 = percentiles(self.times)
+        return {"during_load_p50_ms": round(p50, 2), "during_load_p99_ms": round(p99, 2),
+                "during_load_searches": len(self.times)}
 
 
 def qps(url: str, queries: np.ndarray, clients: int, seconds: float = 20) -> float:
@@ -135,30 +202,54 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     env = {"QINCO_SNAPSHOT_EVERY": str(args.snapshot_every)}
     proc = start_server(data, port, env, work / f"n{n}.log")
-    out: dict = {"n": n}
+    out: dict = {"n": n, "data": args.data}
     try:
-        x = vectors(n, 50)
-        warm_up(url, x[:2000])
-        httpx.put(f"{url}/collections/c", json={"model": "models/m.safetensors", "metric": "cosine",
-                                                "encoder": args.encoder}, timeout=120).raise_for_status()
+        if args.data == "minilm":
+            from bench.corpus import load
+            corpus = load()
+            x, queries, gt = corpus["base"][:n], corpus["queries"][:args.queries], corpus["gt"][:args.queries]
+            if n < len(corpus["base"]):
+                gt = None  # the ground truth is over the whole base
+            del corpus
+            body = {"vectors": {"size": x.shape[1], "distance": "Cosine"}, "encoder": args.encoder,
+                    "qinco": {"train_minutes": args.train_minutes}}
+            warm_up(url, x[:2000], {**body, "qinco": {"train_after": 0}})
+        else:
+            x = vectors(n, 50)
+            queries, gt = x[np.random.default_rng(1).choice(n, 300, replace=False)], None
+            body = {"model": "models/m.safetensors", "metric": "cosine", "encoder": args.encoder}
+            warm_up(url, x[:2000], {"model": "models/m.safetensors", "metric": "cosine"})
+        httpx.put(f"{url}/collections/c", json=body, timeout=120).raise_for_status()
         time.sleep(2)
         empty = proc_status(proc.pid, "VmRSS")
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
+        during = DuringLoad(url, queries)
         t0 = time.time()
         client.upload_collection("c", x, ids=range(n), batch_size=args.batch, parallel=1, wait=True)
         load_s = time.time() - t0
+        out.update(during.result())
         acked = proc_status(proc.pid, "VmRSS")
         green_s = wait_green(url, args.green_timeout)
         time.sleep(5)  # a snapshot started by the last writes
         green = proc_status(proc.pid, "VmRSS")
-        queries = x[np.random.default_rng(1).choice(n, 300, replace=False)]
-        lone = latency(url, queries)
+        lone = latency(url, queries[:300])
         out.update(load_points_per_s=round(n / load_s), green_s=round(load_s + green_s, 1),
                    rss_empty_mib=round(empty / 1024, 1), rss_per_point_acked=round((acked - empty) * 1024 / n, 1),
                    rss_per_point_green=round((green - empty) * 1024 / n, 1),
                    peak_rss_mib=round(proc_status(proc.pid, "VmHWM") / 1024, 1), **lone,
-                   qps=qps(url, queries, args.clients))
+                   qps=qps(url, queries[:300], args.clients))
         del x
+        if gt is not None:
+            rescore = {"quantization": {"rescore": True, "oversampling": 4}}
+            out["recall_at_10"] = {"no_rescore": recall_at_10(url, queries, gt, {}),
+                                   "rescore_oversampling_1": recall_at_10(url, queries, gt, {"quantization": {"rescore": True}}),
+                                   "rescore_oversampling_4": recall_at_10(url, queries, gt, rescore)}
+            folder = data / "collections" / "c"
+            cold = lambda: drop_page_cache(folder)  # noqa: E731
+            out["rescore_latency"] = {"warm": latency(url, queries[:200]),
+                                      "warm_rescore": latency(url, queries[:200], params=rescore),
+                                      "cold": latency(url, queries[:200], before=cold),
+                                      "cold_rescore": latency(url, queries[:200], params=rescore, before=cold)}
     finally:
         stop_server(proc)
     out["disk_per_point"] = round(sum(f.stat().st_size for f in (data / "collections").rglob("*") if f.is_file()) / n, 1)
@@ -166,7 +257,8 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
     proc = start_server(data, port, env, work / f"n{n}.log")
     try:
         while True:  # searchable: a search answers
-            r = httpx.post(f"{url}/collections/c/points/query", json={"query": [0.1] * 50, "limit": 1}, timeout=60)
+            r = httpx.post(f"{url}/collections/c/points/query", json={"query": queries[0].tolist(), "limit": 1},
+                           timeout=60)
             if r.status_code == 200:
                 break
             time.sleep(0.2)
@@ -187,6 +279,9 @@ def main():
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--encoder", default="balanced", help="the collection's encoder (fast: no background "
                                                          "re-encoding, green once acknowledged)")
+    p.add_argument("--data", choices=("glove", "minilm"), default="glove")
+    p.add_argument("--train-minutes", type=float, default=30.0, help="minilm: the collection's training budget")
+    p.add_argument("--queries", type=int, default=1000, help="minilm: queries for recall")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--snapshot-every", type=int, default=50_000)
     p.add_argument("--green-timeout", type=float, default=4 * 3600)

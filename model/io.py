@@ -92,6 +92,15 @@ def atomic_write(path: Path, write):
     os.replace(tmp, path)
 
 
+def fsync_folder(folder: Path):
+    """Make renames and new files in a folder durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # ---- checkpoints --------------------------------------------------------------------------
 
 def save_model(model: Qinco, path, extra: dict | None = None):

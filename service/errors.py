@@ -6,6 +6,9 @@ error envelope with its status, in one exception handler.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 
 class QincoError(Exception):
     """An error the client caused or can wait out; its message is meant for the client."""
@@ -45,3 +48,21 @@ class Unavailable(QincoError):
     """A collection or service that cannot serve right now (loading, failed to open, broken)."""
 
     status_code = 503
+
+
+class InsufficientStorage(QincoError):
+    """The data directory's disk is full (or its quota spent).  WebDAV's 507: the server cannot
+    store what the request needs.  Nothing of the request was stored; reads go on, and writes work
+    again once space is freed."""
+
+    status_code = 507
+
+
+def disk_full(exc: BaseException) -> InsufficientStorage | None:
+    """The 507 that an OSError or SQLite error means, if it says the disk is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        pass
+    elif not (isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL):
+        return None
+    return InsufficientStorage("the data directory's disk is full: nothing of this request was stored; "
+                               "reads still work, and writes will once space is freed")

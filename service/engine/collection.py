@@ -62,7 +62,7 @@ class Collection:
         use_threads(config.threads)
         self.locks = CollectionLocks()
         metas = space_metas(self.meta)
-        self.record = Record(folder / "points.sqlite", self.name, len(metas))
+        self.record = Record(folder / "points.sqlite", self.name, metas)
         self.point_ids = PointIds(self.record.db)
         self.spaces = {m["name"]: VectorSpace(folder, m, k, self.record.space(k)) for k, m in enumerate(metas)}
         self.closing = False
@@ -375,7 +375,8 @@ class Collection:
         return {"dimension": space.dimension, "metric": space.metric, "vectors_count": space.index.ntotal,
                 "bytes_per_vector": space.index.code_bytes, "nlist": space.index.nlist,
                 "encoder": space.encoder_name, "tuned": bool(space.tuning.get("points")),
-                "default_params": space.index.default_params(), "qinco": space.trainer.status()}
+                "default_params": space.index.default_params(), "qinco": space.trainer.status(),
+                "datatype": space.record.file.datatype if space.record.file is not None else None}
 
     def close(self):
         """Stop the jobs (they resume at the next open), wait for a snapshot in progress, then

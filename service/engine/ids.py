@@ -57,7 +57,7 @@ class PointIds:
                 raise ValueError("the uuids table is not numbered consecutively")
         else:  # integer ids at or above UUID_BASE (written by older versions) stay integers
             top = max(db.execute(f"SELECT COALESCE(MAX(id), -1) FROM {t}").fetchone()[0]
-                      for t in ("points", "deleted", "originals"))
+                      for t in ("points", "deleted", "original_rows"))
             self.base = max(UUID_BASE, top + 1)
         self._buffer = array_of([u for _, u in rows], np.uint8, 16).copy()
         self.count = len(rows)  # rows of the buffer in use; readers read it before the buffer

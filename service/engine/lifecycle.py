@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.index import QincoIndex
-from model.io import atomic_write, load_model, save_model
+from model.io import atomic_write, fsync_folder, load_model, save_model
 from model.threads import use_threads
 
 from ..errors import BadRequest, Conflict, NotFound
@@ -27,7 +27,6 @@ from ..training.job import JobCancelled, TrainingJob
 from ..training.policy import MIN_PER_LIST, min_points
 from . import concurrency
 from .index import QincoSpaceIndex
-from .snapshots import fsync_folder
 
 if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .collection import Collection
@@ -58,7 +57,7 @@ class Trainer:
             if not space.keeps_originals:
                 raise BadRequest(f"{space.label} of collection {c.name!r} keeps no original vectors, so it cannot be "
                                  f"re-encoded: create it by size and distance (with keep_originals) to train it")
-            n = space.record.count("originals")
+            n = space.record.count("original_rows")
             settings = {**space.settings, **{k: v for k, v in request.items() if v is not None}}
             given = self._check_model(model_source) if model_source is not None else None
             if given is None:
@@ -69,6 +68,7 @@ class Trainer:
                                   "bytes": settings["bytes"], "nlist": settings.get("nlist"),
                                   "encoder": space.encoder_name, "sample": c.config.train_sample,
                                   "originals": space.record.table("originals"),
+                                  "datatype": space.record.file.datatype,
                                   "seed": space.generation}}  # reproducible: the same data, the same model
             job = self._job(record)
             if given is not None:  # the job starts at the encoding
@@ -198,7 +198,7 @@ class Trainer:
             new.add(codes[part], ids[part], np.zeros(len(ids[part]), bool))  # a new index: none stored
         seq = encoded["seq"]
         for _ in range(catch_up_rounds):  # writes that came during the encoding, without the lock
-            changed, x, seq = record.originals_written_after(seq, space.dimension)
+            changed, x, seq = record.originals_written_after(seq)
             if len(changed):
                 new.add(new.encode(x, space.encoder), changed)
             if len(changed) < 1000 or job.cancelled.is_set():
@@ -207,7 +207,7 @@ class Trainer:
             c.check_writable()
             if job.cancelled.is_set():
                 raise JobCancelled()
-            changed, x, seq = record.originals_written_after(seq, space.dimension, writer=True)
+            changed, x, seq = record.originals_written_after(seq, writer=True)
             if len(changed):
                 new.add(new.encode(x, space.encoder), changed)
             new.remove(np.setdiff1d(new.ids(), space.index.ids()))  # deleted meanwhile

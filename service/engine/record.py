@@ -2,7 +2,8 @@
 module that knows its tables:
 
   points           id -> payload JSON, seq (the write that last stored the point)
-  meta             'seq' (the last write's sequence number), 'generation' (vector space 0's model)
+  meta             'seq' (the last write's sequence number); vector space 0's 'generation' (its model),
+                   'originals_file' (its originals file's generation) and 'originals_rows' (its rows)
   payload_indexes  declared payload indexes: field -> schema
   state            vector space 0's training lifecycle facts: 'job', 'last_error', 'paused', 'model'
   uuids            client UUID -> internal id (service/engine/ids.py)
@@ -12,11 +13,11 @@ and, per vector space (engine/space.py), tables named for space 0 as below and w
 
   codes            id -> codes (IVF list first; empty before the first model), seq of the write
   deleted          ids whose vector was deleted, with the seq of that delete (until a snapshot covers it)
-  originals        id -> original vector (self-training spaces)
+  original_rows    id -> row of the space's originals file (engine/originals.py; self-training spaces)
   refine           points acknowledged with `fast` codes, waiting for better ones: id, seq, vector
 
 A point is its `points` row; it holds a vector of space k when space k's `codes` (or, collecting,
-`originals`) has its row.  Every write is one transaction under the collection's write lock,
+`original_rows`) has its row.  Every write is one transaction under the collection's write lock,
 and each that changes points takes the next sequence number (`Record.write`).  WAL with
 synchronous=FULL: a write is acknowledged after its commit, which survives a power loss.  Reads
 take no lock: each thread reads on its own connection (`Record.reading`).
@@ -88,12 +89,15 @@ class Record:
     """A collection's points.sqlite: the writer's connection (used under the write lock) and a
     reader connection per thread.  `space(k)` is the part of vector space k."""
 
-    def __init__(self, path: Path, name: str, spaces: int = 1):
+    def __init__(self, path: Path, name: str, spaces: list[dict]):
+        """spaces: the vector spaces' entries in collection.json (engine/space.py)."""
         self.path, self.name = path, name
-        self.db = create(path, spaces)  # the writer's
+        self.db = create(path, len(spaces))  # the writer's
         self._local = threading.local()
         self.closed = False
-        self.spaces = [SpaceRecord(self, k) for k in range(spaces)]
+        self.spaces = [SpaceRecord(self, k, meta) for k, meta in enumerate(spaces)]
+        for space in self.spaces:  # transactions, once every space takes part in them
+            space.move_blob_originals()
 
     def space(self, k: int) -> SpaceRecord:
         return self.spaces[k]
@@ -101,13 +105,21 @@ class Record:
     # ---- writes (write lock held) ----------------------------------------------------------------
     @contextmanager
     def transaction(self):
+        """One transaction; the originals it appended are durable before its commit."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            for space in self.spaces:
+                space.before_commit()
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # a COMMIT that failed (a full disk) leaves it open
+                self.db.execute("ROLLBACK")
+            for space in self.spaces:
+                space.rolled_back()
             raise
-        self.db.execute("COMMIT")
+        for space in self.spaces:
+            space.committed()
 
     @contextmanager
     def write(self) -> Iterator[Write]:
@@ -201,11 +213,12 @@ class Record:
         return {i: json.loads(p) if p is not None else None for i, p in rows}
 
     def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*"))
+        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*")) \
+            + sum(s.file.size_on_disk() for s in self.spaces if s.file is not None)
 
     def close(self):
         self.closed = True
-        self.db.close()
+        self.db.close()  # the originals files close once no reader holds them
 
 
 def import_codes(path: Path, ids: np.ndarray, codes: np.ndarray):

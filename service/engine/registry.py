@@ -112,12 +112,13 @@ class Store:
         return p
 
     def create(self, name: str, metric: str, encoder: str, source: Path | None = None, from_index: bool = False,
-               size: int | None = None, qinco: dict | None = None, named: dict[str, dict] | None = None) -> Collection:
+               size: int | None = None, qinco: dict | None = None, named: dict[str, dict] | None = None,
+               datatype: str = "float32") -> Collection:
         """A new collection from a model file or an index directory (a path already checked), or,
         with `size` and `qinco` settings (the config's defaults for those not given), one that
-        trains its own model.  `named`: Qdrant's named vectors instead, {name: {"size", "metric"}},
-        each a vector space that trains its own model with these settings (`size`, `metric`
-        unused)."""
+        trains its own model, keeping its originals as `datatype` (float32 or float16).  `named`:
+        Qdrant's named vectors instead, {name: {"size", "metric", "datatype"}}, each a vector space
+        that trains its own model with these settings (`size`, `metric`, `datatype` unused)."""
         use_threads(self.config.threads)
         trains = size is not None or named is not None
         qinco = self.config.self_training(qinco) if trains else None
@@ -133,8 +134,8 @@ class Store:
             tmp.mkdir()
             try:
                 if trains:
-                    spaces = [{"name": n, "metric": v["metric"], "size": v["size"]} for n, v in named.items()] \
-                        if named is not None else [{"name": "", "metric": metric, "size": size}]
+                    spaces = [{"name": n, **v} for n, v in named.items()] if named is not None \
+                        else [{"name": "", "metric": metric, "size": size, "datatype": datatype}]
                     self._populate_trainable(tmp, name, [{**v, "encoder": encoder, "qinco": qinco} for v in spaces],
                                              named is not None)
                 else:

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import faiss
@@ -26,7 +25,7 @@ import numpy as np
 
 from model.index import QincoIndex
 from model.lists import ListStore
-from model.io import atomic_write
+from model.io import atomic_write, fsync_folder
 from model.threads import use_threads
 
 from ..errors import NotFound
@@ -39,15 +38,7 @@ if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .space import VectorSpace
 
 log = logging.getLogger("qinco.store")
-
-
-def fsync_folder(folder: Path):
-    """Make renames and new files in a folder durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+COMPACT_AFTER = 10_000  # dead rows before an originals file is compacted (and half its rows)
 
 
 def index_file(k: int) -> str:
@@ -75,7 +66,7 @@ class Snapshots:
         record = space.record
         if space.collecting:
             index = ExactSpaceIndex(space.size)
-            for ids, x in record.all_originals(space.size):
+            for ids, x in record.all_originals():
                 index.add(x, ids)
             log.info("%s: %s: %d original vectors ready in %.1fs (no model yet: exact search)",
                      self.c.name, space.label, index.ntotal, time.time() - t0)
@@ -138,6 +129,7 @@ class Snapshots:
                 blobs = [space.index.serialize() for space in c.spaces.values()]
                 if all(blob is None for blob in blobs):  # nothing to replay: the record holds it all
                     c.record.forget_deletes(seq)
+                    self.compact_originals()
                     return seq
                 manifest = {"seq": seq, "collection_uuid": c.uuid, "spaces": [
                     None if blob is None else {"ntotal": space.index.ntotal, "generation": space.generation}
@@ -145,7 +137,33 @@ class Snapshots:
             self._replace(blobs, manifest)
             with c.locks.write:
                 c.record.forget_deletes(seq)
+                self.compact_originals()
             return seq
+
+    def compact_originals(self):
+        """Compact each space's originals file once most of its rows are replaced or deleted
+        vectors' (write lock held; not while a job's worker reads the file)."""
+        for space in self.c.spaces.values():
+            f = space.record.file
+            if f is None or space.job is not None or f.rows < 2 * COMPACT_AFTER:
+                continue
+            dead = space.record.dead_originals()
+            if dead < max(COMPACT_AFTER, f.rows // 2):
+                continue
+            free = shutil.disk_usage(f.path.parent).free
+            if free < 2 * (f.rows - dead) * f.row_bytes:  # the copy, with room to spare
+                log.warning("%s: %s: originals not compacted (%d dead rows): too little free disk",
+                            self.c.name, space.label, dead)
+                continue
+            t0 = time.time()
+            try:
+                with self.c.record.transaction():
+                    space.record.compact_originals()
+            except Exception:  # the old file still serves: the next snapshot tries again
+                log.exception("%s: %s: compacting the originals failed", self.c.name, space.label)
+                continue
+            log.info("%s: %s: originals compacted, %d dead rows dropped in %.1fs",
+                     self.c.name, space.label, dead, time.time() - t0)
 
     def _replace(self, blobs: list[Snapshot | None], manifest: dict):
         folder = self.c.folder

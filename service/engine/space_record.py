@@ -1,18 +1,25 @@
 """A vector space's tables in the collection's record (engine/record.py lists them): its codes,
-deletes, originals and refine queue, its generation and lifecycle facts; and the read-only reads
-of a training job's worker."""
+deletes, original rows and refine queue, its generation and lifecycle facts; its originals file
+(engine/originals.py); and the read-only reads of a training job's worker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import sqlite3
-from contextlib import contextmanager
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from ..errors import Unavailable
+from .originals import OriginalsFile, file_path, read_rows
 from .sql import READ_ROWS, array_of, delete_in, last_seq, select_by_ids
+
+log = logging.getLogger("qinco.store")
 
 if TYPE_CHECKING:  # annotations only: the record imports this module
     from .record import Record
@@ -25,10 +32,12 @@ def space_schema(space: int) -> str:
 CREATE TABLE IF NOT EXISTS codes{s} (id INTEGER PRIMARY KEY, codes BLOB NOT NULL, seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS codes{s}_seq ON codes{s}(seq);
 CREATE TABLE IF NOT EXISTS deleted{s} (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS originals{s} (id INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS original_rows{s} (id INTEGER PRIMARY KEY, row INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS refine{s} (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS refine{s}_order ON refine{s}(seq, id);
 INSERT OR IGNORE INTO meta VALUES ('generation{s}', 0);
+INSERT OR IGNORE INTO meta VALUES ('originals_file{s}', 0);
+INSERT OR IGNORE INTO meta VALUES ('originals_rows{s}', 0);
 """
 
 
@@ -39,41 +48,55 @@ def scoped(name: str, space: int) -> str:
 
 
 # ---- what the training worker reads (read-only, in its own process) -------------------------------
-def check_originals_table(table: str) -> str:
-    """A space's originals table named by a job's request (read from its file)."""
-    if not re.fullmatch(r"originals(_[0-9]{1,3})?", table):
-        raise ValueError(f"not an originals table: {table!r}")
-    return table
+def check_originals_scope(scope: str) -> str:
+    """A space's originals named by a job's request (read from its file): 'originals' or 'originals_k'."""
+    if not re.fullmatch(r"originals(_[0-9]{1,3})?", scope):
+        raise ValueError(f"not a space's originals: {scope!r}")
+    return scope
 
 
-def sample_originals(db: sqlite3.Connection, d: int, n: int, seed: int, table: str = "originals") -> np.ndarray:
+def _originals_in(db: sqlite3.Connection, folder: Path, request: dict) -> tuple[str, Path]:
+    """The table of id -> row and the file of the space that `request` names (in a read transaction)."""
+    scope = check_originals_scope(request.get("originals", "originals"))
+    suffix = scope[len("originals"):]
+    generation = db.execute("SELECT value FROM meta WHERE key = ?", (f"originals_file{suffix}",)).fetchone()[0]
+    return f"original_rows{suffix}", file_path(folder, scope, generation, request.get("datatype", "float32"))
+
+
+def _ids_and_rows(rows: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    both = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    return both[:, 0], both[:, 1]
+
+
+def sample_originals(db: sqlite3.Connection, folder: Path, request: dict, n: int, seed: int) -> np.ndarray:
     """Up to n original vectors chosen at random, in one read transaction (points deleted
     meanwhile cannot leave holes): training never loads a whole large collection."""
     db.execute("BEGIN")
     try:
-        ids = np.array([r[0] for r in db.execute(f"SELECT id FROM {check_originals_table(table)}")],
-                       dtype=np.int64)
-        if len(ids) > n:
-            ids = np.random.default_rng(seed).choice(ids, n, replace=False)
-        blobs = [v for _, v in select_by_ids(db, table, "vector", ids)]
+        table, path = _originals_in(db, folder, request)
+        rows = np.array(db.execute(f"SELECT row FROM {table} ORDER BY id").fetchall(), dtype=np.int64).ravel()
+        if len(rows) > n:
+            rows = np.sort(rows[np.random.default_rng(seed).choice(len(rows), n, replace=False)])
+        return read_rows(path, request["d"], request.get("datatype", "float32"), rows)
     finally:
         db.execute("COMMIT")
-    return array_of(blobs, np.float32, d)
 
 
-@contextmanager
-def originals_as_of_now(db: sqlite3.Connection, d: int, chunk: int, table: str = "originals"):
+@contextlib.contextmanager
+def originals_as_of_now(db: sqlite3.Connection, folder: Path, request: dict, chunk: int):
     """(seq, count, batches of (ids, vectors) in id order): every original as of one sequence
     number, read in one transaction (writes after `seq` are the server's to catch up)."""
     db.execute("BEGIN")
     try:
         seq = last_seq(db)
-        total = db.execute(f"SELECT count(*) FROM {check_originals_table(table)}").fetchone()[0]
-        rows = db.execute(f"SELECT id, vector FROM {table} ORDER BY id")
+        table, path = _originals_in(db, folder, request)
+        total = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        cursor = db.execute(f"SELECT id, row FROM {table} ORDER BY id")
 
         def batches():
-            while batch := rows.fetchmany(chunk):
-                yield np.array([r[0] for r in batch], dtype=np.int64), array_of([r[1] for r in batch], np.float32, d)
+            while batch := cursor.fetchmany(chunk):
+                ids, rows = _ids_and_rows(batch)
+                yield ids, read_rows(path, request["d"], request.get("datatype", "float32"), rows)
         yield seq, total, batches()
     finally:
         db.execute("COMMIT")
@@ -82,8 +105,17 @@ def originals_as_of_now(db: sqlite3.Connection, d: int, chunk: int, table: str =
 class SpaceRecord:
     """The tables of one vector space (see the module's docstring), on the record's connections."""
 
-    def __init__(self, record: Record, k: int):
+    def __init__(self, record: Record, k: int, meta: dict):
+        """meta: the space's entry in collection.json; one with a `size` trains its own model and
+        may keep originals (its `datatype`, float32 by default)."""
         self.record, self.k = record, k
+        self.file: OriginalsFile | None = None
+        self._next_file: OriginalsFile | None = None  # the next generation's, written in this transaction
+        if meta.get("size"):
+            self.file = OriginalsFile(record.path.parent, self.table("originals"), meta["size"],
+                                      meta.get("datatype", "float32"), self.meta("originals_file"),
+                                      self.meta("originals_rows"))
+            self.file.remove_others()
 
     def table(self, name: str) -> str:
         return scoped(name, self.k)
@@ -98,14 +130,16 @@ class SpaceRecord:
                             [(i, c, seq) for i, c in zip(ids, codes)])
 
     def put_originals(self, ids, x: np.ndarray):
-        self.db.executemany(f"INSERT OR REPLACE INTO {self.table('originals')} (id, vector) VALUES (?, ?)",
-                            [(i, v.tobytes()) for i, v in zip(ids, x)])
+        """Originals appended to the file (durable before the commit: `before_commit`), mapped by id."""
+        rows = self.file.append(x)
+        self.db.executemany(f"INSERT OR REPLACE INTO {self.table('original_rows')} (id, row) VALUES (?, ?)",
+                            zip([int(i) for i in ids], rows.tolist()))
 
     def delete_vectors(self, ids: list[int], seq: int) -> int:
         """The vectors of `ids` in this space (codes, original, queue row), recorded as deleted at
         `seq`; returns how many queue rows went."""
         delete_in(self.db, self.table("codes"), ids)
-        delete_in(self.db, self.table("originals"), ids)
+        delete_in(self.db, self.table("original_rows"), ids)
         self.db.executemany(f"INSERT OR REPLACE INTO {self.table('deleted')} (id, seq) VALUES (?, ?)",
                             [(int(i), seq) for i in ids])
         return self.unqueue(ids)
@@ -115,7 +149,7 @@ class SpaceRecord:
                             [(c.astype(np.int32).tobytes(), int(i)) for i, c in zip(ids, codes)])
 
     def set_generation(self, generation: int):
-        self.db.execute("UPDATE meta SET value = ? WHERE key = ?", (generation, self.table("generation")))
+        self.set_meta("generation", generation)
 
     def put_fact(self, key: str, value):
         self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (self.table(key), json.dumps(value)))
@@ -125,7 +159,79 @@ class SpaceRecord:
                         [self.table(k) for k in keys])
 
     def drop_originals(self):
-        self.db.execute(f"DELETE FROM {self.table('originals')}")
+        """Every original: the rows go, and the commit switches to the next generation's empty file."""
+        self.db.execute(f"DELETE FROM {self.table('original_rows')}")
+        self._switch_file()
+
+    def compact_originals(self):
+        """Copy the mapped rows, in id order, to the next generation's file, and map ids to them
+        (row = rank of the id): the rows of replaced and deleted vectors go."""
+        f, table = self.file, self.table("original_rows")
+        new = self._switch_file()
+        rows = self.db.execute(f"SELECT row FROM {table} ORDER BY id")
+        while batch := rows.fetchmany(READ_ROWS):
+            new.append(f.read(np.array(batch, dtype=np.int64).ravel()))
+        self.db.execute(f"CREATE TABLE {table}_new (id INTEGER PRIMARY KEY, row INTEGER NOT NULL)")
+        self.db.execute(f"INSERT INTO {table}_new SELECT id, ROW_NUMBER() OVER (ORDER BY id) - 1 FROM {table}")
+        self.db.execute(f"DROP TABLE {table}")
+        self.db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
+
+    def dead_originals(self) -> int:
+        """Rows of the originals file that no id maps to (replaced or deleted vectors)."""
+        return self.file.rows - self.count("original_rows") if self.file is not None else 0
+
+    def _switch_file(self) -> OriginalsFile:
+        f = self.file
+        self._next_file = OriginalsFile(f.path.parent, self.table("originals"), f.d, f.datatype, f.generation + 1, 0)
+        self.set_meta("originals_file", f.generation + 1)
+        return self._next_file
+
+    # ---- the originals file and the record's transaction (record.Record.transaction) ---------------
+    def before_commit(self):
+        f = self._next_file or self.file
+        if f is not None and f.end != f.rows:
+            f.sync()
+        if f is not None and (f.end != f.rows or f is self._next_file):
+            self.set_meta("originals_rows", f.end)
+
+    def committed(self):
+        """After the commit; cannot fail (the record's other spaces commit after it)."""
+        if self._next_file is not None:
+            self.file, self._next_file = self._next_file, None
+            self.file.committed()
+            try:
+                self.file.remove_others()
+            except OSError:  # removed at the next open
+                log.exception("%s: the originals files of other generations were not removed", self.record.name)
+        elif self.file is not None:
+            self.file.committed()
+
+    def rolled_back(self):
+        if self._next_file is not None:
+            self._next_file.path.unlink(missing_ok=True)
+            self._next_file = None
+        if self.file is not None:
+            self.file.rolled_back()
+
+    def move_blob_originals(self):
+        """A record written before the originals file kept them as blobs in `originals`: move them
+        to the file, in one transaction, once (record.Record opens every space first)."""
+        legacy = self.table("originals")
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (legacy,)).fetchone():
+            return
+        with self.record.transaction():
+            last = -1 << 62
+            while batch := self.db.execute(f"SELECT id, vector FROM {legacy} WHERE id > ? ORDER BY id LIMIT ?",
+                                           (last, READ_ROWS)).fetchall():
+                self.put_originals([i for i, _ in batch], array_of([v for _, v in batch], np.float32, self.file.d))
+                last = batch[-1][0]
+            self.db.execute(f"DROP TABLE {legacy}")
+
+    def set_meta(self, key: str, value: int):
+        self.db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, self.table(key)))
+
+    def meta(self, key: str) -> int:
+        return self.db.execute("SELECT value FROM meta WHERE key = ?", (self.table(key),)).fetchone()[0]
 
     # ---- the refine queue (fast ingest) -----------------------------------------------------------
     def queue(self, ids, x: np.ndarray, seq: int):
@@ -150,7 +256,7 @@ class SpaceRecord:
 
     # ---- what opening reads (writer's connection, before any thread starts) -------------------------
     def generation(self) -> int:
-        return self.db.execute("SELECT value FROM meta WHERE key = ?", (self.table("generation"),)).fetchone()[0]
+        return self.meta("generation")
 
     def facts(self) -> dict:
         """This space's lifecycle facts, by their unscoped keys."""
@@ -172,19 +278,39 @@ class SpaceRecord:
         while batch := rows.fetchmany(READ_ROWS):
             yield np.array([r[0] for r in batch], dtype=np.int64), array_of([r[1] for r in batch], np.int32, width)
 
-    def all_originals(self, d: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        rows = self.db.execute(f"SELECT id, vector FROM {self.table('originals')} ORDER BY id")
+    def all_originals(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, originals) of every kept original, in batches in id order."""
+        rows = self.db.execute(f"SELECT id, row FROM {self.table('original_rows')} ORDER BY id")
         while batch := rows.fetchmany(READ_ROWS):
-            yield np.array([r[0] for r in batch], dtype=np.int64), array_of([r[1] for r in batch], np.float32, d)
+            ids, at = np.array(batch, dtype=np.int64).T
+            yield ids, self.file.read(at)
 
     # ---- reads (any thread, no lock) ---------------------------------------------------------------
     def originals(self, ids) -> dict[int, np.ndarray]:
         """The stored original vectors of `ids` (absent ones skipped)."""
-        with self.record.reading() as db:
-            rows = select_by_ids(db, self.table("originals"), "vector", ids)
-        if not rows:
-            return {}
-        return dict(zip([i for i, _ in rows], array_of([v for _, v in rows], np.float32, -1)))
+        found, x = self._read_originals(lambda db: select_by_ids(db, self.table("original_rows"), "row", ids))
+        return dict(zip(found.tolist(), x))
+
+    def _read_originals(self, select, db: sqlite3.Connection | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, originals) of the (id, row) pairs that `select(conn)` reads, in one read
+        transaction with the file's generation (on this thread's reader, or on `db`)."""
+        if self.file is None:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        for _ in range(1000):  # a drop that commits between the read and the file swap: read again
+            with (contextlib.nullcontext(db) if db is not None else self.record.reading()) as conn:
+                conn.execute("BEGIN")
+                try:
+                    generation = conn.execute("SELECT value FROM meta WHERE key = ?",
+                                              (self.table("originals_file"),)).fetchone()[0]
+                    pairs = select(conn)
+                finally:
+                    conn.execute("COMMIT")
+            f = self.file
+            if f.generation == generation:
+                ids, rows = (np.array(pairs, dtype=np.int64).reshape(-1, 2).T)
+                return ids, f.read(rows)
+            time.sleep(0.001)
+        raise Unavailable(f"the originals of {self.table('originals')} are being replaced: try again")
 
     def queued(self, limit: int) -> list[tuple[int, int, bytes]]:
         """The oldest (id, seq, vector) rows of the refine queue."""
@@ -192,20 +318,14 @@ class SpaceRecord:
             return db.execute(f"SELECT id, seq, vector FROM {self.table('refine')} ORDER BY seq, id LIMIT ?",
                               (limit,)).fetchall()
 
-    def originals_written_after(self, seq: int, d: int, writer: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    def originals_written_after(self, seq: int, writer: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         """ids and originals of the vectors written after `seq`, and the current seq, read together
         (on this thread's reader, or on the writer's connection: write lock held)."""
-        if writer:
-            return self._originals_after(self.db, seq, d)
-        with self.record.reading() as db:
-            return self._originals_after(db, seq, d)
+        now = []
 
-    def _originals_after(self, db: sqlite3.Connection, seq: int, d: int) -> tuple[np.ndarray, np.ndarray, int]:
-        db.execute("BEGIN")
-        try:
-            now = last_seq(db)
-            rows = db.execute(f"SELECT c.id, o.vector FROM {self.table('codes')} c JOIN {self.table('originals')} o "
+        def select(db):
+            now.append(last_seq(db))
+            return db.execute(f"SELECT c.id, o.row FROM {self.table('codes')} c JOIN {self.table('original_rows')} o "
                               f"ON o.id = c.id WHERE c.seq > ? ORDER BY c.id", (seq,)).fetchall()
-        finally:
-            db.execute("COMMIT")
-        return np.array([r[0] for r in rows], dtype=np.int64), array_of([r[1] for r in rows], np.float32, d), now
+        ids, x = self._read_originals(select, self.db if writer else None)
+        return ids, x, now[-1]

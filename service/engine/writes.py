@@ -106,6 +106,11 @@ def encode(c: Collection, vectors) -> dict[VectorSpace, Encoded]:
     for name, members in groups.items():
         space = c.space_named(name)
         x = space.prepare(columns[name])
+        if space.record.file is not None:
+            try:
+                space.record.file.check_storable(x)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
         index = space.index
         fast = space.refiner.acknowledges_fast()
         out[space] = Encoded(members, x, index.encode(x, ENCODERS["fast"] if fast else space.encoder), fast,

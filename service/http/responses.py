@@ -72,7 +72,9 @@ def collection_info(info: dict) -> dict:
     """Qdrant's collection info (a single segment, shard and replica; its HNSW settings are those
     of the IVF coarse quantizer), then the engine's own figures (Collection.info).  Its vectors'
     config has Qdrant's two forms: one unnamed vector's, or the named vectors' by name."""
-    params = {name: {"size": v["dimension"], "distance": DISTANCES[v["metric"]]} for name, v in info["vectors"].items()}
+    params = {name: {"size": v["dimension"], "distance": DISTANCES[v["metric"]],  # a datatype as Qdrant: if chosen
+                     **({"datatype": v["datatype"]} if v["datatype"] not in (None, "float32") else {})}
+              for name, v in info["vectors"].items()}
     qdrant = {"optimizer_status": "ok",
               "indexed_vectors_count": sum(v["qinco"]["points_encoded"] for v in info["vectors"].values()),
               "segments_count": 1,

@@ -4,9 +4,10 @@
 
 JOB_DIR/request.json says what to do (written by service/training/job.py):
   {"database": points.sqlite, "kind": "train" | "swap_in", "minutes", "bytes", "nlist",
-   "encoder", "sample", "threads", "device", "seed"}
-The worker reads the collection's original vectors from SQLite (read-only) and writes only into
-JOB_DIR, each file atomically:
+   "encoder", "sample", "threads", "device", "seed", "originals": the space's ('originals_k'),
+   "datatype": its originals file's}
+The worker reads the space's original vectors (their rows in SQLite, read-only, and the originals
+file beside it: service/engine/originals.py) and writes only into JOB_DIR, each file atomically:
   progress.json  phase, progress 0-1, ETA, validation MSE (rewritten about once a second)
   model.safetensors, trained.json   the trained model and its figures (training done)
   ids.i64, codes.i32, encoded.json  every point's id and codes as of sequence number `seq`
@@ -72,7 +73,7 @@ def watch_parent():
 def train_model(job_dir: Path, request: dict, db: sqlite3.Connection, progress: Progress):
     from model.train import TrainConfig, train
 
-    x = sample_originals(db, request["d"], request["sample"], request["seed"], request.get("originals", "originals"))
+    x = sample_originals(db, Path(request["database"]).parent, request, request["sample"], request["seed"])
     cfg = model_config(request["d"], len(x), request["bytes"], request.get("nlist"))
     tc = TrainConfig(max_minutes=request["minutes"], threads=request["threads"], seed=request["seed"],
                      device=request.get("device", "auto"),
@@ -104,7 +105,7 @@ def encode_all(job_dir: Path, request: dict, db: sqlite3.Connection, progress: P
     model = load_model(job_dir / "model.safetensors")
     encoder, on = ENCODERS[request["encoder"]], resolve_device(request.get("device", "auto"))
     done, started = 0, time.time()
-    with originals_as_of_now(db, request["d"], ENCODE_CHUNK, request.get("originals", "originals")) \
+    with originals_as_of_now(db, Path(request["database"]).parent, request, ENCODE_CHUNK) \
             as (seq, total, batches), \
             open(job_dir / "ids.i64", "wb") as fi, open(job_dir / "codes.i32", "wb") as fc:
         for ids, x in batches:

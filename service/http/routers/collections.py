@@ -29,12 +29,13 @@ def create_collection(name: schemas.CollectionName, body: schemas.CreateCollecti
     store = svc.store
     if isinstance(body.vectors, dict):  # Qdrant's named vectors: a vector space each
         given = body.qinco.model_dump(exclude_none=True) if body.qinco else {}
-        named = {n: {"size": v.size, "metric": schemas.METRICS[v.distance]} for n, v in body.vectors.items()}
+        named = {n: {"size": v.size, "metric": schemas.METRICS[v.distance], "datatype": v.datatype or "float32"}
+                 for n, v in body.vectors.items()}
         store.create(name, None, body.encoder.value, qinco=given, named=named)
     elif body.vectors is not None:
         given = body.qinco.model_dump(exclude_none=True) if body.qinco else {}
         store.create(name, schemas.METRICS[body.vectors.distance], body.encoder.value, size=body.vectors.size,
-                     qinco=given)
+                     qinco=given, datatype=body.vectors.datatype or "float32")
     else:
         source = store.resolve(body.index if body.model is None else body.model)
         store.create(name, (body.metric or schemas.Metric.l2).value, body.encoder.value, source, body.index is not None)

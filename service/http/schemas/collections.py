@@ -17,10 +17,11 @@ class VectorParams(Strict):
     (normalised vectors) are served, Dot and Manhattan are not."""
     size: int = Field(ge=1, le=MAX_DIMENSION, strict=True)
     distance: str
-    on_disk: bool | None = None  # accepted, ignored: originals are on disk, codes in memory
+    on_disk: bool | None = None  # accepted, ignored: originals are on disk (memory-mapped), codes in memory
     hnsw_config: IgnoredSettings = None  # accepted, ignored: QINCo's own IVF-HNSW settings apply
     quantization_config: IgnoredSettings = None  # accepted, ignored: every vector is QINCo-quantised
-    datatype: str | None = None
+    datatype: str | None = Field(None, description="how the originals are kept on disk: float32 (the default) or "
+                                                   "float16 (half the disk, for rescore and retraining)")
     multivector_config: None = None
 
     @model_validator(mode="after")
@@ -29,8 +30,9 @@ class VectorParams(Strict):
             raise ValueError(f"distance {self.distance!r} is not supported: QINCo's codes approximate Euclidean "
                              f"distance; use 'Cosine' (normalised vectors: the same ranking as 'Dot' on them) "
                              f"or 'Euclid'")
-        if self.datatype not in (None, "float32"):
-            raise ValueError(f"datatype {self.datatype!r} is not supported: vectors are float32")
+        if self.datatype not in (None, "float32", "float16"):
+            raise ValueError(f"datatype {self.datatype!r} is not supported: originals are kept as float32 or "
+                             f"float16 (codes are QINCo's)")
         return self
 
 

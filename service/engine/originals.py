@@ -1,0 +1,130 @@
+"""A vector space's original vectors on disk: an append-only file of rows, float32 or float16
+(Qdrant's `datatype`), memory-mapped for reads; the record maps ids to rows (space_record.py).
+
+Durability: a write appends its rows and makes them durable (`sync`, fdatasync) before the
+record's transaction that maps ids to them commits, so an acknowledged original is on disk.  The
+record also holds the count of committed rows: rows past it (a write that did not commit) are
+overwritten by the next append and cut off when the file is opened.
+
+Readers never take a lock: within one generation the file only grows, so a row that a reader
+found in the record is inside the file.  Dropping the originals, or compacting them (once most
+rows are those of replaced or deleted vectors), writes a new generation's file, named for it,
+which the record names in the same transaction that maps ids to its rows; a reader that read the
+old generation's rows reads the record again (`SpaceRecord.originals`).  Files of other
+generations are removed once the record names another, and at open.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from model.io import fsync_folder
+
+DATATYPES = {"float32": np.float32, "float16": np.float16}
+SUFFIXES = {"float32": "f32", "float16": "f16"}
+
+
+def file_path(folder: Path, scope: str, generation: int, datatype: str) -> Path:
+    """`scope`: the space's table name ('originals', 'originals_1', ...)."""
+    return folder / f"{scope}-{generation}.{SUFFIXES[datatype]}"
+
+
+def read_rows(path: Path, d: int, datatype: str, rows: np.ndarray) -> np.ndarray:
+    """Rows of an originals file as float32 (n, d), read without the server (the training worker)."""
+    if not len(rows):
+        return np.zeros((0, d), dtype=np.float32)
+    view = np.memmap(path, dtype=DATATYPES[datatype], mode="r").reshape(-1, d)
+    return np.asarray(view[np.asarray(rows, dtype=np.int64)], dtype=np.float32)
+
+
+class OriginalsFile:
+    """One generation's file of one space.  `rows` committed rows; `end` rows written (write lock)."""
+
+    def __init__(self, folder: Path, scope: str, d: int, datatype: str, generation: int, rows: int):
+        self.path = file_path(folder, scope, generation, datatype)
+        self.d, self.datatype, self.generation = d, datatype, generation
+        self.dtype = np.dtype(DATATYPES[datatype])
+        self.row_bytes = d * self.dtype.itemsize
+        self.rows = self.end = rows
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Closed when the last holder lets go, never before: a reader that took this file before a
+        # switch or a collection's delete must not read through a closed (or reused) descriptor.
+        weakref.finalize(self, os.close, self._fd)
+        if created:  # the file outlives a power loss: its first rows' commit needs it
+            fsync_folder(folder)
+        size = os.fstat(self._fd).st_size
+        if size < rows * self.row_bytes:
+            raise ValueError(f"{self.path.name} holds {size // self.row_bytes} rows, the record {rows}: the file "
+                             f"was cut short outside the service")
+        if size > rows * self.row_bytes:  # rows of a write that did not commit
+            os.ftruncate(self._fd, rows * self.row_bytes)
+        self._view: np.ndarray | None = None
+        self._lock = threading.Lock()  # remapping
+
+    # ---- writes (write lock held, inside the record's transaction) --------------------------------
+    def append(self, x: np.ndarray) -> np.ndarray:
+        """Write (n, d) vectors after the rows written so far; returns their rows."""
+        data = memoryview(np.ascontiguousarray(x, dtype=self.dtype)).cast("B")
+        offset, done = self.end * self.row_bytes, 0
+        while done < len(data):  # pwrite may write less than asked
+            done += os.pwrite(self._fd, data[done:], offset + done)
+        rows = np.arange(self.end, self.end + len(x), dtype=np.int64)
+        self.end += len(x)
+        return rows
+
+    def sync(self):
+        """Before the commit: the rows written are durable."""
+        if self.end != self.rows:
+            os.fdatasync(self._fd)
+
+    def committed(self):
+        self.rows = self.end
+
+    def rolled_back(self):
+        self.end = self.rows
+
+    # ---- reads (any thread) ------------------------------------------------------------------------
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Committed rows as float32 (n, d)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return np.zeros((0, self.d), dtype=np.float32)
+        top = int(rows.max()) + 1
+        view = self._view
+        if view is None or len(view) < top:
+            with self._lock:
+                view = self._view
+                if view is None or len(view) < top:
+                    view = self._view = self._map(top)
+        return np.asarray(view[rows], dtype=np.float32)
+
+    def _map(self, top: int) -> np.ndarray:
+        n = os.fstat(self._fd).st_size // self.row_bytes
+        if n < top:  # never touch a page past the end of the file (SIGBUS)
+            raise ValueError(f"row {top - 1} is past the end of {self.path.name} ({n} rows)")
+        m = mmap.mmap(self._fd, n * self.row_bytes, access=mmap.ACCESS_READ)
+        return np.frombuffer(m, dtype=self.dtype).reshape(n, self.d)
+
+    def size_on_disk(self) -> int:
+        return self.rows * self.row_bytes
+
+    def remove_others(self):
+        """The files of the space's other generations (dropped or compacted, or a new one that
+        did not commit): once the record names this one."""
+        scope = self.path.name.rsplit("-", 1)[0]
+        for other in self.path.parent.glob(f"{scope}-*.f*"):
+            if other != self.path:
+                other.unlink(missing_ok=True)
+
+    def check_storable(self, x: np.ndarray):
+        """ValueError for vectors that this file's datatype cannot hold (float16: |v| <= 65504)."""
+        if self.dtype == np.float16 and len(x) and float(np.abs(x).max()) > float(np.finfo(np.float16).max):
+            raise ValueError("a vector has a value beyond float16's range (|v| <= 65504), the datatype of "
+                             "this collection's originals")

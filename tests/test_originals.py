@@ -1,0 +1,294 @@
+"""Originals on disk (service/engine/originals.py): an append-only file per vector space, memory-
+mapped for reads, its rows mapped by the record; durable before a write's commit, kept as
+float32 or float16, moved out of the record's blobs once, dropped with a new generation."""
+
+import signal
+import sqlite3
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from service.engine.originals import OriginalsFile
+from service.engine.registry import Store
+from tests.server import free_port, serve
+from tests.test_crash import writer
+
+SETTINGS = {"bytes": 4, "train_after": 0, "train_minutes": 0.05, "keep_originals": True, "nlist": None}
+
+
+def originals_files(folder):
+    return sorted(p.name for p in folder.glob("originals*-*.f*"))
+
+
+def test_a_file_appends_reads_and_cuts_off_what_did_not_commit(tmp_path):
+    x = np.random.default_rng(0).standard_normal((10, 6)).astype(np.float32)
+    f = OriginalsFile(tmp_path, "originals", 6, "float32", 0, 0)
+    assert np.array_equal(f.append(x[:4]), np.arange(4))
+    f.sync()
+    f.committed()
+    assert np.array_equal(f.read(np.array([3, 0])), x[[3, 0]])
+    assert np.array_equal(f.append(x[4:7]), np.arange(4, 7))
+    f.rolled_back()  # that transaction did not commit: its rows are written over
+    assert np.array_equal(f.append(x[7:9]), np.arange(4, 6))
+    f.sync()
+    f.committed()
+    assert np.array_equal(f.read(np.arange(6)), x[[0, 1, 2, 3, 7, 8]])
+    f.append(x[9:])  # written, never committed
+    del f
+    assert (tmp_path / "originals-0.f32").stat().st_size == 7 * 6 * 4
+    f = OriginalsFile(tmp_path, "originals", 6, "float32", 0, 6)  # the record says 6 rows
+    assert (tmp_path / "originals-0.f32").stat().st_size == 6 * 6 * 4
+    with pytest.raises(ValueError, match="past the end"):
+        f.read(np.array([6]))
+    del f
+    with pytest.raises(ValueError, match="cut short"):
+        OriginalsFile(tmp_path, "originals", 6, "float32", 0, 7)
+    f = OriginalsFile(tmp_path, "originals", 6, "float32", 1, 0)  # the next generation's
+    assert originals_files(tmp_path) == ["originals-0.f32", "originals-1.f32"]  # until the record names it
+    f.remove_others()
+    del f
+    assert originals_files(tmp_path) == ["originals-1.f32"]
+
+
+@pytest.mark.parametrize("datatype, itemsize, tolerance", [("float32", 4, 0.0), ("float16", 2, 1e-3)])
+def test_a_collection_keeps_its_originals_in_the_file(tmp_path, glove_sample, datatype, itemsize, tolerance):
+    x = glove_sample[:500]
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS, datatype=datatype)
+    c.upsert(list(range(300)), x[:300], [None] * 300)
+    c.upsert(list(range(250, 500)), x[250:], [None] * 250)  # 50 replaced: their old rows stay, unmapped
+    c.delete([0, 1])
+    folder = tmp_path / "collections" / "s"
+    assert originals_files(folder) == ["originals-0." + {"float32": "f32", "float16": "f16"}[datatype]]
+    assert (folder / originals_files(folder)[0]).stat().st_size == 550 * 50 * itemsize
+    assert c.record.db.execute("SELECT count(*) FROM original_rows").fetchone()[0] == 498
+    assert not c.record.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'originals'").fetchone()
+    got = c.space.record.originals([0, 5, 260, 499])
+    assert sorted(got) == [5, 260, 499]
+    assert max(np.abs(got[i] - x[i]).max() for i in got) <= tolerance
+    store.close()
+    store = Store(tmp_path)  # reopened: the exact index reads the file
+    store.open_all()
+    c = store.get("s")
+    assert c.count() == 498 and c.info()["vectors"][""]["datatype"] == datatype
+    hits = c.search(x[[7, 400]], 1, {}, False, False)
+    assert [h[0].id for h in hits] == [7, 400]
+    store.close()
+
+
+def test_blob_originals_of_an_older_record_move_to_the_file(tmp_path, glove_sample):
+    x = glove_sample[:300]
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    c.upsert(list(range(300)), x, [None] * 300)
+    store.close()
+    folder = tmp_path / "collections" / "s"
+    db = sqlite3.connect(folder / "points.sqlite")  # the record as an older version wrote it
+    with db:
+        db.execute("CREATE TABLE originals (id INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
+        db.executemany("INSERT INTO originals VALUES (?, ?)", [(i, x[i].tobytes()) for i in range(300)])
+        db.execute("DROP TABLE original_rows")
+        db.execute("DELETE FROM meta WHERE key LIKE 'originals_%'")
+    db.close()
+    (folder / "originals-0.f32").unlink()
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.get("s")
+    assert c.count() == 300 and originals_files(folder) == ["originals-0.f32"]
+    assert not c.record.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'originals'").fetchone()
+    got = c.space.record.originals(range(300))
+    assert np.array_equal(np.stack([got[i] for i in range(300)]), x)
+    assert [h[0].id for h in c.search(x[[11]], 1, {}, False, False)] == [11]
+    store.close()
+    store = Store(tmp_path)  # and again: the move committed its rows
+    store.open_all()
+    got = store.get("s").space.record.originals(range(300))
+    assert np.array_equal(np.stack([got[i] for i in range(300)]), x)
+    store.close()
+
+
+def test_a_swap_without_keep_originals_drops_the_file(tmp_path, glove_sample):
+    x = glove_sample[:1200]
+    store = Store(tmp_path, train_threads=1)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco={**SETTINGS, "keep_originals": False})
+    c.upsert(list(range(1200)), x, [None] * 1200)
+    folder = tmp_path / "collections" / "s"
+    assert originals_files(folder) == ["originals-0.f32"]
+    c.start_training()
+    deadline = time.time() + 180
+    while c.space.job is not None and time.time() < deadline:
+        time.sleep(0.2)
+    assert c.space.generation == 1 and c.qinco_status()["originals"] == 0
+    assert originals_files(folder) == ["originals-1.f32"] and (folder / "originals-1.f32").stat().st_size == 0
+    assert c.space.record.originals([3]) == {}
+    c.upsert([5000], x[:1], [None])  # codes only from now on
+    assert c.space.record.originals([5000]) == {}
+    store.close()
+    store = Store(tmp_path)
+    store.open_all()
+    assert store.get("s").count() == 1201 and originals_files(folder) == ["originals-1.f32"]
+    store.close()
+
+
+def test_a_file_mostly_of_replaced_vectors_is_compacted_at_a_snapshot(tmp_path, glove_sample, monkeypatch):
+    from service.engine import snapshots
+    monkeypatch.setattr(snapshots, "COMPACT_AFTER", 100)
+    x = glove_sample[:900]
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    for k in range(3):  # the same 300 ids, three times: 600 dead rows
+        c.upsert(list(range(300)), x[300 * k:300 * (k + 1)], [None] * 300)
+    c.delete([7])
+    folder = tmp_path / "collections" / "s"
+    assert c.space.record.dead_originals() == 601
+    c.snapshots.write()
+    assert originals_files(folder) == ["originals-1.f32"] and c.space.record.dead_originals() == 0
+    assert (folder / "originals-1.f32").stat().st_size == 299 * 50 * 4
+    got = c.space.record.originals(range(300))
+    assert sorted(got) == [i for i in range(300) if i != 7]
+    assert all(np.array_equal(got[i], x[600 + i]) for i in got)
+    c.upsert([7], x[:1], [None])  # appends after the compacted rows
+    assert np.array_equal(c.space.record.originals([7])[7], x[0])
+    store.close()
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.get("s")
+    assert c.count() == 300 and [h[0].id for h in c.search(x[[650]], 1, {}, False, False)] == [50]
+    store.close()
+
+
+def test_originals_are_durable_before_the_commit(tmp_path, glove_sample, monkeypatch):
+    from service.engine import originals
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    synced = []
+    real = originals.os.fdatasync
+    monkeypatch.setattr(originals.os, "fdatasync",
+                        lambda fd: (synced.append((c.record.db.in_transaction, c.space.record.file.end)), real(fd)))
+    c.upsert(list(range(10)), glove_sample[:10], [None] * 10)
+    assert synced == [(True, 10)]  # in the transaction, before its COMMIT
+    assert c.record.db.execute("SELECT value FROM meta WHERE key = 'originals_rows'").fetchone()[0] == 10
+    c.delete([3])  # no original written: no sync
+    assert len(synced) == 1
+    store.close()
+
+
+def test_float16_originals_refuse_values_they_cannot_hold(tmp_path, glove_sample):
+    from service.errors import BadRequest
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS, datatype="float16")
+    x = glove_sample[:2].copy()
+    x[1, 3] = 70_000.0
+    with pytest.raises(BadRequest, match="float16"):
+        c.upsert([0, 1], x, [None, None])
+    assert c.count() == 0 and c.space.record.file.end == 0
+    store.close()
+
+
+def test_readers_never_see_wrong_rows_while_the_file_is_compacted_or_dropped(tmp_path, glove_sample, monkeypatch):
+    from service.engine import snapshots
+    monkeypatch.setattr(snapshots, "COMPACT_AFTER", 50)
+    x = glove_sample[:1000]
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    c.upsert(list(range(100)), x[:100], [None] * 100)
+    stop, wrong, reads = threading.Event(), [], [0]
+
+    def read():
+        while not stop.is_set():
+            got = c.space.record.originals(range(100))
+            reads[0] += 1
+            # each id holds one of the vectors written for it (id i: row i + 100 k)
+            wrong.extend(i for i, v in got.items() if not any(np.array_equal(v, x[i + 100 * k]) for k in range(10)))
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        for k in range(1, 10):  # each rewrite leaves 100 dead rows: compacted at every other snapshot
+            c.upsert(list(range(100)), x[100 * k:100 * (k + 1)], [None] * 100)
+            c.snapshots.write()
+        generation = c.space.record.file.generation
+        with c.record.transaction():
+            c.space.record.drop_originals()
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert generation >= 3 and c.space.record.file.generation == generation + 1
+    assert not wrong and reads[0] > 10
+    assert c.space.record.originals(range(100)) == {}
+    store.close()
+
+
+def test_a_write_that_fails_before_its_commit_leaves_no_original(tmp_path, glove_sample):
+    x = glove_sample[:20]
+    store = Store(tmp_path)
+    store.open_all()
+    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    c.upsert(list(range(10)), x[:10], [None] * 10)
+    with pytest.raises(ZeroDivisionError):
+        with c.record.write():
+            c.space.record.put_originals([10, 11], x[10:12])
+            1 / 0
+    c.upsert([12], x[12:13], [None])  # written over the rows that did not commit
+    got = c.space.record.originals([10, 11, 12])
+    assert sorted(got) == [12] and np.array_equal(got[12], x[12])
+    store.close()
+    store = Store(tmp_path)  # opening cuts off the rows past the committed ones
+    store.open_all()
+    assert (tmp_path / "collections/s/originals-0.f32").stat().st_size == 11 * 50 * 4
+    assert store.get("s").count() == 11
+    store.close()
+
+
+def test_kill_9_loses_no_acknowledged_original(tmp_path, glove_sample):
+    """A collecting collection serves its originals: each acknowledged one is back, bit for bit."""
+    store = Store(tmp_path)
+    store.open_all()
+    store.create("c", "l2", "balanced", size=50, qinco=SETTINGS)
+    store.close()
+    vectors = glove_sample[:2000]
+    acked, attempted = [], []
+    for round_ in range(3):
+        port = free_port()
+        proc = serve(tmp_path, port, "--no-demo")
+        stop = threading.Event()
+        threads = [threading.Thread(target=writer, args=(f"http://127.0.0.1:{port}", vectors,
+                                                         10**6 * (round_ * 4 + t + 1), acked, attempted, stop))
+                   for t in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0 + round_)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(acked) >= 3, "the clients got too few acknowledgements to test anything"
+    port = free_port()
+    proc = serve(tmp_path, port, "--no-demo")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            for ids, rows in attempted:
+                r = client.post("/collections/c/points", json={"ids": ids, "with_vector": True, "with_payload": False})
+                got = {p["id"]: p["vector"] for p in r.json()["result"]}
+                assert set(got) in (set(ids), set()), f"half-applied batch {ids[0]}.."
+                if (ids, rows) in acked:
+                    assert set(got) == set(ids), f"acknowledged batch {ids[0]}.. lost"
+                for i, row in zip(ids, rows):
+                    if i in got:
+                        assert np.array_equal(np.array(got[i], dtype=np.float32), vectors[row])
+    finally:
+        proc.kill()
+        proc.wait()
