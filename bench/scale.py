@@ -30,6 +30,7 @@ cache before each query (posix_fadvise DONTNEED on the collection's files) again
     python bench/scale.py --n 100000 1000000
     python bench/scale.py --n 10000000 --batch 2000
     python bench/scale.py --data minilm --n 969003
+    python bench/scale.py --plot bench/results/scale-*.json     # the curve: bench/results/scale.png
 """
 
 from __future__ import annotations
@@ -83,13 +84,16 @@ def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 def warm_up(url: str, x: np.ndarray, body: dict):
     """Load, search and delete a small collection (created with `body`) first, so that the
-    baseline RSS has what any first load brings (library pages, thread pools, buffers), not only
-    the empty server."""
+    baseline RSS has what any first load brings (library pages, thread pools, buffers, the
+    scan's compiled code), not only the empty server.  A self-training one trains a first model."""
     from qdrant_client import QdrantClient
     httpx.put(f"{url}/collections/warm", json=body, timeout=120).raise_for_status()
     client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
     client.upload_collection("warm", x, ids=range(len(x)), batch_size=500, wait=True)
-    wait_green(url, 600, "warm", ("green", "grey"))
+    if "vectors" in body:
+        httpx.post(f"{url}/collections/warm/train", json={"minutes": 0.2}, timeout=120).raise_for_status()
+        time.sleep(1)
+    wait_green(url, 600, "warm")
     latency(url, x[:50], "warm")
     httpx.delete(f"{url}/collections/warm", timeout=120).raise_for_status()
 
@@ -275,6 +279,56 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
     return out
 
 
+PANELS = [  # (title, [(label, key)], unit)
+    ("RSS per point", [("green", "rss_per_point_green"), ("after restart", "rss_per_point_restart")], "bytes"),
+    ("disk per point", [("", "disk_per_point")], "bytes"),
+    ("load rate", [("", "load_points_per_s")], "points/s"),
+    ("upload start to green", [("", "green_s")], "s"),
+    ("restart to first search", [("", "restart_s")], "s"),
+    ("lone search", [("p50", "p50_ms"), ("p99", "p99_ms")], "ms"),
+    ("QPS, 8 clients", [("", "qps")], "queries/s"),
+    ("recall (real data)", [("10-R@10", "recall.no_rescore.10-R@10"),
+                            ("10-R@10, rescore x16", "recall.rescore_oversampling_16.10-R@10"),
+                            ("1-R@10", "recall.no_rescore.1-R@10")], ""),
+]
+
+
+def plot(files: list[Path], out: Path):
+    """The scale curve: each panel of PANELS against N, one line per data set (rows of the files)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for f in files for r in json.loads(f.read_text())]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8))
+    for ax, (title, series, unit) in zip(axes.ravel(), PANELS):
+        for data in sorted({r.get("data", "glove") for r in rows}):
+            mine = sorted((r for r in rows if r.get("data", "glove") == data), key=lambda r: r["n"])
+            for label, key in series:
+                points = [(r["n"], value) for r in mine if (value := lookup(r, key)) is not None]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=f"{data} {label}".strip())
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("points")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle("bench/scale.py: one qinco serve on 2 cores (glove: the demo model, 8-byte codes, encoder fast; "
+                 "minilm: a self-training collection, 8-byte codes)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+
+
+def lookup(row: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(row, dict) or part not in row:
+            return None
+        row = row[part]
+    return row
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -291,7 +345,12 @@ def main():
     p.add_argument("--work", type=Path, default=None, help="where data directories go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep each data directory")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    p.add_argument("--plot", type=Path, nargs="+", default=None,
+                   help="only plot these result files (JSON rows) into --plot-out")
+    p.add_argument("--plot-out", type=Path, default=ROOT / "bench" / "results" / "scale.png")
     args = p.parse_args()
+    if args.plot:
+        return plot(args.plot, args.plot_out)
     work = args.work or Path(tempfile.mkdtemp(prefix="qinco-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
