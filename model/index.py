@@ -436,8 +436,10 @@ class ExactIndex:
     """Original vectors searched by brute force: what a collection serves before it has a model.
 
     Same search interface as QincoIndex (squared L2, ascending).  Rows are kept in one
-    growing float32 array; a removal moves the last row into the hole.  Distances are
-    computed in blocks of EXACT_BLOCK rows, so a search's memory stays flat.
+    growing float32 array with their ids beside them (no object per point); a removal moves
+    the last row into the hole.  Ids are found through a sorted copy of them, made when a
+    read or a removal needs it after a change; a write of new ids (`stored` all false) needs
+    none.  Distances are computed in blocks of EXACT_BLOCK rows, so a search's memory stays flat.
     """
 
     code_bytes = 0
@@ -448,8 +450,7 @@ class ExactIndex:
         self._x = np.zeros((0, d), dtype=np.float32)
         self._ids = np.zeros(0, dtype=np.int64)
         self._n = 0
-        self._row: dict[int, int] = {}
-        self._sorted: np.ndarray | None = None
+        self._by_id: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their rows)
 
     @property
     def ntotal(self) -> int:
@@ -457,46 +458,55 @@ class ExactIndex:
 
     @property
     def memory_per_point(self) -> int:
-        """Bytes of RAM per stored vector, about: the float32 row, its id, and the id -> row
-        dict (~100 B an entry in Python)."""
-        return self.d * 4 + 8 + 100
+        """Bytes of RAM per stored vector: the float32 row and its id."""
+        return self.d * 4 + 8
 
-    def add_vectors(self, x: np.ndarray, ids) -> None:
-        """Upsert: an existing id is replaced."""
+    def add_vectors(self, x: np.ndarray, ids, stored: np.ndarray | None = None) -> None:
+        """Upsert: an existing id is replaced.  `stored`: which of `ids` may be stored already
+        (None: any); the others need no look-up."""
         x = check_vectors(x, self.d)
         ids = QincoIndex._check_ids(ids, len(x))
-        self.remove(ids)
+        if stored is None or stored.any():
+            self.remove(ids if stored is None else ids[stored])
         need = self._n + len(ids)
         if need > len(self._x):  # grow by doubling: amortised O(1) per row
             size = max(need, 2 * len(self._x), 1024)
             self._x = np.concatenate([self._x[:self._n], np.zeros((size - self._n, self.d), np.float32)])
             self._ids = np.concatenate([self._ids[:self._n], np.zeros(size - self._n, np.int64)])
         self._x[self._n:need], self._ids[self._n:need] = x, ids
-        self._row.update(zip(ids.tolist(), range(self._n, need)))
-        self._n, self._sorted = need, None
+        self._n, self._by_id = need, None
+
+    def _rows_of(self, ids) -> np.ndarray:
+        """The row of each id (-1: not stored)."""
+        if self._by_id is None:
+            order = np.argsort(self._ids[:self._n], kind="stable")
+            self._by_id = (self._ids[:self._n][order], order)
+        keys, rows = self._by_id
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(keys):
+            return np.full(len(ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        return np.where(keys[at] == ids, rows[at], -1)
 
     def remove(self, ids) -> int:
-        removed = 0
-        for i in np.asarray(ids, dtype=np.int64).tolist():
-            row = self._row.pop(i, None)
-            if row is None:
-                continue
+        rows = np.unique(self._rows_of(ids))
+        rows = rows[rows >= 0]
+        for row in rows[::-1].tolist():  # the highest first: the last row moved in is never one to remove
             last = self._n - 1
             if row != last:
                 self._x[row], self._ids[row] = self._x[last], self._ids[last]
-                self._row[int(self._ids[row])] = row
-            self._n, removed = last, removed + 1
-        if removed:
-            self._sorted = None
-        return removed
+            self._n = last
+        if len(rows):
+            self._by_id = None
+        return len(rows)
 
     def ids(self) -> np.ndarray:
-        if self._sorted is None:
-            self._sorted = np.sort(self._ids[:self._n])
-        return self._sorted
+        if self._by_id is None:
+            self._rows_of([])
+        return self._by_id[0]
 
     def reconstruct_many(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.array([self._row.get(int(i), -1) for i in ids], dtype=np.int64)
+        rows = self._rows_of(ids)
         found = rows >= 0
         vectors = np.zeros((len(rows), self.d), dtype=np.float32)
         vectors[found] = self._x[rows[found]]

@@ -317,6 +317,16 @@ def test_exact_index_matches_brute_force_through_upserts_removals_and_filters(ga
     assert index.search(q, 3, allowed_ids=np.array([ids[15]]))[1].shape == (5, 0)  # removed: nothing allowed
     vectors, found = index.reconstruct_many([ids[0], ids[15]])
     assert found.tolist() == [True, False] and np.allclose(vectors[0], x[0] + 1)
+    # New ids, said to be new (no look-up); removals of the last rows, repeated and unknown ids.
+    new = np.array([1, 2, 4], dtype=np.int64)  # not multiples of 3: never stored
+    index.add_vectors(x[:3] * 2, new, np.zeros(3, bool))
+    last = index.ids()[-3:]
+    assert index.remove(np.concatenate([new, new, last, [-5]])) == 6
+    for i in [*new, *last]:
+        stored.pop(int(i), None)
+    assert index.ntotal == len(stored) and list(index.ids()) == sorted(stored)
+    vectors, found = index.reconstruct_many(sorted(stored))
+    assert found.all() and np.array_equal(vectors, np.stack([stored[k] for k in sorted(stored)]))
 
 
 def test_bf16_query_tables_search_as_float32(ivf_model, base, glove_sample):

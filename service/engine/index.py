@@ -182,7 +182,7 @@ class ExactSpaceIndex:
         return [b""] * len(encoded)  # the record's originals hold them
 
     def add(self, encoded: np.ndarray, ids: np.ndarray, stored: np.ndarray | None = None) -> None:
-        self.flat.add_vectors(encoded, ids)
+        self.flat.add_vectors(encoded, ids, stored)
 
     def remove(self, ids) -> int:
         return self.flat.remove(ids)

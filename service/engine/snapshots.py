@@ -67,7 +67,7 @@ class Snapshots:
         if space.collecting:
             index = ExactSpaceIndex(space.size)
             for ids, x in record.all_originals():
-                index.add(x, ids)
+                index.add(x, ids, np.zeros(len(ids), bool))  # each id once
             log.info("%s: %s: %d original vectors ready in %.1fs (no model yet: exact search)",
                      self.c.name, space.label, index.ntotal, time.time() - t0)
             return index, {"snapshot_seq": 0, "replayed": index.ntotal, "seconds": round(time.time() - t0, 3)}
