@@ -19,6 +19,7 @@ when the server that started it dies.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -125,6 +126,9 @@ def main(job_dir: str):
     job_dir = Path(job_dir)
     os.nice(NICE)  # searches and writes come first
     watch_parent()
+    # One worker per job folder: the worker of a server killed a moment ago may not have seen it
+    # yet (it is niced), and must not write this job's files beside this one.  Held until exit.
+    fcntl.flock(os.open(job_dir / "worker.lock", os.O_CREAT | os.O_RDWR, 0o644), fcntl.LOCK_EX)
     request = json.loads((job_dir / "request.json").read_text())
     from model.threads import set_threads
     set_threads(request["threads"])
