@@ -19,6 +19,13 @@ from tests.test_crash import writer
 SETTINGS = {"bytes": 4, "train_after": 0, "train_minutes": 0.05, "keep_originals": True, "nlist": None}
 
 
+def new_collection(tmp_path, **kw):
+    """An open store with a self-training collection "s" (50-d, l2): (store, collection)."""
+    store = Store(tmp_path, **kw.pop("store", {}))
+    store.open_all()
+    return store, store.create("s", "l2", "balanced", size=50, qinco={**SETTINGS, **kw.pop("qinco", {})}, **kw)
+
+
 def originals_files(folder):
     return sorted(p.name for p in folder.glob("originals*-*.f*"))
 
@@ -56,9 +63,7 @@ def test_a_file_appends_reads_and_cuts_off_what_did_not_commit(tmp_path):
 @pytest.mark.parametrize("datatype, itemsize, tolerance", [("float32", 4, 0.0), ("float16", 2, 1e-3)])
 def test_a_collection_keeps_its_originals_in_the_file(tmp_path, glove_sample, datatype, itemsize, tolerance):
     x = glove_sample[:500]
-    store = Store(tmp_path)
-    store.open_all()
-    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS, datatype=datatype)
+    store, c = new_collection(tmp_path, datatype=datatype)
     c.upsert(list(range(300)), x[:300], [None] * 300)
     c.upsert(list(range(250, 500)), x[250:], [None] * 250)  # 50 replaced: their old rows stay, unmapped
     c.delete([0, 1])
@@ -82,9 +87,7 @@ def test_a_collection_keeps_its_originals_in_the_file(tmp_path, glove_sample, da
 
 def test_blob_originals_of_an_older_record_move_to_the_file(tmp_path, glove_sample):
     x = glove_sample[:300]
-    store = Store(tmp_path)
-    store.open_all()
-    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    store, c = new_collection(tmp_path)
     c.upsert(list(range(300)), x, [None] * 300)
     store.close()
     folder = tmp_path / "collections" / "s"
@@ -114,9 +117,7 @@ def test_blob_originals_of_an_older_record_move_to_the_file(tmp_path, glove_samp
 
 def test_a_swap_without_keep_originals_drops_the_file(tmp_path, glove_sample):
     x = glove_sample[:1200]
-    store = Store(tmp_path, train_threads=1)
-    store.open_all()
-    c = store.create("s", "l2", "balanced", size=50, qinco={**SETTINGS, "keep_originals": False})
+    store, c = new_collection(tmp_path, store={"train_threads": 1}, qinco={"keep_originals": False})
     c.upsert(list(range(1200)), x, [None] * 1200)
     folder = tmp_path / "collections" / "s"
     assert originals_files(folder) == ["originals-0.f32"]
@@ -140,9 +141,7 @@ def test_a_file_mostly_of_replaced_vectors_is_compacted_at_a_snapshot(tmp_path, 
     from service.engine import snapshots
     monkeypatch.setattr(snapshots, "COMPACT_AFTER", 100)
     x = glove_sample[:900]
-    store = Store(tmp_path)
-    store.open_all()
-    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    store, c = new_collection(tmp_path)
     for k in range(3):  # the same 300 ids, three times: 600 dead rows
         c.upsert(list(range(300)), x[300 * k:300 * (k + 1)], [None] * 300)
     c.delete([7])
@@ -166,9 +165,7 @@ def test_a_file_mostly_of_replaced_vectors_is_compacted_at_a_snapshot(tmp_path, 
 
 def test_originals_are_durable_before_the_commit(tmp_path, glove_sample, monkeypatch):
     from service.engine import originals
-    store = Store(tmp_path)
-    store.open_all()
-    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    store, c = new_collection(tmp_path)
     synced = []
     real = originals.os.fdatasync
     monkeypatch.setattr(originals.os, "fdatasync",
@@ -183,9 +180,7 @@ def test_originals_are_durable_before_the_commit(tmp_path, glove_sample, monkeyp
 
 def test_float16_originals_refuse_values_they_cannot_hold(tmp_path, glove_sample):
     from service.errors import BadRequest
-    store = Store(tmp_path)
-    store.open_all()
-    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS, datatype="float16")
+    store, c = new_collection(tmp_path, datatype="float16")
     x = glove_sample[:2].copy()
     x[1, 3] = 70_000.0
     with pytest.raises(BadRequest, match="float16"):
@@ -198,9 +193,7 @@ def test_readers_never_see_wrong_rows_while_the_file_is_compacted_or_dropped(tmp
     from service.engine import snapshots
     monkeypatch.setattr(snapshots, "COMPACT_AFTER", 50)
     x = glove_sample[:1000]
-    store = Store(tmp_path)
-    store.open_all()
-    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    store, c = new_collection(tmp_path)
     c.upsert(list(range(100)), x[:100], [None] * 100)
     stop, wrong, reads = threading.Event(), [], [0]
 
@@ -233,9 +226,7 @@ def test_readers_never_see_wrong_rows_while_the_file_is_compacted_or_dropped(tmp
 
 def test_a_write_that_fails_before_its_commit_leaves_no_original(tmp_path, glove_sample):
     x = glove_sample[:20]
-    store = Store(tmp_path)
-    store.open_all()
-    c = store.create("s", "l2", "balanced", size=50, qinco=SETTINGS)
+    store, c = new_collection(tmp_path)
     c.upsert(list(range(10)), x[:10], [None] * 10)
     with pytest.raises(ZeroDivisionError):
         with c.record.write():

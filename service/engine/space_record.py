@@ -63,7 +63,8 @@ def _originals_in(db: sqlite3.Connection, folder: Path, request: dict) -> tuple[
     return f"original_rows{suffix}", file_path(folder, scope, generation, request.get("datatype", "float32"))
 
 
-def _ids_and_rows(rows: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+def ids_and_rows(rows: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(id, row) pairs read from an `original_rows` table -> the ids and the rows, as arrays."""
     both = np.array(rows, dtype=np.int64).reshape(-1, 2)
     return both[:, 0], both[:, 1]
 
@@ -95,7 +96,7 @@ def originals_as_of_now(db: sqlite3.Connection, folder: Path, request: dict, chu
 
         def batches():
             while batch := cursor.fetchmany(chunk):
-                ids, rows = _ids_and_rows(batch)
+                ids, rows = ids_and_rows(batch)
                 yield ids, read_rows(path, request["d"], request.get("datatype", "float32"), rows)
         yield seq, total, batches()
     finally:
@@ -282,7 +283,7 @@ class SpaceRecord:
         """(ids, originals) of every kept original, in batches in id order."""
         rows = self.db.execute(f"SELECT id, row FROM {self.table('original_rows')} ORDER BY id")
         while batch := rows.fetchmany(READ_ROWS):
-            ids, at = np.array(batch, dtype=np.int64).T
+            ids, at = ids_and_rows(batch)
             yield ids, self.file.read(at)
 
     # ---- reads (any thread, no lock) ---------------------------------------------------------------
@@ -307,7 +308,7 @@ class SpaceRecord:
                     conn.execute("COMMIT")
             f = self.file
             if f.generation == generation:
-                ids, rows = (np.array(pairs, dtype=np.int64).reshape(-1, 2).T)
+                ids, rows = ids_and_rows(pairs)
                 return ids, f.read(rows)
             time.sleep(0.001)
         raise Unavailable(f"the originals of {self.table('originals')} are being replaced: try again")
