@@ -11,12 +11,16 @@ setting).  The decode speed of a faiss IndexQINCo of the same architecture is
 printed next to ours.
 
     python bench/codec.py --dataset glove-50 --bytes 8 --model runs/glove-50-8B.safetensors
+
+`--dataset minilm-1m` is the real 1M MiniLM set of bench/corpus.py (100,000 learn vectors,
+969,003 base); `--nb` takes the first base vectors, with exact ground truth over them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,9 +28,26 @@ import faiss
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
+    sys.path.insert(0, str(ROOT))
+
 from model import datasets
 from model.io import load_model, to_faiss_qinco
 from model.network import ENCODERS, Encoder, decode, encode
+
+
+MINILM_1M = "minilm-1m"
+
+
+def load_dataset(name: str) -> tuple[datasets.Dataset, np.ndarray]:
+    """The set and its exact top-100 ground truth over the whole base."""
+    if name != MINILM_1M:
+        ds = datasets.load(name)
+        return ds, datasets.ground_truth(ds)
+    from bench.corpus import load
+    part = load()
+    return datasets.Dataset(name, part["learn"], part["base"], part["queries"], "angular"), part["gt"]
 
 
 def timed(fn, *args):
@@ -134,7 +155,7 @@ def print_table(title: str, rows: list[dict]):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=datasets.NAMES, required=True)
+    p.add_argument("--dataset", choices=datasets.NAMES + (MINILM_1M,), required=True)
     p.add_argument("--bytes", type=int, default=8)
     p.add_argument("--model", action="append", default=[], help="QINCo model(s) trained on this set's learn split")
     p.add_argument("--encoders", default="greedy,fast,quality",
@@ -148,7 +169,7 @@ def main():
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
 
-    ds = datasets.load(args.dataset)
+    ds, gt = load_dataset(args.dataset)
     if args.nt:
         ds.learn = ds.learn[:args.nt]
     xb = ds.base[:args.nb] if args.nb else ds.base
@@ -158,7 +179,7 @@ def main():
         index.add(xb)
         gt = index.search(xq, 10)[1]
     else:
-        gt = datasets.ground_truth(ds)[:args.nq]
+        gt = gt[:args.nq]
     print(f"{args.dataset}: learn {ds.learn.shape}, base {xb.shape}, queries {xq.shape}, "
           f"{args.bytes} bytes per vector, {torch.get_num_threads()} threads")
     rows = []

@@ -18,7 +18,9 @@ re-encoded in the background), then:
 
 Vectors: GloVe-50 (400k, normalised) with the demo model by default; past 400k, GloVe rows
 with Gaussian noise (sigma 0.1 per coordinate, then normalised), so that generated points
-fall where the model's lists are: a memory and speed run, not a recall claim.
+fall where the model's lists are: a memory and speed run, not a recall claim.  `--extras`
+loads the same points with UUID ids, or with a payload (a keyword and an integer field), with
+or without payload indexes on both: run each beside `none` to see what it adds per point.
 
 `--data minilm`: the real 1M MiniLM set (bench/corpus.py, 384-d), into a collection created by
 size and distance as a user makes one: it trains its own model (`--train-minutes`) on the points
@@ -31,6 +33,7 @@ cache before each query (posix_fadvise DONTNEED on the collection's files) again
     python bench/scale.py --n 10000000 --batch 2000
     python bench/scale.py --data minilm --n 969003
     python bench/scale.py --plot bench/results/scale-*.json     # the curve: bench/results/scale.png
+    for e in none uuid payload indexed; do python bench/scale.py --n 1000000 --encoder fast --extras $e; done
 """
 
 from __future__ import annotations
@@ -199,6 +202,25 @@ def qps(url: str, queries: np.ndarray, clients: int, seconds: float = 20) -> flo
     return round(sum(done) / seconds, 1)
 
 
+EXTRAS = ("none", "uuid", "payload", "indexed")
+TAGS = ("news", "blog", "paper", "forum", "wiki", "code", "mail", "chat", "book", "misc")
+
+
+def extras(kind: str, n: int):
+    """The ids and payloads of an upload: integer ids and no payload ("none"); UUID ids
+    ("uuid"); or a payload {"tag": one of 10 words, "n": an integer < 10^9}, with
+    ("indexed") or without a payload index on both fields."""
+    if kind == "uuid":
+        import uuid
+        rng = np.random.default_rng(2)
+        return [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in range(n)], None
+    if kind in ("payload", "indexed"):
+        rng = np.random.default_rng(3)
+        tags, numbers = rng.integers(0, len(TAGS), n), rng.integers(0, 10**9, n)
+        return range(n), ({"tag": TAGS[t], "n": int(v)} for t, v in zip(tags.tolist(), numbers.tolist()))
+    return range(n), None
+
+
 def run_one(n: int, args, model: Path, work: Path) -> dict:
     from qdrant_client import QdrantClient
     data = work / f"n{n}"
@@ -209,7 +231,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
     url = f"http://127.0.0.1:{port}"
     env = {"QINCO_SNAPSHOT_EVERY": str(args.snapshot_every)}
     proc = start_server(data, port, env, work / f"n{n}.log")
-    out: dict = {"n": n, "data": args.data}
+    out: dict = {"n": n, "data": args.data, **({"extras": args.extras} if args.extras != "none" else {})}
     try:
         if args.data == "minilm":
             from bench.corpus import load
@@ -227,12 +249,17 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
             body = {"model": "models/m.safetensors", "metric": "cosine", "encoder": args.encoder}
             warm_up(url, x[:2000], {"model": "models/m.safetensors", "metric": "cosine"})
         httpx.put(f"{url}/collections/c", json=body, timeout=120).raise_for_status()
+        if args.extras == "indexed":  # declared before the upload: kept up to date by every write
+            for field, schema in (("tag", "keyword"), ("n", "integer")):
+                httpx.put(f"{url}/collections/c/index", json={"field_name": field, "field_schema": schema},
+                          timeout=120).raise_for_status()
         time.sleep(2)
         empty = proc_status(proc.pid, "VmRSS")
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
         during = DuringLoad(url, queries)
         t0 = time.time()
-        client.upload_collection("c", x, ids=range(n), batch_size=args.batch, parallel=1, wait=True)
+        ids, payload = extras(args.extras, n)
+        client.upload_collection("c", x, ids=ids, payload=payload, batch_size=args.batch, parallel=1, wait=True)
         load_s = time.time() - t0
         out.update(during.result())
         acked = proc_status(proc.pid, "VmRSS")
@@ -340,6 +367,8 @@ def main():
     p.add_argument("--train-minutes", type=float, default=30.0, help="minilm: the collection's training budget")
     p.add_argument("--queries", type=int, default=1000, help="minilm: queries for recall")
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--extras", choices=EXTRAS, default="none",
+                   help="UUID ids, or payloads with or without payload indexes (what each adds per point)")
     p.add_argument("--snapshot-every", type=int, default=50_000)
     p.add_argument("--green-timeout", type=float, default=4 * 3600)
     p.add_argument("--work", type=Path, default=None, help="where data directories go (default: a temp dir)")

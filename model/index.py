@@ -432,26 +432,53 @@ def pareto_front(points: list[OperatingPoint]) -> list[OperatingPoint]:
     return front
 
 
-class ExactIndex:
-    """Original vectors searched by brute force: what a collection serves before it has a model.
+class VectorRows:
+    """Vectors held in memory, appended as rows: an `ExactIndex`'s source when no file holds them
+    (tests, tools).  Append-only: a replaced or removed vector's row stays."""
 
-    Same search interface as QincoIndex (squared L2, ascending).  Rows are kept in one
-    growing float32 array with their ids beside them (no object per point); a removal moves
-    the last row into the hole.  Ids are found through a sorted copy of them, made when a
-    read or a removal needs it after a change (O(n log n): ~0.1 s at 1M random ids, so
-    removals and reads by id between writes cost that at scale); a write of new ids (`stored`
-    all false) needs none.  Distances are computed in blocks of EXACT_BLOCK rows, so a search's memory stays flat.
+    def __init__(self, d: int):
+        self.d = d
+        self._x = np.zeros((0, d), dtype=np.float32)
+        self._n = 0
+
+    def append(self, x: np.ndarray) -> np.ndarray:
+        """Rows of the vectors appended (grown by doubling: amortised O(1) a row)."""
+        need = self._n + len(x)
+        if need > len(self._x):
+            grown = np.zeros((max(need, 2 * len(self._x), 1024), self.d), np.float32)
+            grown[:self._n] = self._x[:self._n]
+            self._x = grown
+        self._x[self._n:need] = x
+        rows = np.arange(self._n, need, dtype=np.int64)
+        self._n = need
+        return rows
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self._x[np.asarray(rows, dtype=np.int64)]
+
+
+class ExactIndex:
+    """Vectors searched by brute force: what a collection serves before it has a model.
+
+    Same search interface as QincoIndex (squared L2, ascending).  The index holds ids and the
+    rows of their vectors in `source` (anything with `read(rows) -> (n, d) float32`: the
+    collection's originals file, memory-mapped, or `VectorRows`), 16 bytes a point, no object
+    per point; a removal moves the last entry into the hole.  Ids are found through a sorted
+    copy of them, made when a read or a removal needs it after a change (O(n log n): ~0.1 s at
+    1M random ids); a write of new ids (`stored` all false) needs none.  Searches read the
+    vectors in blocks of EXACT_BLOCK rows, so a search's memory stays flat.
     """
 
     code_bytes = 0
     model = None
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, source=None):
         self.d = d
-        self._x = np.zeros((0, d), dtype=np.float32)
+        self.source = VectorRows(d) if source is None else source
+        self._rows = np.zeros(0, dtype=np.int64)
         self._ids = np.zeros(0, dtype=np.int64)
         self._n = 0
-        self._by_id: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their rows)
+        self._by_id: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their entries)
 
     @property
     def ntotal(self) -> int:
@@ -459,59 +486,64 @@ class ExactIndex:
 
     @property
     def memory_per_point(self) -> int:
-        """Bytes of RAM per stored vector: the float32 row, its id, and the sorted copy of the ids
-        with their rows (there after any read or removal by id)."""
-        return self.d * 4 + 8 + 16
+        """Bytes of RAM per stored vector: its id and row, and the sorted copy of the ids with
+        their entries (there after any read or removal by id); the vectors are the source's."""
+        return 8 + 8 + 16
 
     def add_vectors(self, x: np.ndarray, ids, stored: np.ndarray | None = None) -> None:
-        """Upsert: an existing id is replaced.  `stored`: which of `ids` may be stored already
-        (None: any); the others need no look-up."""
+        """Upsert vectors, appended to the source (a `VectorRows`)."""
         x = check_vectors(x, self.d)
         ids = QincoIndex._check_ids(ids, len(x))
+        self.add_rows(self.source.append(x), ids, stored)
+
+    def add_rows(self, rows: np.ndarray, ids, stored: np.ndarray | None = None) -> None:
+        """Upsert: the vector of ids[i] is the source's row rows[i]; an existing id is replaced.
+        `stored`: which of `ids` may be stored already (None: any); the others need no look-up."""
+        ids = QincoIndex._check_ids(ids, len(rows))
         if stored is None or stored.any():
             self.remove(ids if stored is None else ids[stored])
         need = self._n + len(ids)
-        if need > len(self._x):  # grow by doubling: amortised O(1) per row
-            size = max(need, 2 * len(self._x), 1024)
-            self._x = np.concatenate([self._x[:self._n], np.zeros((size - self._n, self.d), np.float32)])
+        if need > len(self._ids):  # grow by doubling: amortised O(1) per entry
+            size = max(need, 2 * len(self._ids), 1024)
+            self._rows = np.concatenate([self._rows[:self._n], np.zeros(size - self._n, np.int64)])
             self._ids = np.concatenate([self._ids[:self._n], np.zeros(size - self._n, np.int64)])
-        self._x[self._n:need], self._ids[self._n:need] = x, ids
+        self._rows[self._n:need], self._ids[self._n:need] = rows, ids
         self._n, self._by_id = need, None
 
-    def _rows_of(self, ids) -> np.ndarray:
-        """The row of each id (-1: not stored)."""
+    def _entries_of(self, ids) -> np.ndarray:
+        """The entry of each id (-1: not stored)."""
         if self._by_id is None:
             order = np.argsort(self._ids[:self._n], kind="stable")
             self._by_id = (self._ids[:self._n][order], order)
-        keys, rows = self._by_id
+        keys, entries = self._by_id
         ids = np.asarray(ids, dtype=np.int64)
         if not len(keys):
             return np.full(len(ids), -1, dtype=np.int64)
         at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
-        return np.where(keys[at] == ids, rows[at], -1)
+        return np.where(keys[at] == ids, entries[at], -1)
 
     def remove(self, ids) -> int:
-        rows = np.unique(self._rows_of(ids))
-        rows = rows[rows >= 0]
-        for row in rows[::-1].tolist():  # the highest first: the last row moved in is never one to remove
+        entries = np.unique(self._entries_of(ids))
+        entries = entries[entries >= 0]
+        for e in entries[::-1].tolist():  # the highest first: the last entry moved in is never one to remove
             last = self._n - 1
-            if row != last:
-                self._x[row], self._ids[row] = self._x[last], self._ids[last]
+            if e != last:
+                self._rows[e], self._ids[e] = self._rows[last], self._ids[last]
             self._n = last
-        if len(rows):
+        if len(entries):
             self._by_id = None
-        return len(rows)
+        return len(entries)
 
     def ids(self) -> np.ndarray:
         if self._by_id is None:
-            self._rows_of([])
+            self._entries_of([])
         return self._by_id[0]
 
     def reconstruct_many(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._rows_of(ids)
-        found = rows >= 0
-        vectors = np.zeros((len(rows), self.d), dtype=np.float32)
-        vectors[found] = self._x[rows[found]]
+        entries = self._entries_of(ids)
+        found = entries >= 0
+        vectors = np.zeros((len(entries), self.d), dtype=np.float32)
+        vectors[found] = self.source.read(self._rows[entries[found]])
         return vectors, found
 
     def search(self, queries, k: int = 10, params=None, target_recall=None, allowed_ids=None
@@ -528,23 +560,28 @@ class ExactIndex:
         if kk == 0:
             return D, I
         step = 64  # queries per block: (64, EXACT_BLOCK) distances, ~25 MB of temporaries
-        for q0 in range(0, len(xq), step):
-            D[q0:q0 + step], I[q0:q0 + step] = self._search_block(xq[q0:q0 + step], kk, mask)
-        return D, I
-
-    def _search_block(self, xq: np.ndarray, kk: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        D = np.full((len(xq), kk), np.inf, dtype=np.float32)
-        I = np.full((len(xq), kk), -1, dtype=np.int64)
         q_norms = (xq ** 2).sum(1, keepdims=True)
-        for r0 in range(0, self._n, EXACT_BLOCK):
-            block = self._x[r0:min(self._n, r0 + EXACT_BLOCK)]
-            dist = q_norms - 2 * xq @ block.T + (block ** 2).sum(1)[None]
-            if mask is not None:
-                dist[:, ~mask[r0:r0 + len(block)]] = np.inf
-            D_all = np.hstack([D, dist])
-            I_all = np.hstack([I, np.broadcast_to(self._ids[r0:r0 + len(block)], dist.shape)])
-            top = np.argpartition(D_all, kk - 1, axis=1)[:, :kk] if D_all.shape[1] > kk else \
-                np.broadcast_to(np.arange(D_all.shape[1]), (len(xq), D_all.shape[1]))
-            D, I = np.take_along_axis(D_all, top, 1), np.take_along_axis(I_all, top, 1)
+        for r0 in range(0, n, EXACT_BLOCK):  # each block of vectors read once, for every query
+            r1 = min(n, r0 + EXACT_BLOCK)
+            if mask is not None and not mask[r0:r1].any():
+                continue
+            block = self.source.read(self._rows[r0:r1])
+            b_norms = (block ** 2).sum(1)[None]
+            for q0 in range(0, len(xq), step):
+                q = slice(q0, q0 + step)
+                dist = q_norms[q] - 2 * xq[q] @ block.T + b_norms
+                if mask is not None:
+                    dist[:, ~mask[r0:r1]] = np.inf
+                D[q], I[q] = _keep_nearest(D[q], I[q], dist, self._ids[r0:r1], kk)
         order = np.argsort(D, axis=1, kind="stable")
         return np.maximum(np.take_along_axis(D, order, 1), 0), np.take_along_axis(I, order, 1)
+
+
+def _keep_nearest(D: np.ndarray, I: np.ndarray, dist: np.ndarray, ids: np.ndarray, kk: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The kk nearest of (D, I) (nq, kk) and a block of distances (nq, b) to `ids` (b,), unordered."""
+    D_all = np.hstack([D, dist])
+    I_all = np.hstack([I, np.broadcast_to(ids, dist.shape)])
+    top = np.argpartition(D_all, kk - 1, axis=1)[:, :kk] if D_all.shape[1] > kk else \
+        np.broadcast_to(np.arange(D_all.shape[1]), D_all.shape)
+    return np.take_along_axis(D_all, top, 1), np.take_along_axis(I_all, top, 1)

@@ -14,9 +14,10 @@ def cmd_serve(args):
     from .http.app import create_app
     from .settings import Settings
     from .engine.registry import DataDirLocked
-    from .memory import fix_malloc_thresholds
+    from .memory import fix_malloc_thresholds, no_huge_pages_for_arrays
 
     fix_malloc_thresholds()  # before the first large allocation
+    no_huge_pages_for_arrays()
 
     overrides = {k: v for k, v in (("data_dir", args.data_dir), ("host", args.host), ("port", args.port))
                  if v is not None}

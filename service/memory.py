@@ -5,6 +5,11 @@ rows read in bulk) by mmap, until a freed block raises its threshold: then block
 32 MiB come from the heap, which a long run of writes fragments and rarely shrinks.  Measured
 (bench/RESULTS.md, issue #26): 1M points added in batches of 1,000 left 79 bytes of RSS per
 point with the default, 18 with the threshold fixed (17 of them the codes and ids).
+
+numpy asks for transparent huge pages on its large arrays (madvise, on kernels set to
+"madvise"): then touching one row of a list's room, or of a point set's unused end, makes
+2 MiB resident.  The service turns that off: 1M points in the lists cost 23.0 bytes each with
+huge pages and 20.7 without (bench/RESULTS.md, session 14).
 """
 
 from __future__ import annotations
@@ -31,3 +36,15 @@ def fix_malloc_thresholds() -> bool:
     if not ok:
         log.warning("mallopt refused the thresholds: freed memory may stay with the process")
     return ok
+
+
+def no_huge_pages_for_arrays() -> bool:
+    """Stop numpy from asking for transparent huge pages (see the module's docstring).
+    False (nothing done) where this numpy has no such switch."""
+    import numpy as np
+    core = getattr(np, "_core", None) or getattr(np, "core", None)  # numpy 2 / 1
+    switch = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    if switch is None:
+        return False
+    switch(False)
+    return True

@@ -315,6 +315,10 @@ def test_exact_index_matches_brute_force_through_upserts_removals_and_filters(ga
     sub = ((q[:, None] - base[::50][None]) ** 2).sum(-1)
     assert (I == allowed[np.argsort(sub, 1)[:, :3]]).all()
     assert index.search(q, 3, allowed_ids=np.array([ids[15]]))[1].shape == (5, 0)  # removed: nothing allowed
+    many = rng.standard_normal((150, 16)).astype(np.float32)  # more than one block of queries
+    D, I = index.search(many, 4, allowed_ids=keys[:300])  # a block of rows with none allowed
+    sub = ((many[:, None] - base[:300][None]) ** 2).sum(-1)
+    assert (I == keys[:300][np.argsort(sub, 1)[:, :4]]).all()
     vectors, found = index.reconstruct_many([ids[0], ids[15]])
     assert found.tolist() == [True, False] and np.allclose(vectors[0], x[0] + 1)
     # New ids, said to be new (no look-up); removals of the last rows, repeated and unknown ids.

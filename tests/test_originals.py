@@ -153,8 +153,13 @@ def test_a_file_mostly_of_replaced_vectors_is_compacted_at_a_snapshot(tmp_path, 
     got = c.space.record.originals(range(300))
     assert sorted(got) == [i for i in range(300) if i != 7]
     assert all(np.array_equal(got[i], x[600 + i]) for i in got)
+    # the exact search (no model yet) reads the new file at the new rows
+    assert c.space.index.flat.source is c.space.record.file
+    assert [h[0].id for h in c.search(x[[650]], 1, {}, False, False)] == [50]
     c.upsert([7], x[:1], [None])  # appends after the compacted rows
     assert np.array_equal(c.space.record.originals([7])[7], x[0])
+    hit = c.search(x[[0]], 1, {}, False, True)[0][0]
+    assert hit.id == 7 and hit.score == 0 and np.array_equal(hit.vector, x[0])
     store.close()
     store = Store(tmp_path)
     store.open_all()
@@ -203,7 +208,16 @@ def test_readers_never_see_wrong_rows_while_the_file_is_compacted_or_dropped(tmp
             reads[0] += 1
             # each id holds one of the vectors written for it (id i: row i + 100 k)
             wrong.extend(i for i, v in got.items() if not any(np.array_equal(v, x[i + 100 * k]) for k in range(10)))
-    readers = [threading.Thread(target=read) for _ in range(3)]
+    def search():  # the exact search (no model yet) scores each hit by one of its own vectors
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            q = x[rng.integers(0, 1000)]
+            for hit in c.search(q[None], 5, {}, False, False)[0]:
+                own = x[hit.id::100]  # the vectors written for this id
+                if not np.isclose(np.sqrt(((own - q) ** 2).sum(1)), hit.score, atol=1e-3).any():
+                    wrong.append(("search", hit.id))
+            reads[0] += 1
+    readers = [threading.Thread(target=read) for _ in range(2)] + [threading.Thread(target=search)]
     for t in readers:
         t.start()
     try:

@@ -259,6 +259,7 @@ class Collection:
         ids = sorted(set(int(i) for i in ids))
         id_array = np.array(ids, dtype=np.int64)
         with self.record.write() as w:
+            old = self.payload_indexes.old_payloads(self.record, ids)
             existing = self.record.delete_points(ids)
             unqueued = [space.record.delete_vectors(ids, w.seq) for space in self.spaces.values()]
         for space, n in zip(self.spaces.values(), unqueued):
@@ -268,7 +269,7 @@ class Collection:
             self.points.remove(id_array)
             for space in self.spaces.values():
                 space.index.remove(id_array)
-            self.payload_indexes.delete(ids)
+            self.payload_indexes.delete(ids, old)
         self.apply(change)
         return w.seq, existing
 
@@ -311,7 +312,9 @@ class Collection:
             except (ValueError, TypeError) as e:
                 raise BadRequest(f"cannot store this payload: {e}") from None
             self.record.set_payloads(rows)
-        self.apply(lambda: self.payload_indexes.upsert(ids, new))
+        old = {i: json.loads(current[i]) if current[i] is not None else None for i in ids} \
+            if self.payload_indexes.fields else None
+        self.apply(lambda: self.payload_indexes.upsert(ids, new, old))
         return w.seq
 
     def create_field_index(self, key: str, schema: str) -> int:

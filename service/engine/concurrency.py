@@ -12,8 +12,9 @@ every acquire, so a change that could deadlock fails its first test with LockOrd
   4 INDEX     CollectionLocks.index, readers-writer: the in-memory index and payload indexes;
               searches share it, a change takes it alone
   5 LEAF      a payload index build (PayloadIndexes.build_lock); outside this module, likewise
-              taking no other lock: the scan's list copy (model/index.py), a job's process handle
-              (service/training/job.py), the search batcher (service/http/batching.py)
+              taking no other lock: the scan's list copy (model/index.py), a field's numbers sorted
+              by a reader (field_index.py), a job's process handle (service/training/job.py), the
+              search batcher (service/http/batching.py)
 
 Encoding, SQLite reads and the training worker run outside every lock.
 

@@ -2,8 +2,9 @@
 
   QincoSpaceIndex  QINCo codes in IVF lists (model/index.py's QincoIndex, model/lists.py): the
                    fixed-table shortlist, then neural re-ranking.
-  ExactSpaceIndex  the original vectors themselves, searched by brute force (ExactIndex): what a
-                   self-training collection serves until its first model.
+  ExactSpaceIndex  the original vectors themselves, searched by brute force (ExactIndex) where
+                   they lie, in the space's originals file: what a self-training collection
+                   serves until its first model.
 
 The engine adds, removes, searches and reconstructs through SpaceIndex and never asks which one
 it holds; the QINCo knobs (nprobe, ef_search, nshort) stay behind `search_params`.
@@ -20,6 +21,8 @@ import numpy as np
 from model.index import ExactIndex, QincoIndex, SearchParams
 from model.lists import ListStore
 from model.network import Encoder, Qinco, encode, split_codes
+
+from .originals import OriginalsFile
 
 EXACT_SHORTLIST = 1000  # candidates re-ranked by an `exact` search
 HNSW_NEIGHBOURS = 64  # distances per HNSW node visited (faiss's HNSW32: 64 links on layer 0)
@@ -158,14 +161,18 @@ class QincoSpaceIndex:
 
 
 class ExactSpaceIndex:
+    """Adds take the rows of the vectors in the originals file (what the write appended), not
+    vectors: RAM holds ids and rows, the page cache the vectors."""
     model = None
     exact = True
     code_bytes = 0
     nlist = 0
 
-    def __init__(self, d: int):
-        self.flat = ExactIndex(d)
-        self.d = d
+    def __init__(self, file: OriginalsFile, ids: np.ndarray, rows: np.ndarray):
+        """file: the originals file of the record's generation; ids and their rows in it (each id once)."""
+        self.flat = ExactIndex(file.d, file)
+        self.flat.add_rows(rows, ids, np.zeros(len(ids), bool))
+        self.d = file.d
 
     @property
     def ntotal(self) -> int:
@@ -176,13 +183,16 @@ class ExactSpaceIndex:
         return self.flat.memory_per_point
 
     def encode(self, x: np.ndarray, encoder: Encoder, workers: int = 0) -> np.ndarray:
-        return x  # its own vectors: nothing to encode
+        return x  # its own vectors: nothing to encode (the write appends them to the file)
 
     def stored_form(self, encoded: np.ndarray) -> list[bytes]:
         return [b""] * len(encoded)  # the record's originals hold them
 
-    def add(self, encoded: np.ndarray, ids: np.ndarray, stored: np.ndarray | None = None) -> None:
-        self.flat.add_vectors(encoded, ids, stored)
+    def add(self, rows: np.ndarray, ids: np.ndarray, stored: np.ndarray | None = None) -> None:
+        """rows: where the write put the vectors in the originals file (writes.put_vectors)."""
+        if rows.ndim != 1 or rows.dtype.kind not in "iu":
+            raise TypeError(f"the exact index adds rows of the originals file, not {rows.dtype} {rows.shape}")
+        self.flat.add_rows(rows, ids, stored)
 
     def remove(self, ids) -> int:
         return self.flat.remove(ids)

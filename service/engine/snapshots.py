@@ -65,9 +65,7 @@ class Snapshots:
         t0 = time.time()
         record = space.record
         if space.collecting:
-            index = ExactSpaceIndex(space.size)
-            for ids, x in record.all_originals():
-                index.add(x, ids, np.zeros(len(ids), bool))  # each id once
+            index = ExactSpaceIndex(record.file, *record.original_rows())
             log.info("%s: %s: %d original vectors ready in %.1fs (no model yet: exact search)",
                      self.c.name, space.label, index.ntotal, time.time() - t0)
             return index, {"snapshot_seq": 0, "replayed": index.ntotal, "seconds": round(time.time() - t0, 3)}
@@ -158,10 +156,16 @@ class Snapshots:
             t0 = time.time()
             try:
                 with self.c.record.transaction():
-                    space.record.compact_originals()
+                    new = space.record.compact_originals()
+                    # an exact index searches the file: the new one, at the new rows (made before the
+                    # commit, so that a failure leaves the old file and index serving)
+                    index = ExactSpaceIndex(new, *space.record.original_rows()) if space.index.exact else None
             except Exception:  # the old file still serves: the next snapshot tries again
                 log.exception("%s: %s: compacting the originals failed", self.c.name, space.label)
                 continue
+            if index is not None:
+                with self.c.locks.index.write():
+                    space.index = index
             log.info("%s: %s: originals compacted, %d dead rows dropped in %.1fs",
                      self.c.name, space.label, dead, time.time() - t0)
 

@@ -130,11 +130,13 @@ class SpaceRecord:
         self.db.executemany(f"INSERT OR REPLACE INTO {self.table('codes')} (id, codes, seq) VALUES (?, ?, ?)",
                             [(i, c, seq) for i, c in zip(ids, codes)])
 
-    def put_originals(self, ids, x: np.ndarray):
-        """Originals appended to the file (durable before the commit: `before_commit`), mapped by id."""
+    def put_originals(self, ids, x: np.ndarray) -> np.ndarray:
+        """Originals appended to the file (durable before the commit: `before_commit`), mapped by
+        id; returns their rows."""
         rows = self.file.append(x)
         self.db.executemany(f"INSERT OR REPLACE INTO {self.table('original_rows')} (id, row) VALUES (?, ?)",
                             zip([int(i) for i in ids], rows.tolist()))
+        return rows
 
     def delete_vectors(self, ids: list[int], seq: int) -> int:
         """The vectors of `ids` in this space (codes, original, queue row), recorded as deleted at
@@ -164,9 +166,10 @@ class SpaceRecord:
         self.db.execute(f"DELETE FROM {self.table('original_rows')}")
         self._switch_file()
 
-    def compact_originals(self):
+    def compact_originals(self) -> OriginalsFile:
         """Copy the mapped rows, in id order, to the next generation's file, and map ids to them
-        (row = rank of the id): the rows of replaced and deleted vectors go."""
+        (row = rank of the id): the rows of replaced and deleted vectors go.  Returns the new
+        file (the record's once the transaction commits)."""
         f, table = self.file, self.table("original_rows")
         new = self._switch_file()
         rows = self.db.execute(f"SELECT row FROM {table} ORDER BY id")
@@ -176,6 +179,7 @@ class SpaceRecord:
         self.db.execute(f"INSERT INTO {table}_new SELECT id, ROW_NUMBER() OVER (ORDER BY id) - 1 FROM {table}")
         self.db.execute(f"DROP TABLE {table}")
         self.db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
+        return new
 
     def dead_originals(self) -> int:
         """Rows of the originals file that no id maps to (replaced or deleted vectors)."""
@@ -279,12 +283,16 @@ class SpaceRecord:
         while batch := rows.fetchmany(READ_ROWS):
             yield np.array([r[0] for r in batch], dtype=np.int64), array_of([r[1] for r in batch], np.int32, width)
 
-    def all_originals(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, originals) of every kept original, in batches in id order."""
-        rows = self.db.execute(f"SELECT id, row FROM {self.table('original_rows')} ORDER BY id")
-        while batch := rows.fetchmany(READ_ROWS):
-            ids, at = ids_and_rows(batch)
-            yield ids, self.file.read(at)
+    def original_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of every kept original in the current file, in id order (write lock, or
+        at open)."""
+        ids, rows = [], []
+        cursor = self.db.execute(f"SELECT id, row FROM {self.table('original_rows')} ORDER BY id")
+        while batch := cursor.fetchmany(READ_ROWS):
+            i, r = ids_and_rows(batch)
+            ids.append(i)
+            rows.append(r)
+        return (np.concatenate(ids), np.concatenate(rows)) if ids else (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     # ---- reads (any thread, no lock) ---------------------------------------------------------------
     def originals(self, ids) -> dict[int, np.ndarray]:

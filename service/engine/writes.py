@@ -64,6 +64,7 @@ def write(c: Collection, ids: list, vectors, payloads: list[dict | None] | None)
         try:
             with c.record.write() as w:
                 internal, existing = stored_ids(c, ids, payloads is None)
+                old = c.payload_indexes.old_payloads(c.record, sorted(existing)) if payloads is not None else None
                 if payload_json is not None:
                     c.record.put_points(internal, payload_json, w.seq)
                 changes = put_vectors(c, internal, existing, encoded, w.seq, replace=payloads is not None)
@@ -83,7 +84,7 @@ def write(c: Collection, ids: list, vectors, payloads: list[dict | None] | None)
                 if len(added):
                     space.index.add(codes, added, stored)
             if payloads is not None:
-                c.payload_indexes.upsert(internal, payloads)
+                c.payload_indexes.upsert(internal, payloads, old)
         c.apply(change)
         for space, e in encoded.items():
             space.trainer.maybe_train()
@@ -147,14 +148,17 @@ def put_vectors(c: Collection, ids: list[int], existing: set[int], encoded: dict
         if not given and not gone:
             continue
         requeued = space.record.delete_vectors(gone, seq) if gone else 0
+        added = e.codes if e else None
         if given:
             space.record.put_codes(given, space.index.stored_form(e.codes), seq)
             if space.keeps_originals:
-                space.record.put_originals(given, e.x)
+                rows = space.record.put_originals(given, e.x)
+                if space.index.exact:  # it reads the vectors where the file holds them
+                    added = rows
             requeued += space.record.unqueue(given)  # rewritten: a queue row of its old vector goes
             if e.fast:
                 space.record.queue(given, e.x, seq)
-        changes[space] = (np.array(given, dtype=np.int64), e.codes if e else None,
+        changes[space] = (np.array(given, dtype=np.int64), added,
                           np.array(gone, dtype=np.int64), (len(given) if e and e.fast else 0) - requeued,
                           np.array([i in existing for i in given], dtype=bool))
     return changes
