@@ -185,7 +185,7 @@ class FieldIndex:
             values, null, filled = self.facts(payload)
             if values:
                 holding.append(i)
-                by_count.setdefault(sum(t[0] != "null" for t in values), []).append(i)
+                by_count.setdefault(counted(values), []).append(i)
             for t in set(values):
                 if t[0] in numbers:
                     numbers[t[0]][0].append(t[1])
@@ -217,7 +217,7 @@ class FieldIndex:
                 values = self.facts(old[i])[0]
                 touched_values.update(t for t in values if t[0] not in ("int", "float"))
                 if values:
-                    touched_counts.add(sum(t[0] != "null" for t in values))
+                    touched_counts.add(counted(values))
         else:
             touched_values, touched_counts = list(self.by_value), list(self.by_count)
         for bitmaps, keys in ((self.by_value, touched_values), (self.by_count, touched_counts)):
@@ -273,6 +273,11 @@ class FieldIndex:
             if test(n):
                 out |= ids
         return bitmap_ids(out)
+
+
+def counted(values: list[tuple]) -> int:
+    """How many values a point holds at the key, as values_count counts them (nulls not)."""
+    return sum(t[0] != "null" for t in values)
 
 
 def bitmap_ids(bitmap: BitMap64) -> np.ndarray:
