@@ -70,7 +70,8 @@ class Collection:
         self.snapshots = Snapshots(self)
         self.recovery = self._recover()
         self.payload_indexes = PayloadIndexes(self.record.declared_payload_indexes())
-        for key in self.payload_indexes.declared:  # built now, not on the first filter
+        self.snapshots.recover_payload_indexes(self.payload_indexes)
+        for key in self.payload_indexes.declared:  # the rest built now, not on the first filter
             self.payload_indexes.get(key, self.record.payload_rows)
         for space in self.spaces.values():
             space.trainer = Trainer(self, space)
@@ -297,6 +298,7 @@ class Collection:
             seq = self.record.last_seq()
             for i0 in range(0, len(ids), chunk):
                 seq = self._update_payload_chunk(ids[i0:i0 + chunk], change, strict=f is None)
+            self.snapshots.count(len(ids))  # a restart re-indexes the payloads changed since a snapshot
         return seq, len(ids)
 
     def _update_payload_chunk(self, ids: list[int], change, strict: bool) -> int:
@@ -311,7 +313,7 @@ class Collection:
                 rows = [(None if p is None else json.dumps(p, allow_nan=False), i) for i, p in zip(ids, new)]
             except (ValueError, TypeError) as e:
                 raise BadRequest(f"cannot store this payload: {e}") from None
-            self.record.set_payloads(rows)
+            self.record.set_payloads(rows, w.seq)
         old = {i: json.loads(current[i]) if current[i] is not None else None for i in ids} \
             if self.payload_indexes.fields else None
         self.apply(lambda: self.payload_indexes.upsert(ids, new, old))

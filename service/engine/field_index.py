@@ -6,11 +6,13 @@ flattened, each value tagged with its JSON type so that true, 1 and 1.0 stay apa
 bools, objects and nulls get a roaring bitmap of ids each (pyroaring.BitMap64: a few bits to
 two bytes a point); integers and floats go to flat arrays of (value, id), 16 bytes a value.
 Writes that replace or delete points pass the payloads they held, so that only those values'
-bitmaps change.
+bitmaps change.  `arrays` / `from_arrays` turn an index into flat arrays and back, for snapshots
+(np.savez, no pickle).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from typing import Any, Callable, Iterable
@@ -92,6 +94,13 @@ class Numbers:
         values, held = self.sorted()
         keep = ~is_in_sorted(held, ids)
         self._state = (values[keep], held[keep], ())
+
+    def restore(self, values: np.ndarray, ids: np.ndarray):
+        """The state that `sorted` returned (read back from a snapshot)."""
+        if values.dtype != self._state[0].dtype or ids.dtype != np.int64 or values.ndim != 1 \
+                or values.shape != ids.shape or (np.diff(values) < 0).any():
+            raise ValueError("the numbers are not sorted (value, id) arrays of this field's type")
+        self._state = (values, ids, ())
 
     def sorted(self) -> tuple[np.ndarray, np.ndarray]:
         values, ids, tail = self._state
@@ -231,6 +240,46 @@ class FieldIndex:
         gone_ids = bitmap_ids(gone)
         self.ints.remove(gone_ids)
         self.floats.remove(gone_ids)
+
+    def ids(self) -> np.ndarray:
+        """Every id the index holds anything of (a value, a null, an empty array), sorted."""
+        return bitmap_ids(self.holding | self.null_ids | self.nonempty_ids)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The index as flat arrays (for np.savez; write lock held, so that no write changes it
+        meanwhile): the bitmaps serialized one after another, the numbers as they are."""
+        values, counts = list(self.by_value), list(self.by_count)
+        bitmaps = [self.holding, self.null_ids, self.nonempty_ids] + [self.by_value[v] for v in values] \
+            + [self.by_count[n] for n in counts]
+        blobs = [b.serialize() for b in bitmaps]
+        header = {"key": self.key, "values": [list(v) for v in values], "counts": counts}
+        (ints, int_ids), (floats, float_ids) = self.ints.sorted(), self.floats.sorted()
+        return {"header": np.frombuffer(json.dumps(header).encode(), np.uint8),
+                "bitmaps": np.frombuffer(b"".join(blobs), np.uint8),
+                "bitmap_ends": np.cumsum([len(b) for b in blobs], dtype=np.int64),
+                "ints": ints, "int_ids": int_ids, "floats": floats, "float_ids": float_ids}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> FieldIndex:
+        """The index that `arrays` made (ValueError if they are not one)."""
+        try:
+            header = json.loads(bytes(arrays["header"]))
+            blob, ends = bytes(arrays["bitmaps"]), arrays["bitmap_ends"].tolist()
+            if any(b <= a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] != len(blob)):
+                raise ValueError("the bitmaps' ends do not rise to the blob's end")
+            bitmaps = [BitMap64.deserialize(blob[a:b]) for a, b in zip([0] + ends[:-1], ends)]
+            values, counts = [tuple(v) for v in header["values"]], [int(n) for n in header["counts"]]
+            if len(bitmaps) != 3 + len(values) + len(counts):
+                raise ValueError("bitmap count does not match the header")
+            index = cls(header["key"])
+            index.holding, index.null_ids, index.nonempty_ids = bitmaps[:3]
+            index.by_value = dict(zip(values, bitmaps[3:3 + len(values)]))
+            index.by_count = dict(zip(counts, bitmaps[3 + len(values):]))
+            index.ints.restore(arrays["ints"], arrays["int_ids"])
+            index.floats.restore(arrays["floats"], arrays["float_ids"])
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not a field index: {e}") from None
+        return index
 
     def __len__(self) -> int:
         """The points holding a value at the key."""

@@ -145,7 +145,8 @@ class PayloadIndexes:
                     rows_left = iter(rows())
                     while chunk := list(itertools.islice(rows_left, 10_000)):
                         index.add_many([i for i, _ in chunk], [p for _, p in chunk])
-                    on_demand = [k for k in self.fields if k not in self.declared]
+                    declared = {canonical_key(k) for k in self.declared}
+                    on_demand = [k for k in self.fields if k not in declared]
                     if len(on_demand) >= MAX_ON_DEMAND:  # the oldest goes (rebuilt if named again)
                         self.fields.pop(on_demand[0], None)
                     self.fields[key] = index
@@ -167,6 +168,15 @@ class PayloadIndexes:
         if not self.fields or not ids:
             return None
         return {i: json.loads(p) if p is not None else None for i, p in record.payloads_to_change(ids).items()}
+
+    def arrays(self) -> dict[str, dict]:
+        """{declared key: FieldIndex.arrays()} of the declared indexes built (for a snapshot; write
+        lock held)."""
+        fields, out = dict(self.fields), {}
+        for key in dict(self.declared):
+            if canonical_key(key) in fields and canonical_key(key) not in {canonical_key(k) for k in out}:
+                out[key] = fields[canonical_key(key)].arrays()  # `a[].b` and `a.b` share one index
+        return out
 
     def drop(self, key: str):
         self.declared.pop(key, None)

@@ -1,7 +1,7 @@
 """The durable record of one collection: points.sqlite, the record of truth.  This is the only
 module that knows its tables:
 
-  points           id -> payload JSON, seq (the write that last stored the point)
+  points           id -> payload JSON, seq (the write that last stored the point or its payload)
   meta             'seq' (the last write's sequence number); vector space 0's 'generation' (its model),
                    'originals_file' (its originals file's generation) and 'originals_rows' (its rows)
   payload_indexes  declared payload indexes: field -> schema
@@ -155,9 +155,9 @@ class Record:
         """The payload JSON of the stored points among `ids`, read in the write's transaction."""
         return dict(select_by_ids(self.db, "points", "payload", ids))
 
-    def set_payloads(self, rows: list[tuple[str | None, int]]):
-        # The row's seq stays: it says when its codes changed, which recovery replays.
-        self.db.executemany("UPDATE points SET payload = ? WHERE id = ?", rows)
+    def set_payloads(self, rows: list[tuple[str | None, int]], seq: int):
+        """New payloads (payload JSON, id); the rows' seq says a snapshot's payload index lacks them."""
+        self.db.executemany("UPDATE points SET payload = ?, seq = ? WHERE id = ?", [(p, seq, i) for p, i in rows])
 
     def declare_payload_index(self, field: str, schema: str):
         self.db.execute("INSERT OR REPLACE INTO payload_indexes (field, schema) VALUES (?, ?)", (field, schema))
@@ -176,6 +176,17 @@ class Record:
         while batch := rows.fetchmany(READ_ROWS):
             chunks.append(np.array([r[0] for r in batch], dtype=np.int64))
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+    def point_ids_after(self, seq: int) -> np.ndarray:
+        """The ids of the points stored, or whose payload changed, after `seq`."""
+        rows = self.db.execute("SELECT id FROM points WHERE seq > ?", (seq,))
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def payloads_after(self, seq: int) -> Iterator[list[tuple[int, dict | None]]]:
+        """(id, payload) of those points, in chunks."""
+        rows = self.db.execute("SELECT id, payload FROM points WHERE seq > ?", (seq,))
+        while batch := rows.fetchmany(READ_ROWS):
+            yield [(i, json.loads(p) if p is not None else None) for i, p in batch]
 
     # ---- reads (any thread, no lock) ---------------------------------------------------------------
     @contextmanager

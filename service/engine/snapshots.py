@@ -3,12 +3,15 @@
 A snapshot is the index of each space as of sequence number S, in <collection>/snapshot/:
 index.faiss (the quantizer and tables) and lists.npz (codes and ids, flat arrays read in one
 go) for space 0, index_K.faiss and lists_K.npz for space K, and snapshot.json (seq, the
-collection's uuid, and per space its ntotal and model generation), replaced atomically.
+collection's uuid, per space its ntotal and model generation, and the files of the declared
+payload indexes, payload_J.npz: engine/field_index.py's arrays), replaced atomically.
 Snapshots written before lists.npz hold the codes in index.faiss: they load too.  On open, a space's
 snapshot is loaded if the manifest matches (same collection, same generation, not ahead of the
 record), then every id whose vector changed after S is re-applied from SQLite; without one the
 index is rebuilt from every row.  Codes are stored, so recovery never re-encodes.  A collecting
-space's state is its originals in the record: no snapshot file.
+space's state is its originals in the record: no snapshot file.  A payload index in the snapshot
+is loaded, then points deleted since are taken out and those whose payload was written after S
+(points.seq) indexed again; a declared index the snapshot lacks is built from every payload.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import TYPE_CHECKING
@@ -30,14 +34,17 @@ from model.threads import use_threads
 
 from ..errors import NotFound
 from . import concurrency
+from .field_index import FieldIndex, canonical_key
 from .index import ExactSpaceIndex, QincoSpaceIndex, Snapshot, SpaceIndex
 from .space_record import scoped
 
 if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .collection import Collection
+    from .filters import PayloadIndexes
     from .space import VectorSpace
 
 log = logging.getLogger("qinco.store")
+PAYLOAD_FILE = re.compile(r"payload_[0-9]+\.npz")  # a payload index's file in the snapshot
 COMPACT_AFTER = 10_000  # dead rows before an originals file is compacted (and half its rows)
 
 
@@ -86,14 +93,12 @@ class Snapshots:
         snap = c.folder / "snapshot"
         if (snap / "snapshot.json").exists():
             try:
-                info = json.loads((snap / "snapshot.json").read_text())
-                if info.get("collection_uuid") != c.uuid:
-                    raise ValueError(f"it belongs to another collection (uuid {info.get('collection_uuid')})")
+                info = self._manifest()
                 # a snapshot written before named vectors holds space 0's figures at its top level
                 spaces = info["spaces"] if "spaces" in info else [info]
                 mine = spaces[space.k] if space.k < len(spaces) else None
-                if mine is None:
-                    raise ValueError(f"it holds no index of {space.label}")
+                if mine is None:  # written while the space was collecting: nothing of it to load
+                    return QincoSpaceIndex(QincoIndex(space.model, tuning=space.tuning)), 0
                 if mine.get("generation", 0) != space.generation:
                     raise ValueError(f"it holds the codes of model generation {mine.get('generation', 0)}")
                 faiss_index = faiss.read_index(str(snap / index_file(space.k)))
@@ -103,14 +108,58 @@ class Snapshots:
                 n = faiss_index.ntotal if lists is None else lists.ntotal
                 if n != mine["ntotal"] or faiss_index.d != space.model.cfg.d:
                     raise ValueError("snapshot does not match its manifest")
-                if int(info["seq"]) > c.record.last_seq():
-                    raise ValueError(f"snapshot seq {info['seq']} is ahead of the database")
                 index = QincoIndex(space.model, faiss_index, space.tuning, lists=lists)
                 return QincoSpaceIndex(index), int(info["seq"])
             except (ValueError, RuntimeError, KeyError, TypeError, OSError, json.JSONDecodeError) as e:
                 log.warning("%s: ignoring unusable snapshot of %s (%s); rebuilding from the database",
                             c.folder, space.label, e)
         return QincoSpaceIndex(QincoIndex(space.model, tuning=space.tuning)), 0
+
+    def _manifest(self) -> dict:
+        """snapshot.json, if it is this collection's and not ahead of the record (else ValueError)."""
+        info = json.loads((self.c.folder / "snapshot" / "snapshot.json").read_text())
+        if info.get("collection_uuid") != self.c.uuid:
+            raise ValueError(f"it belongs to another collection (uuid {info.get('collection_uuid')})")
+        if int(info["seq"]) > self.c.record.last_seq():
+            raise ValueError(f"snapshot seq {info['seq']} is ahead of the database")
+        return info
+
+    def recover_payload_indexes(self, indexes: PayloadIndexes) -> int:
+        """The declared payload indexes that the snapshot holds, loaded into `indexes` and brought up
+        to date with the record (after `recover`: the point set is needed); returns how many."""
+        c, snap = self.c, self.c.folder / "snapshot"
+        try:
+            info = self._manifest() if (snap / "snapshot.json").exists() else {}
+            entries, seq = list(info.get("payload_indexes") or []), int(info.get("seq", 0))
+        except Exception:  # `_load` says why the snapshot is unusable
+            return 0
+        loaded: dict[str, FieldIndex] = {}
+        for entry in entries:
+            try:
+                key, name = entry
+                if not isinstance(key, str) or not isinstance(name, str) or not PAYLOAD_FILE.fullmatch(name):
+                    raise ValueError(f"not a payload index entry: {entry!r}")
+                if key not in indexes.declared or canonical_key(key) in loaded:
+                    continue
+                with np.load(snap / name, allow_pickle=False) as arrays:
+                    index = FieldIndex.from_arrays(arrays)
+                if index.key != canonical_key(key):
+                    raise ValueError(f"it holds the index of {index.key!r}")
+            except Exception as e:  # a cache of the payloads: whatever is wrong, it is rebuilt from them
+                log.warning("%s: ignoring the snapshot's payload index %r (%s); rebuilding it", c.folder, entry, e)
+                continue
+            held = index.ids()
+            index.remove_many(held[~c.points.contains(held)].tolist())  # deleted since
+            loaded[index.key] = index
+        if loaded:  # the points written, or whose payload changed, since: indexed again
+            changed = c.record.point_ids_after(seq).tolist()
+            for index in loaded.values():
+                index.remove_many(changed)
+            for chunk in c.record.payloads_after(seq):  # none of them is held now: old={} skips a pass
+                for index in loaded.values():
+                    index.add_many([i for i, _ in chunk], [p for _, p in chunk], {})
+        indexes.fields.update(loaded)
+        return len(loaded)
 
     # ---- snapshots -------------------------------------------------------------------------------
     def write(self) -> int:
@@ -125,14 +174,16 @@ class Snapshots:
                 c.check_writable()  # a broken index must not become the record
                 seq = c.record.last_seq()
                 blobs = [space.index.serialize() for space in c.spaces.values()]
-                if all(blob is None for blob in blobs):  # nothing to replay: the record holds it all
+                fields = c.payload_indexes.arrays()
+                if all(blob is None for blob in blobs) and not fields:  # the record holds it all
                     c.record.forget_deletes(seq)
                     self.compact_originals()
                     return seq
                 manifest = {"seq": seq, "collection_uuid": c.uuid, "spaces": [
                     None if blob is None else {"ntotal": space.index.ntotal, "generation": space.generation}
-                    for space, blob in zip(c.spaces.values(), blobs)]}
-            self._replace(blobs, manifest)
+                    for space, blob in zip(c.spaces.values(), blobs)],
+                    "payload_indexes": [[key, f"payload_{j}.npz"] for j, key in enumerate(fields)]}
+            self._replace(blobs, manifest, list(fields.values()))
             with c.locks.write:
                 c.record.forget_deletes(seq)
                 self.compact_originals()
@@ -169,7 +220,7 @@ class Snapshots:
             log.info("%s: %s: originals compacted, %d dead rows dropped in %.1fs",
                      self.c.name, space.label, dead, time.time() - t0)
 
-    def _replace(self, blobs: list[Snapshot | None], manifest: dict):
+    def _replace(self, blobs: list[Snapshot | None], manifest: dict, fields: list[dict]):
         folder = self.c.folder
         tmp = folder / ".snapshot.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,6 +229,8 @@ class Snapshots:
             if blob is not None:
                 atomic_write(tmp / index_file(k), lambda f: f.write(memoryview(blob.faiss)))
                 atomic_write(tmp / lists_file(k), blob.lists.save)
+        for (_, name), arrays in zip(manifest["payload_indexes"], fields):
+            atomic_write(tmp / name, lambda f: np.savez(f, **arrays))
         atomic_write(tmp / "snapshot.json", lambda f: f.write(json.dumps(manifest).encode()))
         old, snap = folder / ".snapshot.old", folder / "snapshot"
         shutil.rmtree(old, ignore_errors=True)
