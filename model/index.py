@@ -456,12 +456,16 @@ class VectorRows:
     def read(self, rows: np.ndarray) -> np.ndarray:
         return self._x[np.asarray(rows, dtype=np.int64)]
 
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self._x[start:stop]
+
 
 class ExactIndex:
     """Vectors searched by brute force: what a collection serves before it has a model.
 
     Same search interface as QincoIndex (squared L2, ascending).  The index holds ids and the
-    rows of their vectors in `source` (anything with `read(rows) -> (n, d) float32`: the
+    rows of their vectors in `source` (anything with `read(rows) -> (n, d) float32` and
+    `read_range(start, stop)`: the
     collection's originals file, memory-mapped, or `VectorRows`), 16 bytes a point, no object
     per point; a removal moves the last entry into the hole.  Ids are found through a sorted
     copy of them, made when a read or a removal needs it after a change (O(n log n): ~0.1 s at
@@ -472,8 +476,10 @@ class ExactIndex:
     code_bytes = 0
     model = None
 
-    def __init__(self, d: int, source=None):
-        self.d = d
+    def __init__(self, d: int, source=None, unit_norm: bool = False):
+        """unit_norm: every vector has norm 1 (a cosine space's): a search skips their norms, half
+        of what it reads."""
+        self.d, self.unit_norm = d, unit_norm
         self.source = VectorRows(d) if source is None else source
         self._rows = np.zeros(0, dtype=np.int64)
         self._ids = np.zeros(0, dtype=np.int64)
@@ -546,6 +552,11 @@ class ExactIndex:
         vectors[found] = self.source.read(self._rows[entries[found]])
         return vectors, found
 
+    def _block(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of these rows: a view of the source where the rows follow one another (as
+        appends leave them), not a copy."""
+        return self.source.read_range(int(rows[0]), int(rows[-1]) + 1) if _consecutive(rows) else self.source.read(rows)
+
     def search(self, queries, k: int = 10, params=None, target_recall=None, allowed_ids=None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest neighbours (params and target_recall do not apply)."""
@@ -565,8 +576,8 @@ class ExactIndex:
             r1 = min(n, r0 + EXACT_BLOCK)
             if mask is not None and not mask[r0:r1].any():
                 continue
-            block = self.source.read(self._rows[r0:r1])
-            b_norms = (block ** 2).sum(1)[None]
+            block = self._block(self._rows[r0:r1])
+            b_norms = 1.0 if self.unit_norm else np.einsum("ij,ij->i", block, block)[None]  # no (b, d) temporary
             for q0 in range(0, len(xq), step):
                 q = slice(q0, q0 + step)
                 dist = q_norms[q] - 2 * xq[q] @ block.T + b_norms
@@ -575,6 +586,10 @@ class ExactIndex:
                 D[q], I[q] = _keep_nearest(D[q], I[q], dist, self._ids[r0:r1], kk)
         order = np.argsort(D, axis=1, kind="stable")
         return np.maximum(np.take_along_axis(D, order, 1), 0), np.take_along_axis(I, order, 1)
+
+
+def _consecutive(rows: np.ndarray) -> bool:
+    return len(rows) > 0 and bool((np.diff(rows) == 1).all())
 
 
 def _keep_nearest(D: np.ndarray, I: np.ndarray, dist: np.ndarray, ids: np.ndarray, kk: int

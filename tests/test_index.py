@@ -349,3 +349,23 @@ def test_bf16_query_tables_search_as_float32(ivf_model, base, glove_sample):
     assert overlap > 0.95, overlap  # 0.99+ measured: a few shortlist places change hands
     same = I32 == I16
     np.testing.assert_allclose(D16[same], D32[same], rtol=1e-5, atol=1e-6)  # re-ranking is exact in both
+
+
+def test_exact_index_of_unit_vectors_skips_their_norms_and_ranks_the_same():
+    """A cosine space's exact index (unit_norm) reads each block once and ranks as the full
+    distance does; blocks of consecutive rows are read as views, others row by row."""
+    from model.index import EXACT_BLOCK, ExactIndex
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((EXACT_BLOCK + 300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    full, unit = ExactIndex(16), ExactIndex(16, unit_norm=True)
+    for index in (full, unit):
+        index.add_vectors(x, np.arange(len(x)))
+        index.remove(np.arange(100, 400))  # the last entries move into the holes: rows out of order
+    q = rng.standard_normal((6, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    (Df, If), (Du, Iu) = full.search(q, 10), unit.search(q, 10)
+    assert (If == Iu).all() and np.allclose(Df, Du, atol=1e-5)
+    kept = np.setdiff1d(np.arange(len(x)), np.arange(100, 400))
+    want = kept[np.argsort(-(q @ x[kept].T), 1)[:, :10]]
+    assert (Iu == want).all()

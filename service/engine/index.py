@@ -168,9 +168,10 @@ class ExactSpaceIndex:
     code_bytes = 0
     nlist = 0
 
-    def __init__(self, file: OriginalsFile, ids: np.ndarray, rows: np.ndarray):
-        """file: the originals file of the record's generation; ids and their rows in it (each id once)."""
-        self.flat = ExactIndex(file.d, file)
+    def __init__(self, file: OriginalsFile, ids: np.ndarray, rows: np.ndarray, unit_norm: bool):
+        """file: the originals file of the record's generation; ids and their rows in it (each id
+        once); unit_norm: a cosine space's (its vectors are stored normalised)."""
+        self.flat = ExactIndex(file.d, file, unit_norm)
         self.flat.add_rows(rows, ids, np.zeros(len(ids), bool))
         self.d = file.d
 

@@ -96,14 +96,21 @@ class OriginalsFile:
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             return np.zeros((0, self.d), dtype=np.float32)
-        top = int(rows.max()) + 1
+        return np.asarray(self._mapped(int(rows.max()) + 1)[rows], dtype=np.float32)
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Committed rows start:stop as float32: a view of the map for a float32 file (no copy)."""
+        return np.asarray(self._mapped(stop)[start:stop], dtype=np.float32)
+
+    def _mapped(self, top: int) -> np.ndarray:
+        """The map, covering at least `top` rows."""
         view = self._view
         if view is None or len(view) < top:
             with self._lock:
                 view = self._view
                 if view is None or len(view) < top:
                     view = self._view = self._map(top)
-        return np.asarray(view[rows], dtype=np.float32)
+        return view
 
     def _map(self, top: int) -> np.ndarray:
         n = os.fstat(self._fd).st_size // self.row_bytes

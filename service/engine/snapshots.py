@@ -72,7 +72,7 @@ class Snapshots:
         t0 = time.time()
         record = space.record
         if space.collecting:
-            index = ExactSpaceIndex(record.file, *record.original_rows())
+            index = ExactSpaceIndex(record.file, *record.original_rows(), space.metric == "cosine")
             log.info("%s: %s: %d original vectors ready in %.1fs (no model yet: exact search)",
                      self.c.name, space.label, index.ntotal, time.time() - t0)
             return index, {"snapshot_seq": 0, "replayed": index.ntotal, "seconds": round(time.time() - t0, 3)}
@@ -210,7 +210,8 @@ class Snapshots:
                     new = space.record.compact_originals()
                     # an exact index searches the file: the new one, at the new rows (made before the
                     # commit, so that a failure leaves the old file and index serving)
-                    index = ExactSpaceIndex(new, *space.record.original_rows()) if space.index.exact else None
+                    index = ExactSpaceIndex(new, *space.record.original_rows(), space.metric == "cosine") \
+                        if space.index.exact else None
             except Exception:  # the old file still serves: the next snapshot tries again
                 log.exception("%s: %s: compacting the originals failed", self.c.name, space.label)
                 continue
