@@ -126,6 +126,12 @@ def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
         hits = search(server, qv, limit=10, params={"quantization": {"rescore": True, "oversampling": 3}})
         exact = [float(np.sqrt(((x[h["id"]] - qv) ** 2).sum())) for h in hits]
         assert np.allclose([h["score"] for h in hits], exact, atol=1e-4) and exact == sorted(exact)
+        # The 30 candidates are the scan's first 30 (the decoder, which would only reorder them, is
+        # skipped): the same set a decoded shortlist of 30 holds, ranked by their originals.
+        table = [h["id"] for h in search(server, qv, limit=30, params={"nshort": 0})]
+        assert {h["id"] for h in search(server, qv, limit=30, params={"nshort": 30})} == set(table)
+        by_original = sorted(table, key=lambda j: float(((x[j] - qv) ** 2).sum()))
+        assert [h["id"] for h in hits] == by_original[:10]
     # Retrain: 409 while a job runs, then a second swap.
     r = server.post("/collections/own/train", json={"minutes": 0.05})
     assert r.status_code == 202 and r.json()["result"]["job"]["kind"] == "train"

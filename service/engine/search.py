@@ -3,6 +3,7 @@ index search under the index lock, the rescore with the originals, and the hits.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,6 +79,8 @@ def search(c: Collection, space: VectorSpace, queries, limit: int, params: dict 
             if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals
                 k = min(MAX_RESCORE, math.ceil(k * (params.get("oversampling") or 1.0)))
             sp = index.search_params(params)
+            if rescore and sp is not None and sp.nshort <= k:  # the shortlist is the k candidates: the
+                sp = dataclasses.replace(sp, nshort=0)  # originals rank them, the decoder need not
             budget = budget or SearchBudget(c.config.max_search_candidates)
             budget.take(len(x), k, sp.nshort if sp else 0, bool(with_vector), returned_dimensions(c, with_vector))
             if rescore:  # the originals read back count as returned vectors
