@@ -14,6 +14,7 @@ import threading
 import time
 
 import faiss
+import numpy as np
 import numba
 import pytest
 
@@ -80,6 +81,28 @@ def test_numbers_out_of_range_get_4xx(filled, vectors, method, path, body):
     assert len(r.json()["status"]["error"]) > 5
     assert filled.get("/collections/c/points/count").json()["result"]["count"] == 50
     assert probe(filled, vectors) == before
+
+
+def test_cosine_vectors_of_extreme_values_are_refused_or_stored_at_norm_one(data_dir):
+    """A cosine space stores its vectors normalised (its exact search relies on norm 1), even where
+    float32 squares would overflow (REST bounds values at 1e12 before that; the engine does not
+    rely on it) or vanish."""
+    store = Store(data_dir / "engine")
+    store.open_all()
+    space = store.create("cos", "cosine", "balanced", size=8).space
+    for value in (3e19, 1e-22):
+        assert np.allclose(np.linalg.norm(space.prepare(np.full((1, 8), value, np.float32))), 1)
+    store.close()
+    with make_client(data_dir) as c:
+        wait_ready(c)
+        assert c.put("/collections/cos", json={"vectors": {"size": 8, "distance": "Cosine"}}).status_code == 200
+        r = c.put("/collections/cos/points", json={"points": [{"id": 1, "vector": [3e19] * 8}]})
+        assert 400 <= r.status_code < 500 and c.get("/collections/cos/points/1").status_code == 404
+        r = c.put("/collections/cos/points", json={"points": [{"id": 2, "vector": [1e-22] * 7 + [3e-23]}]})
+        assert r.status_code == 200
+        stored = c.get("/collections/cos/points/2").json()["result"]["vector"]
+        assert abs(sum(v * v for v in stored) - 1) < 1e-5
+        assert c.get("/collections/cos/points/count").json()["result"]["count"] == 1
 
 
 def test_a_search_asking_for_gigabytes_is_refused(data_dir, vectors):

@@ -354,18 +354,31 @@ def test_bf16_query_tables_search_as_float32(ivf_model, base, glove_sample):
 def test_exact_index_of_unit_vectors_skips_their_norms_and_ranks_the_same():
     """A cosine space's exact index (unit_norm) reads each block once and ranks as the full
     distance does; blocks of consecutive rows are read as views, others row by row."""
-    from model.index import EXACT_BLOCK, ExactIndex
+    from model.index import EXACT_BLOCK, ExactIndex, VectorRows
+
+    class Counted(VectorRows):
+        reads = ranges = 0
+
+        def read(self, rows):
+            self.reads += 1
+            return super().read(rows)
+
+        def read_range(self, start, stop):
+            self.ranges += 1
+            return super().read_range(start, stop)
+
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((EXACT_BLOCK + 300, 16)).astype(np.float32)
+    x = rng.standard_normal((2 * EXACT_BLOCK + 300, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    full, unit = ExactIndex(16), ExactIndex(16, unit_norm=True)
+    full, unit = ExactIndex(16, Counted(16)), ExactIndex(16, Counted(16), unit_norm=True)
     for index in (full, unit):
         index.add_vectors(x, np.arange(len(x)))
-        index.remove(np.arange(100, 400))  # the last entries move into the holes: rows out of order
+        index.remove(np.arange(100, 400))  # the last entries move into the first block's holes
     q = rng.standard_normal((6, 16)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     (Df, If), (Du, Iu) = full.search(q, 10), unit.search(q, 10)
     assert (If == Iu).all() and np.allclose(Df, Du, atol=1e-5)
+    assert (unit.source.reads, unit.source.ranges) == (1, 1)  # block 0 row by row, block 1 a view
     kept = np.setdiff1d(np.arange(len(x)), np.arange(100, 400))
     want = kept[np.argsort(-(q @ x[kept].T), 1)[:, :10]]
     assert (Iu == want).all()

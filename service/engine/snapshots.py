@@ -58,6 +58,12 @@ def lists_file(k: int) -> str:
     return scoped("lists", k) + ".npz"
 
 
+def unit_norm(space: VectorSpace) -> bool:
+    """Whether the space's originals have norm 1: a cosine space's, stored as float32 (float16
+    rounding moves a norm by up to ~1e-3, which a search should see)."""
+    return space.metric == "cosine" and space.record.file is not None and space.record.file.datatype == "float32"
+
+
 class Snapshots:
     """A collection's snapshot, its recovery, and the count of points changed since the last one."""
 
@@ -72,7 +78,7 @@ class Snapshots:
         t0 = time.time()
         record = space.record
         if space.collecting:
-            index = ExactSpaceIndex(record.file, *record.original_rows(), space.metric == "cosine")
+            index = ExactSpaceIndex(record.file, *record.original_rows(), unit_norm(space))
             log.info("%s: %s: %d original vectors ready in %.1fs (no model yet: exact search)",
                      self.c.name, space.label, index.ntotal, time.time() - t0)
             return index, {"snapshot_seq": 0, "replayed": index.ntotal, "seconds": round(time.time() - t0, 3)}
@@ -210,7 +216,7 @@ class Snapshots:
                     new = space.record.compact_originals()
                     # an exact index searches the file: the new one, at the new rows (made before the
                     # commit, so that a failure leaves the old file and index serving)
-                    index = ExactSpaceIndex(new, *space.record.original_rows(), space.metric == "cosine") \
+                    index = ExactSpaceIndex(new, *space.record.original_rows(), unit_norm(space)) \
                         if space.index.exact else None
             except Exception:  # the old file still serves: the next snapshot tries again
                 log.exception("%s: %s: compacting the originals failed", self.c.name, space.label)

@@ -112,9 +112,9 @@ class VectorSpace:
             x = check_vectors(vectors, self.dimension)
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        if self.metric == "cosine":
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
+        if self.metric == "cosine":  # in float64: float32 squares overflow or vanish at extreme values
+            norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
             if (norms == 0).any():
                 raise BadRequest("cosine collections cannot hold or search the zero vector")
-            x = x / norms
+            x = (x / norms).astype(np.float32)  # every stored vector has norm 1 (the exact index relies on it)
         return x
