@@ -5,7 +5,8 @@ file (its codes: the model's bytes + the norm byte), N points uploaded with qdra
 `upload_collection` (batches of --batch, fast ingest on: acknowledged with `fast` codes, then
 re-encoded in the background), then:
 
-  * RSS (/proc/<pid>/status VmRSS) with the empty collection (after a warm-up collection of 2,000
+  * RSS (/proc/<pid>/status VmRSS; RssFile apart: pages of mapped files, which the kernel can
+    reclaim) with the empty collection (after a warm-up collection of 2,000
     points was loaded, searched and deleted), once every point is acknowledged,
     once green (refinement done), and after a restart; per point = growth from the empty
     collection / N (this counts the fixed costs of a first load too: buffers, SQLite caches,
@@ -264,9 +265,11 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         load_s = time.time() - t0
         out.update(during.result())
         acked = proc_status(proc.pid, "VmRSS")
+        out["rss_file_mib_acked"] = round(proc_status(proc.pid, "RssFile") / 1024, 1)  # mapped file pages (reclaimable)
         green_s = wait_green(url, args.green_timeout)
         time.sleep(5)  # a snapshot started by the last writes
         green = proc_status(proc.pid, "VmRSS")
+        out["rss_file_mib_green"] = round(proc_status(proc.pid, "RssFile") / 1024, 1)
         lone = latency(url, queries[:300])
         out.update(load_points_per_s=round(n / load_s), green_s=round(load_s + green_s, 1),
                    rss_empty_mib=round(empty / 1024, 1), rss_per_point_acked=round((acked - empty) * 1024 / n, 1),
@@ -303,6 +306,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         out["restart_s"] = round(time.time() - t0, 1)
         time.sleep(2)
         out["rss_per_point_restart"] = round((proc_status(proc.pid, "VmRSS") - empty) * 1024 / n, 1)
+        out["rss_file_mib_restart"] = round(proc_status(proc.pid, "RssFile") / 1024, 1)
     finally:
         stop_server(proc)
     if not args.keep:
