@@ -24,13 +24,13 @@ by their fields and their KIND tag (no import of the HTTP layer).
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Callable, Iterable
 
 import numpy as np
 
 from .concurrency import LEAF, OrderedLock
 from .field_index import FieldIndex, bitmap_ids, canonical_key
+from .record import parsed
 
 MAX_ON_DEMAND = 16  # field indexes built for filters on fields without a declared payload index
 
@@ -167,7 +167,7 @@ class PayloadIndexes:
         changes them, so that an index update touches only their values (None: no index)."""
         if not self.fields or not ids:
             return None
-        return {i: json.loads(p) if p is not None else None for i, p in record.payloads_to_change(ids).items()}
+        return dict(parsed(record.payloads_to_change(ids).items()))
 
     def arrays(self) -> dict[str, dict]:
         """{declared key: FieldIndex.arrays()} of the declared indexes built (for a snapshot; write

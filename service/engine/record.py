@@ -186,7 +186,7 @@ class Record:
         """(id, payload) of those points, in chunks."""
         rows = self.db.execute("SELECT id, payload FROM points WHERE seq > ?", (seq,))
         while batch := rows.fetchmany(READ_ROWS):
-            yield [(i, json.loads(p) if p is not None else None) for i, p in batch]
+            yield parsed(batch)
 
     # ---- reads (any thread, no lock) ---------------------------------------------------------------
     @contextmanager
@@ -215,13 +215,12 @@ class Record:
         """(id, payload) of every stored point, read in one pass."""
         with self.reading() as db:
             rows = db.execute("SELECT id, payload FROM points").fetchall()
-        for i, payload in rows:
-            yield i, json.loads(payload) if payload is not None else None
+        yield from parsed(rows)
 
     def payloads(self, ids) -> dict[int, dict | None]:
         with self.reading() as db:
             rows = select_by_ids(db, "points", "payload", ids)
-        return {i: json.loads(p) if p is not None else None for i, p in rows}
+        return dict(parsed(rows))
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + "*")) \
@@ -230,6 +229,11 @@ class Record:
     def close(self):
         self.closed = True
         self.db.close()  # the originals files close once no reader holds them
+
+
+def parsed(rows) -> list[tuple[int, dict | None]]:
+    """(id, payload JSON) rows with their payloads parsed."""
+    return [(i, json.loads(p) if p is not None else None) for i, p in rows]
 
 
 def import_codes(path: Path, ids: np.ndarray, codes: np.ndarray):
