@@ -60,6 +60,12 @@ import numpy as np  # noqa: E402
 from bench.soak import DEFAULT_MODEL, free_port, load_vectors, percentiles, start_server, stop_server  # noqa: E402
 
 
+def rss_split(pid: int, when: str) -> dict:
+    """RSS in anonymous memory and in mapped file pages (page cache the kernel can reclaim), MiB."""
+    return {f"rss_{kind}_mib_{when}": round((proc_status(pid, key) or 0) / 1024, 1)
+            for kind, key in (("anon", "RssAnon"), ("file", "RssFile"))}
+
+
 def proc_status(pid: int, key: str) -> int | None:
     """A /proc/<pid>/status figure in KiB (VmRSS, VmHWM)."""
     try:
@@ -103,11 +109,16 @@ def warm_up(url: str, x: np.ndarray, body: dict):
     httpx.delete(f"{url}/collections/warm", timeout=120).raise_for_status()
 
 
-def wait_green(url: str, timeout: float, name: str = "c", done=("green",)) -> float:
-    """Seconds until the collection's status is one of `done` (grey: collecting, no model yet)."""
+def wait_green(url: str, timeout: float, name: str = "c", done=("green",), phases: dict | None = None) -> float:
+    """Seconds until the collection's status is one of `done` (grey: collecting, no model yet);
+    `phases` gets the seconds at which each training phase was first seen."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         info = httpx.get(f"{url}/collections/{name}", timeout=30).json()["result"]
+        q = info.get("qinco") or {}
+        phase = "/".join(p for p in (q.get("phase"), (q.get("job") or {}).get("phase")) if p)
+        if phases is not None and phase:
+            phases.setdefault(phase, round(time.time() - t0, 1))
         if info["status"] in done:
             return time.time() - t0
         time.sleep(1)
@@ -257,6 +268,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
                           timeout=120).raise_for_status()
         time.sleep(2)
         empty = proc_status(proc.pid, "VmRSS")
+        out.update(rss_split(proc.pid, "empty"))
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
         during = DuringLoad(url, queries)
         t0 = time.time()
@@ -265,11 +277,13 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         load_s = time.time() - t0
         out.update(during.result())
         acked = proc_status(proc.pid, "VmRSS")
-        out["rss_file_mib_acked"] = round(proc_status(proc.pid, "RssFile") / 1024, 1)  # mapped file pages (reclaimable)
-        green_s = wait_green(url, args.green_timeout)
+        out.update(rss_split(proc.pid, "acked"))
+        phases: dict = {}
+        green_s = wait_green(url, args.green_timeout, phases=phases)
+        out["phases_s"] = {k: round(load_s + v, 1) for k, v in phases.items()}  # first seen, from the upload's start
         time.sleep(5)  # a snapshot started by the last writes
         green = proc_status(proc.pid, "VmRSS")
-        out["rss_file_mib_green"] = round(proc_status(proc.pid, "RssFile") / 1024, 1)
+        out.update(rss_split(proc.pid, "green"))
         lone = latency(url, queries[:300])
         out.update(load_points_per_s=round(n / load_s), green_s=round(load_s + green_s, 1),
                    rss_empty_mib=round(empty / 1024, 1), rss_per_point_acked=round((acked - empty) * 1024 / n, 1),
@@ -306,7 +320,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         out["restart_s"] = round(time.time() - t0, 1)
         time.sleep(2)
         out["rss_per_point_restart"] = round((proc_status(proc.pid, "VmRSS") - empty) * 1024 / n, 1)
-        out["rss_file_mib_restart"] = round(proc_status(proc.pid, "RssFile") / 1024, 1)
+        out.update(rss_split(proc.pid, "restart"))
     finally:
         stop_server(proc)
     if not args.keep:

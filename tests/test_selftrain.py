@@ -1,6 +1,7 @@
 """Self-training collections over REST: create by size and distance, exact search while collecting,
 automatic training, the swap, retraining, cancel, swap-in of a model file, rescore, kill -9."""
 
+import json
 import logging
 import os
 import signal
@@ -308,7 +309,7 @@ def test_a_swap_failing_mid_transaction_leaves_the_old_state(tmp_path, glove_sam
 def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sample):
     from service.engine.registry import Store
     x = glove_sample[:1300]
-    store = Store(tmp_path, train_threads=1)
+    store = Store(tmp_path, train_threads=1, encode_threads=3)
     store.open_all()
     c = store.create("p", "l2", "balanced", size=50, qinco={**SETTINGS, "train_after": 1000, "train_minutes": 5,
                                                             "keep_originals": True, "nlist": None})
@@ -316,7 +317,13 @@ def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sam
     deadline = time.time() + 30
     while c.space.job is None and time.time() < deadline:  # started by the 1000th point
         time.sleep(0.05)
-    assert c.space.job is not None and c.cancel_training()
+    assert c.space.job is not None
+    request = c.space.job.dir / "request.json"
+    while not request.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    request = json.loads(request.read_text())  # the worker trains on one thread and encodes on three
+    assert (request["threads"], request["encode_threads"]) == (1, 3)
+    assert c.cancel_training()
     c.upsert(list(range(1000, 1300)), x[1000:], [None] * 300)
     time.sleep(0.5)
     assert c.space.job is None and c.qinco_status()["phase"] == "collecting"  # no new automatic job

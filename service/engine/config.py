@@ -26,6 +26,9 @@ class CollectionConfig(BaseModel):
                                        description="queries x max(limit, nshort) in one search request")
     search_batching: bool = Field(True, description="run concurrent lone searches on a collection as one batch")
     train_threads: int = Field(0, ge=0, le=1024, description="CPU threads of a training job (0: half the cores)")
+    encode_threads: int = Field(0, ge=0, le=1024,
+                                description="CPU threads of background encoding, at nice 10: a job's encoding of every "
+                                            "point and the re-encoding of fast-ingested points (0: all cores)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,2})?)$",
                         description="where training jobs train and encode: auto (a GPU where torch sees one), "
                                     "cpu, cuda or cuda:N")
@@ -42,6 +45,12 @@ class CollectionConfig(BaseModel):
     def training_threads(self) -> int:
         """train_threads, 0 resolved: half the cores."""
         return self.train_threads or max(1, (os.cpu_count() or 2) // 2)
+
+    @property
+    def encoding_threads(self) -> int:
+        """encode_threads, 0 resolved: all cores.  Encoding every point is a job's longest phase at
+        scale, and its priority already lets searches and writes go first."""
+        return self.encode_threads or os.cpu_count() or 1
 
     def self_training(self, given: dict | None) -> dict:
         """A new self-training collection's `qinco` settings: those given, these defaults for the rest.

@@ -110,6 +110,7 @@ class Trainer:
     def _job(self, record: dict) -> TrainingJob:
         c = self.c
         return TrainingJob(c.name, self.space.folder / "jobs", c.record.path, record, c.config.training_threads,
+                           c.config.encoding_threads,
                            c.config.device, swap=self.swap, failed=self.failed)
 
     def _launch(self, job: TrainingJob):

@@ -44,10 +44,10 @@ class Refiner:
         return self.enabled and self.pending * 4 * self.space.dimension < REFINE_QUEUE_BYTES
 
     def run(self):
-        """Re-encode queued points, oldest first, on the training thread budget and at the
+        """Re-encode queued points, oldest first, with the background encoding's threads and at the
         training job's lower priority."""
         c = self.c
-        background_thread(c.config.training_threads, NICE)
+        background_thread(c.config.encoding_threads, NICE)
         while True:
             self.wake.clear()  # before the checks: a wake-up after them is not lost
             if c.closing or c.closed:

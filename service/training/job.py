@@ -49,12 +49,14 @@ class JobCancelled(Exception):
 
 
 class TrainingJob:
-    def __init__(self, name: str, jobs: Path, database: Path, record: dict, threads: int, device: str,
-                 swap: Callable[[TrainingJob], int], failed: Callable[[TrainingJob, str], None]):
+    def __init__(self, name: str, jobs: Path, database: Path, record: dict, threads: int,
+                 encode_threads: int, device: str, swap: Callable[[TrainingJob], int], failed: Callable[[TrainingJob, str], None]):
         """name: the collection's; jobs: its jobs folder; database: its points.sqlite; record:
         {"id", "kind", "request", "started"}, what the record's `job` fact holds; swap(job) -> the
-        generation it serves; failed(job, reason)."""
-        self.name, self.database, self.record, self.threads, self.device = name, database, record, threads, device
+        generation it serves; failed(job, reason); threads: the worker's while training, encode_threads
+        while encoding."""
+        self.name, self.database, self.record, self.device = name, database, record, device
+        self.threads, self.encode_threads = threads, encode_threads
         self.dir: Path = jobs / record["id"]
         self._swap, self._failed = swap, failed
         self.phase = "queued"  # queued, training, encoding, swapping
@@ -101,7 +103,8 @@ class TrainingJob:
             for stale in ("progress.json", "encoded.json", "error.txt"):  # of an interrupted run
                 (self.dir / stale).unlink(missing_ok=True)
             request = {**self.record["request"], "database": str(self.database),
-                       "kind": self.record["kind"], "threads": self.threads, "device": self.device}
+                       "kind": self.record["kind"], "threads": self.threads,
+                       "encode_threads": self.encode_threads, "device": self.device}
             (self.dir / "request.json").write_text(json.dumps(request))
             self.phase = "training"
             self._work()

@@ -4,7 +4,7 @@
 
 JOB_DIR/request.json says what to do (written by service/training/job.py):
   {"database": points.sqlite, "kind": "train" | "swap_in", "minutes", "bytes", "nlist",
-   "encoder", "sample", "threads", "device", "seed", "originals": the space's ('originals_k'),
+   "encoder", "sample", "threads", "encode_threads", "device", "seed", "originals": the space's ('originals_k'),
    "datatype": its originals file's}
 The worker reads the space's original vectors (their rows in SQLite, read-only, and the originals
 file beside it: service/engine/originals.py) and writes only into JOB_DIR, each file atomically:
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.threads import set_threads
 from service.engine.space_record import originals_as_of_now, sample_originals
 from service.engine.sql import connect_read_only
 from service.training.policy import NICE, model_config
@@ -104,6 +105,7 @@ def encode_all(job_dir: Path, request: dict, db: sqlite3.Connection, progress: P
 
     from model.distributed import resolve_device
     model = load_model(job_dir / "model.safetensors")
+    set_threads(request["encode_threads"])
     encoder, on = ENCODERS[request["encoder"]], resolve_device(request.get("device", "auto"))
     done, started = 0, time.time()
     with originals_as_of_now(db, Path(request["database"]).parent, request, ENCODE_CHUNK) \
@@ -130,7 +132,6 @@ def main(job_dir: str):
     # yet (it is niced), and must not write this job's files beside this one.  Held until exit.
     fcntl.flock(os.open(job_dir / "worker.lock", os.O_CREAT | os.O_RDWR, 0o644), fcntl.LOCK_EX)
     request = json.loads((job_dir / "request.json").read_text())
-    from model.threads import set_threads
     set_threads(request["threads"])
     progress = Progress(job_dir)
     try:
