@@ -101,3 +101,21 @@ def test_a_full_disk_refuses_writes_keeps_reads_and_loses_nothing(small_disk, gl
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_spent_quota_is_a_507_too():
+    """SQLite says ENOSPC as SQLITE_FULL but EDQUOT only as a failed write: both are 507; a failed read is not."""
+    import errno
+    import sqlite3
+
+    from service.errors import disk_full
+
+    def sqlite_error(code: int) -> sqlite3.Error:
+        e = sqlite3.OperationalError("disk I/O error")
+        e.sqlite_errorcode = code
+        return e
+    assert "disk is full" in disk_full(sqlite_error(sqlite3.SQLITE_FULL)).message
+    assert "quota" in disk_full(sqlite_error(sqlite3.SQLITE_IOERR_WRITE)).message
+    assert disk_full(sqlite_error(sqlite3.SQLITE_IOERR_FSYNC)).status_code == 507
+    assert disk_full(OSError(errno.EDQUOT, "Disk quota exceeded")).status_code == 507
+    assert disk_full(sqlite_error(sqlite3.SQLITE_IOERR_READ)) is None and disk_full(OSError(errno.EIO, "x")) is None

@@ -19,7 +19,9 @@ def check(store: ListStore, expected: dict):
     assert store.end <= len(store.ids) and (store.sizes <= store.capacity).all()
 
 
-def test_random_writes_keep_each_id_once_with_its_latest_code():
+@pytest.mark.parametrize("run_rows", [1 << 20, 5])  # compaction copying all lists at once, or a few at a time
+def test_random_writes_keep_each_id_once_with_its_latest_code(monkeypatch, run_rows):
+    monkeypatch.setattr("model.lists.RUN_ROWS", run_rows)
     rng = np.random.default_rng(0)
     store, expected = ListStore(NLIST, CODE), {}
     for step in range(300):
@@ -59,8 +61,10 @@ def test_compaction_packs_the_lists_and_frees_the_room():
     assert (store.starts == starts).all() and store.holes == 0
 
 
-def test_saving_after_lists_moved_keeps_each_list_its_rows():
+@pytest.mark.parametrize("run_rows", [1 << 20, 5])
+def test_saving_after_lists_moved_keeps_each_list_its_rows(monkeypatch, run_rows):
     """A list that moved to the arena's end is written in its place in list order."""
+    monkeypatch.setattr("model.lists.RUN_ROWS", run_rows)
     store = ListStore(4, CODE)
     store.add(np.repeat([1, 2, 3], 33)[:100], np.zeros((100, CODE), np.uint8), np.arange(100))
     store.compact(force=True, room=False)
@@ -72,6 +76,10 @@ def test_saving_after_lists_moved_keeps_each_list_its_rows():
     loaded = ListStore.load(f, 4, CODE)
     assert [sorted(loaded.ids[loaded.rows_of_lists([l])].tolist()) for l in range(4)] == \
         [sorted(store.ids[store.rows_of_lists([l])].tolist()) for l in range(4)]
+    frozen = store.frozen()  # what a snapshot copies: the same rows, in the same order, back to back
+    for l in range(4):
+        assert (frozen.ids[frozen.rows_of_lists([l])] == store.ids[store.rows_of_lists([l])]).all()
+        assert (frozen.codes[frozen.rows_of_lists([l])] == store.codes[store.rows_of_lists([l])]).all()
 
 
 def test_a_right_hint_finds_the_ids_without_a_full_scan(monkeypatch):
