@@ -167,6 +167,27 @@ def recall(url: str, queries: np.ndarray, gt: np.ndarray, params: dict) -> dict:
     return {"10-R@10": round(overlap / (10 * len(queries)), 4), "1-R@10": round(first / len(queries), 4)}
 
 
+class PeakRss:
+    """The largest RssAnon and RssFile seen (polled 5 times a second) until `result`: VmHWM alone
+    cannot tell the process's own memory from the mapped originals' page cache."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.stop = pid, {"RssAnon": 0, "RssFile": 0}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.wait(0.2):
+            for key in self.peak:
+                self.peak[key] = max(self.peak[key], proc_status(self.pid, key) or 0)
+
+    def result(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {"peak_rss_anon_mib": round(self.peak["RssAnon"] / 1024, 1),
+                "peak_rss_file_mib": round(self.peak["RssFile"] / 1024, 1)}
+
+
 class DuringLoad:
     """Lone searches every half second while a load runs: their latencies."""
 
@@ -270,7 +291,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         empty = proc_status(proc.pid, "VmRSS")
         out.update(rss_split(proc.pid, "empty"))
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
-        during = DuringLoad(url, queries)
+        during, peak = DuringLoad(url, queries), PeakRss(proc.pid)
         t0 = time.time()
         ids, payload = extras(args.extras, n)
         client.upload_collection("c", x, ids=ids, payload=payload, batch_size=args.batch, parallel=1, wait=True)
@@ -281,6 +302,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         phases: dict = {}
         green_s = wait_green(url, args.green_timeout, phases=phases)
         out["phases_s"] = {k: round(load_s + v, 1) for k, v in phases.items()}  # first seen, from the upload's start
+        out.update(peak.result())
         time.sleep(5)  # a snapshot started by the last writes
         green = proc_status(proc.pid, "VmRSS")
         out.update(rss_split(proc.pid, "green"))

@@ -241,9 +241,10 @@ def import_codes(path: Path, ids: np.ndarray, codes: np.ndarray):
     db = create(path)
     try:
         db.execute("BEGIN")
-        db.executemany("INSERT INTO points (id, payload, seq) VALUES (?, NULL, 1)", [(int(i),) for i in ids])
+        db.executemany("INSERT INTO points (id, payload, seq) VALUES (?, NULL, 1)", ((int(i),) for i in ids))
+        codes = codes.astype(np.int32, copy=False)  # rows made one at a time (see SpaceRecord.set_codes)
         db.executemany("INSERT INTO codes (id, codes, seq) VALUES (?, ?, 1)",
-                       [(int(i), c.astype(np.int32).tobytes()) for i, c in zip(ids, codes)])
+                       ((int(i), c.tobytes()) for i, c in zip(ids, codes)))
         db.execute("UPDATE meta SET value = 1 WHERE key='seq'")
         db.execute("COMMIT")
     finally:
