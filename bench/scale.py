@@ -109,16 +109,11 @@ def warm_up(url: str, x: np.ndarray, body: dict):
     httpx.delete(f"{url}/collections/warm", timeout=120).raise_for_status()
 
 
-def wait_green(url: str, timeout: float, name: str = "c", done=("green",), phases: dict | None = None) -> float:
-    """Seconds until the collection's status is one of `done` (grey: collecting, no model yet);
-    `phases` gets the seconds at which each training phase was first seen."""
+def wait_green(url: str, timeout: float, name: str = "c", done=("green",)) -> float:
+    """Seconds until the collection's status is one of `done` (grey: collecting, no model yet)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         info = httpx.get(f"{url}/collections/{name}", timeout=30).json()["result"]
-        q = info.get("qinco") or {}
-        phase = "/".join(p for p in (q.get("phase"), (q.get("job") or {}).get("phase")) if p)
-        if phases is not None and phase:
-            phases.setdefault(phase, round(time.time() - t0, 1))
         if info["status"] in done:
             return time.time() - t0
         time.sleep(1)
@@ -167,25 +162,39 @@ def recall(url: str, queries: np.ndarray, gt: np.ndarray, params: dict) -> dict:
     return {"10-R@10": round(overlap / (10 * len(queries)), 4), "1-R@10": round(first / len(queries), 4)}
 
 
-class PeakRss:
-    """The largest RssAnon and RssFile seen (polled 5 times a second) until `result`: VmHWM alone
-    cannot tell the process's own memory from the mapped originals' page cache."""
+class Watch:
+    """From the upload's start until `result`: the largest RssAnon and RssFile (polled 5 times a
+    second; VmHWM alone cannot tell the process's own memory from the mapped originals' page
+    cache), and the seconds at which each training phase was first seen."""
 
-    def __init__(self, pid: int):
-        self.pid, self.peak, self.stop = pid, {"RssAnon": 0, "RssFile": 0}, threading.Event()
+    def __init__(self, pid: int, url: str):
+        self.pid, self.url, self.t0 = pid, url, time.time()
+        self.peak, self.phases, self.stop = {"RssAnon": 0, "RssFile": 0}, {}, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
-        while not self.stop.wait(0.2):
-            for key in self.peak:
-                self.peak[key] = max(self.peak[key], proc_status(self.pid, key) or 0)
+        with httpx.Client(timeout=30) as http:
+            tick = 0
+            while not self.stop.wait(0.2):
+                for key in self.peak:
+                    self.peak[key] = max(self.peak[key], proc_status(self.pid, key) or 0)
+                tick += 1
+                if tick % 5:
+                    continue
+                try:
+                    q = http.get(f"{self.url}/collections/c").json()["result"].get("qinco") or {}
+                except httpx.HTTPError:  # a slow answer under load: the next poll
+                    continue
+                phase = "/".join(p for p in (q.get("phase"), (q.get("job") or {}).get("phase")) if p)
+                if phase:
+                    self.phases.setdefault(phase, round(time.time() - self.t0, 1))
 
     def result(self) -> dict:
         self.stop.set()
         self.thread.join()
         return {"peak_rss_anon_mib": round(self.peak["RssAnon"] / 1024, 1),
-                "peak_rss_file_mib": round(self.peak["RssFile"] / 1024, 1)}
+                "peak_rss_file_mib": round(self.peak["RssFile"] / 1024, 1), "phases_s": self.phases}
 
 
 class DuringLoad:
@@ -291,7 +300,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         empty = proc_status(proc.pid, "VmRSS")
         out.update(rss_split(proc.pid, "empty"))
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False, timeout=300)
-        during, peak = DuringLoad(url, queries), PeakRss(proc.pid)
+        during, watch = DuringLoad(url, queries), Watch(proc.pid, url)
         t0 = time.time()
         ids, payload = extras(args.extras, n)
         client.upload_collection("c", x, ids=ids, payload=payload, batch_size=args.batch, parallel=1, wait=True)
@@ -299,11 +308,9 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         out.update(during.result())
         acked = proc_status(proc.pid, "VmRSS")
         out.update(rss_split(proc.pid, "acked"))
-        phases: dict = {}
-        green_s = wait_green(url, args.green_timeout, phases=phases)
-        out["phases_s"] = {k: round(load_s + v, 1) for k, v in phases.items()}  # first seen, from the upload's start
-        out.update(peak.result())
+        green_s = wait_green(url, args.green_timeout)
         time.sleep(5)  # a snapshot started by the last writes
+        out.update(watch.result())
         green = proc_status(proc.pid, "VmRSS")
         out.update(rss_split(proc.pid, "green"))
         lone = latency(url, queries[:300])

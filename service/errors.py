@@ -58,19 +58,19 @@ class InsufficientStorage(QincoError):
     status_code = 507
 
 
-# SQLite reports a full disk (ENOSPC) as SQLITE_FULL, but a spent quota (EDQUOT) only as a failed write
-UNWRITABLE = {getattr(sqlite3, name) for name in ("SQLITE_IOERR_WRITE", "SQLITE_IOERR_FSYNC", "SQLITE_IOERR_TRUNCATE",
-                                                  "SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_DIR_FSYNC")}
+# SQLite reports a full disk (ENOSPC) as SQLITE_FULL, but a spent quota (EDQUOT) only as a failed write.
+# Not a failed fsync: the commit's frames may already be in the WAL, so nothing can be promised.
+UNWRITABLE = {sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_TRUNCATE, sqlite3.SQLITE_IOERR_SHMSIZE}
 
 
 def disk_full(exc: BaseException) -> InsufficientStorage | None:
     """The 507 that an OSError or SQLite error means, if it says the disk is full (or a write failed)."""
     code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or code == sqlite3.SQLITE_FULL:
-        why = "the data directory's disk is full"
-    elif code in UNWRITABLE:
-        why = "the data directory could not be written (a disk quota spent, or an I/O error)"
-    else:
-        return None
-    return InsufficientStorage(f"{why}: nothing of this request was stored; reads still work, and writes "
-                               "will once space is freed")
+        return InsufficientStorage("the data directory's disk is full: nothing of this request was stored; "
+                                   "reads still work, and writes will once space is freed")
+    if code in UNWRITABLE:
+        return InsufficientStorage("the data directory could not be written (a disk quota spent, or an I/O "
+                                   "error: see the server log): nothing of this request was stored; reads still "
+                                   "work, and writes will once the quota or the disk allows")
+    return None

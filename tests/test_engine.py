@@ -159,3 +159,11 @@ def test_the_point_set_stays_sorted_through_appends_inserts_and_removes():
     assert all((view == copy).all() for view, copy in views)  # what a reader holds never changes
     probe = np.array(sorted(expected)[:3] + [-1, 10**9])
     assert points.contains(probe).tolist() == [True, True, True, False, False]
+
+
+def test_code_blobs_convert_a_chunk_at_a_time_and_read_back():
+    from service.engine.sql import array_of, blobs_of
+    codes = np.random.default_rng(0).integers(0, 256, (1001, 9)).astype(np.int64)  # as an index returns them
+    blobs = list(blobs_of(codes, chunk=64))
+    assert len(blobs) == 1001 and (array_of(blobs, np.int32, 9) == codes).all()
+    assert list(blobs_of(codes[:0])) == []

@@ -19,7 +19,7 @@ def check(store: ListStore, expected: dict):
     assert store.end <= len(store.ids) and (store.sizes <= store.capacity).all()
 
 
-@pytest.mark.parametrize("run_rows", [1 << 20, 5])  # compaction copying all lists at once, or a few at a time
+@pytest.mark.parametrize("run_rows", [1 << 20, 64, 5])  # compaction copying all lists at once, a few, or one at a time
 def test_random_writes_keep_each_id_once_with_its_latest_code(monkeypatch, run_rows):
     monkeypatch.setattr("model.lists.RUN_ROWS", run_rows)
     rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def test_compaction_packs_the_lists_and_frees_the_room():
     assert (store.starts == starts).all() and store.holes == 0
 
 
-@pytest.mark.parametrize("run_rows", [1 << 20, 5])
+@pytest.mark.parametrize("run_rows", [1 << 20, 40, 5])
 def test_saving_after_lists_moved_keeps_each_list_its_rows(monkeypatch, run_rows):
     """A list that moved to the arena's end is written in its place in list order."""
     monkeypatch.setattr("model.lists.RUN_ROWS", run_rows)
@@ -108,3 +108,12 @@ def test_save_and_load_round_trip_and_check_shapes():
     f.seek(0)
     with pytest.raises(ValueError, match="expected 8 lists"):
         ListStore.load(f, NLIST + 1, CODE)
+
+
+def test_copies_of_an_empty_store_and_of_empty_lists():
+    store = ListStore(NLIST, CODE)
+    assert store.frozen().ntotal == 0
+    store.compact(force=True)
+    store.add(np.array([3, 3]), np.ones((2, CODE), np.uint8), np.array([7, 8]))  # lists 0-2 and 4-6 empty
+    frozen = store.frozen()
+    assert frozen.ntotal == 2 and frozen.ids.tolist() == [7, 8] and frozen.sizes.tolist() == [0, 0, 0, 2, 0, 0, 0]

@@ -14,6 +14,11 @@ from ..errors import BadRequest
 from ..training.policy import MIN_PER_LIST, min_points
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as a container's cpuset sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class CollectionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,13 +49,13 @@ class CollectionConfig(BaseModel):
     @property
     def training_threads(self) -> int:
         """train_threads, 0 resolved: half the cores."""
-        return self.train_threads or max(1, (os.cpu_count() or 2) // 2)
+        return self.train_threads or max(1, usable_cores() // 2)
 
     @property
     def encoding_threads(self) -> int:
         """encode_threads, 0 resolved: all cores.  Encoding every point is a job's longest phase at
         scale, and its priority already lets searches and writes go first."""
-        return self.encode_threads or os.cpu_count() or 1
+        return self.encode_threads or usable_cores()
 
     def self_training(self, given: dict | None) -> dict:
         """A new self-training collection's `qinco` settings: those given, these defaults for the rest.

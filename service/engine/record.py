@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import NotFound
 from .space_record import SpaceRecord, space_schema
-from .sql import READ_ROWS, connect, delete_in, last_seq, select_by_ids, select_in
+from .sql import READ_ROWS, blobs_of, connect, delete_in, last_seq, select_by_ids, select_in
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (id INTEGER PRIMARY KEY, payload TEXT, seq INTEGER NOT NULL);
@@ -242,9 +242,8 @@ def import_codes(path: Path, ids: np.ndarray, codes: np.ndarray):
     try:
         db.execute("BEGIN")
         db.executemany("INSERT INTO points (id, payload, seq) VALUES (?, NULL, 1)", ((int(i),) for i in ids))
-        codes = codes.astype(np.int32, copy=False)  # rows made one at a time (see SpaceRecord.set_codes)
         db.executemany("INSERT INTO codes (id, codes, seq) VALUES (?, ?, 1)",
-                       ((int(i), c.tobytes()) for i, c in zip(ids, codes)))
+                       ((int(i), blob) for i, blob in zip(ids, blobs_of(codes))))
         db.execute("UPDATE meta SET value = 1 WHERE key='seq'")
         db.execute("COMMIT")
     finally:

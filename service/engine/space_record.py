@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import Unavailable
 from .originals import OriginalsFile, file_path, read_rows
-from .sql import READ_ROWS, array_of, delete_in, last_seq, select_by_ids
+from .sql import READ_ROWS, array_of, blobs_of, delete_in, last_seq, select_by_ids
 
 log = logging.getLogger("qinco.store")
 
@@ -150,9 +150,8 @@ class SpaceRecord:
     def set_codes(self, ids, codes: np.ndarray):
         """Every point's codes (a swap): the rows made one at a time, not a list of millions of
         Python objects (150 bytes a point at once, and a fragmented heap after)."""
-        codes = codes.astype(np.int32, copy=False)
         self.db.executemany(f"UPDATE {self.table('codes')} SET codes = ? WHERE id = ?",
-                            ((c.tobytes(), int(i)) for i, c in zip(ids, codes)))
+                            ((blob, int(i)) for blob, i in zip(blobs_of(codes), ids)))
 
     def set_generation(self, generation: int):
         self.set_meta("generation", generation)

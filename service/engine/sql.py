@@ -30,6 +30,14 @@ def array_of(blobs: list[bytes], dtype, width: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype=dtype).reshape(len(blobs), width)
 
 
+def blobs_of(codes: np.ndarray, chunk: int = 65_536) -> Iterator[bytes]:
+    """Each row of an (n, width) code array as the int32 bytes a codes column holds, converted a
+    chunk at a time: a swap of millions of rows makes neither a list of them nor an int32 copy."""
+    for i0 in range(0, len(codes), chunk):
+        for row in codes[i0:i0 + chunk].astype(np.int32):
+            yield row.tobytes()
+
+
 def in_chunks(values) -> Iterator[tuple[list, str]]:
     """Values MAX_PARAMS at a time, each chunk with its '?,?,...' placeholders."""
     values = list(values)

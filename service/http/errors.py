@@ -49,6 +49,7 @@ def install(app: FastAPI):
         if full is None:
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
             return error(500, f"internal error: {type(exc).__name__}")
+        log.warning("%s %s: %s", request.method, request.url.path, exc)  # a quota, or a failing disk
         return error(full.status_code, full.message)
 
     @app.exception_handler(RequestValidationError)

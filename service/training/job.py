@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from model.io import atomic_write
+
 log = logging.getLogger("qinco.jobs")
 
 
@@ -105,7 +107,7 @@ class TrainingJob:
             request = {**self.record["request"], "database": str(self.database),
                        "kind": self.record["kind"], "threads": self.threads,
                        "encode_threads": self.encode_threads, "device": self.device}
-            (self.dir / "request.json").write_text(json.dumps(request))
+            atomic_write(self.dir / "request.json", lambda f: f.write(json.dumps(request).encode()))
             self.phase = "training"
             self._work()
             self.phase = "swapping"
