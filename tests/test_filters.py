@@ -299,6 +299,36 @@ def test_a_damaged_payload_index_in_the_snapshot_is_rebuilt(data_dir, vectors):
     store.close()
 
 
+def test_payload_writes_of_an_older_build_after_the_snapshot_rebuild_the_indexes(data_dir, vectors):
+    """A build before session 16 changed payloads without setting points.seq (a downgrade, writes,
+    an upgrade): the snapshot's index cannot be brought up to date, so it is rebuilt."""
+    import sqlite3
+    store = Store(data_dir, snapshot_every=10**9, fast_ingest=False)
+    c = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    c.upsert(list(range(40)), vectors[:40], [{"colour": "red"}] * 40)
+    c.create_field_index("colour", "keyword")
+    c.snapshots.write()
+    store.close()
+    db = sqlite3.connect(data_dir / "collections" / "c" / "points.sqlite")
+    with db:  # what such a build's set_payload wrote: the next seq, the points' own seq untouched
+        db.execute("UPDATE points SET payload = ? WHERE id < 5", ('{"colour": "blue"}',))
+        db.execute("UPDATE meta SET value = value + 1 WHERE key = 'seq'")
+    db.close()
+    store = Store(data_dir)
+    store.open_all()
+    c = store.get("c")
+    blue = c.filter_ids(schemas.Filter.model_validate({"must": {"key": "colour", "match": {"value": "blue"}}}),
+                        lambda ids: ids)
+    assert blue.tolist() == [0, 1, 2, 3, 4] and c.payload_indexes.schema()["colour"]["points"] == 40
+    c.upsert([40], vectors[40:41], [{"colour": "blue"}])  # this build's writes are tracked again
+    c.snapshots.write()
+    store.close()
+    store = Store(data_dir)
+    store.open_all()
+    assert store.get("c").payload_indexes.schema()["colour"]["points"] == 41
+    store.close()
+
+
 # ---- filtered search: the index against brute force ------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,9 @@
 module that knows its tables:
 
   points           id -> payload JSON, seq (the write that last stored the point or its payload)
-  meta             'seq' (the last write's sequence number); vector space 0's 'generation' (its model),
+  meta             'seq' (the last write's sequence number); 'tracked_writes' (how many of the writes
+                   set points.seq on payload changes: builds before session 16 counted none, and
+                   older ones did not set it); vector space 0's 'generation' (its model),
                    'originals_file' (its originals file's generation) and 'originals_rows' (its rows)
   payload_indexes  declared payload indexes: field -> schema
   state            vector space 0's training lifecycle facts: 'job', 'last_error', 'paused', 'model'
@@ -46,6 +48,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS payload_indexes (field TEXT PRIMARY KEY, schema TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('seq', 0);
+INSERT OR IGNORE INTO meta VALUES ('tracked_writes', 0);
 """
 
 
@@ -129,9 +132,15 @@ class Record:
             yield w
             if w.changed:
                 self.db.execute("UPDATE meta SET value = ? WHERE key='seq'", (w.seq,))
+                self.db.execute("UPDATE meta SET value = value + 1 WHERE key='tracked_writes'")
 
     def last_seq(self) -> int:
         return last_seq(self.db)
+
+    def tracked_writes(self) -> int:
+        """Writes counted by builds that keep points.seq for payload changes: a snapshot's payload
+        indexes can be brought up to date only if every write since it was one of them."""
+        return self.db.execute("SELECT value FROM meta WHERE key='tracked_writes'").fetchone()[0]
 
     def put_points(self, ids, payloads: list[str | None], seq: int):
         """Points with their payloads (their vectors: SpaceRecord.put_codes)."""
@@ -244,7 +253,7 @@ def import_codes(path: Path, ids: np.ndarray, codes: np.ndarray):
         db.executemany("INSERT INTO points (id, payload, seq) VALUES (?, NULL, 1)", ((int(i),) for i in ids))
         db.executemany("INSERT INTO codes (id, codes, seq) VALUES (?, ?, 1)",
                        ((int(i), blob) for i, blob in zip(ids, blobs_of(codes))))
-        db.execute("UPDATE meta SET value = 1 WHERE key='seq'")
+        db.execute("UPDATE meta SET value = 1 WHERE key IN ('seq', 'tracked_writes')")
         db.execute("COMMIT")
     finally:
         db.close()

@@ -137,7 +137,12 @@ class Snapshots:
         try:
             info = self._manifest() if (snap / "snapshot.json").exists() else {}
             entries, seq = list(info.get("payload_indexes") or []), int(info.get("seq", 0))
-        except Exception:  # `_load` says why the snapshot is unusable
+            untracked = (c.record.last_seq() - seq) - (c.record.tracked_writes() - int(info["tracked_writes"]))
+        except Exception:  # `_load` says why the snapshot is unusable (or it predates tracked_writes)
+            return 0
+        if entries and untracked:  # a build that did not set points.seq wrote since (a downgrade)
+            log.warning("%s: %d writes since the snapshot came from an older build; rebuilding the payload indexes",
+                        c.folder, untracked)
             return 0
         loaded: dict[str, FieldIndex] = {}
         for entry in entries:
@@ -185,10 +190,11 @@ class Snapshots:
                     c.record.forget_deletes(seq)
                     self.compact_originals()
                     return seq
-                manifest = {"seq": seq, "collection_uuid": c.uuid, "spaces": [
-                    None if blob is None else {"ntotal": space.index.ntotal, "generation": space.generation}
-                    for space, blob in zip(c.spaces.values(), blobs)],
-                    "payload_indexes": [[key, f"payload_{j}.npz"] for j, key in enumerate(fields)]}
+                spaces = [None if blob is None else {"ntotal": space.index.ntotal, "generation": space.generation}
+                          for space, blob in zip(c.spaces.values(), blobs)]
+                manifest = {"seq": seq, "tracked_writes": c.record.tracked_writes(), "collection_uuid": c.uuid,
+                            "spaces": spaces,
+                            "payload_indexes": [[key, f"payload_{j}.npz"] for j, key in enumerate(fields)]}
             self._replace(blobs, manifest, list(fields.values()))
             with c.locks.write:
                 c.record.forget_deletes(seq)
