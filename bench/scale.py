@@ -382,7 +382,9 @@ def plot(files: list[Path], out: Path):
         for data in sorted({r.get("data", "glove") for r in rows}):
             mine = sorted((r for r in rows if r.get("data", "glove") == data), key=lambda r: r["n"])
             for label, key in series:
-                points = [(r["n"], value) for r in mine if (value := lookup(r, key)) is not None]
+                # an RSS growth below zero: the restarted process's baseline is lower than the first's
+                points = [(r["n"], value) for r in mine if (value := lookup(r, key)) is not None
+                          and not (unit == "bytes" and value < 0)]
                 if points:
                     ax.plot(*zip(*points), marker="o", label=f"{data} {label}".strip())
         ax.set_xscale("log")
