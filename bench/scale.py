@@ -5,13 +5,15 @@ file (its codes: the model's bytes + the norm byte), N points uploaded with qdra
 `upload_collection` (batches of --batch, fast ingest on: acknowledged with `fast` codes, then
 re-encoded in the background), then:
 
-  * RSS (/proc/<pid>/status VmRSS; RssFile apart: pages of mapped files, which the kernel can
-    reclaim) with the empty collection (after a warm-up collection of 2,000
+  * RSS (/proc/<pid>/status VmRSS, and apart its RssAnon and RssFile: pages of mapped files,
+    which the kernel can reclaim) with the empty collection (after a warm-up collection of 2,000
     points was loaded, searched and deleted), once every point is acknowledged,
     once green (refinement done), and after a restart; per point = growth from the empty
     collection / N (this counts the fixed costs of a first load too: buffers, SQLite caches,
     thread pools), and the marginal bytes per point between two N (the slope, without them).
-    Peak RSS (VmHWM) over the run: what a memory limit must allow.
+    Peak RSS (VmHWM) over the run: what a memory limit must allow; and the peaks of RssAnon and
+    RssFile sampled from the upload's start to green, with the time each training phase was
+    first seen.
   * disk per point (the data directory / N), acknowledged points/s, seconds to green, seconds
     from the restart's start until the collection answers a search;
   * lone REST search latency p50/p99 (sequential queries, the collection's defaults), and QPS
