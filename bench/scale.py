@@ -164,63 +164,73 @@ def recall(url: str, queries: np.ndarray, gt: np.ndarray, params: dict) -> dict:
     return {"10-R@10": round(overlap / (10 * len(queries)), 4), "1-R@10": round(first / len(queries), 4)}
 
 
-class Watch:
-    """From the upload's start until `result`: the largest RssAnon and RssFile (polled 5 times a
-    second; VmHWM alone cannot tell the process's own memory from the mapped originals' page
-    cache), and the seconds at which each training phase was first seen."""
+class Poller:
+    """A daemon thread that calls `poll(http)` every `every` seconds, from its start until `finish`
+    (subclasses set their state before calling this __init__: the thread starts in it)."""
 
-    def __init__(self, pid: int, url: str):
-        self.pid, self.url, self.t0 = pid, url, time.time()
-        self.peak, self.phases, self.stop = {"RssAnon": 0, "RssFile": 0}, {}, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        with httpx.Client(timeout=30) as http:
-            tick = 0
-            while not self.stop.wait(0.2):
-                for key in self.peak:
-                    self.peak[key] = max(self.peak[key], proc_status(self.pid, key) or 0)
-                tick += 1
-                if tick % 5:
-                    continue
-                try:
-                    q = http.get(f"{self.url}/collections/c").json()["result"].get("qinco") or {}
-                except httpx.HTTPError:  # a slow answer under load: the next poll
-                    continue
-                phase = "/".join(p for p in (q.get("phase"), (q.get("job") or {}).get("phase")) if p)
-                if phase:
-                    self.phases.setdefault(phase, round(time.time() - self.t0, 1))
-
-    def result(self) -> dict:
-        self.stop.set()
-        self.thread.join()
-        return {"peak_rss_anon_mib": round(self.peak["RssAnon"] / 1024, 1),
-                "peak_rss_file_mib": round(self.peak["RssFile"] / 1024, 1), "phases_s": self.phases}
-
-
-class DuringLoad:
-    """Lone searches every half second while a load runs: their latencies."""
-
-    def __init__(self, url: str, queries: np.ndarray):
-        self.url, self.queries, self.times, self.stop = url, queries, [], threading.Event()
+    def __init__(self, url: str, every: float):
+        self.url, self.every, self.ticks, self.stop = url, every, 0, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
         with httpx.Client(timeout=60) as http:
-            i = 0
-            while not self.stop.wait(0.5):
-                t0 = time.perf_counter()
-                r = http.post(f"{self.url}/collections/c/points/query",
-                              json={"query": self.queries[i % len(self.queries)].tolist(), "limit": 10})
-                if r.status_code == 200:
-                    self.times.append(time.perf_counter() - t0)
-                i += 1
+            while not self.stop.wait(self.every):
+                self.poll(http)
+                self.ticks += 1
 
-    def result(self) -> dict:
+    def poll(self, http: httpx.Client):
+        raise NotImplementedError
+
+    def finish(self):
         self.stop.set()
         self.thread.join()
+
+
+class Watch(Poller):
+    """From the upload's start until `result`: the largest RssAnon and RssFile (polled 5 times a
+    second; VmHWM alone cannot tell the process's own memory from the mapped originals' page
+    cache), and the seconds at which each training phase was first seen (polled each second)."""
+
+    def __init__(self, pid: int, url: str):
+        self.pid, self.t0, self.peak, self.phases = pid, time.time(), {"RssAnon": 0, "RssFile": 0}, {}
+        super().__init__(url, 0.2)
+
+    def poll(self, http: httpx.Client):
+        for key in self.peak:
+            self.peak[key] = max(self.peak[key], proc_status(self.pid, key) or 0)
+        if self.ticks % 5:
+            return
+        try:
+            q = http.get(f"{self.url}/collections/c").json()["result"].get("qinco") or {}
+        except httpx.HTTPError:  # a slow answer under load: the next poll
+            return
+        phase = "/".join(p for p in (q.get("phase"), (q.get("job") or {}).get("phase")) if p)
+        if phase:
+            self.phases.setdefault(phase, round(time.time() - self.t0, 1))
+
+    def result(self) -> dict:
+        self.finish()
+        return {"peak_rss_anon_mib": round(self.peak["RssAnon"] / 1024, 1),
+                "peak_rss_file_mib": round(self.peak["RssFile"] / 1024, 1), "phases_s": self.phases}
+
+
+class DuringLoad(Poller):
+    """Lone searches every half second while a load runs: their latencies."""
+
+    def __init__(self, url: str, queries: np.ndarray):
+        self.queries, self.times = queries, []
+        super().__init__(url, 0.5)
+
+    def poll(self, http: httpx.Client):
+        t0 = time.perf_counter()
+        r = http.post(f"{self.url}/collections/c/points/query",
+                      json={"query": self.queries[self.ticks % len(self.queries)].tolist(), "limit": 10})
+        if r.status_code == 200:
+            self.times.append(time.perf_counter() - t0)
+
+    def result(self) -> dict:
+        self.finish()
         if not self.times:
             return {}
         p50, p99 = percentiles(self.times)

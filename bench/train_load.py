@@ -1,8 +1,8 @@
 """Searches while two collections train: does background training starve them?
 
 One server (`qinco serve --no-demo`, its defaults: each job a child process at nice 10 that
-trains with QINCO_TRAIN_THREADS threads, half the cores, and encodes with QINCO_ENCODE_THREADS, all). A collection created from the demo model holds
-`--nb` glove-50 words; one client sends it lone searches (default parameters) on one kept-alive
+trains with QINCO_TRAIN_THREADS threads, half the cores, and encodes with QINCO_ENCODE_THREADS,
+all of them). A collection created from the demo model holds `--nb` glove-50 words; one client sends it lone searches (default parameters) on one kept-alive
 connection, first with nothing else running, then while two self-training collections (created
 by shape, `--train-points` points each) train their models side by side. Reports p50/p95/p99 of
 both phases and their ratio.

@@ -24,6 +24,11 @@ ROOM = 8  # compaction leaves each list room for 1/ROOM more rows (the next writ
 RUN_ROWS = 1 << 20  # rows a whole-store copy moves per step: its temporaries stay ~30 MB at any size
 
 
+def starts_of(sizes: np.ndarray) -> np.ndarray:
+    """Where each of these runs of rows starts when they are laid back to back (int64)."""
+    return (np.cumsum(sizes) - sizes).astype(np.int64)
+
+
 class ListStore:
     def __init__(self, nlist: int, code_size: int, sizes: np.ndarray | None = None,
                  codes: np.ndarray | None = None, ids: np.ndarray | None = None):
@@ -31,7 +36,7 @@ class ListStore:
         self.nlist, self.code_size = nlist, code_size
         self.sizes = np.zeros(nlist, np.int64) if sizes is None else np.asarray(sizes, np.int64).copy()
         self.capacity = self.sizes.copy()
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.starts = starts_of(self.sizes)
         n = int(self.sizes.sum())
         self.codes = np.empty((0, code_size), np.uint8) if codes is None else np.ascontiguousarray(codes, np.uint8)
         self.ids = np.empty(0, np.int64) if ids is None else np.ascontiguousarray(ids, np.int64)
@@ -132,8 +137,7 @@ class ListStore:
         if not force and self.holes <= SLACK * max(self.end, 1):
             return
         capacity = self.sizes + (self.sizes // ROOM if room else 0)
-        starts = np.concatenate([[0], np.cumsum(capacity)[:-1]]).astype(np.int64)
-        end = int(capacity.sum())
+        starts, end = starts_of(capacity), int(capacity.sum())
         codes, ids = np.empty((end, self.code_size), np.uint8), np.full(end, -1, np.int64)
         self._copy_lists(codes, ids, starts)
         self.codes, self.ids, self.starts, self.capacity, self.end, self.holes = codes, ids, starts, capacity, end, 0
@@ -152,8 +156,7 @@ class ListStore:
         """Row numbers of these lists' stored rows, list after list (starts: of another arena)."""
         lists = np.asarray(lists, np.int64)
         starts, sizes = (self.starts if starts is None else starts)[lists], self.sizes[lists]
-        first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        return np.repeat(starts - first, sizes) + np.arange(int(sizes.sum()))
+        return np.repeat(starts - starts_of(sizes), sizes) + np.arange(int(sizes.sum()))
 
     def stored(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every stored row, list after list: rows, their list numbers, their ids."""
@@ -187,7 +190,7 @@ class ListStore:
         """A copy with the lists back to back (what a snapshot writes, made under the lock)."""
         n = self.ntotal
         codes, ids = np.empty((n, self.code_size), np.uint8), np.empty(n, np.int64)
-        self._copy_lists(codes, ids, np.cumsum(self.sizes) - self.sizes)
+        self._copy_lists(codes, ids, starts_of(self.sizes))
         return ListStore(self.nlist, self.code_size, self.sizes, codes, ids)
 
     def save(self, f) -> None:

@@ -261,6 +261,12 @@ def test_payload_indexes_come_back_from_the_snapshot_and_the_writes_after_it(dat
         store.close()
 
 
+def colour_ids(c, colour: str) -> np.ndarray:
+    """The internal ids of c's points whose payload has this colour, through its filters."""
+    return c.filter_ids(schemas.Filter.model_validate({"must": {"key": "colour", "match": {"value": colour}}}),
+                        lambda ids: ids)
+
+
 def test_uuid_points_deleted_after_the_snapshot_leave_the_loaded_index(data_dir, vectors):
     """Only deletes since the snapshot: the loaded index loses exactly those points (UUIDs live at
     internal ids of 2^62 and above, where a float64 cannot tell neighbours apart)."""
@@ -275,8 +281,7 @@ def test_uuid_points_deleted_after_the_snapshot_leave_the_loaded_index(data_dir,
     store = Store(data_dir)
     store.open_all()
     c = store.get("c")
-    red = c.filter_ids(schemas.Filter.model_validate({"must": {"key": "colour", "match": {"value": "red"}}}),
-                       lambda ids: ids)
+    red = colour_ids(c, "red")
     assert sorted(c.point_ids.external(int(i)) for i in red) == [ids[i] for i in (0, 2, 4, 5, 6, 7)]
     assert c.payload_indexes.schema()["colour"]["points"] == 6
     store.close()
@@ -293,8 +298,7 @@ def test_a_damaged_payload_index_in_the_snapshot_is_rebuilt(data_dir, vectors):
     store = Store(data_dir)
     store.open_all()
     c = store.get("c")
-    red = c.filter_ids(schemas.Filter.model_validate({"must": {"key": "colour", "match": {"value": "red"}}}),
-                       lambda ids: ids)
+    red = colour_ids(c, "red")
     assert red.tolist() == list(range(0, 50, 4))
     store.close()
 
@@ -317,8 +321,7 @@ def test_payload_writes_of_an_older_build_after_the_snapshot_rebuild_the_indexes
     store = Store(data_dir)
     store.open_all()
     c = store.get("c")
-    blue = c.filter_ids(schemas.Filter.model_validate({"must": {"key": "colour", "match": {"value": "blue"}}}),
-                        lambda ids: ids)
+    blue = colour_ids(c, "blue")
     assert blue.tolist() == [0, 1, 2, 3, 4] and c.payload_indexes.schema()["colour"]["points"] == 40
     c.upsert([40], vectors[40:41], [{"colour": "blue"}])  # this build's writes are tracked again
     c.snapshots.write()

@@ -51,8 +51,8 @@ class JobCancelled(Exception):
 
 
 class TrainingJob:
-    def __init__(self, name: str, jobs: Path, database: Path, record: dict, threads: int,
-                 encode_threads: int, device: str, swap: Callable[[TrainingJob], int], failed: Callable[[TrainingJob, str], None]):
+    def __init__(self, name: str, jobs: Path, database: Path, record: dict, threads: int, encode_threads: int,
+                 device: str, swap: Callable[[TrainingJob], int], failed: Callable[[TrainingJob, str], None]):
         """name: the collection's; jobs: its jobs folder; database: its points.sqlite; record:
         {"id", "kind", "request", "started"}, what the record's `job` fact holds; swap(job) -> the
         generation it serves; failed(job, reason); threads: the worker's while training, encode_threads
