@@ -6,6 +6,10 @@ rows read in bulk) by mmap, until a freed block raises its threshold: then block
 (bench/RESULTS.md, issue #26): 1M points added in batches of 1,000 left 79 bytes of RSS per
 point with the default, 18 with the threshold fixed (17 of them the codes and ids).
 
+Free blocks in the middle of the heap stay resident, though, until `malloc_trim` hands their pages
+back: the service calls it (`release_free_memory`) after the work that frees much at once, a
+model's swap, whose transaction reads and writes every point's row.
+
 numpy asks for transparent huge pages on its large arrays (madvise, on kernels set to
 "madvise"): then touching one row of a list's room, or of a point set's unused end, makes
 2 MiB resident.  The service turns that off: 1M points in the lists cost 23.0 bytes each with
@@ -28,14 +32,28 @@ def fix_malloc_thresholds() -> bool:
     """Blocks of MMAP_THRESHOLD and more from mmap (returned when freed), the heap trimmed
     past 1 MiB free.  False (and nothing done) where the C library is not glibc."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 20) == 1
     if not ok:
         log.warning("mallopt refused the thresholds: freed memory may stay with the process")
     return ok
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def release_free_memory() -> bool:
+    """Give the pages of the heap's free blocks back to the system (glibc's malloc_trim).
+    False (nothing done) where the C library is not glibc."""
+    try:
+        trim = _libc().malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
 
 
 def no_huge_pages_for_arrays() -> bool:

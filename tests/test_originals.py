@@ -1,7 +1,8 @@
-"""Originals on disk (service/engine/originals.py): an append-only file per vector space, memory-
-mapped for reads, its rows mapped by the record; durable before a write's commit, kept as
+"""Originals on disk (service/engine/originals.py): an append-only file per vector space, read with
+pread (mapped only for the exact index's scans), its rows mapped by the record; durable before a write's commit, kept as
 float32 or float16, moved out of the record's blobs once, dropped with a new generation."""
 
+import gc
 import signal
 import sqlite3
 import threading
@@ -137,6 +138,43 @@ def test_a_swap_without_keep_originals_drops_the_file(tmp_path, glove_sample):
     store.close()
 
 
+def mapped(path) -> bool:
+    """Whether this process maps the file."""
+    with open("/proc/self/maps") as f:
+        return str(path) in f.read()
+
+
+def test_reads_copy_rows_and_only_the_exact_index_maps_the_file(tmp_path, glove_sample):
+    """A rescore or a retrieve reads rows with pread (no map: its pages would stay in the server's
+    RSS); the exact index of a space without a model scans a map, which goes with that index."""
+    x = glove_sample[:1200]
+    f = OriginalsFile(tmp_path, "originals", 50, "float32", 0, 0)
+    f.append(x[:40])
+    f.sync()
+    f.committed()
+    rows = np.array([39, 3, 4, 5, 3, 0, 20, 21])  # runs, repeats, out of order
+    assert np.array_equal(f.read(rows), x[rows]) and np.array_equal(f.read_range(5, 9), x[5:9])
+    assert f.read([]).shape == (0, 50) and not mapped(f.path)
+    with pytest.raises(ValueError, match="past the end"):
+        f.read(np.array([2, 40]))
+    del f
+
+    store, c = new_collection(tmp_path / "store", store={"train_threads": 1})
+    c.upsert(list(range(1200)), x, [None] * 1200)
+    path = c.space.record.file.path
+    assert [h[0].id for h in c.search(x[[7]], 1, {}, False, False)] == [7] and mapped(path)  # exact: a map
+    c.start_training()
+    deadline = time.time() + 180
+    while c.space.job is not None and time.time() < deadline:
+        time.sleep(0.2)
+    assert c.space.generation == 1 and c.space.record.file.path == path
+    gc.collect()
+    assert not mapped(path)  # gone with the exact index
+    hits = c.search(x[[7]], 3, {"rescore": True, "oversampling": 4}, False, False)[0]
+    assert hits[0].id == 7 and np.array_equal(c.space.record.originals([7])[7], x[7]) and not mapped(path)
+    store.close()
+
+
 def test_a_file_mostly_of_replaced_vectors_is_compacted_at_a_snapshot(tmp_path, glove_sample, monkeypatch):
     from service.engine import snapshots
     monkeypatch.setattr(snapshots, "COMPACT_AFTER", 100)
@@ -154,7 +192,7 @@ def test_a_file_mostly_of_replaced_vectors_is_compacted_at_a_snapshot(tmp_path, 
     assert sorted(got) == [i for i in range(300) if i != 7]
     assert all(np.array_equal(got[i], x[600 + i]) for i in got)
     # the exact search (no model yet) reads the new file at the new rows
-    assert c.space.index.flat.source is c.space.record.file
+    assert c.space.index.flat.source.file is c.space.record.file
     assert [h[0].id for h in c.search(x[[650]], 1, {}, False, False)] == [50]
     c.upsert([7], x[:1], [None])  # appends after the compacted rows
     assert np.array_equal(c.space.record.originals([7])[7], x[0])

@@ -22,7 +22,7 @@ from model.index import ExactIndex, QincoIndex, SearchParams
 from model.lists import ListStore
 from model.network import Encoder, Qinco, encode, split_codes
 
-from .originals import OriginalsFile
+from .originals import MappedOriginals, OriginalsFile
 
 EXACT_SHORTLIST = 1000  # candidates re-ranked by an `exact` search
 HNSW_NEIGHBOURS = 64  # distances per HNSW node visited (faiss's HNSW32: 64 links on layer 0)
@@ -171,7 +171,7 @@ class ExactSpaceIndex:
     def __init__(self, file: OriginalsFile, ids: np.ndarray, rows: np.ndarray, unit_norm: bool):
         """file: the originals file of the record's generation; ids and their rows in it (each id
         once); unit_norm: a cosine space's (its vectors are stored normalised)."""
-        self.flat = ExactIndex(file.d, file, unit_norm)
+        self.flat = ExactIndex(file.d, MappedOriginals(file), unit_norm)
         self.flat.add_rows(rows, ids, np.zeros(len(ids), bool))
         self.d = file.d
 

@@ -23,6 +23,7 @@ from model.io import atomic_write, fsync_folder, load_model, save_model
 from model.threads import use_threads
 
 from ..errors import BadRequest, Conflict, NotFound
+from ..memory import release_free_memory
 from ..training.job import JobCancelled, TrainingJob
 from ..training.policy import MIN_PER_LIST, min_points
 from . import concurrency
@@ -235,6 +236,7 @@ class Trainer:
             c.snapshots.changed = 0
             space.remove_stale_models()
             shutil.rmtree(job.dir, ignore_errors=True)
+        release_free_memory()  # the transaction's rows of every point, freed in the heap's middle
         c.snapshots.start()
         return generation
 

@@ -1,5 +1,9 @@
 """A vector space's original vectors on disk: an append-only file of rows, float32 or float16
-(Qdrant's `datatype`), memory-mapped for reads; the record maps ids to rows (space_record.py).
+(Qdrant's `datatype`); the record maps ids to rows (space_record.py).  Reads of rows (a rescore, a
+retrieve, a training sample) copy them out of the page cache with pread: a map's pages would count
+in the server's resident memory, and months of rescores would map the whole file there.  Only the
+exact index of a space without a model scans it through a map (`MappedOriginals`, 4x faster than
+pread's copies at 384-d), which goes with that index when the first model arrives.
 
 Durability: a write appends its rows and makes them durable (`sync`, fdatasync) before the
 record's transaction that maps ids to them commits, so an acknowledged original is on disk.  The
@@ -65,8 +69,6 @@ class OriginalsFile:
                              f"was cut short outside the service")
         if size > rows * self.row_bytes:  # rows of a write that did not commit
             os.ftruncate(self._fd, rows * self.row_bytes)
-        self._view: np.ndarray | None = None
-        self._lock = threading.Lock()  # remapping
 
     # ---- writes (write lock held, inside the record's transaction) --------------------------------
     def append(self, x: np.ndarray) -> np.ndarray:
@@ -92,32 +94,36 @@ class OriginalsFile:
 
     # ---- reads (any thread) ------------------------------------------------------------------------
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """Committed rows as float32 (n, d)."""
+        """Committed rows as float32 (n, d): one pread for each run of consecutive rows."""
         rows = np.asarray(rows, dtype=np.int64)
-        if not len(rows):
-            return np.zeros((0, self.d), dtype=np.float32)
-        return np.asarray(self._mapped(int(rows.max()) + 1)[rows], dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        found = np.empty((len(rows), self.d), dtype=self.dtype)  # in the order of `ordered`
+        runs = np.flatnonzero(np.diff(ordered) != 1) + 1
+        for a, b in zip([0, *runs.tolist()], [*runs.tolist(), len(rows)]):
+            if a < b:
+                self._read_into(found[a:b], int(ordered[a]))
+        out = np.empty((len(rows), self.d), dtype=np.float32)
+        out[order] = found
+        return out
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
-        """Committed rows start:stop as float32: a view of the map for a float32 file (no copy)."""
-        return np.asarray(self._mapped(stop)[start:stop], dtype=np.float32)
+        """Committed rows start:stop as float32 (one pread; `MappedOriginals` scans faster)."""
+        out = np.empty((stop - start, self.d), dtype=self.dtype)
+        self._read_into(out, start)
+        return out.astype(np.float32, copy=False)
 
-    def _mapped(self, top: int) -> np.ndarray:
-        """The map, covering at least `top` rows."""
-        view = self._view
-        if view is None or len(view) < top:
-            with self._lock:
-                view = self._view
-                if view is None or len(view) < top:
-                    view = self._view = self._map(top)
-        return view
-
-    def _map(self, top: int) -> np.ndarray:
-        n = os.fstat(self._fd).st_size // self.row_bytes
-        if n < top:  # never touch a page past the end of the file (SIGBUS)
-            raise ValueError(f"row {top - 1} is past the end of {self.path.name} ({n} rows)")
-        m = mmap.mmap(self._fd, n * self.row_bytes, access=mmap.ACCESS_READ)
-        return np.frombuffer(m, dtype=self.dtype).reshape(n, self.d)
+    def _read_into(self, out: np.ndarray, first: int):
+        """Rows first:first + len(out) into `out` (C-contiguous, this file's dtype)."""
+        if first < 0:
+            raise ValueError(f"row {first} is not a row of {self.path.name}")
+        buffer = memoryview(out).cast("B")
+        offset, done = first * self.row_bytes, 0
+        while done < len(buffer):  # pread may read less than asked
+            got = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if got == 0:
+                raise ValueError(f"row {first + done // self.row_bytes} is past the end of {self.path.name}")
+            done += got
 
     def size_on_disk(self) -> int:
         return self.rows * self.row_bytes
@@ -135,3 +141,39 @@ class OriginalsFile:
         if self.dtype == np.float16 and len(x) and float(np.abs(x).max()) > float(np.finfo(np.float16).max):
             raise ValueError("a vector has a value beyond float16's range (|v| <= 65504), the datatype of "
                              "this collection's originals")
+
+
+class MappedOriginals:
+    """An originals file read through a memory map, for scans of consecutive blocks (an exact
+    search: `read_range` gives views of the map).  Rows elsewhere are read with pread.  The map's
+    pages count in the process's resident memory until this object goes (with its exact index)."""
+
+    def __init__(self, file: OriginalsFile):
+        self.file, self.d = file, file.d
+        self._view: np.ndarray | None = None
+        self._lock = threading.Lock()  # remapping
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self.file.read(rows)
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Committed rows start:stop as float32: a view of the map for a float32 file (no copy)."""
+        return np.asarray(self._mapped(stop)[start:stop], dtype=np.float32)
+
+    def _mapped(self, top: int) -> np.ndarray:
+        """The map, covering at least `top` rows."""
+        view = self._view
+        if view is None or len(view) < top:
+            with self._lock:
+                view = self._view
+                if view is None or len(view) < top:
+                    view = self._view = self._map(top)
+        return view
+
+    def _map(self, top: int) -> np.ndarray:
+        f = self.file
+        n = os.fstat(f._fd).st_size // f.row_bytes
+        if n < top:  # never touch a page past the end of the file (SIGBUS)
+            raise ValueError(f"row {top - 1} is past the end of {f.path.name} ({n} rows)")
+        m = mmap.mmap(f._fd, n * f.row_bytes, access=mmap.ACCESS_READ)
+        return np.frombuffer(m, dtype=f.dtype).reshape(n, self.d)
