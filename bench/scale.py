@@ -206,8 +206,10 @@ class Watch(Poller):
         except httpx.HTTPError:  # a slow answer under load: the next poll
             return
         phase = "/".join(p for p in (q.get("phase"), (q.get("job") or {}).get("phase")) if p)
-        if phase:
-            self.phases.setdefault(phase, round(time.time() - self.t0, 1))
+        generation = (q.get("model") or {}).get("generation")
+        if phase:  # a job that retrains a serving model (the collection outgrew it) apart from the first
+            self.phases.setdefault(f"{phase}, generation {generation} serving" if generation else phase,
+                                   round(time.time() - self.t0, 1))
 
     def result(self) -> dict:
         self.finish()

@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                               ("schedule", str, "plateau or cosine (to 0 at --max-minutes)"),
                               ("warmup", int, "vectors of linear learning-rate warm-up"),
                               ("init", str, "base codebooks from faiss rq, lsq (LSQ++) or the best of both"),
+                              ("lsq_iters", int, "LSQ++'s training iterations"),
                               ("stop_after", int, "validations without progress before stopping, 0: never"),
                               ("grad_clip", float, "clip gradient values to +-this, 0: off")]:
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # --lr_codebooks and --lr-codebooks

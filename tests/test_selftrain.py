@@ -340,6 +340,50 @@ def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sam
     store.close()
 
 
+def test_a_collection_that_outgrows_its_model_retrains_with_more_lists(tmp_path, glove_sample):
+    """Once a job would sample retrain_growth times the points the model trained on, a job starts
+    by itself, with the lists of the larger sample; a cancel pauses it; 0 turns it off."""
+    from service.engine.registry import Store
+    from service.training.policy import auto_nlist
+    x = glove_sample[:4100]
+    store = Store(tmp_path, train_threads=1)
+    store.open_all()
+    q = {**SETTINGS, "train_after": 1000, "keep_originals": True, "nlist": None}
+    c = store.create("g", "l2", "balanced", size=50, qinco={**q, "retrain_growth": 2})
+    off = store.create("off", "l2", "balanced", size=50, qinco={**q, "retrain_growth": 0})
+
+    def served(col, generation):
+        deadline = time.time() + 180
+        while (col.space.generation < generation or col.space.job is not None) and time.time() < deadline:
+            assert "last_error" not in col.space.facts, col.space.facts
+            time.sleep(0.1)
+        assert col.space.generation == generation and col.space.job is None
+        return col.qinco_status()["model"]
+
+    for col in (c, off):
+        col.upsert(list(range(1000)), x[:1000], [None] * 1000)
+        model = served(col, 1)
+        assert model["trained_on"] == 1000 and model["nlist"] == auto_nlist(1000) == 8
+        col.upsert(list(range(1000, 1999)), x[1000:1999], [None] * 999)
+        time.sleep(0.5)
+        assert col.space.job is None  # 1,999 points: under 2 x 1,000
+    assert c.qinco_status()["retrain_growth"] == 2
+    c.upsert([1999], x[1999:2000], [None])
+    model = served(c, 2)  # outgrown: retrained on all 2,000, with more lists
+    assert model["trained_on"] == 2000 and model["nlist"] == auto_nlist(2000) == 16 and c.count() == 2000
+    c.upsert(list(range(2000, 4000)), x[2000:4000], [None] * 2000)  # 2 x 2,000 again
+    deadline = time.time() + 30
+    while c.space.job is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert c.cancel_training()
+    c.upsert([4000], x[4000:4001], [None])
+    off.upsert(list(range(1999, 4100)), x[1999:4100], [None] * 2101)
+    time.sleep(0.5)
+    assert c.space.job is None and c.space.generation == 2  # paused until a train request
+    assert off.space.job is None and off.space.generation == 1 and off.qinco_status()["retrain_growth"] == 0
+    store.close()
+
+
 SWAP_CHILD = r'''
 import sys, time
 from pathlib import Path

@@ -151,6 +151,10 @@ def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample):
     lsq = train_lsq(xn, cfg, tc.seed)
     raw = faiss.vector_to_array(lsq.codebooks).reshape(cfg.M, cfg.K, cfg.d)
     np.testing.assert_allclose(lsq_codebooks(lsq, cfg), raw[np.argsort(-(raw ** 2).sum((1, 2)), kind="stable")])
+    # lsq_iters (--lsq-iters) reaches faiss: the tables of LSQ++ trained that long.
+    _, _, longer = initialise(x, xval, cfg, TrainConfig(init="lsq", seed=0, threads=1, lsq_iters=40))
+    np.testing.assert_allclose(longer["lsq"], lsq_codebooks(train_lsq(xn, cfg, tc.seed, 40), cfg))
+    assert not np.allclose(longer["lsq"], tables)
     codes = np.random.default_rng(0).integers(0, cfg.K, (20, cfg.M))
     xv = model.normalize(torch.from_numpy(xval))
     choose_start(model, state, {"lsq": tables}, xv, Encoder(A=4, B=2))

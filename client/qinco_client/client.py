@@ -108,13 +108,14 @@ class Client(_Calls, QdrantClient):
                                 model: str | None = None, index: str | None = None, metric: str | None = None,
                                 encoder: str | None = None, bytes: int | None = None,
                                 train_after: int | None = None, train_minutes: float | None = None,
-                                keep_originals: bool | None = None, nlist: int | None = None) -> CollectionInfo:
+                                keep_originals: bool | None = None, nlist: int | None = None,
+                                retrain_growth: float | None = None) -> CollectionInfo:
         """`size` and `distance` ("Cosine" or "Euclid"): a collection that trains its model on its own points
         (the other settings: the server's defaults when None).  Or a trained `model` or `index` file, with
         `metric` ("l2" by default) and `encoder`.  (qdrant-client's `create_collection` makes the first kind
         with the server's defaults.)"""
         qinco = dict(bytes=bytes, train_after=train_after, train_minutes=train_minutes,
-                     keep_originals=keep_originals, nlist=nlist)
+                     keep_originals=keep_originals, nlist=nlist, retrain_growth=retrain_growth)
         self._send(rq.create_collection(name, size, distance, model, index, metric, encoder, qinco))
         return self.qinco_info(name)
 
@@ -203,9 +204,10 @@ class AsyncClient(_Calls, AsyncQdrantClient):
                                       model: str | None = None, index: str | None = None, metric: str | None = None,
                                       encoder: str | None = None, bytes: int | None = None,
                                       train_after: int | None = None, train_minutes: float | None = None,
-                                      keep_originals: bool | None = None, nlist: int | None = None) -> CollectionInfo:
+                                      keep_originals: bool | None = None, nlist: int | None = None,
+                                      retrain_growth: float | None = None) -> CollectionInfo:
         qinco = dict(bytes=bytes, train_after=train_after, train_minutes=train_minutes,
-                     keep_originals=keep_originals, nlist=nlist)
+                     keep_originals=keep_originals, nlist=nlist, retrain_growth=retrain_growth)
         await self._send(rq.create_collection(name, size, distance, model, index, metric, encoder, qinco))
         return await self.qinco_info(name)
 

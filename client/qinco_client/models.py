@@ -54,6 +54,7 @@ class QincoStatus(BaseModel):
     train_after: int  # 0: only trained on request
     train_minutes: float | None = None  # None for a collection created from a trained model
     keep_originals: bool
+    retrain_growth: float = 0  # retrains by itself at this many times the points its model trained on (0: never)
     originals: int  # original vectors on disk
     bytes_per_point: BytesPerPoint
 

@@ -22,7 +22,7 @@ Threads, all daemons named after their collection (started by `start`):
   refine-NAME     re-encodes points acknowledged with fast codes (refine.py), at nice 10
   snapshot-NAME   writes a snapshot once snapshot_every points changed (snapshots.py)
   train-NAME      a training job: runs the worker process, then the swap (lifecycle.py)
-  autotrain-NAME  starts a job once a collecting collection holds train_after points (lifecycle.py)
+  autotrain-NAME  starts a job once a collecting collection holds train_after points, or has outgrown its model (lifecycle.py)
 """
 
 from __future__ import annotations

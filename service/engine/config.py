@@ -45,6 +45,9 @@ class CollectionConfig(BaseModel):
     train_minutes: float = Field(30.0, gt=0, le=24 * 60, description="training budget of a collection's model")
     train_bytes: int = Field(8, ge=1, le=64, description="code bytes per vector of a trained model")
     keep_originals: bool = Field(True, description="keep original vectors after training (rescore, retraining)")
+    retrain_growth: float = Field(4.0, ge=0, le=1_000_000,
+                                  description="retrain once a job would sample this many times the points the "
+                                              "model trained on: more data, more IVF lists (0: never by itself)")
 
     @property
     def training_threads(self) -> int:
@@ -61,7 +64,7 @@ class CollectionConfig(BaseModel):
         """A new self-training collection's `qinco` settings: those given, these defaults for the rest.
         BadRequest when it would train automatically on too few points."""
         q = {"bytes": self.train_bytes, "train_after": self.train_after, "train_minutes": self.train_minutes,
-             "keep_originals": self.keep_originals, "nlist": None}
+             "keep_originals": self.keep_originals, "nlist": None, "retrain_growth": self.retrain_growth}
         q.update({k: v for k, v in (given or {}).items() if v is not None})
         need = min_points(q["nlist"])
         if q["train_after"] and q["train_after"] < need:

@@ -25,7 +25,7 @@ from model.threads import use_threads
 from ..errors import BadRequest, Conflict, NotFound
 from ..memory import release_free_memory
 from ..training.job import JobCancelled, TrainingJob
-from ..training.policy import MIN_PER_LIST, min_points
+from ..training.policy import MIN_PER_LIST, auto_nlist, min_points
 from . import concurrency
 from .index import QincoSpaceIndex
 
@@ -120,17 +120,39 @@ class Trainer:
         self.space.job = job
 
     def maybe_train(self):
-        """Start training once a space collecting its first points holds `train_after` of them
-        (write lock held).  After a failed or cancelled job it waits for an explicit train request."""
+        """Start a job by itself (write lock held): once a space collecting its first points holds
+        `train_after` of them, and again once the points a job would sample reach `retrain_growth`
+        times those its model trained on (`grown`).  After a failed or cancelled job it waits for an
+        explicit train request."""
         space, q = self.space, self.space.settings
-        if (q is None or not space.collecting or space.job is not None or not q["train_after"]
-                or space.index.ntotal < q["train_after"] or space.facts.get("last_error") or space.facts.get("paused")):
+        if q is None or space.job is not None or space.facts.get("last_error") or space.facts.get("paused"):
             return
-        concurrency.start("autotrain", self.c.name, self._auto_train)  # runs once the caller releases the lock
+        if space.collecting and q["train_after"] and space.index.ntotal >= q["train_after"]:
+            request = None
+        elif not space.collecting and self.grown():
+            sampled = min(space.index.ntotal, self.c.config.train_sample)
+            nlist = q.get("nlist") or max(space.index.nlist, auto_nlist(sampled))  # never fewer lists than now
+            if min_points(nlist) > sampled:
+                return
+            request = {"nlist": nlist}
+        else:
+            return
+        concurrency.start("autotrain", self.c.name, self._auto_train, request)  # once the caller releases the lock
 
-    def _auto_train(self):
+    def grown(self) -> bool:
+        """Whether the collection has outgrown its model: a job would now sample `retrain_growth`
+        times the points the model trained on, so a new one gets more data and more IVF lists
+        (nlist follows the sample: training/policy.py)."""
+        space = self.space
+        growth = space.settings.get("retrain_growth", self.c.config.retrain_growth)
+        trained_on = (space.facts.get("model") or {}).get("trained_on")
+        if not growth or not trained_on or not space.keeps_originals:
+            return False
+        return min(space.index.ntotal, self.c.config.train_sample) >= growth * trained_on
+
+    def _auto_train(self, request: dict | None):
         try:
-            self.start()
+            self.start(request)
         except (Conflict, NotFound):
             pass
         except Exception:
@@ -157,7 +179,7 @@ class Trainer:
         with self.c.locks.write:
             if self.space.job is not job:
                 return False  # it swapped before it could be stopped
-            self._end(job, None, paused=self.space.collecting)
+            self._end(job, None, paused=True)
         return True
 
     def failed(self, job: TrainingJob, reason: str):
@@ -167,7 +189,7 @@ class Trainer:
 
     def _end(self, job: TrainingJob, error: str | None, paused: bool = False):
         """Forget a job that did not swap (write lock held): its record first, then its files.
-        A cancel while collecting pauses automatic training until the next train request."""
+        A cancel pauses automatic training until the next train request."""
         space, record = self.space, self.space.record
         with self.c.record.transaction():
             record.drop_facts("job")
@@ -232,6 +254,7 @@ class Trainer:
                 space.index, space.model, space.generation, space.tuning = new, model, generation, {}
                 space.job = None
             space.facts = {"model": figures}
+            self.maybe_train()  # outgrown already, after a bulk load: the next job starts when this one ends
             space.refiner.pending = 0
             c.snapshots.changed = 0
             space.remove_stale_models()
@@ -271,4 +294,5 @@ class Trainer:
                 "last_swap": figures.get("swapped"), "last_error": space.facts.get("last_error"),
                 "train_after": q.get("train_after", 0), "train_minutes": q.get("train_minutes"),
                 "keep_originals": bool(q.get("keep_originals")), "originals": n if space.keeps_originals else 0,
+                "retrain_growth": q.get("retrain_growth", self.c.config.retrain_growth) if q else 0,
                 "bytes_per_point": {"memory": memory, "disk": disk}}

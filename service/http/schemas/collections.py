@@ -57,6 +57,9 @@ class QincoSettings(Strict):
     keep_originals: bool | None = Field(None, description="keep original vectors after training "
                                                           "(rescore, retraining); false: codes only")
     nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")
+    retrain_growth: float | None = Field(None, ge=0, le=1_000_000,
+                                         description="retrain by itself once a job would sample this many times the "
+                                                     "points the model trained on (0: never)")
 
 
 class CreateCollection(Strict):
@@ -109,6 +112,9 @@ class TrainRequest(Strict):
     minutes: float | None = Field(None, gt=0, le=24 * 60, description="training budget")
     bytes: int | None = Field(None, ge=1, le=64, strict=True, description="code bytes per vector")
     nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")
+    retrain_growth: float | None = Field(None, ge=0, le=1_000_000,
+                                         description="retrain by itself once a job would sample this many times the "
+                                                     "points the model trained on (0: never)")
     model: str | None = Field(None, min_length=1, max_length=4096,
                               description="a trained IVF model file inside the data directory, encoded with "
                                           "and swapped in (no training)")

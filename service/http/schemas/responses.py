@@ -112,6 +112,8 @@ class QincoStatus(BaseModel):
     train_after: int
     train_minutes: float | None = None
     keep_originals: bool
+    retrain_growth: float = Field(0, description="retrains by itself once a job would sample this many times the "
+                                                 "points its model trained on (0: never)")
     originals: int = Field(description="original vectors kept on disk")
     bytes_per_point: dict[str, int] = Field(description="memory (per vector in the index: its code and id; while collecting, its original) and disk "
                                                         "(SQLite, measured)")
