@@ -466,7 +466,7 @@ class ExactIndex:
     Same search interface as QincoIndex (squared L2, ascending).  The index holds ids and the
     rows of their vectors in `source` (anything with `read(rows) -> (n, d) float32` and
     `read_range(start, stop)`: the
-    collection's originals file, memory-mapped, or `VectorRows`), 16 bytes a point, no object
+    collection's originals file (`MappedOriginals`), or `VectorRows`), 16 bytes a point, no object
     per point; a removal moves the last entry into the hole.  Ids are found through a sorted
     copy of them, made when a read or a removal needs it after a change (O(n log n): ~0.1 s at
     1M random ids); a write of new ids (`stored` all false) needs none.  Searches read the

@@ -39,7 +39,7 @@ class TrainConfig:
     # wordnet-384 LSQ++'s start won by far (60 min: 0.860x RQ's MSE against 0.911x, RESULTS); on
     # glove-50, where LSQ++ loses to RQ, "best" keeps RQ's, at the cost of training both.
     init: str = "best"
-    lsq_iters: int = 25  # LSQ++'s training iterations (faiss's default)
+    lsq_iters: int = 25  # LSQ++'s training iterations (LSQ_ITERS: faiss's default)
     # The recipe: bench/RESULTS.md "Training recipe" (equal-budget comparisons, a held-out set).
     A: int = 4  # pre-selected candidates per beam while training (A=16: 2.2x slower, worse per minute)
     B: int = 4  # beams while training
@@ -87,7 +87,8 @@ class TrainState:
 
 
 INITS = ("rq", "lsq", "best")
-LSQ_VS_RQ = 3.5  # LSQ++'s training time over RQ's (beam 5): 3.3x measured at d = 384, 2.1x at d = 784
+LSQ_ITERS = 25  # faiss's default train_iters of LSQ++
+LSQ_VS_RQ = 3.5  # LSQ++'s training time (LSQ_ITERS) over RQ's (beam 5): 3.3x measured at d = 384, 2.1x at d = 784
 
 
 def log(msg: str):
@@ -148,7 +149,8 @@ def validation_mse(model: Qinco, xval: torch.Tensor, lval, encoder: Encoder, bat
     return total / n * float(model.scale) ** 2
 
 
-def train_lsq(residuals: np.ndarray, cfg: QincoConfig, seed: int, iters: int = 25) -> faiss.LocalSearchQuantizer:
+def train_lsq(residuals: np.ndarray, cfg: QincoConfig, seed: int, iters: int = LSQ_ITERS
+              ) -> faiss.LocalSearchQuantizer:
     """faiss's LSQ++ with its default settings (but `iters`, its train_iters), as its authors train it."""
     lsq = faiss.LocalSearchQuantizer(cfg.d, cfg.M, cfg.nbits)
     lsq.random_seed, lsq.train_iters = seed, iters
@@ -168,7 +170,7 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
     MSE, and the candidate base codebooks by name (tc.init: "rq", "lsq" or both).
 
     LSQ++ cannot be interrupted: with init "best" it is skipped when it would likely take more
-    than half the `budget` seconds (LSQ_VS_RQ times RQ's training time at 25 iterations).  A
+    than half the `budget` seconds (LSQ_VS_RQ times RQ's training time, for LSQ_ITERS iterations).  A
     quarter skipped it at d = 384 in 12 minutes, where its start still won by 7% of MSE
     (bench/RESULTS.md, session 16); at d = 784 it would take most of any budget, and is skipped."""
     check_data(len(x), cfg)
@@ -193,7 +195,7 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
     state.rq_val_mse = mse(valn, rq.decode(rq.compute_codes(valn))) * scale ** 2
     log(f"faiss RQ {cfg.M}x{cfg.nbits} (beam 5) in {time.time() - t0:.0f}s, validation MSE {state.rq_val_mse:.5g}")
     candidates = {"rq": rq_codebooks(rq, cfg)} if tc.init in ("rq", "best") else {}
-    lsq_estimate = (time.time() - t_start) + LSQ_VS_RQ * tc.lsq_iters / 25 * (time.time() - t0)
+    lsq_estimate = (time.time() - t_start) + LSQ_VS_RQ * tc.lsq_iters / LSQ_ITERS * (time.time() - t0)
     if tc.init == "best" and lsq_estimate > budget / 2:
         log(f"faiss LSQ++ skipped: it would end about {lsq_estimate:.0f}s into a {budget:.0f}s budget "
             "(half at most)")
@@ -410,8 +412,9 @@ def check_config(tc: TrainConfig) -> None:
                          f"{tc.schedule!r}, {tc.lr}")
     if tc.max_vectors < 0 or tc.max_minutes <= 0:
         raise ValueError(f"max_vectors must be >= 0 and max_minutes > 0, got {tc.max_vectors}, {tc.max_minutes}")
-    if tc.init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {tc.init!r}")
+    if tc.init not in INITS or not 1 <= tc.lsq_iters <= 1000:
+        raise ValueError(f"init must be one of {', '.join(INITS)} and lsq_iters in [1, 1000], got {tc.init!r}, "
+                         f"{tc.lsq_iters}")
     if tc.stop_after < 0 or tc.grad_clip < 0:
         raise ValueError(f"stop_after and grad_clip must be >= 0, got {tc.stop_after}, {tc.grad_clip}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger("qinco.memory")
@@ -41,6 +42,7 @@ def fix_malloc_thresholds() -> bool:
     return ok
 
 
+@functools.cache  # find_library runs ldconfig
 def _libc():
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 

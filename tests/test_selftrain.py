@@ -133,6 +133,10 @@ def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
         assert {h["id"] for h in search(server, qv, limit=30, params={"nshort": 30})} == set(table)
         by_original = sorted(table, key=lambda j: float(((x[j] - qv) ** 2).sum()))
         assert [h["id"] for h in hits] == by_original[:10]
+        # Qdrant's default oversampling (1): the decoder's shortlist (nshort 20) ranked by the originals.
+        first = [h["id"] for h in search(server, qv, limit=20, params={"nshort": 0})]
+        hits = search(server, qv, limit=10, params={"quantization": {"rescore": True}})
+        assert [h["id"] for h in hits] == sorted(first, key=lambda j: float(((x[j] - qv) ** 2).sum()))[:10]
     # Retrain: 409 while a job runs, then a second swap.
     r = server.post("/collections/own/train", json={"minutes": 0.05})
     assert r.status_code == 202 and r.json()["result"]["job"]["kind"] == "train"
@@ -186,6 +190,9 @@ def test_keep_originals_false_holds_only_codes(server, glove_sample):
      "nlist 1024"),
     ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"colour": "red"}}, 422, "colour"),
     ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"train_minutes": 0}}, 422, "train_minutes"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"retrain_growth": 1}}, 422, "at least 1.5"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"retrain_growth": 0.5}}, 422, "at least 1.5"),
+    ({"vectors": {"size": 50, "distance": "Cosine"}, "qinco": {"retrain_growth": True}}, 422, "retrain_growth"),
     ({"vectors": {"size": 50, "distance": "Cosine"}, "metric": "l2"}, 422, "distance"),
     ({"vectors": {"size": 50, "distance": "Cosine"}, "model": "models/ivf.safetensors"}, 422, "exactly one"),
     ({"model": "models/ivf.safetensors", "qinco": {"bytes": 8}}, 422, "'qinco' settings"),
@@ -342,7 +349,7 @@ def test_a_cancel_while_collecting_pauses_automatic_training(tmp_path, glove_sam
 
 def test_a_collection_that_outgrows_its_model_retrains_with_more_lists(tmp_path, glove_sample):
     """Once a job would sample retrain_growth times the points the model trained on, a job starts
-    by itself, with the lists of the larger sample; a cancel pauses it; 0 turns it off."""
+    by itself, with the model's code size and never fewer lists; a cancel pauses it; 0 turns it off."""
     from service.engine.registry import Store
     from service.training.policy import auto_nlist
     x = glove_sample[:4100]
@@ -363,23 +370,26 @@ def test_a_collection_that_outgrows_its_model_retrains_with_more_lists(tmp_path,
     for col in (c, off):
         col.upsert(list(range(1000)), x[:1000], [None] * 1000)
         model = served(col, 1)
-        assert model["trained_on"] == 1000 and model["nlist"] == auto_nlist(1000) == 8
+        assert model["trained_on"] == 1000 and model["nlist"] == auto_nlist(1000) == 8 and model["bytes"] == 4
+    c.start_training({"train_minutes": 0.05, "bytes": 2, "nlist": 20})  # a user's retrain: 2 bytes, 20 lists
+    served(c, 2)
+    for col in (c, off):
         col.upsert(list(range(1000, 1999)), x[1000:1999], [None] * 999)
         time.sleep(0.5)
         assert col.space.job is None  # 1,999 points: under 2 x 1,000
     assert c.qinco_status()["retrain_growth"] == 2
     c.upsert([1999], x[1999:2000], [None])
-    model = served(c, 2)  # outgrown: retrained on all 2,000, with more lists
-    assert model["trained_on"] == 2000 and model["nlist"] == auto_nlist(2000) == 16 and c.count() == 2000
+    model = served(c, 3)  # outgrown: retrained on all 2,000, with its 2 bytes and 20 lists (the count's: 16)
+    assert (model["trained_on"], model["bytes"], model["nlist"], auto_nlist(2000)) == (2000, 2, 20, 16)
     c.upsert(list(range(2000, 4000)), x[2000:4000], [None] * 2000)  # 2 x 2,000 again
     deadline = time.time() + 30
     while c.space.job is None and time.time() < deadline:
         time.sleep(0.05)
-    assert c.cancel_training()
+    assert c.cancel_training() and c.qinco_status()["paused"]
     c.upsert([4000], x[4000:4001], [None])
     off.upsert(list(range(1999, 4100)), x[1999:4100], [None] * 2101)
     time.sleep(0.5)
-    assert c.space.job is None and c.space.generation == 2  # paused until a train request
+    assert c.space.job is None and c.space.generation == 3  # paused until a train request
     assert off.space.job is None and off.space.generation == 1 and off.qinco_status()["retrain_growth"] == 0
     store.close()
 

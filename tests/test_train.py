@@ -114,9 +114,9 @@ def test_recipe_options_optimizer_groups_and_schedule():
     assert lr_factor(tc, 200, 100, 100) == 0.0  # the cosine reaches 0 at the budget
     plateau = TrainConfig(warmup=100, schedule="plateau", optimizer="adam")
     assert lr_factor(plateau, 200, 99, 100) == 1.0 and isinstance(make_optimizer(model, plateau), torch.optim.Adam)
-    with pytest.raises(ValueError, match="optimizer"):
-        train(np.zeros((100, 8), np.float32), "/nonexistent/x.safetensors", QincoConfig(d=8, M=2, K=16),
-              TrainConfig(optimizer="sgd"))
+    for bad in (TrainConfig(optimizer="sgd"), TrainConfig(lsq_iters=0)):
+        with pytest.raises(ValueError, match="optimizer" if bad.lsq_iters else "lsq_iters"):
+            train(np.zeros((100, 8), np.float32), "/nonexistent/x.safetensors", QincoConfig(d=8, M=2, K=16), bad)
 
 
 def test_training_with_the_bf16_code_search(tmp_path, glove_sample):

@@ -55,6 +55,7 @@ class QincoStatus(BaseModel):
     train_minutes: float | None = None  # None for a collection created from a trained model
     keep_originals: bool
     retrain_growth: float = 0  # retrains by itself at this many times the points its model trained on (0: never)
+    paused: bool = False  # automatic training off after a cancel, until the next train request
     originals: int  # original vectors on disk
     bytes_per_point: BytesPerPoint
 

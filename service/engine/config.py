@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import BadRequest
-from ..training.policy import MIN_PER_LIST, min_points
+from ..training.policy import MIN_PER_LIST, MIN_RETRAIN_GROWTH, check_growth, min_points
 
 
 def usable_cores() -> int:
@@ -47,7 +47,10 @@ class CollectionConfig(BaseModel):
     keep_originals: bool = Field(True, description="keep original vectors after training (rescore, retraining)")
     retrain_growth: float = Field(4.0, ge=0, le=1_000_000,
                                   description="retrain once a job would sample this many times the points the "
-                                              "model trained on: more data, more IVF lists (0: never by itself)")
+                                              f"model trained on: more data, more IVF lists (0: never by itself; "
+                                              f"else {MIN_RETRAIN_GROWTH} and more)")
+
+    _growth = field_validator("retrain_growth")(check_growth)
 
     @property
     def training_threads(self) -> int:

@@ -25,7 +25,7 @@ from model.threads import use_threads
 from ..errors import BadRequest, Conflict, NotFound
 from ..memory import release_free_memory
 from ..training.job import JobCancelled, TrainingJob
-from ..training.policy import MIN_PER_LIST, auto_nlist, min_points
+from ..training.policy import MIN_PER_LIST, MIN_RETRAIN_GROWTH, auto_nlist, min_points
 from . import concurrency
 from .index import QincoSpaceIndex
 
@@ -121,8 +121,8 @@ class Trainer:
 
     def maybe_train(self):
         """Start a job by itself (write lock held): once a space collecting its first points holds
-        `train_after` of them, and again once the points a job would sample reach `retrain_growth`
-        times those its model trained on (`grown`).  After a failed or cancelled job it waits for an
+        `train_after` of them, and again once it has outgrown its model (`grown`), with the
+        model's code size and never fewer lists.  After a failed or cancelled job it waits for an
         explicit train request."""
         space, q = self.space, self.space.settings
         if q is None or space.job is not None or space.facts.get("last_error") or space.facts.get("paused"):
@@ -131,22 +131,23 @@ class Trainer:
             request = None
         elif not space.collecting and self.grown():
             sampled = min(space.index.ntotal, self.c.config.train_sample)
-            nlist = q.get("nlist") or max(space.index.nlist, auto_nlist(sampled))  # never fewer lists than now
+            nlist = q.get("nlist") or max(space.index.nlist, auto_nlist(sampled))
             if min_points(nlist) > sampled:
                 return
-            request = {"nlist": nlist}
+            request = {"nlist": nlist, "bytes": space.model.cfg.M}
         else:
             return
         concurrency.start("autotrain", self.c.name, self._auto_train, request)  # once the caller releases the lock
 
     def grown(self) -> bool:
-        """Whether the collection has outgrown its model: a job would now sample `retrain_growth`
-        times the points the model trained on, so a new one gets more data and more IVF lists
-        (nlist follows the sample: training/policy.py)."""
-        space = self.space
-        growth = space.settings.get("retrain_growth", self.c.config.retrain_growth)
+        """Whether the space has outgrown its model: a job would now sample `retrain_growth` times
+        the points the model trained on, so a new one gets more data and more IVF lists (nlist
+        follows the sample: training/policy.py).  Never for a space that trains only on request
+        (train_after 0), nor one made before the setting existed (no `retrain_growth`)."""
+        space, q = self.space, self.space.settings
+        growth = q.get("retrain_growth") or 0
         trained_on = (space.facts.get("model") or {}).get("trained_on")
-        if not growth or not trained_on or not space.keeps_originals:
+        if growth < MIN_RETRAIN_GROWTH or not q.get("train_after") or not trained_on or not space.keeps_originals:
             return False
         return min(space.index.ntotal, self.c.config.train_sample) >= growth * trained_on
 
@@ -254,13 +255,14 @@ class Trainer:
                 space.index, space.model, space.generation, space.tuning = new, model, generation, {}
                 space.job = None
             space.facts = {"model": figures}
-            self.maybe_train()  # outgrown already, after a bulk load: the next job starts when this one ends
             space.refiner.pending = 0
             c.snapshots.changed = 0
             space.remove_stale_models()
             shutil.rmtree(job.dir, ignore_errors=True)
         release_free_memory()  # the transaction's rows of every point, freed in the heap's middle
         c.snapshots.start()
+        with c.locks.write:
+            self.maybe_train()  # outgrown already (a bulk load that came during this job): the next one
         return generation
 
     # ---- status --------------------------------------------------------------------------------------
@@ -294,5 +296,5 @@ class Trainer:
                 "last_swap": figures.get("swapped"), "last_error": space.facts.get("last_error"),
                 "train_after": q.get("train_after", 0), "train_minutes": q.get("train_minutes"),
                 "keep_originals": bool(q.get("keep_originals")), "originals": n if space.keeps_originals else 0,
-                "retrain_growth": q.get("retrain_growth", self.c.config.retrain_growth) if q else 0,
+                "retrain_growth": q.get("retrain_growth") or 0, "paused": bool(space.facts.get("paused")),
                 "bytes_per_point": {"memory": memory, "disk": disk}}

@@ -1,9 +1,10 @@
 """A vector space's original vectors on disk: an append-only file of rows, float32 or float16
-(Qdrant's `datatype`); the record maps ids to rows (space_record.py).  Reads of rows (a rescore, a
-retrieve, a training sample) copy them out of the page cache with pread: a map's pages would count
-in the server's resident memory, and months of rescores would map the whole file there.  Only the
-exact index of a space without a model scans it through a map (`MappedOriginals`, 4x faster than
-pread's copies at 384-d), which goes with that index when the first model arrives.
+(Qdrant's `datatype`); the record maps ids to rows (space_record.py).  The server reads rows (a
+rescore, a retrieve, a swap's catch-up) with pread, copies out of the page cache: a map's pages
+would count in its resident memory, and months of rescores would map the whole file there.  Only
+the exact index of a space without a model scans it through a map (`MappedOriginals`, 4x faster
+than pread's copies at 384-d), which goes with that index when the first model arrives.  (The
+training worker, a process of its own, maps the file to sample it: `read_rows`.)
 
 Durability: a write appends its rows and makes them durable (`sync`, fdatasync) before the
 record's transaction that maps ids to them commits, so an acknowledged original is on disk.  The
@@ -125,6 +126,9 @@ class OriginalsFile:
                 raise ValueError(f"row {first + done // self.row_bytes} is past the end of {self.path.name}")
             done += got
 
+    def fileno(self) -> int:
+        return self._fd
+
     def size_on_disk(self) -> int:
         return self.rows * self.row_bytes
 
@@ -145,8 +149,8 @@ class OriginalsFile:
 
 class MappedOriginals:
     """An originals file read through a memory map, for scans of consecutive blocks (an exact
-    search: `read_range` gives views of the map).  Rows elsewhere are read with pread.  The map's
-    pages count in the process's resident memory until this object goes (with its exact index)."""
+    search: `read_range` gives views of the map).  The map's pages count in the process's resident
+    memory until this object goes (with its exact index)."""
 
     def __init__(self, file: OriginalsFile):
         self.file, self.d = file, file.d
@@ -154,7 +158,13 @@ class MappedOriginals:
         self._lock = threading.Lock()  # remapping
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        return self.file.read(rows)
+        """Committed rows as float32 (n, d), gathered from the map (a block of scattered rows)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return np.zeros((0, self.d), dtype=np.float32)
+        if rows.min() < 0:
+            raise ValueError(f"row {rows.min()} is not a row of {self.file.path.name}")
+        return np.asarray(self._mapped(int(rows.max()) + 1)[rows], dtype=np.float32)
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Committed rows start:stop as float32: a view of the map for a float32 file (no copy)."""
@@ -172,8 +182,8 @@ class MappedOriginals:
 
     def _map(self, top: int) -> np.ndarray:
         f = self.file
-        n = os.fstat(f._fd).st_size // f.row_bytes
+        n = os.fstat(f.fileno()).st_size // f.row_bytes
         if n < top:  # never touch a page past the end of the file (SIGBUS)
             raise ValueError(f"row {top - 1} is past the end of {f.path.name} ({n} rows)")
-        m = mmap.mmap(f._fd, n * f.row_bytes, access=mmap.ACCESS_READ)
+        m = mmap.mmap(f.fileno(), n * f.row_bytes, access=mmap.ACCESS_READ)
         return np.frombuffer(m, dtype=f.dtype).reshape(n, self.d)

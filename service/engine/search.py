@@ -76,11 +76,11 @@ def search(c: Collection, space: VectorSpace, queries, limit: int, params: dict 
             index = space.index
             rescore = rescore and not index.exact  # exact already
             k = limit + extra
-            if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals
-                k = min(MAX_RESCORE, math.ceil(k * (params.get("oversampling") or 1.0)))
             sp = index.search_params(params)
-            if rescore and sp is not None and sp.nshort <= k:  # the shortlist is the k candidates: the
-                sp = dataclasses.replace(sp, nshort=0)  # originals rank them, the decoder need not
+            if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals; at least
+                # the decoder's shortlist, which the originals rank better than the decoder would
+                k = min(MAX_RESCORE, max(math.ceil(k * (params.get("oversampling") or 1.0)), sp.nshort))
+                sp = dataclasses.replace(sp, nshort=0)
             budget = budget or SearchBudget(c.config.max_search_candidates)
             budget.take(len(x), k, sp.nshort if sp else 0, bool(with_vector), returned_dimensions(c, with_vector))
             if rescore:  # the originals read back count as returned vectors

@@ -33,7 +33,6 @@ from model.io import atomic_write, fsync_folder
 from model.threads import use_threads
 
 from ..errors import NotFound
-from ..memory import release_free_memory
 from . import concurrency
 from .field_index import FieldIndex, canonical_key
 from .index import ExactSpaceIndex, QincoSpaceIndex, Snapshot, SpaceIndex
@@ -270,7 +269,6 @@ class Snapshots:
         try:
             if not self.c.closed:
                 self.write()
-                release_free_memory()  # the packed copies' pages, freed in the heap's middle
         except NotFound:  # deleted meanwhile
             pass
         except Exception:  # a failed snapshot loses nothing: SQLite still has every row

@@ -7,6 +7,9 @@ import math
 MIN_PER_LIST = 32  # training points per IVF list at least
 MIN_TRAIN_POINTS = 1000  # below this the residual codebooks (K = 256) cannot be fitted
 NICE = 10  # priority steps below the server: the worker and the refiner (searches and writes come first)
+# A collection retrains by itself once a job would sample retrain_growth times the points its model
+# trained on.  At 1 or less it would retrain at once after every swap, for ever.
+MIN_RETRAIN_GROWTH = 1.5
 
 
 def auto_nlist(n: int) -> int:
@@ -14,6 +17,13 @@ def auto_nlist(n: int) -> int:
     (64 on average) so that k-means has enough of them."""
     target = min(4 * math.sqrt(n), n / (2 * MIN_PER_LIST))
     return max(1, 1 << int(math.floor(math.log2(max(target, 1)))))
+
+
+def check_growth(growth: float | None) -> float | None:
+    """A retrain_growth setting as given, or ValueError: 0 (never) or MIN_RETRAIN_GROWTH and more."""
+    if growth is not None and growth != 0 and not growth >= MIN_RETRAIN_GROWTH:
+        raise ValueError(f"retrain_growth must be 0 (never) or at least {MIN_RETRAIN_GROWTH}, got {growth}")
+    return growth
 
 
 def min_points(nlist: int | None) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from ...engine.space import MAX_SPACES
+from ...training.policy import MIN_RETRAIN_GROWTH, check_growth
 from .common import MAX_DIMENSION, METRICS, Encoder, IgnoredSettings, Metric, Strict, VectorName
 from .filters import PayloadKey
 
@@ -17,7 +18,7 @@ class VectorParams(Strict):
     (normalised vectors) are served, Dot and Manhattan are not."""
     size: int = Field(ge=1, le=MAX_DIMENSION, strict=True)
     distance: str
-    on_disk: bool | None = None  # accepted, ignored: originals are on disk (memory-mapped), codes in memory
+    on_disk: bool | None = None  # accepted, ignored: originals are on disk, codes in memory
     hnsw_config: IgnoredSettings = None  # accepted, ignored: QINCo's own IVF-HNSW settings apply
     quantization_config: IgnoredSettings = None  # accepted, ignored: every vector is QINCo-quantised
     datatype: str | None = Field(None, description="how the originals are kept on disk: float32 (the default) or "
@@ -57,9 +58,15 @@ class QincoSettings(Strict):
     keep_originals: bool | None = Field(None, description="keep original vectors after training "
                                                           "(rescore, retraining); false: codes only")
     nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")
-    retrain_growth: float | None = Field(None, ge=0, le=1_000_000,
+    retrain_growth: float | None = Field(None, ge=0, le=1_000_000, strict=True,
                                          description="retrain by itself once a job would sample this many times the "
-                                                     "points the model trained on (0: never)")
+                                                     f"points the model trained on: 0 (never) or {MIN_RETRAIN_GROWTH} "
+                                                     "and more")
+
+    @field_validator("retrain_growth")
+    @classmethod
+    def growth_or_never(cls, v):
+        return check_growth(v)
 
 
 class CreateCollection(Strict):
@@ -112,9 +119,6 @@ class TrainRequest(Strict):
     minutes: float | None = Field(None, gt=0, le=24 * 60, description="training budget")
     bytes: int | None = Field(None, ge=1, le=64, strict=True, description="code bytes per vector")
     nlist: int | None = Field(None, ge=1, le=65_536, strict=True, description="IVF lists (default: from the count)")
-    retrain_growth: float | None = Field(None, ge=0, le=1_000_000,
-                                         description="retrain by itself once a job would sample this many times the "
-                                                     "points the model trained on (0: never)")
     model: str | None = Field(None, min_length=1, max_length=4096,
                               description="a trained IVF model file inside the data directory, encoded with "
                                           "and swapped in (no training)")

@@ -114,6 +114,7 @@ class QincoStatus(BaseModel):
     keep_originals: bool
     retrain_growth: float = Field(0, description="retrains by itself once a job would sample this many times the "
                                                  "points its model trained on (0: never)")
+    paused: bool = Field(False, description="automatic training is off after a cancel, until the next train request")
     originals: int = Field(description="original vectors kept on disk")
     bytes_per_point: dict[str, int] = Field(description="memory (per vector in the index: its code and id; while collecting, its original) and disk "
                                                         "(SQLite, measured)")
