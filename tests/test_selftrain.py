@@ -133,9 +133,9 @@ def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
         assert {h["id"] for h in search(server, qv, limit=30, params={"nshort": 30})} == set(table)
         by_original = sorted(table, key=lambda j: float(((x[j] - qv) ** 2).sum()))
         assert [h["id"] for h in hits] == by_original[:10]
-        # Qdrant's default oversampling (1): the decoder's shortlist (nshort 20) ranked by the originals.
-        first = [h["id"] for h in search(server, qv, limit=20, params={"nshort": 0})]
-        hits = search(server, qv, limit=10, params={"quantization": {"rescore": True}})
+        # Qdrant's default oversampling (1): the decoder's shortlist (here 50) ranked by the originals.
+        first = [h["id"] for h in search(server, qv, limit=50, params={"nshort": 0})]
+        hits = search(server, qv, limit=10, params={"nshort": 50, "quantization": {"rescore": True}})
         assert [h["id"] for h in hits] == sorted(first, key=lambda j: float(((x[j] - qv) ** 2).sum()))[:10]
     # Retrain: 409 while a job runs, then a second swap.
     r = server.post("/collections/own/train", json={"minutes": 0.05})
@@ -358,6 +358,9 @@ def test_a_collection_that_outgrows_its_model_retrains_with_more_lists(tmp_path,
     q = {**SETTINGS, "train_after": 1000, "keep_originals": True, "nlist": None}
     c = store.create("g", "l2", "balanced", size=50, qinco={**q, "retrain_growth": 2})
     off = store.create("off", "l2", "balanced", size=50, qinco={**q, "retrain_growth": 0})
+    manual = store.create("manual", "l2", "balanced", size=50, qinco={**q, "retrain_growth": 2, "train_after": 0})
+    manual.upsert(list(range(1000)), x[:1000], [None] * 1000)
+    manual.start_training({"train_minutes": 0.05})
 
     def served(col, generation):
         deadline = time.time() + 180
@@ -367,12 +370,14 @@ def test_a_collection_that_outgrows_its_model_retrains_with_more_lists(tmp_path,
         assert col.space.generation == generation and col.space.job is None
         return col.qinco_status()["model"]
 
-    for col in (c, off):
-        col.upsert(list(range(1000)), x[:1000], [None] * 1000)
+    for col in (c, off, manual):
+        if col is not manual:
+            col.upsert(list(range(1000)), x[:1000], [None] * 1000)
         model = served(col, 1)
         assert model["trained_on"] == 1000 and model["nlist"] == auto_nlist(1000) == 8 and model["bytes"] == 4
     c.start_training({"train_minutes": 0.05, "bytes": 2, "nlist": 20})  # a user's retrain: 2 bytes, 20 lists
     served(c, 2)
+    manual.upsert(list(range(1000, 3000)), x[1000:3000], [None] * 2000)  # trains only on request
     for col in (c, off):
         col.upsert(list(range(1000, 1999)), x[1000:1999], [None] * 999)
         time.sleep(0.5)
@@ -391,6 +396,7 @@ def test_a_collection_that_outgrows_its_model_retrains_with_more_lists(tmp_path,
     time.sleep(0.5)
     assert c.space.job is None and c.space.generation == 3  # paused until a train request
     assert off.space.job is None and off.space.generation == 1 and off.qinco_status()["retrain_growth"] == 0
+    assert manual.space.job is None and manual.space.generation == 1
     store.close()
 
 

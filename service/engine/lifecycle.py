@@ -43,15 +43,18 @@ class Trainer:
         self.c, self.space = collection, space
 
     # ---- starting ----------------------------------------------------------------------------------
-    def start(self, request: dict | None = None, model_source: Path | None = None) -> dict:
+    def start(self, request: dict | None = None, model_source: Path | None = None, auto: bool = False) -> dict:
         """Start a job: train a model on the originals (request: train_minutes, bytes, nlist), or take
-        the model file `model_source`; encode every point; swap.  Returns the training status."""
+        the model file `model_source`; encode every point; swap.  Returns the training status.
+        auto: started by `maybe_train`, which a cancel or a failure since then overrules."""
         c, space, request = self.c, self.space, request or {}
         use_threads(c.config.threads)
         with c.locks.write:
             c.check_writable()
             if c.closing:
                 raise NotFound(f"collection {c.name!r} is closing")
+            if auto and (space.facts.get("paused") or space.facts.get("last_error")):
+                raise Conflict(f"automatic training of {space.label} is paused")  # _auto_train: quiet
             if space.job is not None:
                 raise Conflict(f"{space.label} of collection {c.name!r} is already training (job {space.job.id}); "
                                f"wait for it or cancel it with DELETE /collections/{c.name}/train")
@@ -131,7 +134,7 @@ class Trainer:
             request = None
         elif not space.collecting and self.grown():
             sampled = min(space.index.ntotal, self.c.config.train_sample)
-            nlist = q.get("nlist") or max(space.index.nlist, auto_nlist(sampled))
+            nlist = max(space.index.nlist, q.get("nlist") or auto_nlist(sampled))
             if min_points(nlist) > sampled:
                 return
             request = {"nlist": nlist, "bytes": space.model.cfg.M}
@@ -153,7 +156,7 @@ class Trainer:
 
     def _auto_train(self, request: dict | None):
         try:
-            self.start(request)
+            self.start(request, auto=True)
         except (Conflict, NotFound):
             pass
         except Exception:
@@ -262,7 +265,8 @@ class Trainer:
         release_free_memory()  # the transaction's rows of every point, freed in the heap's middle
         c.snapshots.start()
         with c.locks.write:
-            self.maybe_train()  # outgrown already (a bulk load that came during this job): the next one
+            if not job.cancelled.is_set():  # a cancel that came too late to stop this job stops the next
+                self.maybe_train()  # outgrown already (a bulk load that came during this job): the next one
         return generation
 
     # ---- status --------------------------------------------------------------------------------------

@@ -33,12 +33,14 @@ class SearchBudget:
         self.max_candidates, self.max_vector_values = candidates, vector_values
         self.candidates, self.vector_values = candidates, vector_values  # what is left
 
-    def take(self, nq: int, limit: int, nshort: int, with_vector: bool, d: int):
+    def take(self, nq: int, limit: int, nshort: int, with_vector: bool, d: int, returned: int | None = None):
+        """nq queries of `limit` candidates each (a shortlist of nshort), `returned` of them (default
+        limit) with their d-dimensional vectors."""
         candidates = nq * max(limit, nshort)
         if candidates > self.candidates:
             raise BadRequest(f"this request asks for more than {self.max_candidates} search candidates (queries x "
                              f"max(limit, nshort)): send fewer queries or a smaller nshort")
-        values = nq * limit * d if with_vector else 0
+        values = nq * (limit if returned is None else returned) * d if with_vector else 0
         if values > self.vector_values:
             raise BadRequest(f"this request would return more than {self.max_vector_values} vector values: ask for "
                              f"fewer results or without with_vector")
@@ -68,23 +70,26 @@ def search(c: Collection, space: VectorSpace, queries, limit: int, params: dict 
     params = params or {}
     exclude = [set(c.internal_ids(list(e))) for e in exclude] if exclude else None
     extra = max((len(e) for e in exclude), default=0) if exclude else 0
-    # Qdrant ignores quantization settings that do not apply: so does rescore without originals.
-    rescore = bool(params.get("rescore")) and space.keeps_originals
     resolve = c.has_id_resolver(filter)
     try:
         with c.locks.index.read():  # one index throughout, even if a swap replaces it meanwhile
             index = space.index
-            rescore = rescore and not index.exact  # exact already
+            # Qdrant ignores quantization settings that do not apply: so does rescore without
+            # originals, or over an exact index (exact already).
+            rescore = bool(params.get("rescore")) and space.keeps_originals and not index.exact
             k = limit + extra
             sp = index.search_params(params)
-            if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals; at least
-                # the decoder's shortlist, which the originals rank better than the decoder would
-                k = min(MAX_RESCORE, max(math.ceil(k * (params.get("oversampling") or 1.0)), sp.nshort))
-                sp = dataclasses.replace(sp, nshort=0)
+            if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals
+                k = min(MAX_RESCORE, math.ceil(k * (params.get("oversampling") or 1.0)))
+                if not params.get("exact"):  # and the decoder's shortlist: the originals rank it better
+                    k = min(MAX_RESCORE, max(k, sp.nshort))
+                if sp.nshort <= k:  # the shortlist is the k candidates: the decoder need not rank them
+                    sp = dataclasses.replace(sp, nshort=0)
             budget = budget or SearchBudget(c.config.max_search_candidates)
-            budget.take(len(x), k, sp.nshort if sp else 0, bool(with_vector), returned_dimensions(c, with_vector))
-            if rescore:  # the originals read back count as returned vectors
-                budget.take(len(x), k, 0, True, index.d)
+            budget.take(len(x), k, sp.nshort if sp else 0, bool(with_vector), returned_dimensions(c, with_vector),
+                        returned=limit + extra)
+            if rescore:  # the originals read back count as vector values
+                budget.take(len(x), 0, 0, True, index.d, returned=k)
             allowed = c.filter_ids(filter, resolve) if filter is not None else None
             D, I = index.search(x, k, sp, allowed_ids=allowed)
     except ValueError as e:

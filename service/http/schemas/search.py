@@ -30,8 +30,9 @@ class SearchParams(Strict):
     target_recall: float | None = Field(None, gt=0, le=1)
     hnsw_ef: int | None = Field(None, ge=1, le=MAX_EF_SEARCH, description="Qdrant's name of ef_search")
     exact: bool = Field(False, description="probe every list, re-rank a wide shortlist")
-    rescore: bool = Field(False, description="re-rank the final candidates with their original vectors "
-                                             "(self-training collections that keep them)")
+    rescore: bool = Field(False, description="rank max(limit x oversampling, nshort) candidates by their original "
+                                             "vectors, in place of the decoder (self-training collections that "
+                                             "keep them)")
     quantization: QuantizationSearchParams | None = None
     indexed_only: bool = False
 
