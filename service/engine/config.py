@@ -45,7 +45,7 @@ class CollectionConfig(BaseModel):
     train_minutes: float = Field(30.0, gt=0, le=24 * 60, description="training budget of a collection's model")
     train_bytes: int = Field(8, ge=1, le=64, description="code bytes per vector of a trained model")
     keep_originals: bool = Field(True, description="keep original vectors after training (rescore, retraining)")
-    retrain_growth: float = Field(3.0, ge=0, le=1_000_000,
+    retrain_growth: float = Field(0.0, ge=0, le=1_000_000,
                                   description="retrain once a job would sample this many times the points the "
                                               f"model trained on: more data, more IVF lists (0: never by itself; "
                                               f"else {MIN_RETRAIN_GROWTH} and more)")

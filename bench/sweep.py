@@ -1,0 +1,55 @@
+"""Recall and lone latency of a kept collection over a grid of search params (issue #26).
+
+    python bench/scale.py --data minilm --n 969003 --keep --work W      # leaves W/n969003
+    python bench/sweep.py W/n969003 '[{}, {"nprobe": 32, "quantization": {"rescore": true, "oversampling": 8}}]'
+
+Starts `qinco serve` on the data directory (collection "c", the real 1M MiniLM set of
+bench/corpus.py), then for each params: 10-R@10 and 1-R@10 over 1,000 queries against the exact
+top 10, and the warm p50/p99 of 200 lone searches.  One JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from bench.corpus import load  # noqa: E402
+from bench.scale import latency, recall  # noqa: E402
+from bench.soak import free_port, start_server, stop_server  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", type=Path, help="a data directory kept by bench/scale.py --keep")
+    p.add_argument("grid", help="a JSON list of search params")
+    args = p.parse_args()
+    corpus = load()
+    queries, gt = corpus["queries"][:1000], corpus["gt"][:1000]
+    del corpus
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args.data, port, {}, args.data.parent / "sweep-server.log")
+    try:
+        while httpx.post(f"{url}/collections/c/points/query", json={"query": queries[0].tolist(), "limit": 1},
+                         timeout=60).status_code != 200:
+            time.sleep(0.5)
+        info = httpx.get(f"{url}/collections/c").json()["result"]
+        print(json.dumps({"nlist": info.get("nlist"), "model": info["qinco"].get("model")}), flush=True)
+        for params in json.loads(args.grid):
+            print(json.dumps({"params": params, **recall(url, queries, gt, params),
+                              **latency(url, queries[:200], params=params)}), flush=True)
+    finally:
+        stop_server(proc)
+
+
+if __name__ == "__main__":
+    main()
