@@ -150,7 +150,8 @@ class Trainer:
         space, q = self.space, self.space.settings
         growth = q.get("retrain_growth") or 0
         trained_on = (space.facts.get("model") or {}).get("trained_on")
-        if growth < MIN_RETRAIN_GROWTH or not q.get("train_after") or not trained_on or not space.keeps_originals:
+        if (not isinstance(growth, (int, float)) or growth < MIN_RETRAIN_GROWTH or not q.get("train_after")
+                or not trained_on or not space.keeps_originals):  # (a hand-edited collection.json: never)
             return False
         return min(space.index.ntotal, self.c.config.train_sample) >= growth * trained_on
 
