@@ -122,6 +122,13 @@ def wait_green(url: str, timeout: float, name: str = "c", done=("green",)) -> fl
     raise RuntimeError(f"not green after {timeout} s")
 
 
+def wait_searchable(url: str, query: np.ndarray, name: str = "c"):
+    """Until a search of the collection answers (a restarted server loads it first)."""
+    while httpx.post(f"{url}/collections/{name}/points/query", json={"query": query.tolist(), "limit": 1},
+                     timeout=60).status_code != 200:
+        time.sleep(0.2)
+
+
 def latency(url: str, queries: np.ndarray, name: str = "c", params: dict | None = None, before=None) -> dict:
     """Lone searches one after the other; `before()` runs ahead of each, untimed."""
     times = []
@@ -354,12 +361,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
     t0 = time.time()
     proc = start_server(data, port, env, work / f"n{n}.log")
     try:
-        while True:  # searchable: a search answers
-            r = httpx.post(f"{url}/collections/c/points/query", json={"query": queries[0].tolist(), "limit": 1},
-                           timeout=60)
-            if r.status_code == 200:
-                break
-            time.sleep(0.2)
+        wait_searchable(url, queries[0])
         out["restart_s"] = round(time.time() - t0, 1)
         time.sleep(2)
         out["rss_per_point_restart"] = round((proc_status(proc.pid, "VmRSS") - empty) * 1024 / n, 1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +22,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
 import httpx  # noqa: E402
 
 from bench.corpus import load  # noqa: E402
-from bench.scale import latency, recall  # noqa: E402
+from bench.scale import latency, recall, wait_searchable  # noqa: E402
 from bench.soak import free_port, start_server, stop_server  # noqa: E402
 
 
@@ -39,9 +38,7 @@ def main():
     url = f"http://127.0.0.1:{port}"
     proc = start_server(args.data, port, {}, args.data.parent / "sweep-server.log")
     try:
-        while httpx.post(f"{url}/collections/c/points/query", json={"query": queries[0].tolist(), "limit": 1},
-                         timeout=60).status_code != 200:
-            time.sleep(0.5)
+        wait_searchable(url, queries[0])
         info = httpx.get(f"{url}/collections/c").json()["result"]
         print(json.dumps({"nlist": info.get("nlist"), "model": info["qinco"].get("model")}), flush=True)
         for params in json.loads(args.grid):

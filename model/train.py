@@ -26,6 +26,9 @@ from .scan import native_bf16
 from .threads import set_threads
 
 
+LSQ_ITERS = 25  # faiss's default train_iters of LSQ++
+
+
 @dataclass
 class TrainConfig:
     max_minutes: float = 60.0  # wall-clock budget, initialisation included
@@ -39,7 +42,7 @@ class TrainConfig:
     # wordnet-384 LSQ++'s start won by far (60 min: 0.860x RQ's MSE against 0.911x, RESULTS); on
     # glove-50, where LSQ++ loses to RQ, "best" keeps RQ's, at the cost of training both.
     init: str = "best"
-    lsq_iters: int = 25  # LSQ++'s training iterations (LSQ_ITERS: faiss's default)
+    lsq_iters: int = LSQ_ITERS  # LSQ++'s training iterations
     # The recipe: bench/RESULTS.md "Training recipe" (equal-budget comparisons, a held-out set).
     A: int = 4  # pre-selected candidates per beam while training (A=16: 2.2x slower, worse per minute)
     B: int = 4  # beams while training
@@ -87,7 +90,6 @@ class TrainState:
 
 
 INITS = ("rq", "lsq", "best")
-LSQ_ITERS = 25  # faiss's default train_iters of LSQ++
 LSQ_VS_RQ = 3.5  # LSQ++'s training time (LSQ_ITERS) over RQ's (beam 5): 3.3x measured at d = 384, 2.1x at d = 784
 
 

@@ -133,7 +133,7 @@ class Trainer:
         if space.collecting and q["train_after"] and space.index.ntotal >= q["train_after"]:
             request = None
         elif not space.collecting and self.grown():
-            sampled = min(space.index.ntotal, self.c.config.train_sample)
+            sampled = self._sample_size()
             nlist = max(space.index.nlist, q.get("nlist") or auto_nlist(sampled))
             if min_points(nlist) > sampled:
                 return
@@ -153,7 +153,11 @@ class Trainer:
         if (not isinstance(growth, (int, float)) or growth < MIN_RETRAIN_GROWTH or not q.get("train_after")
                 or not trained_on or not space.keeps_originals):  # (a hand-edited collection.json: never)
             return False
-        return min(space.index.ntotal, self.c.config.train_sample) >= growth * trained_on
+        return self._sample_size() >= growth * trained_on
+
+    def _sample_size(self) -> int:
+        """The points a job started now would train on."""
+        return min(self.space.index.ntotal, self.c.config.train_sample)
 
     def _auto_train(self, request: dict | None):
         try:

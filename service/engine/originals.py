@@ -108,12 +108,6 @@ class OriginalsFile:
         out[order] = found
         return out
 
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        """Committed rows start:stop as float32 (one pread; `MappedOriginals` scans faster)."""
-        out = np.empty((stop - start, self.d), dtype=self.dtype)
-        self._read_into(out, start)
-        return out.astype(np.float32, copy=False)
-
     def _read_into(self, out: np.ndarray, first: int):
         """Rows first:first + len(out) into `out` (C-contiguous, this file's dtype)."""
         if first < 0:

@@ -80,9 +80,10 @@ def search(c: Collection, space: VectorSpace, queries, limit: int, params: dict 
             k = limit + extra
             sp = index.search_params(params)
             if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals
-                k = min(MAX_RESCORE, math.ceil(k * (params.get("oversampling") or 1.0)))
+                k = math.ceil(k * (params.get("oversampling") or 1.0))
                 if not params.get("exact"):  # and the decoder's shortlist: the originals rank it better
-                    k = min(MAX_RESCORE, max(k, sp.nshort))
+                    k = max(k, sp.nshort)
+                k = min(MAX_RESCORE, k)
                 if sp.nshort <= k:  # the shortlist is the k candidates: the decoder need not rank them
                     sp = dataclasses.replace(sp, nshort=0)
             budget = budget or SearchBudget(c.config.max_search_candidates)
