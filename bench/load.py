@@ -156,7 +156,7 @@ def main():
         print(f"{args.dataset}: loaded {len(base):,} points over HTTP in {load_s:.1f}s "
               f"({len(base) / load_s:,.0f} points/s), {args.clients} clients, {args.seconds:.0f}s per phase")
 
-        params = SearchParams()
+        params = SearchParams.defaults(httpx.get(f"{url}/collections/bench").json()["result"]["nlist"])  # the server's
 
         def healthz(client, i):
             return client.get(f"{url}/healthz")

@@ -342,19 +342,20 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
                    qps=qps(url, queries[:300], args.clients))
         del x
         if gt is not None:
-            rescore = {"quantization": {"rescore": True, "oversampling": 4}}
-            wide = {"nprobe": 32, "quantization": {"rescore": True, "oversampling": 16}}  # README's advice for 0.95
-            out["recall"] = {"no_rescore": recall(url, queries, gt, {}), **{
-                f"rescore_oversampling_{o}": recall(url, queries, gt, {"quantization": {"rescore": True, "oversampling": o}})
-                for o in (1, 4, 16)}, "nprobe_32_rescore_oversampling_16": recall(url, queries, gt, wide)}
+            rescore = {"quantization": {"rescore": True}}  # at the defaults: nprobe 2 sqrt(nlist), 128 candidates
+            wide = {"nprobe": 64, "quantization": {"rescore": True, "oversampling": 16}}
+            out["recall"] = {"no_rescore": recall(url, queries, gt, {}), "rescore": recall(url, queries, gt, rescore),
+                             "rescore_nshort_20": recall(url, queries, gt, {**rescore, "nshort": 20}),
+                             "nprobe_16_rescore": recall(url, queries, gt, {**rescore, "nprobe": 16}),
+                             "nprobe_64_rescore_oversampling_16": recall(url, queries, gt, wide)}
             folder = data / "collections" / "c"
             cold = lambda: drop_page_cache(folder)  # noqa: E731
             out["rescore_latency"] = {"warm": latency(url, queries[:200]),
                                       "warm_rescore": latency(url, queries[:200], params=rescore),
-                                      "warm_nprobe_32_rescore_16": latency(url, queries[:200], params=wide),
+                                      "warm_nprobe_64_rescore_16": latency(url, queries[:200], params=wide),
                                       "cold": latency(url, queries[:200], before=cold),
                                       "cold_rescore": latency(url, queries[:200], params=rescore, before=cold),
-                                      "cold_nprobe_32_rescore_16": latency(url, queries[:200], params=wide, before=cold)}
+                                      "cold_nprobe_64_rescore_16": latency(url, queries[:200], params=wide, before=cold)}
     finally:
         stop_server(proc)
     out["disk_per_point"] = round(sum(f.stat().st_size for f in (data / "collections").rglob("*") if f.is_file()) / n, 1)

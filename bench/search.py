@@ -89,16 +89,16 @@ def lists_of(model, x: np.ndarray) -> np.ndarray:
     return model.assign(model.normalize(torch.from_numpy(x))).numpy()
 
 
-def build_lsq_scan(model, learn: np.ndarray, base: np.ndarray, nbytes: int) -> tuple[QincoIndex, float]:
-    """Our IVF-HNSW scan fed LSQ++ codes: the model's centroids and HNSW, faiss LSQ++ (defaults, the
-    whole learn split's IVF residuals) as the fixed tables.  No neural decoder: table order only."""
+def build_lsq_scan(model, lsq: faiss.LocalSearchQuantizer, base: np.ndarray) -> tuple[QincoIndex, float]:
+    """Our IVF-HNSW scan fed LSQ++ codes: the model's centroids and HNSW, and as the fixed tables
+    the LSQ++ codebooks that faiss's IVF-LSQ trained (defaults, the learn split's IVF residuals).
+    No neural decoder: table order only."""
     centroids = model.centroids_raw()
-    lsq = faiss.LocalSearchQuantizer(model.cfg.d, nbytes, 8)
-    lsq.train(np.ascontiguousarray(learn - centroids[lists_of(model, learn)]))
     t0 = time.perf_counter()
     lists = lists_of(model, base)
-    codes = lsq.compute_codes(np.ascontiguousarray(base - centroids[lists]))
-    norms = (lsq.decode(codes) ** 2).sum(1)
+    packed = lsq.compute_codes(np.ascontiguousarray(base - centroids[lists]))  # M bytes, then IVF-LSQ's norm byte
+    norms = (lsq.decode(packed) ** 2).sum(1)
+    codes = packed[:, :model.cfg.M]
     fed = copy.deepcopy(model)
     tables = faiss.vector_to_array(lsq.codebooks).reshape(fed.tables.shape)
     fed.tables.copy_(torch.from_numpy(tables))
@@ -212,12 +212,13 @@ def main():
               "  of which fixed tables alone (nshort 0)": [r for r in rows if not r["nshort"]]}
     curves = {name: points for name, points in curves.items() if points}  # e.g. no nshort 0 in the grid
     loads = dict.fromkeys(curves, qinco_load)
+    ivfs = {}
     for kind in ("PQ", "RQ", "LSQ"):
-        fidx, seconds, ivf = build_faiss(kind, model, ds.learn, ds.base, nbytes)
+        fidx, seconds, ivfs[kind] = build_faiss(kind, model, ds.learn, ds.base, nbytes)
         name = f"faiss IVF-{kind} ({nbytes} B)" if kind == "PQ" else f"faiss IVF-{kind} ({nbytes}+1 B)"
-        curves[name] = sweep_faiss(fidx, ivf, xq, nearest, nprobes)
+        curves[name] = sweep_faiss(fidx, ivfs[kind], xq, nearest, nprobes)
         loads[name] = seconds
-    fed, seconds = build_lsq_scan(model, ds.learn, ds.base, nbytes)
+    fed, seconds = build_lsq_scan(model, ivfs["LSQ"].lsq, ds.base)  # the codebooks IVF-LSQ trained
     name = f"our scan fed LSQ++ codes ({nbytes}+1 B)"
     curves[name], loads[name] = sweep_qinco(fed, xq, nearest, [0], nprobes), seconds
 

@@ -170,8 +170,8 @@ def cmd_tune(args):
         print(f"target recall {args.target_recall}: {index.params_for_recall(args.target_recall)}")
 
 
-def search_params_from_args(args) -> SearchParams:
-    default = SearchParams()
+def search_params_from_args(args, nlist: int) -> SearchParams:
+    default = SearchParams.defaults(nlist)
     return SearchParams(args.nprobe or default.nprobe, args.ef_search or default.ef_search,
                         default.nshort if args.nshort is None else args.nshort)
 
@@ -182,7 +182,7 @@ def cmd_search(args):
     if args.target_recall:
         D, I = index.search(queries, args.k, target_recall=args.target_recall)
     else:
-        D, I = index.search(queries, args.k, search_params_from_args(args))
+        D, I = index.search(queries, args.k, search_params_from_args(args, index.model.cfg.nlist))
     io.write_vectors(args.out, I)
     if args.distances:
         io.write_vectors(args.distances, D)

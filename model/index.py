@@ -52,6 +52,14 @@ class SearchParams:
     ef_search: int = 64
     nshort: int = 20  # shortlist re-ranked by the neural decoder; 0: none, the fixed-table order
 
+    @classmethod
+    def defaults(cls, nlist: int) -> SearchParams:
+        """The default operating point for nlist lists: nprobe = 2 sqrt(nlist), at least 16 (32
+        at 256 lists, 64 at 1,024, 200 at 10,000).  Finer lists hold fewer of a query's neighbours
+        each, so a search probes more of them, but a smaller share."""
+        nprobe = min(nlist, max(cls.nprobe, round(2 * math.sqrt(nlist))))
+        return cls(nprobe, max(cls.ef_search, nprobe), cls.nshort)
+
 
 @dataclass(frozen=True)
 class OperatingPoint:
@@ -277,7 +285,7 @@ class QincoIndex:
         """
         if target_recall is not None:
             params = self.params_for_recall(target_recall)
-        params = self.check_params(k, params or SearchParams())
+        params = self.check_params(k, params or SearchParams.defaults(self.model.cfg.nlist))
         xq = check_vectors(queries, self.d, "queries")
         mask, n_allowed = None, self.ntotal
         if allowed_ids is not None:  # over the rows in use: holes and room hold id -1, never allowed

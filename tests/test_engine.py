@@ -137,6 +137,10 @@ def test_a_search_budget_names_its_own_limits():
         budget.take(2, 10, 600, False, 100)
     budget.take(1, 50, 0, True, 100, returned=5)  # 50 candidates, 5 of them returned with their vectors
     assert (budget.candidates, budget.vector_values) == (950, 0)
+    budget = SearchBudget(10**6, originals=1000)
+    budget.take_originals(2, 5, 100)  # 2 queries rescoring 5 candidates of 100 dimensions
+    with pytest.raises(BadRequest, match="more than 1000 original vector values"):
+        budget.take_originals(1, 1, 1)
 
 
 def test_the_point_set_stays_sorted_through_appends_inserts_and_removes():

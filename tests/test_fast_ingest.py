@@ -173,3 +173,33 @@ def test_the_count_never_dips_while_points_are_refined(tmp_path, ivf_model, vect
             counts.append(c.count())
         assert set(counts) <= {i0 + 20}, counts
     store.close()
+
+
+def test_the_refiners_of_several_collections_take_turns(tmp_path, ivf_model, glove_sample, gate, monkeypatch):
+    """Each refiner encodes on every background thread: two collections' never encode at once
+    (both held at the gate until both have work, then let go together)."""
+    encode, running, most = QincoSpaceIndex.encode, [0], [0]
+    lock = threading.Lock()
+
+    def counted(self, x, encoder, workers=0):
+        if threading.current_thread().name.startswith("refine-"):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.2)  # long enough for the other refiner to try
+            with lock:
+                running[0] -= 1
+        return encode(self, x, encoder, workers)
+
+    monkeypatch.setattr(QincoSpaceIndex, "encode", counted)
+    store, c = create(tmp_path, ivf_model)
+    d = store.create("d", "l2", "quality", tmp_path / "ivf.safetensors")
+    x = glove_sample[4000:4600]
+    for col in (c, d):
+        col.upsert(list(range(600)), x, [None] * 600)  # 3 refine batches each
+    gate.set()
+    wait_refined(c)
+    wait_refined(d)
+    assert most[0] == 1
+    assert np.array_equal(np.stack([stored(d)[i] for i in range(600)]), codes_of(ivf_model, x, "quality"))
+    store.close()

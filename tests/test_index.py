@@ -382,3 +382,25 @@ def test_exact_index_of_unit_vectors_skips_their_norms_and_ranks_the_same():
     kept = np.setdiff1d(np.arange(len(x)), np.arange(100, 400))
     want = kept[np.argsort(-(q @ x[kept].T), 1)[:, :10]]
     assert (Iu == want).all()
+
+
+def test_default_nprobe_grows_as_twice_the_root_of_nlist(index, base):
+    """16 lists or fewer: every list; then at least 16, 2 sqrt(nlist) once that is more."""
+    assert [SearchParams.defaults(n).nprobe for n in (1, 8, 16, 64, 100, 256, 1024, 10_000)] == \
+        [1, 8, 16, 16, 20, 32, 64, 200]
+    assert all(SearchParams.defaults(n).ef_search >= SearchParams.defaults(n).nprobe for n in (16, 1024, 65_536))
+
+def test_searches_without_params_take_the_defaults_for_their_nlist(index, base, monkeypatch):
+    from service.engine.index import QincoSpaceIndex
+    narrow = SearchParams(nprobe=1, ef_search=16, nshort=0)  # not SearchParams(): the defaults are used
+    asked = []
+    monkeypatch.setattr(SearchParams, "defaults", classmethod(lambda cls, nlist: asked.append(nlist) or narrow))
+    D, I = index.search(base[:20], 10)
+    Dn, In = index.search(base[:20], 10, narrow)
+    assert asked == [16] and np.array_equal(I, In) and np.array_equal(D, Dn)
+    monkeypatch.undo()
+    space = QincoSpaceIndex(index)  # a service's space over an index, told it has 1,024 lists
+    space.nlist = 1024
+    assert space.default_params() == {"nprobe": 64, "ef_search": 64, "nshort": 20}
+    assert space.search_params({}) == SearchParams(64, 64, 20)
+    assert space.search_params({"nprobe": 8}) == SearchParams(8, 64, 20)

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.engine import search
 from service.engine.originals import OriginalsFile
 from service.engine.registry import Store
 from tests.server import free_port, serve
@@ -144,7 +145,7 @@ def mapped(path) -> bool:
         return str(path) in f.read()
 
 
-def test_reads_copy_rows_and_only_the_exact_index_maps_the_file(tmp_path, glove_sample):
+def test_reads_copy_rows_and_only_the_exact_index_maps_the_file(tmp_path, glove_sample, monkeypatch):
     """A rescore or a retrieve reads rows with pread (no map: its pages would stay in the server's
     RSS); the exact index of a space without a model scans a map, which goes with that index."""
     x = glove_sample[:1200]
@@ -172,6 +173,11 @@ def test_reads_copy_rows_and_only_the_exact_index_maps_the_file(tmp_path, glove_
     assert not mapped(path)  # gone with the exact index
     hits = c.search(x[[7]], 3, {"rescore": True, "oversampling": 4}, False, False)[0]
     assert hits[0].id == 7 and np.array_equal(c.space.record.originals([7])[7], x[7]) and not mapped(path)
+    # A batch is rescored a block of queries at a time (bounded memory), with the same hits.
+    whole = c.search(x[100:150], 5, {"rescore": True}, False, False)
+    assert sum(h[0].id == 100 + q for q, h in enumerate(whole)) >= 45
+    monkeypatch.setattr(search, "RESCORE_BLOCK_VALUES", 3 * search.RESCORE_SHORTLIST * 50)  # 3 queries a block
+    assert c.search(x[100:150], 5, {"rescore": True}, False, False) == whole
     store.close()
 
 

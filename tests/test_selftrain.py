@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from model.io import save_model
+from service.engine.search import RESCORE_SHORTLIST
 from tests.server import free_port, serve
 
 SETTINGS = {"bytes": 4, "train_after": 2000, "train_minutes": 0.05}
@@ -124,19 +125,22 @@ def test_create_by_shape_collect_train_swap_retrain(server, glove_sample):
     assert r.json()["result"]["count"] == written
     # Rescore: the candidates in the exact order of their originals.
     for qv in x[6000:6005]:
-        hits = search(server, qv, limit=10, params={"quantization": {"rescore": True, "oversampling": 3}})
+        hits = search(server, qv, limit=10, params={"nshort": 0, "quantization": {"rescore": True, "oversampling": 3}})
         exact = [float(np.sqrt(((x[h["id"]] - qv) ** 2).sum())) for h in hits]
         assert np.allclose([h["score"] for h in hits], exact, atol=1e-4) and exact == sorted(exact)
-        # The 30 candidates are the scan's first 30 (the decoder, which would only reorder them, is
-        # skipped): the same set a decoded shortlist of 30 holds, ranked by their originals.
+        # nshort 0: the 30 candidates are the scan's first 30 (the decoder, which would only reorder
+        # them, is skipped): the same set a decoded shortlist of 30 holds, ranked by their originals.
         table = [h["id"] for h in search(server, qv, limit=30, params={"nshort": 0})]
         assert {h["id"] for h in search(server, qv, limit=30, params={"nshort": 30})} == set(table)
         by_original = sorted(table, key=lambda j: float(((x[j] - qv) ** 2).sum()))
         assert [h["id"] for h in hits] == by_original[:10]
-        # Qdrant's default oversampling (1): the decoder's shortlist (here 50) ranked by the originals.
-        first = [h["id"] for h in search(server, qv, limit=50, params={"nshort": 0})]
-        hits = search(server, qv, limit=10, params={"nshort": 50, "quantization": {"rescore": True}})
-        assert [h["id"] for h in hits] == sorted(first, key=lambda j: float(((x[j] - qv) ** 2).sum()))[:10]
+        # Qdrant's default oversampling (1): the shortlist (here 50) ranked by the originals; with no
+        # nshort, the scan's first RESCORE_SHORTLIST.
+        for nshort in (50, None):
+            first = [h["id"] for h in search(server, qv, limit=nshort or RESCORE_SHORTLIST, params={"nshort": 0})]
+            params = {"quantization": {"rescore": True}, **({"nshort": nshort} if nshort else {})}
+            hits = search(server, qv, limit=10, params=params)
+            assert [h["id"] for h in hits] == sorted(first, key=lambda j: float(((x[j] - qv) ** 2).sum()))[:10]
     # Retrain: 409 while a job runs, then a second swap.
     r = server.post("/collections/own/train", json={"minutes": 0.05})
     assert r.status_code == 202 and r.json()["result"]["job"]["kind"] == "train"
@@ -528,7 +532,8 @@ def test_a_high_d_collection_trains_a_model_with_narrower_blocks(tmp_path, glove
         time.sleep(0.2)
     assert c.space.generation == 1 and c.space.model.cfg.de == 128 and c.space.model.cfg.d == 256
     assert c.count() == 1200
-    hits = c.search(x[:3], 10, {"rescore": True}, False, False)
-    assert [len(h) for h in hits] == [10] * 3
+    assert [len(h) for h in c.search(x[:3], 10, {"rescore": True}, False, False)] == [10] * 3
+    every = {"nprobe": c.space.model.cfg.nlist, "nshort": 1200, "rescore": True}  # all 1,200 points ranked
+    hits = c.search(x[:3], 10, every, False, False)
     assert [h[0].id for h in hits] == [0, 1, 2]  # re-ranked with the originals: each finds itself
     store.close()

@@ -16,7 +16,8 @@ every acquire, so a change that could deadlock fails its first test with LockOrd
               by a reader (field_index.py), a job's process handle (service/training/job.py), the
               search batcher (service/http/batching.py)
 
-Encoding, SQLite reads and the training worker run outside every lock.
+Encoding, SQLite reads and the training worker run outside every collection lock (the refiners
+of all collections take turns to encode: refine.ENCODING_TURN, a leaf).
 
 Threads, all daemons named after their collection (started by `start`):
   refine-NAME     re-encodes points acknowledged with fast codes (refine.py), at nice 10

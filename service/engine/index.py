@@ -130,8 +130,8 @@ class QincoSpaceIndex:
     def search_params(self, options: dict) -> SearchParams:
         if options.get("target_recall") is not None:
             return self.qinco.params_for_recall(options["target_recall"])
-        default = SearchParams()
-        sp = SearchParams(options.get("nprobe") or min(default.nprobe, self.nlist),
+        default = SearchParams.defaults(self.nlist)
+        sp = SearchParams(options.get("nprobe") or default.nprobe,
                           options.get("ef_search") or default.ef_search,
                           default.nshort if options.get("nshort") is None else options["nshort"])
         if options.get("exact"):  # every list, a wide shortlist: exact but for the table order
@@ -151,8 +151,8 @@ class QincoSpaceIndex:
                 + probed * cfg.M + nshort * cfg.decode_macs)
 
     def default_params(self) -> dict:
-        default = SearchParams()
-        return {"nprobe": min(default.nprobe, self.nlist), "ef_search": default.ef_search, "nshort": default.nshort}
+        default = SearchParams.defaults(self.nlist)
+        return {"nprobe": default.nprobe, "ef_search": default.ef_search, "nshort": default.nshort}
 
     def serialize(self) -> Snapshot:
         """The quantizer and tables (faiss, its lists empty) and a copy of the lists, made under

@@ -18,7 +18,7 @@ from model.threads import use_threads
 from ..errors import BadRequest
 from . import reads
 from .reads import MAX_VECTOR_VALUES, returned_dimensions
-from .search import Hit, SearchBudget, is_light
+from .search import MAX_RESCORE_VALUES, Hit, SearchBudget, is_light
 
 if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .collection import Collection
@@ -56,7 +56,8 @@ def search_group(c: Collection, group: list[Query], budget: SearchBudget | None 
     """Searches that share their options, in one call.  Without a budget, each search gets the
     budget of a request of its own (a micro-batch of lone requests)."""
     first = group[0]
-    budget = budget or SearchBudget(c.config.max_search_candidates * len(group), MAX_VECTOR_VALUES * len(group))
+    budget = budget or SearchBudget(c.config.max_search_candidates * len(group), MAX_VECTOR_VALUES * len(group),
+                                    MAX_RESCORE_VALUES * len(group))
     return c.search([q.target for q in group], first.limit + first.offset, first.params, first.with_payload,
                     first.with_vector, budget=budget, filter=first.filter, exclude=exclude, using=first.using)
 

@@ -26,6 +26,9 @@ log = logging.getLogger("qinco.store")
 
 REFINE_BATCH = 256  # points re-encoded per background commit
 REFINE_QUEUE_BYTES = 1 << 30  # past this many queued vector bytes, upserts wait for the better codes
+# Each refiner encodes on all the background encoding threads: those of several spaces take turns,
+# a batch at a time, rather than each taking every core.
+ENCODING_TURN = concurrency.OrderedLock(concurrency.LEAF, "encoding turn")
 
 
 class Refiner:
@@ -73,7 +76,10 @@ class Refiner:
         if not rows:
             return False
         x = array_of([r[2] for r in rows], np.float32, space.dimension)
-        codes = index.encode(x, space.encoder, workers=1)  # this thread's own torch threads
+        with ENCODING_TURN:
+            if c.closing or c.closed:  # closed while this refiner waited for its turn
+                return False
+            codes = index.encode(x, space.encoder, workers=1)  # this thread's own torch threads
         with c.locks.write:
             if c.closing or c.closed or c.broken:
                 return False

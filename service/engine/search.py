@@ -21,6 +21,16 @@ if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .space import VectorSpace
 
 MAX_RESCORE = 10_000  # candidates re-ranked with their originals in one query
+# Candidates a rescore ranks when the request sets no nshort: reading an original costs ~1 us warm
+# (~15 us cold, the reads issued together), and 8-byte codes need ~10x the limit for 0.95 of
+# queries to find their nearest (real 1M MiniLM set, RESULTS "Session 18").
+RESCORE_SHORTLIST = 128
+# Originals read back by one request's rescores (queries x candidates x dimensions): 2,000 queries
+# of 128 candidates at d = 384.  The reads go a block of queries at a time: candidates x dimensions
+# of the queries rescored at once (a few arrays of this size, 16 MB each); a query's candidates
+# are capped to fit (at d = 384, MAX_RESCORE does it first).
+MAX_RESCORE_VALUES = 100_000_000
+RESCORE_BLOCK_VALUES = 4_000_000
 LIGHT_SEARCH_MACS = 12_000_000  # a lone search this cheap runs in the event loop (~0.3-0.5 ms of one core)
 LIGHT_SEARCH_LIMIT = 100  # results (limit + offset) of such a search: payloads are read in the loop too
 
@@ -29,9 +39,9 @@ class SearchBudget:
     """What one request may ask of the searches it makes: shortlist candidates (queries x
     max(limit, nshort)) and numbers of returned vectors.  Shared by the groups of a batch."""
 
-    def __init__(self, candidates: int, vector_values: int = MAX_VECTOR_VALUES):
-        self.max_candidates, self.max_vector_values = candidates, vector_values
-        self.candidates, self.vector_values = candidates, vector_values  # what is left
+    def __init__(self, candidates: int, vector_values: int = MAX_VECTOR_VALUES, originals: int = MAX_RESCORE_VALUES):
+        self.max_candidates, self.max_vector_values, self.max_originals = candidates, vector_values, originals
+        self.candidates, self.vector_values, self.originals = candidates, vector_values, originals  # what is left
 
     def take(self, nq: int, limit: int, nshort: int, with_vector: bool, d: int, returned: int | None = None):
         """nq queries of `limit` candidates each (a shortlist of nshort), `returned` of them (default
@@ -46,6 +56,14 @@ class SearchBudget:
                              f"fewer results or without with_vector")
         self.candidates -= candidates
         self.vector_values -= values
+
+    def take_originals(self, nq: int, candidates: int, d: int):
+        """nq queries rescoring `candidates` each with their d-dimensional originals."""
+        values = nq * candidates * d
+        if values > self.originals:
+            raise BadRequest(f"this request would rescore more than {self.max_originals} original vector values "
+                             f"(queries x candidates x dimensions): send fewer queries or a smaller oversampling")
+        self.originals -= values
 
 
 @dataclass
@@ -81,16 +99,16 @@ def search(c: Collection, space: VectorSpace, queries, limit: int, params: dict 
             sp = index.search_params(params)
             if rescore:  # Qdrant's oversampling: more candidates, re-ranked with the originals
                 k = math.ceil(k * (params.get("oversampling") or 1.0))
-                if not params.get("exact"):  # and the decoder's shortlist: the originals rank it better
-                    k = max(k, sp.nshort)
-                k = min(MAX_RESCORE, k)
+                if not params.get("exact"):  # and the shortlist: the originals rank it better than the decoder
+                    k = max(k, sp.nshort, RESCORE_SHORTLIST if params.get("nshort") is None else 0)
+                k = max(limit + extra, min(MAX_RESCORE, k, RESCORE_BLOCK_VALUES // index.d))  # never fewer results
                 if sp.nshort <= k:  # the shortlist is the k candidates: the decoder need not rank them
                     sp = dataclasses.replace(sp, nshort=0)
             budget = budget or SearchBudget(c.config.max_search_candidates)
             budget.take(len(x), k, sp.nshort if sp else 0, bool(with_vector), returned_dimensions(c, with_vector),
                         returned=limit + extra)
-            if rescore:  # the originals read back count as vector values
-                budget.take(len(x), 0, 0, True, index.d, returned=k)
+            if rescore:
+                budget.take_originals(len(x), k, index.d)
             allowed = c.filter_ids(filter, resolve) if filter is not None else None
             D, I = index.search(x, k, sp, allowed_ids=allowed)
     except ValueError as e:
@@ -130,8 +148,17 @@ def hits(c: Collection, space: VectorSpace, D: np.ndarray, I: np.ndarray, limit:
 
 
 def rescored(space: VectorSpace, x: np.ndarray, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates re-ranked by the exact distance to their original vectors (read from disk).
-    One deleted meanwhile (no original) is dropped (id -1) rather than ranked by another distance."""
+    """Candidates re-ranked by the exact distance to their original vectors (read from disk), a
+    block of queries at a time (memory: RESCORE_BLOCK_VALUES).  One deleted meanwhile (no
+    original) is dropped (id -1) rather than ranked by another distance."""
+    D, I = D.copy(), I.copy()
+    block = max(1, RESCORE_BLOCK_VALUES // max(1, I.shape[1] * x.shape[1]))  # no candidates: one block
+    for q0 in range(0, len(I), block):
+        D[q0:q0 + block], I[q0:q0 + block] = _rescored_block(space, x[q0:q0 + block], I[q0:q0 + block])
+    return D, I
+
+
+def _rescored_block(space: VectorSpace, x: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     found = np.unique(I[I >= 0])
     originals = space.record.originals(found)
     table = np.zeros((len(found) + 1, x.shape[1]), dtype=np.float32)  # last row: "no original"

@@ -26,13 +26,15 @@ class SearchParams(Strict):
     and ignored).  A collection without a model yet searches exactly and ignores them."""
     nprobe: int | None = Field(None, ge=1, le=1 << 20, description="lists probed (at most nlist)")
     ef_search: int | None = Field(None, ge=1, le=MAX_EF_SEARCH)
-    nshort: int | None = Field(None, ge=0, le=100_000, description="candidates re-ranked by the neural decoder (0: none)")
+    nshort: int | None = Field(None, ge=0, le=100_000,
+                               description="candidates re-ranked by the neural decoder (0: none), or by the originals "
+                                           "with rescore")
     target_recall: float | None = Field(None, gt=0, le=1)
     hnsw_ef: int | None = Field(None, ge=1, le=MAX_EF_SEARCH, description="Qdrant's name of ef_search")
     exact: bool = Field(False, description="probe every list, re-rank a wide shortlist")
     rescore: bool = Field(False, description="rank max(limit x oversampling, nshort) candidates by their original "
                                              "vectors, in place of the decoder (self-training collections that "
-                                             "keep them)")
+                                             "keep them); nshort unset: 128")
     quantization: QuantizationSearchParams | None = None
     indexed_only: bool = False
 
