@@ -383,7 +383,7 @@ PANELS = [  # (title, [(label, key)], unit)
     ("lone search", [("p50", "p50_ms"), ("p99", "p99_ms")], "ms"),
     ("QPS, 8 clients", [("", "qps")], "queries/s"),
     ("recall (real data)", [("10-R@10", "recall.no_rescore.10-R@10"),
-                            ("10-R@10, rescore x16", "recall.rescore_oversampling_16.10-R@10"),
+                            ("10-R@10, rescore", "recall.rescore.10-R@10"),
                             ("1-R@10", "recall.no_rescore.1-R@10")], ""),
 ]
 

@@ -384,11 +384,12 @@ def test_exact_index_of_unit_vectors_skips_their_norms_and_ranks_the_same():
     assert (Iu == want).all()
 
 
-def test_default_nprobe_grows_as_twice_the_root_of_nlist(index, base):
+def test_default_nprobe_grows_as_twice_the_root_of_nlist():
     """16 lists or fewer: every list; then at least 16, 2 sqrt(nlist) once that is more."""
     assert [SearchParams.defaults(n).nprobe for n in (1, 8, 16, 64, 100, 256, 1024, 10_000)] == \
         [1, 8, 16, 16, 20, 32, 64, 200]
     assert all(SearchParams.defaults(n).ef_search >= SearchParams.defaults(n).nprobe for n in (16, 1024, 65_536))
+
 
 def test_searches_without_params_take_the_defaults_for_their_nlist(index, base, monkeypatch):
     from service.engine.index import QincoSpaceIndex

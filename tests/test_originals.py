@@ -177,7 +177,10 @@ def test_reads_copy_rows_and_only_the_exact_index_maps_the_file(tmp_path, glove_
     whole = c.search(x[100:150], 5, {"rescore": True}, False, False)
     assert sum(h[0].id == 100 + q for q, h in enumerate(whole)) >= 45
     monkeypatch.setattr(search, "RESCORE_BLOCK_VALUES", 3 * search.RESCORE_SHORTLIST * 50)  # 3 queries a block
+    blocks, block = [], search._rescored_block
+    monkeypatch.setattr(search, "_rescored_block", lambda space, q, I: blocks.append(len(q)) or block(space, q, I))
     assert c.search(x[100:150], 5, {"rescore": True}, False, False) == whole
+    assert blocks == [3] * 16 + [2]
     store.close()
 
 

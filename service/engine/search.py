@@ -20,15 +20,15 @@ if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .collection import Collection
     from .space import VectorSpace
 
-MAX_RESCORE = 10_000  # candidates re-ranked with their originals in one query
-# Candidates a rescore ranks when the request sets no nshort: reading an original costs ~1 us warm
-# (~15 us cold, the reads issued together), and 8-byte codes need ~10x the limit for 0.95 of
-# queries to find their nearest (real 1M MiniLM set, RESULTS "Session 18").
+MAX_RESCORE = 10_000  # candidates re-ranked with their originals in one query (but limit + offset)
+# Candidates a rescore ranks at least when the request sets no nshort: reading an original costs
+# ~1 us warm (~15 us cold, the reads issued together), and at limit 10 8-byte codes need ~10x the
+# limit for 0.95 of queries to find their nearest (real 1M MiniLM set, RESULTS "Session 18").
 RESCORE_SHORTLIST = 128
 # Originals read back by one request's rescores (queries x candidates x dimensions): 2,000 queries
-# of 128 candidates at d = 384.  The reads go a block of queries at a time: candidates x dimensions
-# of the queries rescored at once (a few arrays of this size, 16 MB each); a query's candidates
-# are capped to fit (at d = 384, MAX_RESCORE does it first).
+# of 128 candidates at d = 384.  The reads go a block of queries at a time, candidates x dimensions
+# of RESCORE_BLOCK_VALUES (a few arrays of 16 MB); a query's candidates are capped to fit, unless
+# its limit (+ offset) alone does not (then as much as returning its vectors would take).
 MAX_RESCORE_VALUES = 100_000_000
 RESCORE_BLOCK_VALUES = 4_000_000
 LIGHT_SEARCH_MACS = 12_000_000  # a lone search this cheap runs in the event loop (~0.3-0.5 ms of one core)
@@ -37,7 +37,8 @@ LIGHT_SEARCH_LIMIT = 100  # results (limit + offset) of such a search: payloads 
 
 class SearchBudget:
     """What one request may ask of the searches it makes: shortlist candidates (queries x
-    max(limit, nshort)) and numbers of returned vectors.  Shared by the groups of a batch."""
+    max(limit, nshort)), numbers of returned vectors and of the original values its rescores
+    read.  Shared by the groups of a batch."""
 
     def __init__(self, candidates: int, vector_values: int = MAX_VECTOR_VALUES, originals: int = MAX_RESCORE_VALUES):
         self.max_candidates, self.max_vector_values, self.max_originals = candidates, vector_values, originals
@@ -62,7 +63,8 @@ class SearchBudget:
         values = nq * candidates * d
         if values > self.originals:
             raise BadRequest(f"this request would rescore more than {self.max_originals} original vector values "
-                             f"(queries x candidates x dimensions): send fewer queries or a smaller oversampling")
+                             f"(queries x candidates x dimensions): send fewer queries, or a smaller oversampling or "
+                             f"nshort")
         self.originals -= values
 
 
@@ -123,7 +125,7 @@ def search(c: Collection, space: VectorSpace, queries, limit: int, params: dict 
 def hits(c: Collection, space: VectorSpace, D: np.ndarray, I: np.ndarray, limit: int, extra: int,
          exclude: list[set] | None, with_payload: bool, with_vector) -> list[list[Hit]]:
     """Each query's hits: excluded and since-deleted points left out, Qdrant's scores."""
-    payloads = c.record.payloads({int(i) for i in I.ravel()}) if with_payload else {}
+    payloads = c.record.payloads({int(i) for i in I[:, :limit + extra].ravel()}) if with_payload else {}
     vectors = {}
     if with_vector:
         found = np.unique(I[:, :limit + extra][I[:, :limit + extra] >= 0])  # not every rescore candidate
