@@ -12,7 +12,7 @@ it holds; the QINCo knobs (nprobe, ef_search, nshort) stay behind `search_params
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import faiss
@@ -151,8 +151,7 @@ class QincoSpaceIndex:
                 + probed * cfg.M + nshort * cfg.decode_macs)
 
     def default_params(self) -> dict:
-        default = SearchParams.defaults(self.nlist)
-        return {"nprobe": default.nprobe, "ef_search": default.ef_search, "nshort": default.nshort}
+        return asdict(SearchParams.defaults(self.nlist))
 
     def serialize(self) -> Snapshot:
         """The quantizer and tables (faiss, its lists empty) and a copy of the lists, made under

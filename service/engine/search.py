@@ -153,7 +153,6 @@ def rescored(space: VectorSpace, x: np.ndarray, D: np.ndarray, I: np.ndarray) ->
     """Candidates re-ranked by the exact distance to their original vectors (read from disk), a
     block of queries at a time (memory: RESCORE_BLOCK_VALUES).  One deleted meanwhile (no
     original) is dropped (id -1) rather than ranked by another distance."""
-    D, I = D.copy(), I.copy()
     block = max(1, RESCORE_BLOCK_VALUES // max(1, I.shape[1] * x.shape[1]))  # no candidates: one block
     for q0 in range(0, len(I), block):
         D[q0:q0 + block], I[q0:q0 + block] = _rescored_block(space, x[q0:q0 + block], I[q0:q0 + block])
