@@ -11,9 +11,9 @@ back: the service calls it (`release_free_memory`) after the work that frees muc
 model's swap, whose transaction reads and writes every point's row.
 
 numpy asks for transparent huge pages on its large arrays (madvise, on kernels set to
-"madvise"): then touching one row of a list's room, or of a point set's unused end, makes
-2 MiB resident.  The service turns that off: 1M points in the lists cost 23.0 bytes each with
-huge pages and 20.7 without (bench/RESULTS.md, session 14).
+"madvise"): then touching one row of a list's room makes 2 MiB resident.  The service turns
+that off: 1M points in the lists cost 23.0 bytes each with huge pages and 20.7 without
+(bench/RESULTS.md, session 14).
 """
 
 from __future__ import annotations

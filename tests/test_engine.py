@@ -143,28 +143,50 @@ def test_a_search_budget_names_its_own_limits():
         budget.take_originals(1, 1, 1)
 
 
-def test_the_point_set_stays_sorted_through_appends_inserts_and_removes():
-    from service.engine.ids import PointSet
+@pytest.mark.parametrize("scattered", [False, True])
+def test_the_point_set_stays_sorted_through_appends_inserts_and_removes(scattered):
+    """Ids in runs stay a roaring bitmap; random 62-bit ids (a 64K chunk each) become a sorted array."""
+    from service.engine.ids import MIN_JUDGED, PointSet
     rng = np.random.default_rng(0)
-    points, expected = PointSet(np.zeros(0, np.int64)), set()
+    start = rng.integers(0, 1 << 62, MIN_JUDGED) if scattered else np.arange(10**6, 10**6 + MIN_JUDGED)
+    points, expected = PointSet(start), set(start.tolist())
+    assert (points._array is not None) == scattered  # the bitmap would cost more than 8 bytes an id
     views = []
-    for step in range(1500):
-        if step % 3 == 0:  # new ids above every stored one: appended in place
-            ids = np.arange(10_000 + 2 * len(expected), 10_000 + 2 * len(expected) + 10)
+    for step in range(600):
+        if step % 3 == 0:  # new ids above every stored one
+            top = max(expected) + 1
+            ids = np.arange(top, top + 10)
         else:
             ids = rng.integers(0, 5000, rng.integers(0, 20))
         if step % 5 == 4:
-            points.remove(ids)
+            points.remove(np.concatenate([ids, [-1]]))
             expected -= set(ids.tolist())
         else:
             points.add(ids)
             expected |= set(ids.tolist())
-        assert points.ids.tolist() == sorted(expected) and len(points) == len(expected)
-        if step % 100 == 0:
+        if step % 50 == 0:
+            assert points.ids.tolist() == sorted(expected) and len(points) == len(expected)
             views.append((points.ids, points.ids.copy()))
+    assert points.ids.tolist() == sorted(expected) and len(points) == len(expected)
     assert all((view == copy).all() for view, copy in views)  # what a reader holds never changes
-    probe = np.array(sorted(expected)[:3] + [-1, 10**9])
+    ordered = sorted(expected)
+    probe = np.array(ordered[:3] + [-1, (1 << 62) + 1])
     assert points.contains(probe).tolist() == [True, True, True, False, False]
+    assert points.page(None, 4) == ordered[:4]
+    assert points.page(ordered[10] + 1, 3) == ordered[11:14]  # a scroll offset that is no id
+    assert points.page(ordered[-1] + 1, 3) == [] and points.page(-5, 1) == ordered[:1]
+
+
+def test_the_point_set_holds_its_ids_as_whichever_costs_less():
+    from service.engine.ids import PointSet
+    scattered = np.unique(np.random.default_rng(0).integers(0, 10**9, 5000))
+    points = PointSet(scattered)
+    assert points._array is not None  # a 64K-id chunk for about every id: the array
+    points.add(np.arange(10**9, 10**9 + 20_000))
+    assert points._array is not None  # judged at twice the count, still too scattered
+    points.add(np.arange(10**9 + 20_000, 10**9 + 60_000))
+    assert points._bitmap is not None and points._array is None  # mostly runs now
+    assert points.ids.tolist() == sorted(scattered.tolist()) + list(range(10**9, 10**9 + 60_000))
 
 
 def test_code_blobs_convert_a_chunk_at_a_time_and_read_back():

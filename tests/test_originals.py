@@ -77,6 +77,9 @@ def test_a_collection_keeps_its_originals_in_the_file(tmp_path, glove_sample, da
     got = c.space.record.originals([0, 5, 260, 499])
     assert sorted(got) == [5, 260, 499]
     assert max(np.abs(got[i] - x[i]).max() for i in got) <= tolerance
+    many = c.space.record.originals(range(600, -1, -1))  # chunks read side by side on the look-up threads
+    assert sorted(many) == list(range(2, 500)) and all(np.array_equal(many[i], got[i]) for i in got)
+    assert max(np.abs(many[i] - x[i]).max() for i in many) <= tolerance
     store.close()
     store = Store(tmp_path)  # reopened: the exact index reads the file
     store.open_all()

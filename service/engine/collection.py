@@ -46,7 +46,7 @@ class Collection:
 
       record           points.sqlite (record.py)
       point_ids        client ids <-> internal ids (ids.py)
-      points           the stored points' internal ids (ids.PointSet; index lock)
+      points           the stored points' internal ids (ids.PointSet: a bitmap; written under the index lock)
       spaces           its vector spaces by name (space.py), each with its index, trainer and refiner
       payload_indexes  the field indexes that filters read (filters.py; index lock)
       snapshots        snapshot, recovery, the count of changed points (snapshots.py)

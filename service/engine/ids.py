@@ -10,10 +10,13 @@ direction of every answer); UUID -> id look-ups go to SQLite's primary-key index
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
+import threading
 import uuid
 
 import numpy as np
+from pyroaring import BitMap64
 
 from model.lists import is_in_sorted
 
@@ -22,6 +25,8 @@ from .sql import array_of, select_in
 UUID_BASE = 1 << 62
 MAX_INT_ID = UUID_BASE - 1  # integer point ids are 0 .. MAX_INT_ID; the internal ids above are UUIDs'
 INT_ID_RANGE = "[0, 2^62)"  # the same, as messages say it
+MIN_JUDGED = 1 << 12  # smaller sets stay bitmaps, whatever they cost (a few hundred KB at most)
+SPARSE_CHUNKS = 8  # a bitmap with a 64K-id chunk per 8 ids or fewer costs more than 8 bytes an id
 SCHEMA = "CREATE TABLE IF NOT EXISTS uuids (uuid BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;"
 
 
@@ -114,54 +119,83 @@ class PointIds:
 
 
 class PointSet:
-    """The ids of a collection's stored points, ascending, in one int64 array (8 bytes a point).
-    New ids above every stored one are appended in place (the buffer doubles: its unused end
-    costs no RAM); others make a new array.  Readers take `ids` without a lock: the rows they
-    see never change under them (index write lock for writes)."""
+    """The ids of a collection's stored points, as a roaring bitmap (pyroaring.BitMap64): a few
+    bits a point for ids that come in runs (sequential integers, UUIDs' internal ids), 2-4 bytes
+    for integers scattered below 2^32.  Ids so scattered that the bitmap would cost more than a
+    sorted int64 array (8 bytes a point; e.g. random 62-bit integers) are held as that array
+    instead, judged each time the count has doubled and at a restart.  One lock guards either:
+    searches check their hits without the index lock, and a bitmap must not change under a reader."""
 
     def __init__(self, ids: np.ndarray):
-        self._state = (ids, len(ids))  # (buffer, count): replaced together
+        self._lock = threading.Lock()
+        self._bitmap: BitMap64 | None = BitMap64(np.asarray(ids, np.int64).astype(np.uint64))
+        self._array: np.ndarray | None = None
+        self._judged_at = 0  # the count when the bitmap's cost was last judged
+        self._judge()
+
+    def _judge(self):
+        """Hold the ids as whichever costs less: the bitmap, unless there are more than one of its
+        64K-id chunks for every SPARSE_CHUNKS ids; judged each time the count has doubled."""
+        n = len(self._array) if self._array is not None else len(self._bitmap)
+        if n < max(MIN_JUDGED, 2 * self._judged_at):
+            return
+        self._judged_at = n
+        if self._array is None:
+            chunks = self._bitmap.get_statistics()["n_containers"]
+        else:
+            chunks = 1 + np.count_nonzero(np.diff(self._array >> 16)) if n else 0
+        if chunks * SPARSE_CHUNKS > n and self._array is None:
+            self._array = np.frombuffer(self._bitmap.to_array(), dtype=np.int64).copy()
+            self._bitmap = None
+        elif chunks * SPARSE_CHUNKS <= n and self._array is not None:
+            self._bitmap = BitMap64(self._array.astype(np.uint64))
+            self._array = None
 
     @property
     def ids(self) -> np.ndarray:
-        buffer, n = self._state
-        return buffer[:n]
+        """Every id, ascending: an array that never changes (writes replace the sorted array)."""
+        with self._lock:
+            if self._array is not None:
+                return self._array
+            return np.frombuffer(self._bitmap.to_array(), dtype=np.int64)
 
     def __len__(self) -> int:
-        return self._state[1]
+        with self._lock:
+            return len(self._array) if self._array is not None else len(self._bitmap)
 
-    def contains(self, ids: np.ndarray) -> np.ndarray:
+    def page(self, start: int | None, n: int) -> list[int]:
+        """The first n ids at or after `start` (None: from the first), ascending."""
+        with self._lock:
+            if self._array is not None:
+                i = np.searchsorted(self._array, start) if start is not None else 0
+                return self._array[i:i + n].tolist()
+            it = self._bitmap.iter_equal_or_larger(max(start, 0)) if start is not None else iter(self._bitmap)
+            return list(itertools.islice(it, n))
+
+    def contains(self, ids) -> np.ndarray:
         """A bool mask over `ids`: which are stored points."""
-        return is_in_sorted(np.asarray(ids, dtype=np.int64), self.ids)
-
-    def _positions(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids sorted and unique, where they go in the array, and which are there already."""
-        array = self.ids
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
-        pos = np.searchsorted(array, ids)
-        found = pos < len(array)
-        found[found] = array[pos[found]] == ids[found]
-        return ids, pos, found
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            if self._array is not None:
+                return is_in_sorted(ids, self._array)
+            held = self._bitmap & BitMap64(ids[ids >= 0].astype(np.uint64))
+        return is_in_sorted(ids, np.frombuffer(held.to_array(), dtype=np.int64))
 
     def add(self, ids):
-        ids, pos, found = self._positions(ids)
-        new = ids[~found]
-        if not len(new):
-            return
-        buffer, n = self._state
-        if n and new[0] <= buffer[n - 1]:  # among the stored ones: a new array
-            array = np.insert(buffer[:n], pos[~found], new)
-            self._state = (array, len(array))
-            return
-        if n + len(new) > len(buffer):
-            grown = np.empty(max(2 * len(buffer), n + len(new), 1024), dtype=np.int64)
-            grown[:n] = buffer[:n]
-            buffer = grown
-        buffer[n:n + len(new)] = new
-        self._state = (buffer, n + len(new))
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        with self._lock:
+            if self._array is None:
+                self._bitmap.update(ids.astype(np.uint64))
+            else:
+                new = ids[~is_in_sorted(ids, self._array)]
+                self._array = np.insert(self._array, np.searchsorted(self._array, new), new)
+            self._judge()
 
     def remove(self, ids):
-        _, pos, found = self._positions(ids)
-        if found.any():
-            array = np.delete(self.ids, pos[found])
-            self._state = (array, len(array))
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = ids[ids >= 0]
+        with self._lock:
+            if self._array is None:
+                self._bitmap.difference_update(BitMap64(ids.astype(np.uint64)))
+            else:
+                self._array = self._array[~is_in_sorted(self._array, ids)]

@@ -115,8 +115,11 @@ def scroll(c: Collection, f, offset: int | str | None, limit: int, with_payload:
     limit = min(limit, max(1, MAX_VECTOR_VALUES // max(returned_dimensions(c, with_vector), 1)))
     resolve = c.has_id_resolver(f)
     with c.locks.index.read():
-        ids = c.filter_ids(f, resolve) if f is not None else c.points.ids
-    start = np.searchsorted(ids, offset) if offset is not None else 0
-    page = ids[start:start + limit + 1].tolist()
+        if f is None:
+            page = c.points.page(offset, limit + 1)
+        else:
+            ids = c.filter_ids(f, resolve)
+            start = np.searchsorted(ids, offset) if offset is not None else 0
+            page = ids[start:start + limit + 1].tolist()
     nxt = c.point_ids.external(page[limit]) if len(page) > limit else None
     return records(c, page[:limit], with_payload, with_vector), nxt
