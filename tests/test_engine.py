@@ -150,7 +150,7 @@ def test_the_point_set_stays_sorted_through_appends_inserts_and_removes(scattere
     rng = np.random.default_rng(0)
     start = rng.integers(0, 1 << 62, MIN_JUDGED) if scattered else np.arange(10**6, 10**6 + MIN_JUDGED)
     points, expected = PointSet(start), set(start.tolist())
-    assert (points._array is not None) == scattered  # the bitmap would cost more than 8 bytes an id
+    assert (points._bitmap is None) == scattered  # a bitmap of scattered ids would cost more than 8 bytes an id
     views = []
     for step in range(600):
         if step % 3 == 0:  # new ids above every stored one
@@ -181,12 +181,15 @@ def test_the_point_set_holds_its_ids_as_whichever_costs_less():
     from service.engine.ids import PointSet
     scattered = np.unique(np.random.default_rng(0).integers(0, 10**9, 5000))
     points = PointSet(scattered)
-    assert points._array is not None  # a 64K-id chunk for about every id: the array
-    points.add(np.arange(10**9, 10**9 + 20_000))
-    assert points._array is not None  # judged at twice the count, still too scattered
-    points.add(np.arange(10**9 + 20_000, 10**9 + 60_000))
-    assert points._bitmap is not None and points._array is None  # mostly runs now
-    assert points.ids.tolist() == sorted(scattered.tolist()) + list(range(10**9, 10**9 + 60_000))
+    assert points._bitmap is None  # a 64K-id chunk for about every id: the array
+    points.add(np.arange(10**9, 10**9 + 20_000))  # appended in place, then judged: still too scattered
+    assert points._bitmap is None
+    points.add(np.arange(10**9 + 20_000, 10**9 + 120_000))
+    assert points._bitmap is not None  # mostly runs now
+    assert points.ids.tolist() == sorted(scattered.tolist()) + list(range(10**9, 10**9 + 120_000))
+    points.remove(np.arange(10**9, 10**9 + 120_000))  # judged again after as many adds as are left
+    points.add(np.unique(np.random.default_rng(1).integers(0, 1 << 62, 5000)))
+    assert points._bitmap is None and len(points) == len(scattered) + 5000
 
 
 def test_code_blobs_convert_a_chunk_at_a_time_and_read_back():

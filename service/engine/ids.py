@@ -25,8 +25,8 @@ from .sql import array_of, select_in
 UUID_BASE = 1 << 62
 MAX_INT_ID = UUID_BASE - 1  # integer point ids are 0 .. MAX_INT_ID; the internal ids above are UUIDs'
 INT_ID_RANGE = "[0, 2^62)"  # the same, as messages say it
-MIN_JUDGED = 1 << 12  # smaller sets stay bitmaps, whatever they cost (a few hundred KB at most)
-SPARSE_CHUNKS = 8  # a bitmap with a 64K-id chunk per 8 ids or fewer costs more than 8 bytes an id
+MIN_JUDGED = 1 << 12  # ids added before the point set judges its form again (a few hundred KB at most)
+DENSE_CHUNKS = 20  # ids a 64K-id chunk of a bitmap must hold on average to cost less than 8 bytes each
 SCHEMA = "CREATE TABLE IF NOT EXISTS uuids (uuid BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;"
 
 
@@ -122,53 +122,60 @@ class PointSet:
     """The ids of a collection's stored points, as a roaring bitmap (pyroaring.BitMap64): a few
     bits a point for ids that come in runs (sequential integers, UUIDs' internal ids), 2-4 bytes
     for integers scattered below 2^32.  Ids so scattered that the bitmap would cost more than a
-    sorted int64 array (8 bytes a point; e.g. random 62-bit integers) are held as that array
-    instead, judged each time the count has doubled and at a restart.  One lock guards either:
+    sorted int64 array (8 bytes a point; e.g. random 62-bit integers: ~120 bytes each in a
+    bitmap) are held as that array instead: judged on the ids at the start, then each time as
+    many ids have been added as were held at the last judgement.  One lock guards either:
     searches check their hits without the index lock, and a bitmap must not change under a reader."""
 
     def __init__(self, ids: np.ndarray):
         self._lock = threading.Lock()
-        self._bitmap: BitMap64 | None = BitMap64(np.asarray(ids, np.int64).astype(np.uint64))
-        self._array: np.ndarray | None = None
-        self._judged_at = 0  # the count when the bitmap's cost was last judged
+        self._bitmap: BitMap64 | None = None
+        self._buffer = np.unique(np.asarray(ids, dtype=np.int64))  # the array form: ids in [:_n], sorted
+        self._n = len(self._buffer)
+        self._judged_at, self._added = 0, 0  # the count at the last judgement, ids added since
         self._judge()
 
     def _judge(self):
-        """Hold the ids as whichever costs less: the bitmap, unless there are more than one of its
-        64K-id chunks for every SPARSE_CHUNKS ids; judged each time the count has doubled."""
-        n = len(self._array) if self._array is not None else len(self._bitmap)
-        if n < max(MIN_JUDGED, 2 * self._judged_at):
-            return
-        self._judged_at = n
-        if self._array is None:
+        """Hold the ids in the form that costs less (lock held)."""
+        n = len(self._bitmap) if self._bitmap is not None else self._n
+        self._judged_at, self._added = n, 0
+        if self._bitmap is not None:
             chunks = self._bitmap.get_statistics()["n_containers"]
         else:
-            chunks = 1 + np.count_nonzero(np.diff(self._array >> 16)) if n else 0
-        if chunks * SPARSE_CHUNKS > n and self._array is None:
-            self._array = np.frombuffer(self._bitmap.to_array(), dtype=np.int64).copy()
-            self._bitmap = None
-        elif chunks * SPARSE_CHUNKS <= n and self._array is not None:
-            self._bitmap = BitMap64(self._array.astype(np.uint64))
-            self._array = None
+            chunks = 1 + np.count_nonzero(np.diff(self._buffer[:n] >> 16)) if n else 0
+        dense = chunks * DENSE_CHUNKS <= n
+        if not dense and self._bitmap is not None:
+            self._buffer = np.frombuffer(self._bitmap.to_array(), dtype=np.int64).copy()
+            self._n, self._bitmap = len(self._buffer), None
+        elif dense and self._bitmap is None:
+            self._bitmap = BitMap64(self._buffer[:n].astype(np.uint64))
+            self._buffer, self._n = np.zeros(0, np.int64), 0
+
+    def _counted(self, added: int):
+        self._added += added
+        if self._added >= max(MIN_JUDGED, self._judged_at):
+            self._judge()
 
     @property
     def ids(self) -> np.ndarray:
-        """Every id, ascending: an array that never changes (writes replace the sorted array)."""
+        """Every id, ascending: an array no write changes (the array form's writes append past it
+        or replace it)."""
         with self._lock:
-            if self._array is not None:
-                return self._array
+            if self._bitmap is None:
+                return self._buffer[:self._n]
             return np.frombuffer(self._bitmap.to_array(), dtype=np.int64)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._array) if self._array is not None else len(self._bitmap)
+            return len(self._bitmap) if self._bitmap is not None else self._n
 
     def page(self, start: int | None, n: int) -> list[int]:
         """The first n ids at or after `start` (None: from the first), ascending."""
         with self._lock:
-            if self._array is not None:
-                i = np.searchsorted(self._array, start) if start is not None else 0
-                return self._array[i:i + n].tolist()
+            if self._bitmap is None:
+                ids = self._buffer[:self._n]
+                i = np.searchsorted(ids, start) if start is not None else 0
+                return ids[i:i + n].tolist()
             it = self._bitmap.iter_equal_or_larger(max(start, 0)) if start is not None else iter(self._bitmap)
             return list(itertools.islice(it, n))
 
@@ -176,26 +183,40 @@ class PointSet:
         """A bool mask over `ids`: which are stored points."""
         ids = np.asarray(ids, dtype=np.int64)
         with self._lock:
-            if self._array is not None:
-                return is_in_sorted(ids, self._array)
+            if self._bitmap is None:
+                return is_in_sorted(ids, self._buffer[:self._n])
             held = self._bitmap & BitMap64(ids[ids >= 0].astype(np.uint64))
         return is_in_sorted(ids, np.frombuffer(held.to_array(), dtype=np.int64))
 
     def add(self, ids):
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         with self._lock:
-            if self._array is None:
+            if self._bitmap is not None:
+                before = len(self._bitmap)
                 self._bitmap.update(ids.astype(np.uint64))
-            else:
-                new = ids[~is_in_sorted(ids, self._array)]
-                self._array = np.insert(self._array, np.searchsorted(self._array, new), new)
-            self._judge()
+                return self._counted(len(self._bitmap) - before)
+            held = self._buffer[:self._n]
+            new = ids[~is_in_sorted(ids, held)]
+            if not len(new):
+                return
+            if self._n and new[0] <= held[-1]:  # among the stored ones: a new array
+                self._buffer = np.insert(held, np.searchsorted(held, new), new)
+            else:  # above them all: appended in place (the buffer doubles; its unused end costs no RAM)
+                if self._n + len(new) > len(self._buffer):
+                    grown = np.empty(max(2 * len(self._buffer), self._n + len(new), 1024), dtype=np.int64)
+                    grown[:self._n] = held
+                    self._buffer = grown
+                self._buffer[self._n:self._n + len(new)] = new
+            self._n += len(new)
+            self._counted(len(new))
 
     def remove(self, ids):
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         ids = ids[ids >= 0]
         with self._lock:
-            if self._array is None:
+            if self._bitmap is not None:
                 self._bitmap.difference_update(BitMap64(ids.astype(np.uint64)))
             else:
-                self._array = self._array[~is_in_sorted(self._array, ids)]
+                self._buffer = self._buffer[:self._n][~is_in_sorted(self._buffer[:self._n], ids)]
+                self._n = len(self._buffer)
+            self._judged_at = min(self._judged_at, len(self._bitmap) if self._bitmap is not None else self._n)

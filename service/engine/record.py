@@ -41,11 +41,6 @@ from ..errors import NotFound
 from .space_record import SpaceRecord, space_schema
 from .sql import READ_ROWS, blobs_of, connect, delete_in, last_seq, select_by_ids, select_in
 
-# Each thread that reads a collection has its own connection, and requests run on up to 40
-# threads: at SQLite's default 2 MiB of page cache each, that is 80 MiB a collection.  The
-# kernel's page cache holds the file anyway; a reader keeps the B-trees' upper pages.
-READER_CACHE_KIB = 256
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (id INTEGER PRIMARY KEY, payload TEXT, seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS points_seq ON points(seq);
@@ -102,6 +97,8 @@ class Record:
         self.path, self.name = path, name
         self.db = create(path, len(spaces))  # the writer's
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []  # every thread's reader, to close
+        self._readers_lock = threading.Lock()
         self.closed = False
         self.spaces = [SpaceRecord(self, k, meta) for k, meta in enumerate(spaces)]
         for space in self.spaces:  # transactions, once every space takes part in them
@@ -218,7 +215,9 @@ class Record:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = connect(self.path, READER_CACHE_KIB)
+            conn = self._local.conn = connect(self.path)
+            with self._readers_lock:
+                self._readers.append(conn)  # closed with the record: request threads outlive it
         return conn
 
     def check_open(self):
@@ -243,6 +242,10 @@ class Record:
     def close(self):
         self.closed = True
         self.db.close()  # the originals files close once no reader holds them
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:  # a read still running on one fails, and answers NotFound (`reading`)
+            conn.close()
 
 
 def parsed(rows) -> list[tuple[int, dict | None]]:

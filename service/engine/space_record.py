@@ -5,13 +5,11 @@ deletes, original rows and refine queue, its generation and lifecycle facts; its
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import re
 import sqlite3
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -22,14 +20,6 @@ from .originals import OriginalsFile, file_path, read_rows
 from .sql import READ_ROWS, array_of, blobs_of, delete_in, last_seq, select_by_ids
 
 log = logging.getLogger("qinco.store")
-
-LOOKUP_THREADS = 8  # threads that look up a rescore's originals side by side (each its own connection)
-LOOKUP_CHUNK = 16  # ids per thread at least: fewer are not worth the hop
-
-
-@functools.cache
-def _lookups() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="qinco-lookup")
 
 if TYPE_CHECKING:  # annotations only: the record imports this module
     from .record import Record
@@ -308,17 +298,9 @@ class SpaceRecord:
 
     # ---- reads (any thread, no lock) ---------------------------------------------------------------
     def originals(self, ids) -> dict[int, np.ndarray]:
-        """The stored original vectors of `ids` (absent ones skipped).  Past LOOKUP_CHUNK ids,
-        chunks are read side by side on the look-up threads: with a cold page cache each id's
-        row is a B-tree walk that waits on the disk (9.4 of a 16.6 ms rescore of 128 at 1M)."""
-        ids = sorted(int(i) for i in ids)
-        size = max(LOOKUP_CHUNK, -(-len(ids) // LOOKUP_THREADS))
-        chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
-
-        def read(chunk: list[int]) -> tuple[np.ndarray, np.ndarray]:
-            return self._read_originals(lambda db: select_by_ids(db, self.table("original_rows"), "row", chunk))
-        parts = [read(chunks[0])] if len(chunks) == 1 else list(_lookups().map(read, chunks))
-        return {i: v for found, x in parts for i, v in zip(found.tolist(), x)}
+        """The stored original vectors of `ids` (absent ones skipped)."""
+        found, x = self._read_originals(lambda db: select_by_ids(db, self.table("original_rows"), "row", ids))
+        return dict(zip(found.tolist(), x))
 
     def _read_originals(self, select, db: sqlite3.Connection | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, originals) of the (id, row) pairs that `select(conn)` reads, in one read

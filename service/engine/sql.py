@@ -13,13 +13,10 @@ MAX_PARAMS = 900  # bound parameters per statement: under SQLite's limit (999 in
 READ_ROWS = 50_000  # rows fetched at a time when a whole table is read
 
 
-def connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
-    """cache_kib: this connection's page cache (None: SQLite's 2 MiB)."""
+def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
-    if cache_kib is not None:
-        conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
     return conn
 
 
