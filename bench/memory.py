@@ -58,8 +58,7 @@ if kind == "lists":
         build.compact()
 elif kind.startswith("ids"):
     high = {"ids": None, "ids_1e9": 10**9, "ids_2e62": 1 << 62}[kind]
-    order = np.arange(n) if high is None else np.unique(rng.integers(0, high, 2 * n))[:n]
-    rng.shuffle(order) if high is not None else None
+    order = np.arange(n) if high is None else rng.permutation(np.unique(rng.integers(0, high, 2 * n))[:n])
     build = PointSet(np.zeros(0, np.int64))
     def add(i0):
         build.add(order[i0:i0 + 1000])

@@ -135,17 +135,20 @@ class PointSet:
         self._judged_at, self._added = 0, 0  # the count at the last judgement, ids added since
         self._judge()
 
+    def _count(self) -> int:
+        return len(self._bitmap) if self._bitmap is not None else self._n
+
     def _judge(self):
         """Hold the ids in the form that costs less (lock held)."""
-        n = len(self._bitmap) if self._bitmap is not None else self._n
-        self._judged_at, self._added = n, 0
+        n = self._judged_at = self._count()
+        self._added = 0
         if self._bitmap is not None:
             chunks = self._bitmap.get_statistics()["n_containers"]
         else:
             chunks = 1 + np.count_nonzero(np.diff(self._buffer[:n] >> 16)) if n else 0
         dense = chunks * DENSE_CHUNKS <= n
         if not dense and self._bitmap is not None:
-            self._buffer = np.frombuffer(self._bitmap.to_array(), dtype=np.int64).copy()
+            self._buffer = ids_of(self._bitmap).copy()
             self._n, self._bitmap = len(self._buffer), None
         elif dense and self._bitmap is None:
             self._bitmap = BitMap64(self._buffer[:n].astype(np.uint64))
@@ -161,21 +164,17 @@ class PointSet:
         """Every id, ascending: an array no write changes (the array form's writes append past it
         or replace it)."""
         with self._lock:
-            if self._bitmap is None:
-                return self._buffer[:self._n]
-            return np.frombuffer(self._bitmap.to_array(), dtype=np.int64)
+            return self._buffer[:self._n] if self._bitmap is None else ids_of(self._bitmap)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._bitmap) if self._bitmap is not None else self._n
+            return self._count()
 
     def page(self, start: int | None, n: int) -> list[int]:
         """The first n ids at or after `start` (None: from the first), ascending."""
         with self._lock:
             if self._bitmap is None:
-                ids = self._buffer[:self._n]
-                i = np.searchsorted(ids, start) if start is not None else 0
-                return ids[i:i + n].tolist()
+                return page_of(self._buffer[:self._n], start, n)
             it = self._bitmap.iter_equal_or_larger(max(start, 0)) if start is not None else iter(self._bitmap)
             return list(itertools.islice(it, n))
 
@@ -186,7 +185,7 @@ class PointSet:
             if self._bitmap is None:
                 return is_in_sorted(ids, self._buffer[:self._n])
             held = self._bitmap & BitMap64(ids[ids >= 0].astype(np.uint64))
-        return is_in_sorted(ids, np.frombuffer(held.to_array(), dtype=np.int64))
+        return is_in_sorted(ids, ids_of(held))
 
     def add(self, ids):
         ids = np.unique(np.asarray(ids, dtype=np.int64))
@@ -219,4 +218,15 @@ class PointSet:
             else:
                 self._buffer = self._buffer[:self._n][~is_in_sorted(self._buffer[:self._n], ids)]
                 self._n = len(self._buffer)
-            self._judged_at = min(self._judged_at, len(self._bitmap) if self._bitmap is not None else self._n)
+            self._judged_at = min(self._judged_at, self._count())
+
+
+def ids_of(bitmap: BitMap64) -> np.ndarray:
+    """A bitmap's ids, ascending, as int64 (internal ids are below 2^63)."""
+    return np.frombuffer(bitmap.to_array(), dtype=np.int64)
+
+
+def page_of(ids: np.ndarray, start: int | None, n: int) -> list[int]:
+    """The first n of sorted `ids` at or after `start` (None: from the first)."""
+    i = np.searchsorted(ids, start) if start is not None else 0
+    return ids[i:i + n].tolist()

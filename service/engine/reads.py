@@ -11,7 +11,7 @@ import numpy as np
 from model.threads import use_threads
 
 from ..errors import BadRequest, NotFound
-from .ids import canonical_ids
+from .ids import canonical_ids, page_of
 
 if TYPE_CHECKING:  # annotations only: the collection imports this module
     from .collection import Collection
@@ -115,11 +115,6 @@ def scroll(c: Collection, f, offset: int | str | None, limit: int, with_payload:
     limit = min(limit, max(1, MAX_VECTOR_VALUES // max(returned_dimensions(c, with_vector), 1)))
     resolve = c.has_id_resolver(f)
     with c.locks.index.read():
-        if f is None:
-            page = c.points.page(offset, limit + 1)
-        else:
-            ids = c.filter_ids(f, resolve)
-            start = np.searchsorted(ids, offset) if offset is not None else 0
-            page = ids[start:start + limit + 1].tolist()
+        page = c.points.page(offset, limit + 1) if f is None else page_of(c.filter_ids(f, resolve), offset, limit + 1)
     nxt = c.point_ids.external(page[limit]) if len(page) > limit else None
     return records(c, page[:limit], with_payload, with_vector), nxt
