@@ -19,6 +19,7 @@ printed next to ours.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -127,11 +128,14 @@ def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
     codes = None
     for name in encoders:  # a named setting, or "AxB" such as 64x16
         enc = ENCODERS[name] if name in ENCODERS else Encoder(*map(int, name.split("x")))
-        codes, t_enc = timed(encode, model, xb, enc)
-        recon, t_dec = timed(decode, model, codes)
-        row = evaluate("", xb, xq, gt, recon, t_enc, t_dec)
-        row["codec"] = f"QINCo {name} (A={min(enc.A, model.cfg.K)}, B={enc.B}), {path.stem}"
-        rows.append(row)
+        # A model with seed codes (an LSQ++ start) also gets the row without them: what they add.
+        for seeded in [True, False] if enc.seeded and len(model.seed_codebooks) else [enc.seeded]:
+            codes, t_enc = timed(encode, model, xb, dataclasses.replace(enc, seeded=seeded))
+            recon, t_dec = timed(decode, model, codes)
+            row = evaluate("", xb, xq, gt, recon, t_enc, t_dec)
+            seeds = ", LSQ++ seeds" if seeded and len(model.seed_codebooks) else ""
+            row["codec"] = f"QINCo {name} (A={min(enc.A, model.cfg.K)}, B={enc.B}{seeds}), {path.stem}"
+            rows.append(row)
     if model.cfg.nlist == 0 and model.cfg.de == 0 and model.cfg.rank == 0 and codes is not None:
         index = to_faiss_qinco(model)
         n = min(len(codes), 20_000)

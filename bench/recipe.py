@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,6 +39,9 @@ RECIPES = {
     "default": [],
     "de0": ["--de", "0"],  # the blocks at width d (the default below d = 256)
     "de128": ["--de", "128"],  # the blocks at width 128 (QINCo2's de; the default from d = 256 on)
+    "rq": ["--init", "rq"],  # the start: faiss RQ's codebooks
+    "lsq": ["--init", "lsq"],  # LSQ++'s codebooks, and its local-search codes as seeds
+    "lsq-noseeds": ["--init", "lsq", "--no-seeds"],  # LSQ++'s codebooks, the beam search alone
 }
 
 
@@ -79,15 +81,18 @@ def main():
         _, xval = split_learn(x[:n], tc["val"], tc["seed"])
         xv = model.normalize(torch.from_numpy(xval))
         balanced = validation_mse(model, xv, model.assign(xv) if model.cfg.nlist else None, ENCODERS["balanced"])
-        rq = state["rq_val_mse"]
-        rows.append((name, (time.time() - t0) / 60, state["vectors_seen"], state["best_val_mse"] / rq, balanced / rq,
+        rq, lsq = state["rq_val_mse"], state.get("lsq_val_mse", float("nan"))  # LSQ++ with its own encoder
+        rows.append((name, (time.time() - t0) / 60, state["vectors_seen"], state["init"], lsq / rq,
+                     state["init_val_mse"] / rq, state["best_val_mse"] / rq, balanced / rq,
                      " ".join(f"{m:.0f}:{v / rq:.3f}" for m, v in state["history"])))
-        print(f"{name}: {rows[-1][1]:.1f} min, {rows[-1][2]:,} vectors, train-encoder {rows[-1][3]:.4f}x RQ, "
-              f"balanced {rows[-1][4]:.4f}x RQ  history {rows[-1][5]}", flush=True)
-    print(f"\n| recipe | minutes | vectors seen | val MSE / RQ (training encoder) | val MSE / RQ (balanced) | history (min: ratio) |")
-    print("|---|---|---|---|---|---|")
+        print(f"{name}: {rows[-1][1]:.1f} min, {rows[-1][2]:,} vectors, start {rows[-1][3]} {rows[-1][5]:.4f}x RQ "
+              f"(LSQ++ {rows[-1][4]:.4f}x), train-encoder {rows[-1][6]:.4f}x RQ, balanced {rows[-1][7]:.4f}x RQ  "
+              f"history {rows[-1][8]}", flush=True)
+    print("\n| recipe | minutes | vectors seen | start | LSQ++ own encoder / RQ | start / RQ | "
+          "val MSE / RQ (training encoder) | val MSE / RQ (balanced) | history (min: ratio) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:,} | {r[3]:.4f} | {r[4]:.4f} | {r[5]} |")
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:,} | {r[3]} | {r[4]:.4f} | {r[5]:.4f} | {r[6]:.4f} | {r[7]:.4f} | {r[8]} |")
 
 
 if __name__ == "__main__":

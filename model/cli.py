@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -46,7 +47,7 @@ def ray_codes(args, x: np.ndarray, bar, batch_size: int | None, run: RayRun):
 
 def encoder_from_args(args) -> Encoder:
     base = ENCODERS[args.encoder]
-    return Encoder(A=args.A or base.A, B=args.B or base.B)
+    return dataclasses.replace(base, A=args.A or base.A, B=args.B or base.B)
 
 
 def cmd_train(args):
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                               ("grad_clip", float, "clip gradient values to +-this, 0: off")]:
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # --lr_codebooks and --lr-codebooks
         p.add_argument(*flags, dest=name, type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
+    p.add_argument("--no-seeds", dest="seeds", action="store_false", default=None,
+                   help="an LSQ++ start without seed codes: the encoders' beam search alone")
     p.add_argument("--reset-dead", dest="reset_dead", action="store_true", default=None,
                    help="each epoch, give codewords that no code chose a random residual (QINCo2)")
     p.set_defaults(func=cmd_train)

@@ -69,10 +69,14 @@ def broadcast_state(model: torch.nn.Module, obj, device: torch.device):
     NCCL sends GPU tensors only).  An exception as `obj` is raised in every process."""
     if rank_world()[1] == 1:
         return obj
-    box = [obj]
+    box = [obj, {name: tuple(t.shape) for name, t in model.state_dict().items()}]
     dist.broadcast_object_list(box, 0)
     if isinstance(box[0], BaseException):
         raise RuntimeError(f"rank 0 failed to initialise: {box[0]}") from box[0]
+    for name, tensor in model.state_dict().items():
+        if tuple(tensor.shape) != box[1][name]:  # a buffer rank 0 resized (the seed codebooks)
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, tensor.new_zeros(box[1][name]))
     for tensor in model.state_dict().values():
         on_device = tensor.to(device)
         dist.broadcast(on_device, 0)

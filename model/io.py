@@ -141,6 +141,9 @@ def read_model_file(path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+OPTIONAL_TENSORS = {"seed_codebooks"}  # absent from files written before seeds: a model without them
+
+
 def load_model(path, with_extra: bool = False):
     """Rebuild a Qinco model from its file (eval mode)."""
     tensors, meta = read_model_file(path)
@@ -148,7 +151,7 @@ def load_model(path, with_extra: bool = False):
         cfg = QincoConfig.from_dict(meta["config"])
         model = Qinco(cfg)
         model.load_state_dict(tensors, strict=False)
-        missing = set(model.state_dict()) - set(tensors)
+        missing = set(model.state_dict()) - set(tensors) - OPTIONAL_TENSORS
         unexpected = set(tensors) - set(model.state_dict())
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: weights do not match the config ({e})") from None

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .seeds import LocalSearch, check_codebooks
 from .threads import numpy_blas_one_thread, own_torch_threads
 
 
@@ -103,10 +104,12 @@ def default_de(d: int) -> int:
 
 @dataclass(frozen=True)
 class Encoder:
-    """Encoding search: pre-select the A best base codewords, keep B beams."""
+    """Encoding search: pre-select the A best base codewords, keep B beams; `seeded`: then keep
+    the model's seed code instead where the network decodes it closer (`Qinco.seed_codes`)."""
 
     A: int = 32
     B: int = 1
+    seeded: bool = True
 
     def __post_init__(self):
         if self.A < 1 or self.B < 1:
@@ -120,7 +123,9 @@ class Encoder:
 # about 1% of its MSE at a quarter of the cost.
 ENCODERS = {
     "greedy": Encoder(A=1 << 30, B=1),  # the reference: all K codewords, one beam
-    "fast": Encoder(A=4, B=4),  # 16 network evaluations per step, greedy's 256
+    # fast ingest's acknowledgement (codes re-encoded later) skips the seed's local search: it
+    # would cost about as much again
+    "fast": Encoder(A=4, B=4, seeded=False),  # 16 network evaluations per step, greedy's 256
     "balanced": Encoder(A=4, B=16),  # 64 per step; the default of the index and the service
     "quality": Encoder(A=32, B=32),  # 1024 per step: the lowest MSE
 }
@@ -216,9 +221,13 @@ class Qinco(nn.Module):
             # fitted to this model's codes, and the range of the norms it stores.
             self.register_buffer("tables", torch.zeros(cfg.M, cfg.K, cfg.d))
             self.register_buffer("norm_range", torch.zeros(2))
+        # The additive codebooks of the seed codes (LSQ++'s, when training started from them),
+        # normalised residual space: (M, K, d), or (0, K, d) for a model without seeds.
+        self.register_buffer("seed_codebooks", torch.zeros(0, cfg.K, cfg.d))
         first = QincoStep if cfg.nlist else PlainStep
         self.steps = nn.ModuleList([first(cfg)] + [QincoStep(cfg) for _ in range(cfg.M - 1)])
         self._coarse = None  # faiss index over the centroids, built on first use
+        self._seeder = None  # (key, LSQ++'s encoder over seed_codebooks), built on first use
 
     # ---- normalisation -------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,15 +255,22 @@ class Qinco(nn.Module):
         self.centroids.copy_(centroids)
         self._coarse = None
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._coarse = None
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._coarse = self._seeder = None
         self.invalidate_fast()
-        super()._load_from_state_dict(*args, **kwargs)
+        seeds = state_dict.get(prefix + "seed_codebooks")
+        if seeds is not None and tuple(seeds.shape) != tuple(self.seed_codebooks.shape):
+            cfg = self.cfg
+            if tuple(seeds.shape) != (0, cfg.K, cfg.d):  # no seeds, or the model's: ValueError otherwise
+                check_codebooks(seeds.shape, cfg.M, cfg.K, cfg.d)
+            self.seed_codebooks = self.seed_codebooks.new_zeros(seeds.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getstate__(self):  # copies and pickles carry the weights, not the extracted ones
         state = dict(super().__getstate__())
         state.pop("_fast", None)
         state.pop("_fast_tensors", None)
+        state["_seeder"] = None  # rebuilt on first use (it holds a faiss object)
         return state
 
     def invalidate_fast(self):
@@ -270,6 +286,42 @@ class Qinco(nn.Module):
         """Nearest centroid of normalised vectors: (n, d) -> (n,) int64."""
         _, lists = self.coarse_index().search(np.ascontiguousarray(xn.float().cpu().numpy()), 1)
         return torch.from_numpy(lists[:, 0]).long()
+
+    # ---- seed codes -----------------------------------------------------------------
+    def set_seed_codebooks(self, codebooks: np.ndarray | None) -> None:
+        """Codebooks (M, K, d) of an additive quantizer in normalised residual space, whose
+        local-search codes every seeded encoder also tries; None: no seeds."""
+        cfg = self.cfg
+        if codebooks is None:
+            self.seed_codebooks = self.seed_codebooks.new_zeros(0, cfg.K, cfg.d)
+        else:
+            check_codebooks(codebooks.shape, cfg.M, cfg.K, cfg.d)
+            self.seed_codebooks = torch.from_numpy(np.ascontiguousarray(codebooks, dtype=np.float32)).to(
+                self.seed_codebooks.device)
+        self._seeder = None
+
+    def seed_codes(self, xn: torch.Tensor, lists: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Codes (n, M) int64 of normalised vectors by LSQ++'s local search (model/seeds.py, faiss's
+        default encoding settings) over the seed codebooks, on the residuals from the vectors' start (the IVF
+        centroid); None for a model without seeds.
+
+        At step 0 the network adds nothing, so these are exactly LSQ++'s codes when training
+        started from its codebooks: a beam search over the same codebooks ends several % worse
+        (bench/RESULTS.md).  Later the network decodes them as any code, and a seeded encoder
+        keeps whichever of them and its beam search's result reconstructs better."""
+        books = self.seed_codebooks
+        if not len(books):
+            return None
+        try:
+            key = (books.data_ptr(), books._version)  # an in-place change rebuilds it
+        except RuntimeError:  # an inference tensor: no version counter, and no in-place change either
+            key = (books.data_ptr(), None)
+        with _seeder_build:  # one build (M² K² floats) however many threads ask at once
+            if self._seeder is None or self._seeder[0] != key:
+                self._seeder = (key, LocalSearch(books.detach().float().cpu().numpy()))
+            seeder = self._seeder[1]
+        r = (xn - self.start(lists, len(xn))).detach().float().cpu().numpy()
+        return torch.from_numpy(seeder.codes(r)).to(xn.device)
 
     # ---- decoding ------------------------------------------------------------------
     def start(self, lists: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -295,27 +347,33 @@ class Qinco(nn.Module):
 
     # ---- encoding ------------------------------------------------------------------
     def encode_normalized(self, xn: torch.Tensor, encoder: Encoder, lists: torch.Tensor | None = None,
-                          chunk: int = 0):
-        """Beam search with candidate pre-selection.
+                          chunk: int = 0, seeds: torch.Tensor | None = None):
+        """Beam search with candidate pre-selection, then the seed code where it is better.
 
         xn (n, d) normalised vectors -> codes (n, M) int64 and their reconstruction (n, d).
+        seeds: the vectors' `seed_codes` when the caller has them (training computes them once).
         The fast path (`FastSteps.encode`): under torch.autocast (training) the network runs in
         the autocast dtype, the candidate errors always in float32.
         """
+        if encoder.seeded and seeds is None:
+            seeds = self.seed_codes(xn, lists)
         if xn.device.type != "cpu":  # the fast path is numpy; the reference runs on any device
-            return self.encode_normalized_reference(xn, encoder, lists)
+            return self.encode_normalized_reference(xn, encoder, lists, seeds=seeds)
         dtype = None
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
         with torch.autocast("cpu", enabled=False):
             fast = fast_steps(self, dtype)
-            return fast.encode(xn, encoder, self.start(lists, xn.shape[0]), chunk=chunk)
+            return fast.encode(xn, encoder, self.start(lists, xn.shape[0]), chunk=chunk,
+                               seeds=seeds if encoder.seeded else None)
 
     def encode_normalized_reference(self, xn: torch.Tensor, encoder: Encoder, lists: torch.Tensor | None = None,
-                                    profile: dict | None = None):
+                                    profile: dict | None = None, seeds: torch.Tensor | None = None):
         """The original module-by-module beam search, kept as the reference of the fast path
         (tests and bench/throughput.py compare them); same arguments and results.  `profile`:
         seconds added per part, as `FastSteps.encode` does."""
+        if encoder.seeded and seeds is None:
+            seeds = self.seed_codes(xn, lists)
         n, K = xn.shape[0], self.cfg.K
         A = min(encoder.A, K)
         xhat = self.start(lists, n).unsqueeze(1)  # (n, 1, d)
@@ -347,7 +405,10 @@ class Qinco(nn.Module):
                 for part, dt in (("pre-selection", t1 - t0), ("network", t2 - t1),
                                  ("beam bookkeeping", time.perf_counter() - t2)):
                     profile[part] = profile.get(part, 0.0) + dt
-        return codes[:, 0], xhat[:, 0]
+        codes, xhat = codes[:, 0], xhat[:, 0]
+        if encoder.seeded and seeds is not None:
+            return keep_better(xn, codes, xhat, seeds, self.decode_normalized(seeds, lists).to(xhat.dtype))
+        return codes, xhat
 
 
 # ---- the fast path: weights extracted once, no per-module dispatch ---------------------
@@ -492,11 +553,12 @@ class FastSteps:
 
     @torch.no_grad()
     def encode(self, xn: torch.Tensor, encoder: Encoder, start: torch.Tensor, chunk: int = 0,
-               profile: dict | None = None):
+               profile: dict | None = None, seeds: torch.Tensor | None = None):
         """Beam search: xn (n, d) normalised, start (n, d) -> codes (n, M) int64, xhat (n, d) float32.
 
         Vectors go through in chunks of about ENCODE_BYTES of activations, so that they
-        stay in cache.  `profile` (a dict) accumulates seconds per part.
+        stay in cache.  `profile` (a dict) accumulates seconds per part.  seeds (n, M): codes
+        kept instead of the search's where they reconstruct better (`Qinco.seed_codes`).
         """
         xn, start = xn.float(), start.float()
         n, d = xn.shape
@@ -508,6 +570,8 @@ class FastSteps:
         for i0 in range(0, n, chunk):
             sl = slice(i0, i0 + chunk)
             codes[sl], xhat[sl] = self._encode_chunk(xn[sl], start[sl], A, encoder.B, profile)
+        if seeds is not None:
+            return keep_better(xn, codes, xhat, seeds, self.decode(seeds, start))
         return codes, xhat
 
     def _encode_chunk(self, x, xhat, A, B, profile):
@@ -541,6 +605,17 @@ class FastSteps:
                 for part, dt in (("pre-selection", t1 - t0), ("network", t2 - t1), ("beam bookkeeping", t3 - t2)):
                     profile[part] = profile.get(part, 0.0) + dt
         return codes[:, 0], xhat[:, 0]
+
+
+def keep_better(xn: torch.Tensor, codes: torch.Tensor, xhat: torch.Tensor, seeds: torch.Tensor,
+                seeded_xhat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per vector, the seed code (n, M) and its reconstruction where it is closer to xn (n, d)
+    than the search's; ties keep the search's."""
+    better = (xn - seeded_xhat).square().sum(-1) < (xn - xhat).square().sum(-1)
+    return torch.where(better[:, None], seeds, codes), torch.where(better[:, None], seeded_xhat, xhat)
+
+
+_seeder_build = threading.Lock()
 
 
 def _weights_key(model: "Qinco"):
@@ -666,7 +741,8 @@ def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: 
         with torch.inference_mode():
             xn = model.normalize(torch.from_numpy(x[i0:i0 + batch_size]))
             lists = model.assign(xn) if cfg.nlist else None  # in faiss, on the CPU
-        codes = search(xn, lists)
+            seeds = model.seed_codes(xn, lists) if encoder.seeded else None  # faiss too, on all threads
+        codes = search(xn, lists, seeds)
         if cfg.nlist:
             codes = torch.cat([lists[:, None], codes], 1)
         out[i0:i0 + len(codes)] = codes.numpy()
@@ -680,17 +756,17 @@ def _cpu_search(model: Qinco, encoder: Encoder, workers: int, dtype: torch.dtype
     fast = fast_steps(model, dtype)
 
     @torch.inference_mode()
-    def run(xn, start):
-        return fast.encode(xn, encoder, start)[0]
+    def run(xn, start, seeds):
+        return fast.encode(xn, encoder, start, seeds=seeds)[0]
 
-    def search(xn, lists):
+    def search(xn, lists, seeds):
         with torch.inference_mode():
             start = model.start(lists, len(xn))
         parts = min(workers, len(xn) // 16)  # 16 vectors at least per worker
         if parts <= 1:
-            return run(xn, start)
+            return run(xn, start, seeds)
         bounds = np.linspace(0, len(xn), parts + 1).astype(int)
-        jobs = [(xn[a:b], start[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        jobs = [(xn[a:b], start[a:b], None if seeds is None else seeds[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         return torch.cat(list(_single_thread_pool(workers).map(lambda job: run(*job), jobs)))
     return search
 
@@ -700,9 +776,10 @@ def _device_search(model: Qinco, encoder: Encoder, device: torch.device):
     on_device = copy.deepcopy(model).to(device).eval()
 
     @torch.inference_mode()
-    def search(xn, lists):
+    def search(xn, lists, seeds):
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            codes, _ = on_device.encode_normalized(xn.to(device), encoder, None if lists is None else lists.to(device))
+            codes, _ = on_device.encode_normalized(xn.to(device), encoder, None if lists is None else lists.to(device),
+                                                   seeds=None if seeds is None else seeds.to(device))
         return codes.cpu()
     return search
 

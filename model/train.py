@@ -43,6 +43,10 @@ class TrainConfig:
     # glove-50, where LSQ++ loses to RQ, "best" keeps RQ's, at the cost of training both.
     init: str = "best"
     lsq_iters: int = LSQ_ITERS  # LSQ++'s training iterations
+    # An LSQ++ start keeps LSQ++'s codebooks as the model's seed codebooks: every seeded encoder
+    # (training's included) also tries their local-search codes, so the model starts as good as
+    # LSQ++ with its own encoder (`Qinco.seed_codes`).  False: the beam search alone.
+    seeds: bool = True
     # The recipe: bench/RESULTS.md "Training recipe" (equal-budget comparisons, a held-out set).
     A: int = 4  # pre-selected candidates per beam while training (A=16: 2.2x slower, worse per minute)
     B: int = 4  # beams while training
@@ -138,14 +142,19 @@ def mse(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.inference_mode()
 def validation_mse(model: Qinco, xval: torch.Tensor, lval, encoder: Encoder, batch: int = 1024,
-                   shared: bool = False) -> float:
-    """Raw-space MSE of normalised validation vectors; shared: each process encodes its share."""
+                   shared: bool = False, seeds: torch.Tensor | None = None) -> float:
+    """Raw-space MSE of normalised validation vectors; shared: each process encodes its share.
+    seeds: their seed codes, when the caller has them."""
+    if encoder.seeded and seeds is None:
+        seeds = model.seed_codes(xval, lval)
     part = distributed.share(len(xval)) if shared else slice(None)
     xval, lval = xval[part], None if lval is None else lval[part]
+    seeds = None if seeds is None else seeds[part]
     total = 0.0
     for i0 in range(0, len(xval), batch):
         xb = xval[i0:i0 + batch]
-        _, xhat = model.encode_normalized(xb, encoder, None if lval is None else lval[i0:i0 + batch])
+        _, xhat = model.encode_normalized(xb, encoder, None if lval is None else lval[i0:i0 + batch],
+                                          seeds=None if seeds is None else seeds[i0:i0 + batch])
         total += float((xb - xhat).square().sum())
     total, n = distributed.sum_all([total, len(xval)], xval.device) if shared else (total, len(xval))
     return total / n * float(model.scale) ** 2
@@ -279,6 +288,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             raise ValueError(f"expected dim {model.cfg.d}, got {x.shape[1]}")
         state = TrainState(**extra["training"]["state"])
         cfg = model.cfg
+        if not tc.seeds:
+            model.set_seed_codebooks(None)
         log(f"resuming {out}: {state.seconds / 60:.1f} min done, best validation MSE {state.best_val_mse:.5g}")
     else:
         if cfg is None:
@@ -289,7 +300,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         if rank == 0:
             try:
                 model, state, candidates = initialise(xtrain, xval, cfg, tc, budget)
-                choose_start(model, state, candidates, model.normalize(torch.from_numpy(xval)), train_encoder)
+                choose_start(model, state, candidates, model.normalize(torch.from_numpy(xval)), train_encoder,
+                             tc.seeds)
             except Exception as e:
                 if world == 1:
                     raise
@@ -301,9 +313,15 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     # The coarse assignment runs in faiss, on the CPU; then everything moves to the device.
     xt = model.normalize(torch.from_numpy(xtrain))
     xv = model.normalize(torch.from_numpy(xval))
-    lt = model.assign(xt).to(device) if cfg.nlist else None
-    lv = model.assign(xv).to(device) if cfg.nlist else None
-    xt, xv = xt.to(device), xv.to(device)
+    lt = model.assign(xt) if cfg.nlist else None
+    lv = model.assign(xv) if cfg.nlist else None
+    # Seed codes depend only on the fixed seed codebooks: found once, on the CPU (faiss; every
+    # process finds all of them, rather than exchange them).
+    t0 = time.time()
+    seeds_v = model.seed_codes(xv, lv) if train_encoder.seeded else None
+    seed_seconds = time.time() - t0  # what the seeds of as many vectors cost again (the tables' encode)
+    seeds_t = model.seed_codes(xt, lt) if train_encoder.seeded else None
+    xt, xv, lt, lv, seeds_t, seeds_v = [None if t is None else t.to(device) for t in (xt, xv, lt, lv, seeds_t, seeds_v)]
     model.to(device).train()
     net = distributed.wrap(model, device)
     bf16 = (device.type == "cuda" or native_bf16()) if tc.bf16 is None else tc.bf16
@@ -322,12 +340,12 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
 
     prior = state.seconds
     t0 = time.time()
-    val = validation_mse(model, xv, lv, train_encoder, shared=True)
+    val = validation_mse(model, xv, lv, train_encoder, shared=True, seeds=seeds_v)
     val_seconds = distributed.mean_all([time.time() - t0], device)[0]  # one budget in every process
     eval_every = tc.eval_every or min(50_000, max(5_000, len(xtrain)))
     # IVF models end by encoding a sample for the index tables: keep time for it.
     n_tables = min(tc.table_sample, len(xtrain)) if cfg.nlist else 0
-    budget -= 1.5 * n_tables / len(xv) * val_seconds * world
+    budget -= 1.5 * n_tables / len(xv) * (val_seconds * world + seed_seconds)
     if not resume:
         state.init_val_mse = state.best_val_mse = val
         state.history.append((round((time.time() - start) / 60, 2), val))
@@ -351,7 +369,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             chunk_start = time.time()
             rows = perm[c0:c0 + chunk][mine].to(device)
             xc, lc = xt[rows], None if lt is None else lt[rows]
-            codes = search_codes(model, xc, lc, train_encoder, tc.batch, bf16, device)
+            codes = search_codes(model, xc, lc, train_encoder, tc.batch, bf16, device,
+                                 None if seeds_t is None else seeds_t[rows])
             if tc.reset_dead:
                 usage += torch.bincount((codes + torch.arange(cfg.M, device=device) * cfg.K).flatten(),
                                         minlength=cfg.M * cfg.K).view(cfg.M, cfg.K)
@@ -374,7 +393,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                                            device)
             if since_eval >= eval_every or (stop and since_eval > 0):
                 t0 = time.time()
-                val = validation_mse(model, xv, lv, train_encoder, shared=True)
+                val = validation_mse(model, xv, lv, train_encoder, shared=True, seeds=seeds_v)
                 val_seconds, since_eval = distributed.mean_all([time.time() - t0], device)[0], 0
                 state.history.append((round((time.time() - start + prior) / 60, 2), val))
                 if val < state.best_val_mse * (1 - 1e-4):
@@ -426,26 +445,33 @@ def cpu_copy(model: Qinco) -> dict[str, torch.Tensor]:
 
 
 def choose_start(model: Qinco, state: TrainState, candidates: dict[str, np.ndarray], xv: torch.Tensor,
-                 encoder: Encoder) -> None:
-    """Keep the candidate codebooks that the training encoder searches best on the validation set."""
-    lv = model.assign(xv) if model.cfg.nlist else None
+                 encoder: Encoder, seeds: bool = True) -> None:
+    """Keep the candidate codebooks that the training encoder searches best on the validation set;
+    seeds: LSQ++'s are also the model's seed codebooks."""
+    cfg = model.cfg
+    lv = model.assign(xv) if cfg.nlist else None
+    seeds = seeds and cfg.K == 1 << cfg.nbits  # LSQ++'s own encoder needs all 2^nbits codewords
     scores = {}
     for name, codebooks in candidates.items():
         set_codebooks(model, codebooks)
+        model.set_seed_codebooks(codebooks if seeds and name == "lsq" else None)
         if len(candidates) > 1:
             scores[name] = validation_mse(model, xv, lv, encoder)
             log(f"QINCo from {name.upper()} codebooks (A={encoder.A}, B={encoder.B}): validation MSE {scores[name]:.5g}")
     state.init = min(scores, key=scores.get) if scores else next(iter(candidates))
     set_codebooks(model, candidates[state.init])
+    model.set_seed_codebooks(candidates["lsq"] if seeds and state.init == "lsq" else None)
 
 
 def search_codes(model: Qinco, xc: torch.Tensor, lc, encoder: Encoder, batch: int, bf16: bool,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, seeds: torch.Tensor | None = None) -> torch.Tensor:
     """The training codes of a chunk: no gradient, bf16 where it pays (24x slower where a CPU
-    emulates it: 13 vs 307 vectors/s at d=384, A=16 B=4).  A GPU searches the chunk at once."""
+    emulates it: 13 vs 307 vectors/s at d=384, A=16 B=4).  A GPU searches the chunk at once.
+    seeds: the chunk's seed codes (the model's, computed once)."""
     step = len(xc) if device.type == "cuda" else batch
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return torch.cat([model.encode_normalized(xc[i:i + step], encoder, None if lc is None else lc[i:i + step])[0]
+        return torch.cat([model.encode_normalized(xc[i:i + step], encoder, None if lc is None else lc[i:i + step],
+                                                  seeds=None if seeds is None else seeds[i:i + step])[0]
                           for i in range(0, len(xc), step)])
 
 

@@ -63,13 +63,15 @@ def test_two_processes_compute_the_gradient_of_the_whole_batch(tmp_path):
             torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def ddp_training(rank, tmp_path, x):
-    tc = TrainConfig(**{**FIXTURE_TRAINING, "max_vectors": 6_000}, A=4, B=2, batch=128, val=500, lr=1e-3)
+def ddp_training(rank, tmp_path, x, init="rq"):
+    tc = TrainConfig(**{**FIXTURE_TRAINING, "max_vectors": 6_000}, A=4, B=2, batch=128, val=500, lr=1e-3, init=init)
     model = train(x, tmp_path / "model.safetensors", QincoConfig(d=50, M=2, K=32, L=1, h=32), tc, report=False)
     torch.save(model.state_dict(), tmp_path / f"model-{rank}.pt")
 
 
 def test_a_two_process_training_run_stays_in_step_and_saves_once(tmp_path, glove_sample):
+    # An RQ start, which 6,000 vectors improve here (from LSQ++'s start with its seeds they did not:
+    # best would then be the start, the same in both processes whatever the steps did).
     in_processes(2, ddp_training, tmp_path, glove_sample[:3000])
     first, second = (torch.load(tmp_path / f"model-{r}.pt", weights_only=True) for r in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)  # the same weights in both processes
@@ -115,3 +117,28 @@ def ddp_training_on_too_little_data(rank, tmp_path, x):
 def test_bad_data_fails_in_every_process_instead_of_hanging(tmp_path, glove_sample):
     with pytest.raises(mp.ProcessRaisedException, match="at least K=256 vectors"):
         in_processes(2, ddp_training_on_too_little_data, tmp_path, glove_sample[:200])
+
+
+def seeded_broadcast(rank, tmp_path):
+    model = random_model(TINY)
+    if rank == 0:  # rank 0 initialises (an LSQ++ start): its seed codebooks are a buffer the others lack
+        model.set_seed_codebooks(np.full((TINY.M, TINY.K, TINY.d), 0.5, np.float32))
+    assert distributed.broadcast_state(model, {"init": "lsq"}, torch.device("cpu")) == {"init": "lsq"}
+    torch.save(model.state_dict(), tmp_path / f"seeded-{rank}.pt")
+
+
+def test_rank_0s_seed_codebooks_reach_every_process(tmp_path):
+    in_processes(2, seeded_broadcast, tmp_path)
+    first, second = (torch.load(tmp_path / f"seeded-{r}.pt", weights_only=True) for r in range(2))
+    assert first["seed_codebooks"].shape == second["seed_codebooks"].shape == (TINY.M, TINY.K, TINY.d)
+    assert (second["seed_codebooks"] == 0.5).all() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_two_process_run_from_lsq_keeps_the_seeds_in_step(tmp_path, glove_sample):
+    """Each process finds the seed codes of its whole set and searches its share of a chunk with them."""
+    in_processes(2, ddp_training, tmp_path, glove_sample[:3000], "lsq")
+    first, second = (torch.load(tmp_path / f"model-{r}.pt", weights_only=True) for r in range(2))
+    assert first["seed_codebooks"].shape == (2, 32, 50) and all(torch.equal(first[k], second[k]) for k in first)
+    state = load_model(tmp_path / "model.safetensors", with_extra=True)[1]["training"]["state"]
+    assert state["init"] == "lsq" and state["vectors_seen"] >= 6_000
+    assert state["init_val_mse"] <= state["lsq_val_mse"] * 1.02

@@ -299,3 +299,96 @@ def test_encode_workers_and_background_threads_keep_their_own_torch_threads():
     t.start()
     t.join()
     assert seen == [1] and torch_threads_default() == default
+
+
+@pytest.mark.parametrize("cfg", [QincoConfig(d=16, M=3, K=16, L=1, h=16), QincoConfig(d=16, M=3, K=16, L=1, h=16,
+                                                                                        nlist=4)])
+def test_seeded_encoders_keep_the_better_of_the_search_and_the_seed(cfg, gaussian, tmp_path):
+    """A seeded encoder keeps, per vector, whichever of its beam search's code and the model's seed
+    code (LSQ++'s local search over the seed codebooks) the network decodes closer; the fast path,
+    the reference, a model file and `encode` agree; `fast` (fast ingest) skips the seeds."""
+    import dataclasses
+    from model.io import load_model, save_model
+    model = random_model(cfg)
+    xn = model.normalize(torch.from_numpy(gaussian))
+    lists = model.assign(xn) if cfg.nlist else None
+    enc = Encoder(A=4, B=2)
+    unseeded = dataclasses.replace(enc, seeded=False)
+    assert model.seed_codes(xn, lists) is None  # a model without seed codebooks
+    plain, plain_xhat = model.encode_normalized(xn, enc, lists)
+    fast = encode(model, gaussian, ENCODERS["fast"])
+    model.set_seed_codebooks(torch.stack([step.codebook.detach() for step in model.steps]).numpy())
+    seeds = model.seed_codes(xn, lists)
+    assert seeds.shape == (len(xn), cfg.M) and seeds.dtype == torch.long and 0 <= seeds.min() <= seeds.max() < cfg.K
+    with torch.no_grad():
+        codes, xhat = model.encode_normalized(xn, enc, lists, seeds=seeds)
+        ref_codes, ref_xhat = model.encode_normalized_reference(xn, enc, lists, seeds=seeds)
+        seed_err = (xn - model.decode_normalized(seeds, lists)).square().sum(1)
+    assert (model.encode_normalized(xn, unseeded, lists)[0] == plain).all()
+    err, plain_err = (xn - xhat).square().sum(1), (xn - plain_xhat).square().sum(1)
+    assert (err <= torch.minimum(plain_err, seed_err) + 1e-5).all()
+    kept = (codes == seeds).all(1) & ~(codes == plain).all(1)
+    assert 0 < kept.sum() < len(xn)  # the base codebooks' local search: sometimes better
+    assert (codes == ref_codes).all(1).float().mean() >= 0.99
+    np.testing.assert_allclose(xhat.numpy(), ref_xhat.numpy(), atol=1e-4)
+    # The numpy entry point finds the seeds itself (one faiss call per batch), as encode_normalized does.
+    lead = 1 if cfg.nlist else 0
+    for workers in (1, 2):  # the seeds are found before the batch is split among the workers
+        raw = encode(model, gaussian, enc, workers=workers)
+        assert (torch.from_numpy(raw[:, lead:].astype(np.int64)) == codes).all()
+    # Each vector's seed is its own: the same in any batch, and in threads that ask at once.
+    assert (model.seed_codes(xn[7:9], None if lists is None else lists[7:9]) == seeds[7:9]).all()
+    from concurrent.futures import ThreadPoolExecutor
+    model.set_seed_codebooks(model.seed_codebooks.numpy().copy())  # a new seeder, built once by the threads
+    with ThreadPoolExecutor(4) as pool:
+        assert all((s == seeds).all() for s in pool.map(lambda _: model.seed_codes(xn, lists), range(8)))
+    assert (encode(model, gaussian, ENCODERS["fast"]) == fast).all()
+    # The seed codebooks travel in the model file; a file written before them loads without.
+    save_model(model, tmp_path / "m.safetensors")
+    again = load_model(tmp_path / "m.safetensors")
+    assert torch.equal(again.seed_codebooks, model.seed_codebooks)
+    assert (torch.from_numpy(encode(again, gaussian, enc)[:, lead:].astype(np.int64)) == codes).all()
+    model.set_seed_codebooks(None)
+    save_model(model, tmp_path / "old.safetensors")
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "old.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "old.safetensors"))
+    del tensors["seed_codebooks"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    assert load_model(tmp_path / "old.safetensors").seed_codes(xn, lists) is None
+    # A file whose seed codebooks do not fit the model is refused, whatever their shape.
+    from model.io import CheckpointError
+    for bad in (torch.zeros(()), torch.zeros(cfg.M), torch.zeros(cfg.M, cfg.K, cfg.d + 1), torch.zeros(cfg.M, 8, cfg.d),
+                torch.zeros(1, cfg.K, cfg.d), torch.zeros(cfg.M, cfg.K, cfg.d, 1)):
+        save_file({**tensors, "seed_codebooks": bad}, str(tmp_path / "bad.safetensors"), metadata=meta)
+        with pytest.raises(CheckpointError, match="weights do not match"):
+            load_model(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="seed codebooks"):
+        model.set_seed_codebooks(np.zeros((cfg.M, cfg.K, cfg.d + 1), np.float32))
+
+
+def test_the_seed_encoder_is_lsqs_own():
+    """model/seeds.py runs faiss's LSQ++ encoder with its inner products computed once: the same
+    error as faiss's `compute_codes` over the same codebooks (another random start, the same
+    search), and the same codes for the same batch."""
+    import faiss
+    from model.seeds import LocalSearch
+    x = np.random.default_rng(2).standard_normal((2000, 16)).astype(np.float32)
+    lsq = faiss.LocalSearchQuantizer(16, 3, 4)
+    lsq.nperts, lsq.train_iters = 3, 4
+    lsq.train(x)
+    books = faiss.vector_to_array(lsq.codebooks).reshape(3, 16, 16)
+    ours = LocalSearch(books).codes(x)
+    theirs = faiss.unpack_bitstrings(lsq.compute_codes(x), 3, 4)
+    error = lambda codes: float(((x - books[np.arange(3), codes].sum(1)) ** 2).sum(1).mean())
+    assert ours.shape == (2000, 3) and ours.dtype == np.int64
+    assert abs(error(ours) - error(theirs)) < 0.01 * error(theirs)
+    assert (LocalSearch(books).codes(x) == ours).all()
+    greedy = np.zeros((2000, 3), np.int64)  # residual greedy over the same codebooks: worse
+    r = x.copy()
+    for m in range(3):
+        greedy[:, m] = ((r[:, None] - books[m][None]) ** 2).sum(-1).argmin(1)
+        r -= books[m][greedy[:, m]]
+    assert error(ours) < error(greedy)

@@ -221,3 +221,29 @@ def test_dead_codewords_get_a_residual_of_their_step(glove_sample):
         assert torch.equal(cb[alive], before[m][alive])
         for k in dead:  # each reset codeword is one vector's residual at that step
             assert (residuals[m] - cb[k]).abs().max(1).values.min() < 1e-5
+
+
+def test_an_lsq_start_encodes_at_least_as_well_as_lsq(tmp_path, glove_sample):
+    """Started from LSQ++'s codebooks, the model keeps them as its seed codebooks, and a seeded
+    encoder also tries LSQ++'s local-search codes: at step 0 it is as good as LSQ++ with its own
+    encoder, better than the beam search alone; training keeps them (and an RQ start has none)."""
+    import dataclasses
+    cfg = QincoConfig(d=50, M=4, K=16, L=1, h=16)
+    x, xval = glove_sample[:3000], glove_sample[3000:4000]
+    model, state, candidates = initialise(x, xval, cfg, TrainConfig(init="best", seed=0, threads=1))
+    xv = model.normalize(torch.from_numpy(xval))
+    enc = Encoder(A=4, B=2)
+    choose_start(model, state, {"lsq": candidates["lsq"]}, xv, enc)
+    assert model.seed_codebooks.shape == (cfg.M, cfg.K, cfg.d)
+    seeded = validation_mse(model, xv, None, enc)
+    beam = validation_mse(model, xv, None, dataclasses.replace(enc, seeded=False))
+    assert seeded <= state.lsq_val_mse * 1.02 and seeded < beam * 0.99, (seeded, beam, state.lsq_val_mse)
+    choose_start(model, state, {"rq": candidates["rq"]}, xv, enc)
+    assert len(model.seed_codebooks) == 0
+    out = tmp_path / "lsq.safetensors"
+    train_fixture(glove_sample[:4000], out, cfg, A=4, B=2, batch=128, val=1000, eval_every=2000, lr=1e-3,
+                  max_vectors=20_000, init="lsq")
+    trained, extra = load_model(out, with_extra=True)
+    s = extra["training"]["state"]
+    assert trained.seed_codebooks.shape == (cfg.M, cfg.K, cfg.d)
+    assert s["vectors_seen"] >= 20_000 and s["init"] == "lsq" and s["init_val_mse"] <= s["lsq_val_mse"] * 1.02, s
