@@ -309,6 +309,15 @@ class Qinco(nn.Module):
         started from its codebooks: a beam search over the same codebooks ends several % worse
         (bench/RESULTS.md).  Later the network decodes them as any code, and a seeded encoder
         keeps whichever of them and its beam search's result reconstructs better."""
+        seeder = self.seeder()
+        if seeder is None:
+            return None
+        r = (xn - self.start(lists, len(xn))).detach().float().cpu().numpy()
+        return torch.from_numpy(seeder.codes(r)).to(xn.device)
+
+    def seeder(self) -> LocalSearch | None:
+        """LSQ++'s encoder over the seed codebooks (None without them), built on first use: its
+        M² K² codeword products take a moment, so a swap builds it before it holds any lock."""
         books = self.seed_codebooks
         if not len(books):
             return None
@@ -316,12 +325,13 @@ class Qinco(nn.Module):
             key = (books.data_ptr(), books._version)  # an in-place change rebuilds it
         except RuntimeError:  # an inference tensor: no version counter, and no in-place change either
             key = (books.data_ptr(), None)
-        with _seeder_build:  # one build (M² K² floats) however many threads ask at once
+        cached = self._seeder
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with _seeder_build:  # one build however many threads ask at once
             if self._seeder is None or self._seeder[0] != key:
                 self._seeder = (key, LocalSearch(books.detach().float().cpu().numpy()))
-            seeder = self._seeder[1]
-        r = (xn - self.start(lists, len(xn))).detach().float().cpu().numpy()
-        return torch.from_numpy(seeder.codes(r)).to(xn.device)
+            return self._seeder[1]
 
     # ---- decoding ------------------------------------------------------------------
     def start(self, lists: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -21,14 +21,21 @@ MAX_BINARY_BYTES = 256 << 20
 CHUNK = 4096  # vectors encoded at a time: their unary terms are CHUNK x M x K floats (32 MiB at M = 8)
 SMALL = 64  # fewer vectors than this are encoded on the calling thread alone
 
-# faiss's LSQ steps keep no state of their own but time themselves in one global, unguarded
-# timer (faiss's lsq_timer), which throws when two threads run the same step at once.
+# faiss's LSQ steps keep no state of their own, but most time themselves in one global timer
+# (faiss's lsq_timer, an unguarded map): two threads in them at once would race on it.  The ICM
+# sweeps (most of the work) do not touch it and run outside the lock.
 _faiss_lsq = threading.Lock()
+
+
+def possible(M: int, K: int) -> bool:
+    """Whether a model of M steps of K codewords can have seeds: K a power of 2 (LSQ++ uses all
+    2^nbits codewords), and at most MAX_BINARY_BYTES of codeword products (M <= 32 at K = 256)."""
+    return K & (K - 1) == 0 and 4 * M * M * K * K <= MAX_BINARY_BYTES
 
 
 def check_codebooks(shape: tuple, M: int, K: int, d: int) -> None:
     """Seed codebooks of this shape fit a model of M steps of K codewords in d dimensions, or ValueError."""
-    if tuple(shape) != (M, K, d) or K & (K - 1) or 4 * M * M * K * K > MAX_BINARY_BYTES:
+    if tuple(shape) != (M, K, d) or not possible(M, K):
         raise ValueError(f"seed codebooks must be ({M}, {K}, {d}) with K a power of 2 and M² K² x 4 bytes "
                          f"at most {MAX_BINARY_BYTES >> 20} MiB, got {tuple(shape)}")
 
@@ -76,8 +83,8 @@ class LocalSearch:
         lsq, n, M, K = self.lsq, len(x), self.M, self.K
         p = lsq.nperts
         # One stream of draws per vector, keyed on its bytes: draw j of row i is mix(key_i + j).
-        key = _mix(np.bitwise_xor.reduce(x.view(np.uint32).astype(np.uint64) * np.arange(1, self.d + 1, dtype=np.uint64),
-                                         axis=1))[:, None]
+        words = x.view(np.uint32).astype(np.uint64) ^ (np.arange(self.d, dtype=np.uint64) << np.uint64(32))
+        key = _mix(np.bitwise_xor.reduce(_mix(words), axis=1))[:, None]
         draws = lambda j0, k: _mix(key + np.arange(j0, j0 + k, dtype=np.uint64))  # (n, k) uint64
         codes = (draws(0, M) % np.uint64(K)).astype(np.int32)
         unaries = np.empty((n, M, K), dtype=np.float32)
@@ -89,9 +96,9 @@ class LocalSearch:
         for it in range(lsq.encode_ils_iters):
             r = draws(M + 2 * p * it, 2 * p)
             codes[rows, (r[:, :p] % np.uint64(M)).astype(np.int64)] = (r[:, p:] % np.uint64(K)).astype(np.int32)
+            lsq.icm_encode_step(faiss.swig_ptr(codes), faiss.swig_ptr(unaries), faiss.swig_ptr(self.binaries),
+                                n, lsq.icm_iters)
             with _faiss_lsq:
-                lsq.icm_encode_step(faiss.swig_ptr(codes), faiss.swig_ptr(unaries), faiss.swig_ptr(self.binaries),
-                                    n, lsq.icm_iters)
                 lsq.evaluate(faiss.swig_ptr(codes), faiss.swig_ptr(x), n, faiss.swig_ptr(err))
             better = err < best_err
             best[better], best_err[better] = codes[better], err[better]

@@ -22,6 +22,7 @@ from . import distributed
 from .codebooks import fit_model_tables
 from .io import load_model, save_model
 from .network import ENCODERS, Encoder, Qinco, QincoConfig, check_vectors
+from .seeds import possible as seeds_possible
 from .scan import native_bf16
 from .threads import set_threads
 
@@ -317,10 +318,11 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     lv = model.assign(xv) if cfg.nlist else None
     # Seed codes depend only on the fixed seed codebooks: found once, on the CPU (faiss; every
     # process finds all of them, rather than exchange them).
-    t0 = time.time()
     seeds_v = model.seed_codes(xv, lv) if train_encoder.seeded else None
-    seed_seconds = time.time() - t0  # what the seeds of as many vectors cost again (the tables' encode)
+    t0 = time.time()
     seeds_t = model.seed_codes(xt, lt) if train_encoder.seeded else None
+    # What a vector's seed costs (the tables' encode below finds them again): one figure for all processes.
+    seed_seconds = distributed.mean_all([(time.time() - t0) / len(xt)], device)[0]
     xt, xv, lt, lv, seeds_t, seeds_v = [None if t is None else t.to(device) for t in (xt, xv, lt, lv, seeds_t, seeds_v)]
     model.to(device).train()
     net = distributed.wrap(model, device)
@@ -345,7 +347,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     eval_every = tc.eval_every or min(50_000, max(5_000, len(xtrain)))
     # IVF models end by encoding a sample for the index tables: keep time for it.
     n_tables = min(tc.table_sample, len(xtrain)) if cfg.nlist else 0
-    budget -= 1.5 * n_tables / len(xv) * (val_seconds * world + seed_seconds)
+    budget -= 1.5 * n_tables * (val_seconds * world / len(xv) + seed_seconds)
     if not resume:
         state.init_val_mse = state.best_val_mse = val
         state.history.append((round((time.time() - start) / 60, 2), val))
@@ -450,7 +452,9 @@ def choose_start(model: Qinco, state: TrainState, candidates: dict[str, np.ndarr
     seeds: LSQ++'s are also the model's seed codebooks."""
     cfg = model.cfg
     lv = model.assign(xv) if cfg.nlist else None
-    seeds = seeds and cfg.K == 1 << cfg.nbits  # LSQ++'s own encoder needs all 2^nbits codewords
+    if seeds and not seeds_possible(cfg.M, cfg.K):
+        log(f"no seed codes: LSQ++'s encoder needs K a power of 2 and M <= 32 at K = 256 (M={cfg.M}, K={cfg.K})")
+        seeds = False
     scores = {}
     for name, codebooks in candidates.items():
         set_codebooks(model, codebooks)

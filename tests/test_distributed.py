@@ -135,7 +135,9 @@ def test_rank_0s_seed_codebooks_reach_every_process(tmp_path):
 
 
 def test_a_two_process_run_from_lsq_keeps_the_seeds_in_step(tmp_path, glove_sample):
-    """Each process finds the seed codes of its whole set and searches its share of a chunk with them."""
+    """An LSQ++ start with its seeds in two processes: the seed codebooks reach both, the processes
+    stay in step, and the shared validation (each process its share of the vectors and of their
+    seeds) measures LSQ++'s own error at the start."""
     in_processes(2, ddp_training, tmp_path, glove_sample[:3000], "lsq")
     first, second = (torch.load(tmp_path / f"model-{r}.pt", weights_only=True) for r in range(2))
     assert first["seed_codebooks"].shape == (2, 32, 50) and all(torch.equal(first[k], second[k]) for k in first)

@@ -342,6 +342,7 @@ def test_seeded_encoders_keep_the_better_of_the_search_and_the_seed(cfg, gaussia
     model.set_seed_codebooks(model.seed_codebooks.numpy().copy())  # a new seeder, built once by the threads
     with ThreadPoolExecutor(4) as pool:
         assert all((s == seeds).all() for s in pool.map(lambda _: model.seed_codes(xn, lists), range(8)))
+        assert len({id(s) for s in pool.map(lambda _: model.seeder(), range(8))}) == 1
     assert (encode(model, gaussian, ENCODERS["fast"]) == fast).all()
     # The seed codebooks travel in the model file; a file written before them loads without.
     save_model(model, tmp_path / "m.safetensors")
@@ -367,9 +368,12 @@ def test_seeded_encoders_keep_the_better_of_the_search_and_the_seed(cfg, gaussia
             load_model(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="seed codebooks"):
         model.set_seed_codebooks(np.zeros((cfg.M, cfg.K, cfg.d + 1), np.float32))
+    big = random_model(QincoConfig(d=4, M=33, K=256, L=1, h=4))  # 33² x 256² products: over the cap
+    with pytest.raises(ValueError, match="MiB"):
+        big.set_seed_codebooks(np.zeros((33, 256, 4), np.float32))
 
 
-def test_the_seed_encoder_is_lsqs_own():
+def test_the_seed_encoder_is_lsqs_own(monkeypatch):
     """model/seeds.py runs faiss's LSQ++ encoder with its inner products computed once: the same
     error as faiss's `compute_codes` over the same codebooks (another random start, the same
     search), and the same codes for the same batch."""
@@ -386,6 +390,8 @@ def test_the_seed_encoder_is_lsqs_own():
     assert ours.shape == (2000, 3) and ours.dtype == np.int64
     assert abs(error(ours) - error(theirs)) < 0.01 * error(theirs)
     assert (LocalSearch(books).codes(x) == ours).all()
+    monkeypatch.setattr("model.seeds.CHUNK", 300)  # chunks change nothing: each row has its own draws
+    assert (LocalSearch(books).codes(x) == ours).all() and (LocalSearch(books).codes(x[1:]) == ours[1:]).all()
     greedy = np.zeros((2000, 3), np.int64)  # residual greedy over the same codebooks: worse
     r = x.copy()
     for m in range(3):

@@ -223,6 +223,7 @@ class Trainer:
         use_threads(c.config.threads)
         model_file, trained, encoded = job.outputs()
         model = load_model(model_file)
+        model.seeder()  # its seed encoder (if any) built now, not under the write lock below
         new = QincoSpaceIndex(QincoIndex(model))
         ids = np.fromfile(job.dir / "ids.i64", dtype=np.int64)
         codes = np.fromfile(job.dir / "codes.i32", dtype=np.int32).reshape(len(ids), encoded["width"])
