@@ -68,7 +68,7 @@ def batch_sizes(url):
 
 def test_concurrent_rest_searches_match_lone_ones(live, vectors):
     url = live
-    httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors"}).raise_for_status()
+    httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors"}, timeout=60).raise_for_status()
     points = [{"id": i, "vector": v.tolist(), "payload": {"n": i, "tag": ["a", "b", "c"][i % 3]}}
               for i, v in enumerate(vectors[:300])]
     httpx.put(f"{url}/collections/c/points", json={"points": points}, timeout=60).raise_for_status()

@@ -17,7 +17,8 @@ def server(data_dir):
     port = free_port()
     proc = serve(data_dir, port, "--no-demo")
     url = f"http://127.0.0.1:{port}"
-    httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors", "metric": "cosine"}).raise_for_status()
+    httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors", "metric": "cosine"},
+              timeout=60).raise_for_status()
     yield url
     proc.kill()
     proc.wait()
@@ -113,7 +114,7 @@ def test_uuid_ids(data_dir, vectors):
     url = f"http://127.0.0.1:{port}"
     proc = serve(data_dir, port, "--no-demo")
     try:
-        httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors"}).raise_for_status()
+        httpx.put(f"{url}/collections/c", json={"model": "models/ivf.safetensors"}, timeout=60).raise_for_status()
         client = QdrantClient(url=url, prefer_grpc=False, check_compatibility=False)
         uuids = [str(uuid.UUID(int=(i + 1) * 7919 + (1 << 100))) for i in range(20)]
         client.upsert("c", [models.PointStruct(id=uuids[i], vector=vectors[i].tolist(), payload={"n": i})
