@@ -151,7 +151,7 @@ class PointSet:
             self._buffer = ids_of(self._bitmap).copy()
             self._n, self._bitmap = len(self._buffer), None
         elif dense and self._bitmap is None:
-            self._bitmap = BitMap64(self._buffer[:n].astype(np.uint64))
+            self._bitmap = BitMap64(self._buffer[:n].view(np.uint64))
             self._buffer, self._n = np.zeros(0, np.int64), 0
 
     def _counted(self, added: int):
@@ -184,7 +184,7 @@ class PointSet:
         with self._lock:
             if self._bitmap is None:
                 return is_in_sorted(ids, self._buffer[:self._n])
-            held = self._bitmap & BitMap64(ids[ids >= 0].astype(np.uint64))
+            held = self._bitmap & BitMap64(ids[ids >= 0].view(np.uint64))
         return is_in_sorted(ids, ids_of(held))
 
     def add(self, ids):
@@ -192,7 +192,7 @@ class PointSet:
         with self._lock:
             if self._bitmap is not None:
                 before = len(self._bitmap)
-                self._bitmap.update(ids.astype(np.uint64))
+                self._bitmap.update(ids.view(np.uint64))
                 return self._counted(len(self._bitmap) - before)
             held = self._buffer[:self._n]
             new = ids[~is_in_sorted(ids, held)]
@@ -214,7 +214,7 @@ class PointSet:
         ids = ids[ids >= 0]
         with self._lock:
             if self._bitmap is not None:
-                self._bitmap.difference_update(BitMap64(ids.astype(np.uint64)))
+                self._bitmap.difference_update(BitMap64(ids.view(np.uint64)))
             else:
                 self._buffer = self._buffer[:self._n][~is_in_sorted(self._buffer[:self._n], ids)]
                 self._n = len(self._buffer)
