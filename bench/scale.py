@@ -25,6 +25,11 @@ fall where the model's lists are: a memory and speed run, not a recall claim.  `
 loads the same points with UUID ids, or with a payload (a keyword and an integer field), with
 or without payload indexes on both: run each beside `none` to see what it adds per point.
 
+`--nprobe-sweep 16 32 64 ...` (GloVe data): latency and recall at each nprobe, for 300 held-out
+queries (rows of GloVe's first 100k, in every N's base, with the generator's noise) against
+their exact top 10 in the N points: to compare N at the same recall (issue #26 item 5), not a
+recall claim (the points past 400k are generated).
+
 `--data minilm`: the real 1M MiniLM set (bench/corpus.py, 384-d), into a collection created by
 size and distance as a user makes one: it trains its own model (`--train-minutes`) on the points
 as they arrive, keeps the originals on disk, and turns green by itself.  Added figures: search
@@ -35,6 +40,7 @@ DONTNEED) against warm.
 
     python bench/scale.py --n 100000 1000000
     python bench/scale.py --n 10000000 --batch 2000
+    python bench/scale.py --n 10000000 --model m-16384-lists.safetensors --nprobe-sweep 32 64 128 256
     python bench/scale.py --data minilm --n 969003
     python bench/scale.py --plot bench/results/scale-*.json     # the curve: bench/results/scale.png
     for e in none uuid payload indexed; do python bench/scale.py --n 1000000 --encoder fast --extras $e; done
@@ -93,6 +99,29 @@ def vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
         x = real[rng.integers(0, len(real), m)] + 0.1 * rng.standard_normal((m, d)).astype(np.float32)
         out[i0:i0 + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
+
+
+def held_out_queries(n_queries: int = 300, seed: int = 1) -> np.ndarray:
+    """GloVe rows of the first 100k (in every N's base) with the generator's noise, normalised."""
+    real = load_vectors(100_000, 50)
+    rng = np.random.default_rng(seed)
+    rows = real[rng.choice(len(real), n_queries, replace=False)]
+    q = rows / np.linalg.norm(rows, axis=1, keepdims=True) + 0.1 * rng.standard_normal(rows.shape)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_top10(x: np.ndarray, queries: np.ndarray, chunk: int = 200_000) -> np.ndarray:
+    """Each query's 10 nearest rows of x (unit vectors: the largest inner products), (nq, 10)."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for i0 in range(0, len(x), chunk):
+        s = queries @ x[i0:i0 + chunk].T  # (nq, chunk)
+        top = np.argpartition(-s, min(10, s.shape[1] - 1), axis=1)[:, :10]
+        best_s = np.hstack([best_s, np.take_along_axis(s, top, 1)])
+        best_i = np.hstack([best_i, top + i0])
+        keep = np.argsort(-best_s, axis=1)[:, :10]
+        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    return best_i
 
 
 def warm_up(url: str, x: np.ndarray, body: dict):
@@ -310,6 +339,9 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
         else:
             x = vectors(n, 50)
             queries, gt = x[np.random.default_rng(1).choice(n, 300, replace=False)], None
+            if args.nprobe_sweep:
+                held_out = held_out_queries()
+                held_out_gt = exact_top10(x, held_out)
             body = {"model": "models/m.safetensors", "metric": "cosine", "encoder": args.encoder}
             warm_up(url, x[:2000], {"model": "models/m.safetensors", "metric": "cosine"})
         httpx.put(f"{url}/collections/c", json=body, timeout=120).raise_for_status()
@@ -341,6 +373,10 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
                    peak_rss_mib=round(proc_status(proc.pid, "VmHWM") / 1024, 1), **lone,
                    qps=qps(url, queries[:300], args.clients))
         del x
+        if args.data == "glove" and args.nprobe_sweep:
+            out["nprobe_sweep"] = {str(p): {**recall(url, held_out, held_out_gt, {"nprobe": p}),
+                                            **latency(url, held_out, params={"nprobe": p})}
+                                   for p in args.nprobe_sweep}
         if gt is not None:
             rescore = {"quantization": {"rescore": True}}  # at the defaults: nprobe 2 sqrt(nlist), 128 candidates
             wide = {"nprobe": 64, "quantization": {"rescore": True, "oversampling": 16}}
@@ -437,6 +473,8 @@ def main():
     p.add_argument("--train-minutes", type=float, default=30.0, help="minilm: the collection's training budget")
     p.add_argument("--queries", type=int, default=1000, help="minilm: queries for recall")
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--nprobe-sweep", type=int, nargs="*", default=[],
+                   help="glove: recall and latency at each nprobe, for held-out queries")
     p.add_argument("--extras", choices=EXTRAS, default="none",
                    help="UUID ids, or payloads with or without payload indexes (what each adds per point)")
     p.add_argument("--snapshot-every", type=int, default=50_000)

@@ -8,9 +8,11 @@ A vector in list l with code (i_1 .. i_M) is approximated by c_l + r, r = sum_m 
 faiss's additive-quantizer IVF scanner builds a table <q - c_l, T_m> for every probed
 list (M x K x d multiply-adds each: at d = 384 that costs more than scanning the list).
 Here the per-query term is one matmul for all lists, and the per-list term is computed
-once per index (nlist x M x K floats), as faiss's IVF-PQ does with its "precomputed
-tables".  The distances are faiss's own (tests/test_index.py checks them against
-`index.search`), with ||r||² read from faiss's 8-bit norm byte.
+once per index, as faiss's IVF-PQ does with its "precomputed tables", and held as 16-bit
+fixed point with a step per list (2 x nlist x M x K bytes: 64 MiB at 16,384 lists, where
+float32 would be 13 B a point at 10M).  The distances are faiss's own within that rounding
+(tests/test_index.py checks them against `index.search`), with ||r||² read from faiss's
+8-bit norm byte.
 
 The lists are the index's own (model/lists.py: one arena of codes, each list a run of rows),
 so that the numba kernel reads plain arrays, and the codes are held once.
@@ -62,22 +64,36 @@ def query_tables(queries: np.ndarray, tables: torch.Tensor, M: int) -> np.ndarra
     return products.float().view(len(queries), M, -1).numpy()
 
 
-def list_terms(centroids: np.ndarray, tables: np.ndarray) -> np.ndarray:
-    """2 <c_l, T_m[k]>: (nlist, d), (M, K, d) -> (nlist, M, K) float32 (always float32: made once)."""
-    c = np.ascontiguousarray(centroids, dtype=np.float32)
-    return -query_tables(c, scan_tables(tables, bf16=False), tables.shape[0])
+LIST_CHUNK = 1024  # lists whose float32 terms are computed at once (8 MiB at M = 8, K = 256)
+
+
+def list_terms(centroids: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """2 <c_l, T_m[k]> as 16-bit fixed point: (nlist, d), (M, K, d) -> terms (nlist, M, K) int16
+    and steps (nlist,) float32, the term being terms * step (rounding error <= step / 2, with
+    step = the list's largest |term| / 32767: 2^-16 of it)."""
+    M, K = tables.shape[:2]
+    t = scan_tables(tables, bf16=False)
+    terms = np.empty((len(centroids), M, K), dtype=np.int16)
+    steps = np.empty(len(centroids), dtype=np.float32)
+    for l0 in range(0, len(centroids), LIST_CHUNK):
+        c = np.ascontiguousarray(centroids[l0:l0 + LIST_CHUNK], dtype=np.float32)
+        exact = -query_tables(c, t, M)
+        step = np.maximum(np.abs(exact).max(axis=(1, 2)), np.finfo(np.float32).tiny) / 32767
+        terms[l0:l0 + len(c)] = np.rint(exact / step[:, None, None])
+        steps[l0:l0 + len(c)] = step
+    return terms, steps
 
 
 PARALLEL_SCAN = 8  # queries from which the scan runs on numba's thread team
 
 
-def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms: np.ndarray,
+def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms: tuple[np.ndarray, np.ndarray],
          norms: np.ndarray, lists: ListStore, n: int, allowed: np.ndarray | None = None
          ) -> tuple[np.ndarray, np.ndarray]:
     """The n nearest codes of each query's probed lists by table distance.
 
     qtables (nq, M, K), coarse_dis and probes (nq, nprobe) from the coarse quantizer
-    (probes -1: none), lterms (nlist, M, K), norms (256,); allowed: None, or a bool mask
+    (probes -1: none), lterms from list_terms, norms (256,); allowed: None, or a bool mask
     over the rows of `lists` (a filter: other rows never take a place).  Returns distances
     (nq, n) float32, ascending, and rows of `lists` (nq, n) int64; +inf and -1 past the end.
     """
@@ -88,26 +104,26 @@ def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms
     if n and nq:
         kernel = _scan if nq >= PARALLEL_SCAN else _scan_serial
         kernel(qtables, np.ascontiguousarray(coarse_dis, dtype=np.float32), np.ascontiguousarray(probes),
-              lterms, norms, lists.starts, lists.sizes, lists.codes, mask, dis, rows)
+              *lterms, norms, lists.starts, lists.sizes, lists.codes, mask, dis, rows)
     return dis, rows
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _scan(qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows):
+def _scan(qtables, coarse_dis, probes, lterms, lsteps, norms, starts, sizes, codes, allowed, dis, rows):
     for q in numba.prange(len(probes)):
-        _scan_query(q, qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows)
+        _scan_query(q, qtables, coarse_dis, probes, lterms, lsteps, norms, starts, sizes, codes, allowed, dis, rows)
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan_serial(qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows):
+def _scan_serial(qtables, coarse_dis, probes, lterms, lsteps, norms, starts, sizes, codes, allowed, dis, rows):
     """`_scan` in the calling thread: a few queries do not pay for waking a thread team
     (in a request thread, with the other core busy, that wake-up cost 10x the scan itself)."""
     for q in range(len(probes)):
-        _scan_query(q, qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows)
+        _scan_query(q, qtables, coarse_dis, probes, lterms, lsteps, norms, starts, sizes, codes, allowed, dis, rows)
 
 
 @numba.njit(inline="always")
-def _scan_query(q, qtables, coarse_dis, probes, lterms, norms, starts, sizes, codes, allowed, dis, rows):
+def _scan_query(q, qtables, coarse_dis, probes, lterms, lsteps, norms, starts, sizes, codes, allowed, dis, rows):
     nprobe = probes.shape[1]
     M, K = qtables.shape[1], qtables.shape[2]
     n = dis.shape[1]
@@ -117,9 +133,10 @@ def _scan_query(q, qtables, coarse_dis, probes, lterms, norms, starts, sizes, co
         l = probes[q, j]
         if l < 0:
             continue
+        step = lsteps[l]
         for m in range(M):
             for k in range(K):
-                table[m, k] = lterms[l, m, k] + qtables[q, m, k]
+                table[m, k] = lterms[l, m, k] * step + qtables[q, m, k]
         bias = coarse_dis[q, j]
         filtered = allowed.shape[0] > 0
         for r in range(starts[l], starts[l] + sizes[l]):
@@ -165,4 +182,4 @@ def warm_up() -> None:
     empty = ListStore(1, 2)
     for nq in (1, PARALLEL_SCAN):  # both kernels
         scan(np.zeros((nq, 1, 256), np.float32), np.zeros((nq, 1), np.float32), np.zeros((nq, 1), np.int64),
-             np.zeros((1, 1, 256), np.float32), np.zeros(256, np.float32), empty, 1)
+             (np.zeros((1, 1, 256), np.int16), np.ones(1, np.float32)), np.zeros(256, np.float32), empty, 1)

@@ -205,8 +205,8 @@ def test_nshort_zero_is_the_fixed_table_order_and_distances(index, glove_sample)
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_scan_gives_faiss_distances_and_order(index, glove_sample, bf16):
-    """One look-up table per query (model/scan.py) scores as faiss's IVF scanner: exactly
-    in float32, within bf16 rounding where the CPU does bf16 in hardware."""
+    """One look-up table per query (model/scan.py) scores as faiss's IVF scanner: within the
+    16-bit per-list terms' rounding in float32, within bf16 rounding where the CPU does bf16."""
     queries = glove_sample[7000:7100]
     index.scan_tables = scan_tables(index.tables, bf16)
     D, I, _ = index.shortlist(queries, 20, SearchParams(nprobe=4, ef_search=32))
@@ -216,12 +216,28 @@ def test_scan_gives_faiss_distances_and_order(index, glove_sample, bf16):
     listno = list_nos.astype("<i8").view(np.uint8).reshape(-1, 8)[:, :reference.coarse_code_size()]
     reference.add_sa_codes(np.ascontiguousarray(np.hstack([listno, index.lists.codes[rows]])), ids)
     Df, If = reference.search(queries, 20, params=sp)
-    tol = 1e-2 if bf16 else 1e-5
+    rounding = index.model.cfg.M * float(index.list_terms[1].max()) / 2
+    assert rounding < 1e-3  # far below the gaps between distances
+    tol = 1e-2 if bf16 else rounding + 1e-5
     np.testing.assert_allclose(D, Df, atol=tol)
     # Equal distances (common with 2-byte codes) may come in either order or fall off the end.
     inside = D < D[:, -1:] - 2 * tol
     assert all(set(I[q, inside[q]]) <= set(If[q]) for q in range(len(queries)))
     assert bf16 or (I == If).mean() > 0.9
+
+
+def test_list_terms_round_within_half_a_step():
+    from model.scan import LIST_CHUNK, list_terms
+    rng = np.random.default_rng(0)
+    centroids = rng.standard_normal((LIST_CHUNK + 3, 16)).astype(np.float32)  # two chunks
+    centroids[5] *= 100  # a list of larger terms gets a larger step, not the others'
+    tables = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    terms, steps = list_terms(centroids, tables)
+    exact = 2 * np.einsum("ld,mkd->lmk", centroids.astype(np.float64), tables)
+    assert terms.dtype == np.int16 and terms.shape == (LIST_CHUNK + 3, 2, 4) and steps.shape == (LIST_CHUNK + 3,)
+    error = np.abs(terms * steps[:, None, None].astype(np.float64) - exact)
+    assert (error <= steps[:, None, None] / 2 + 1e-5 * np.abs(exact)).all()  # and float32's own rounding
+    assert steps[5] > 50 * np.median(steps) and np.abs(terms).max(axis=(1, 2)).min() >= 32766
 
 
 def test_small_batches_scan_as_large_ones(index, glove_sample):
