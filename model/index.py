@@ -119,7 +119,10 @@ class QincoIndex:
         # bf16 query tables where the CPU multiplies bf16 (None); True forces them (emulated: tests).
         self.scan_tables = scan_tables(self.tables, bf16=native_bf16() if bf16 is None else bf16)
         centroids = self.index.quantizer.reconstruct_n(0, cfg.nlist)
-        self.list_terms = list_terms(centroids, self.tables)  # 2 * nlist * M * K bytes
+        try:
+            self.list_terms = list_terms(centroids, self.tables)  # 2 * nlist * M * K bytes
+        except ValueError as e:
+            raise QincoIndexError(f"the model's IVF step cannot be scanned: {e}") from e
         self.norms = norm_of_byte(rq.norm_min, rq.norm_max)
         self._sorted_ids: tuple[int, np.ndarray] | None = None  # (lists.version, ids())
         warm_up()  # compile the scan here, not in (and timed with) the first search

@@ -9,8 +9,8 @@ faiss's additive-quantizer IVF scanner builds a table <q - c_l, T_m> for every p
 list (M x K x d multiply-adds each: at d = 384 that costs more than scanning the list).
 Here the per-query term is one matmul for all lists, and the per-list term is computed
 once per index, as faiss's IVF-PQ does with its "precomputed tables", and held as 16-bit
-fixed point with a step per list (2 x nlist x M x K bytes: 64 MiB at 16,384 lists, where
-float32 would be 13 B a point at 10M).  The distances are faiss's own within that rounding
+fixed point with a step per list (2 x nlist x M x K bytes: 64 MiB at 16,384 lists and M = 8,
+where float32 would cost 13 B a point at 10M).  The distances are faiss's own within that rounding
 (tests/test_index.py checks them against `index.search`), with ||r||² read from faiss's
 8-bit norm byte.
 
@@ -64,22 +64,27 @@ def query_tables(queries: np.ndarray, tables: torch.Tensor, M: int) -> np.ndarra
     return products.float().view(len(queries), M, -1).numpy()
 
 
-LIST_CHUNK = 1024  # lists whose float32 terms are computed at once (8 MiB at M = 8, K = 256)
+LIST_CHUNK = 1024  # lists whose float32 terms are computed at once (8 MiB at M = 8, K = 256), in place
 
 
 def list_terms(centroids: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2 <c_l, T_m[k]> as 16-bit fixed point: (nlist, d), (M, K, d) -> terms (nlist, M, K) int16
     and steps (nlist,) float32, the term being terms * step (rounding error <= step / 2, with
-    step = the list's largest |term| / 32767: 2^-16 of it)."""
+    step = the list's largest |term| / 32767: 2^-16 of it).  Non-finite terms: ValueError (they
+    would make every distance in their list NaN, and the list unreachable)."""
     M, K = tables.shape[:2]
     t = scan_tables(tables, bf16=False)
     terms = np.empty((len(centroids), M, K), dtype=np.int16)
     steps = np.empty(len(centroids), dtype=np.float32)
     for l0 in range(0, len(centroids), LIST_CHUNK):
         c = np.ascontiguousarray(centroids[l0:l0 + LIST_CHUNK], dtype=np.float32)
-        exact = -query_tables(c, t, M)
-        step = np.maximum(np.abs(exact).max(axis=(1, 2)), np.finfo(np.float32).tiny) / 32767
-        terms[l0:l0 + len(c)] = np.rint(exact / step[:, None, None])
+        exact = query_tables(c, t, M)  # -2 <c_l, T_m[k]>
+        peak = np.abs(exact).max(axis=(1, 2))
+        if not np.isfinite(peak).all():
+            raise ValueError("the centroids or the tables hold NaN or infinite values")
+        step = np.where(peak > 0, peak / 32767, 1).astype(np.float32)  # an all-zero list: any step
+        exact /= -step[:, None, None]
+        terms[l0:l0 + len(c)] = np.rint(exact, out=exact)
         steps[l0:l0 + len(c)] = step
     return terms, steps
 
@@ -103,8 +108,9 @@ def scan(qtables: np.ndarray, coarse_dis: np.ndarray, probes: np.ndarray, lterms
     mask = np.zeros(0, dtype=np.bool_) if allowed is None else np.ascontiguousarray(allowed, dtype=np.bool_)
     if n and nq:
         kernel = _scan if nq >= PARALLEL_SCAN else _scan_serial
+        terms, steps = lterms
         kernel(qtables, np.ascontiguousarray(coarse_dis, dtype=np.float32), np.ascontiguousarray(probes),
-              *lterms, norms, lists.starts, lists.sizes, lists.codes, mask, dis, rows)
+              terms, steps, norms, lists.starts, lists.sizes, lists.codes, mask, dis, rows)
     return dis, rows
 
 

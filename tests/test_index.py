@@ -236,8 +236,22 @@ def test_list_terms_round_within_half_a_step():
     exact = 2 * np.einsum("ld,mkd->lmk", centroids.astype(np.float64), tables)
     assert terms.dtype == np.int16 and terms.shape == (LIST_CHUNK + 3, 2, 4) and steps.shape == (LIST_CHUNK + 3,)
     error = np.abs(terms * steps[:, None, None].astype(np.float64) - exact)
-    assert (error <= steps[:, None, None] / 2 + 1e-5 * np.abs(exact)).all()  # and float32's own rounding
+    float32_error = 1e-5 * 2 * np.einsum("ld,mkd->lmk", np.abs(centroids), np.abs(tables))  # the products' own
+    assert (error <= steps[:, None, None] / 2 + float32_error).all()
     assert steps[5] > 50 * np.median(steps) and np.abs(terms).max(axis=(1, 2)).min() >= 32766
+    zero, step = list_terms(np.zeros((1, 16), np.float32), tables)
+    assert (zero == 0).all() and step[0] > 0
+    centroids[7, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        list_terms(centroids, tables)
+
+
+def test_a_model_with_non_finite_centroids_is_refused(ivf_model):
+    import copy
+    model = copy.deepcopy(ivf_model)
+    model.centroids[3, 0] = float("inf")
+    with pytest.raises(QincoIndexError, match="cannot be scanned"):
+        QincoIndex(model)
 
 
 def test_small_batches_scan_as_large_ones(index, glove_sample):
