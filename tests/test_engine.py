@@ -76,6 +76,32 @@ def test_a_deleted_collection_gives_its_memory_back_at_once(data_dir, vectors):
         store.close()
 
 
+def test_a_delete_answers_while_a_refiner_ends_its_batch():
+    """A refiner still encoding after the wait is waited for in a thread of its own, which then frees."""
+    import gc
+    import weakref
+    from service.engine.registry import _free
+
+    class Part:  # a collection's parts: a cycle
+        pass
+    a, b = Part(), Part()
+    a.other, b.other = b, a
+    freed, batch_done = weakref.ref(a), threading.Event()
+    refiner = threading.Thread(target=batch_done.wait, daemon=True)
+    refiner.start()
+    del a, b
+    gc.disable()
+    try:
+        _free("c", [refiner], wait=0.01)  # returns at once
+        helper = next(t for t in threading.enumerate() if t.name == "free-c")
+        assert freed() is not None and helper.is_alive()
+        batch_done.set()
+        helper.join(30)
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
 def test_a_lock_taken_out_of_order_is_refused():
     write, index = OrderedLock(WRITE, "write lock"), ReadWriteLock(INDEX, "index lock")
     with write, index.read():  # the order

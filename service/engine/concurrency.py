@@ -24,6 +24,8 @@ Threads, all daemons named after their collection (started by `start`):
   snapshot-NAME   writes a snapshot once snapshot_every points changed (snapshots.py)
   train-NAME      a training job: runs the worker process, then the swap (lifecycle.py)
   autotrain-NAME  starts a job once a collecting collection holds train_after points, or has outgrown its model (lifecycle.py)
+  free-NAME       a deleted collection's: waits for its refiner's last batch, then frees it (registry.py)
+A delete waits up to 2 s for the refiners outside every lock; they never take the registry's.
 """
 
 from __future__ import annotations

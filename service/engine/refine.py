@@ -39,15 +39,10 @@ class Refiner:
         self.enabled = collection.config.fast_ingest and space.encoder_name != "fast"
         self.pending = space.record.count("refine")  # queued points (write lock)
         self.wake = threading.Event()
-        self.thread = None
+        self.thread = None  # a deleted collection's memory returns once it ends (registry.py)
         if self.enabled or self.pending:  # a queue left by a run with fast ingest drains too
             name = collection.name if space.k == 0 else f"{collection.name}:{space.name}"
             self.thread = concurrency.start("refine", name, self.run)
-
-    def join(self, timeout: float = 30):
-        """Wait for the thread to end once its collection closes (at most one batch: it checks between)."""
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout)
 
     def acknowledges_fast(self) -> bool:
         """Whether an upsert now gets `fast` codes (the queue has room)."""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ from model.threads import use_threads
 
 from ..errors import BadRequest, Conflict, NotFound, Unavailable
 from ..memory import release_free_memory
-from . import record
+from . import concurrency, record
 from .collection import Collection
 from .concurrency import REGISTRY, OrderedLock
 from .config import CollectionConfig
@@ -31,6 +32,22 @@ from .ids import INT_ID_RANGE, is_int_id
 from .space import MAX_SPACES
 
 log = logging.getLogger("qinco.store")
+
+
+def _free(name: str, threads: list[threading.Thread], wait: float | None = 2.0):
+    """Give a deleted collection's memory back once its threads end.  Its parts refer to each other
+    (snapshots, trainer, spaces): only the cycle collector frees them, whose full passes are rare,
+    so its index (80 MiB at 16,384 lists) would stay until one came.  A refiner still encoding a
+    batch after `wait` seconds (the `quality` encoder's take ~30 s) is waited for in a thread of its
+    own, so that the DELETE answers."""
+    deadline = None if wait is None else time.monotonic() + wait
+    for thread in threads:
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in threads):
+        concurrency.start("free", name, _free, name, threads, None)
+        return
+    gc.collect()
+    release_free_memory()
 
 
 class DataDirLocked(RuntimeError):
@@ -184,23 +201,19 @@ class Store:
 
     def delete(self, name: str):
         with self.lock:
-            if name in self.collections:
-                self._close(self.collections.pop(name))
-            elif name not in self.failed:
+            threads = self._close(self.collections.pop(name)) if name in self.collections else None
+            if threads is None and name not in self.failed:
                 raise NotFound(f"collection {name!r} not found")
             self.failed.pop(name, None)
             self._discard(self.root / name, name)
-        # A collection's parts refer to each other (its snapshots, trainer, spaces): only the cycle
-        # collector frees them, whose full passes are rare, so its index (80 MiB at 16,384 lists)
-        # would stay until one came.
-        gc.collect()
-        release_free_memory()
+        if threads is not None:  # outside the lock: a refiner may be in the middle of a batch
+            _free(name, threads)
 
     @staticmethod
-    def _close(collection: Collection):
+    def _close(collection: Collection) -> list[threading.Thread]:
+        """Close a collection; the threads whose frames still hold it (its refiners, ending)."""
         collection.close()  # waits for a snapshot in progress
-        for space in collection.spaces.values():  # their threads' frames hold the collection
-            space.refiner.join()
+        return [space.refiner.thread for space in collection.spaces.values() if space.refiner.thread is not None]
 
     def _discard(self, folder: Path, name: str):
         if folder.exists():
