@@ -69,8 +69,8 @@ LIST_CHUNK = 1024  # lists whose float32 terms are computed at once (8 MiB at M 
 
 def list_terms(centroids: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2 <c_l, T_m[k]> as 16-bit fixed point: (nlist, d), (M, K, d) -> terms (nlist, M, K) int16
-    and steps (nlist,) float32, the term being terms * step (rounding error <= step / 2, with
-    step = the list's largest |term| / 32767: 2^-16 of it).  Non-finite terms: ValueError (they
+    and steps (nlist,) float32, the term being terms * step (step = the list's largest |term| /
+    32767, so the rounding error, <= step / 2, is 2^-16 of it at most).  Non-finite terms: ValueError (they
     would make every distance in their list NaN, and the list unreachable)."""
     M, K = tables.shape[:2]
     t = scan_tables(tables, bf16=False)
