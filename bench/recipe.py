@@ -42,6 +42,7 @@ RECIPES = {
     "rq": ["--init", "rq"],  # the start: faiss RQ's codebooks
     "lsq": ["--init", "lsq"],  # LSQ++'s codebooks, and its local-search codes as seeds
     "lsq-noseeds": ["--init", "lsq", "--no-seeds"],  # LSQ++'s codebooks, the beam search alone
+    "lsq50": ["--init", "lsq", "--lsq-iters", "50"],  # LSQ++ trained twice as long (faiss's default: 25)
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def cmd_serve(args):
         app = create_app(settings)
     except DataDirLocked as e:
         raise SystemExit(f"qinco serve: error: {e}") from None
+    # The imports' ~230k objects (torch, faiss, FastAPI) live as long as the process: out of the
+    # cycle collector's passes, a collection's delete collects in ~1 ms, not ~100.
+    gc.freeze()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5,
                 access_log=settings.access_log)
 

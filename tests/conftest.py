@@ -6,6 +6,16 @@ import torch
 
 from model.network import Qinco, QincoConfig
 
+
+@pytest.fixture(scope="session", autouse=True)
+def frozen_imports():
+    """As `qinco serve` does once started: the objects of the imports (torch's, faiss's...) out
+    of the cycle collector's passes, so that a collection's delete collects only what came since."""
+    import gc
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
 DATA = Path(__file__).parent / "data"
 
 
