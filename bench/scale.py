@@ -65,6 +65,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from model.datasets import exact_knn  # noqa: E402
 from bench.soak import DEFAULT_MODEL, free_port, load_vectors, percentiles, start_server, stop_server  # noqa: E402
 
 
@@ -108,20 +109,6 @@ def held_out_queries(n_queries: int = 300, seed: int = 1) -> np.ndarray:
     rows = real[rng.choice(len(real), n_queries, replace=False)]
     q = rows / np.linalg.norm(rows, axis=1, keepdims=True) + 0.1 * rng.standard_normal(rows.shape)
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-
-
-def exact_top10(x: np.ndarray, queries: np.ndarray, chunk: int = 200_000) -> np.ndarray:
-    """Each query's 10 nearest rows of x (unit vectors: the largest inner products), (nq, 10)."""
-    best_s = np.full((len(queries), 0), -np.inf, np.float32)
-    best_i = np.zeros((len(queries), 0), np.int64)
-    for i0 in range(0, len(x), chunk):
-        s = queries @ x[i0:i0 + chunk].T  # (nq, chunk)
-        top = np.argpartition(s, max(s.shape[1] - 10, 0), axis=1)[:, -10:].copy()  # not the whole order
-        best_s = np.hstack([best_s, np.take_along_axis(s, top, 1)])
-        best_i = np.hstack([best_i, top + i0])
-        keep = np.argsort(-best_s, axis=1)[:, :10]
-        best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
-    return best_i
 
 
 def warm_up(url: str, x: np.ndarray, body: dict):
@@ -341,7 +328,7 @@ def run_one(n: int, args, model: Path, work: Path) -> dict:
             queries, gt = x[np.random.default_rng(1).choice(n, 300, replace=False)], None
             if args.nprobe_sweep:
                 held_out = held_out_queries()
-                held_out_gt = exact_top10(x, held_out)
+                held_out_gt = exact_knn(x, held_out, 10)  # unit vectors: the L2 order is the cosine order
             body = {"model": "models/m.safetensors", "metric": "cosine", "encoder": args.encoder}
             warm_up(url, x[:2000], {"model": "models/m.safetensors", "metric": "cosine"})
         httpx.put(f"{url}/collections/c", json=body, timeout=120).raise_for_status()
