@@ -102,6 +102,39 @@ def test_a_delete_answers_while_a_refiner_ends_its_batch():
         gc.enable()
 
 
+def test_closing_waits_for_a_read_in_progress_then_refuses_reads(data_dir, vectors):
+    """A reader's connection closed by another thread in the middle of a query crashed the process
+    (a refiner reading its queue while the store closed, once in six CI runs): `close` waits for it."""
+    import time
+    from service.errors import NotFound
+    store = Store(data_dir, snapshot_every=10**9, fast_ingest=False)
+    c = store.create("c", "l2", "fast", data_dir / "models" / "ivf.safetensors")
+    c.upsert(list(range(20)), vectors[:20], [None] * 20)
+    record, reading, events = c.record, threading.Event(), []
+
+    def slow(i):  # a query that is still running when the close starts
+        reading.set()
+        time.sleep(0.2)
+        return i
+
+    def read():
+        with record.reading() as db:
+            db.create_function("slow", 1, slow)
+            rows = db.execute("SELECT slow(id) FROM points ORDER BY id").fetchall()
+        events.append(("read", len(rows)))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert reading.wait(30)
+    store.close()
+    events.append(("closed", None))
+    reader.join(30)
+    assert events == [("read", 20), ("closed", None)]
+    with pytest.raises(NotFound):
+        with record.reading():
+            pass
+
+
 def test_a_lock_taken_out_of_order_is_refused():
     write, index = OrderedLock(WRITE, "write lock"), ReadWriteLock(INDEX, "index lock")
     with write, index.read():  # the order

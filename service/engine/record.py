@@ -22,7 +22,7 @@ A point is its `points` row; it holds a vector of space k when space k's `codes`
 `original_rows`) has its row.  Every write is one transaction under the collection's write lock,
 and each that changes points takes the next sequence number (`Record.write`).  WAL with
 synchronous=FULL: a write is acknowledged after its commit, which survives a power loss.  Reads
-take no lock: each thread reads on its own connection (`Record.reading`).
+take no collection lock: each thread reads on its own connection (`Record.reading`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import json
 import sqlite3
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -88,6 +88,13 @@ class Write:
     changed: bool = True
 
 
+@dataclass
+class Reader:
+    """One thread's read connection, and the lock its reads hold (re-entrant: reads may nest)."""
+    conn: sqlite3.Connection
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
 class Record:
     """A collection's points.sqlite: the writer's connection (used under the write lock) and a
     reader connection per thread.  `space(k)` is the part of vector space k."""
@@ -97,7 +104,7 @@ class Record:
         self.path, self.name = path, name
         self.db = create(path, len(spaces))  # the writer's
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []  # every thread's reader, to close
+        self._readers: list[Reader] = []  # every thread's reader, to close
         self._readers_lock = threading.Lock()
         self.closed = False
         self.spaces = [SpaceRecord(self, k, meta) for k, meta in enumerate(spaces)]
@@ -205,20 +212,21 @@ class Record:
         """This thread's connection.  A collection deleted meanwhile (its folder gone, or a new
         collection of the same name in it) answers NotFound, never another collection's rows or a 500."""
         self.check_open()
-        try:
-            yield self._reader()
-        except sqlite3.Error:
+        reader = self._reader()
+        with reader.lock:  # `close` waits for the read: a connection closed mid-read crashes
             self.check_open()
-            raise
-        self.check_open()
+            yield reader.conn
 
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path)
+    def _reader(self) -> Reader:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = Reader(connect(self.path))
             with self._readers_lock:
-                self._readers.append(conn)  # closed with the record: request threads outlive it
-        return conn
+                if self.closed:  # `close` has taken the list already
+                    reader.conn.close()
+                    raise NotFound(f"collection {self.name!r} was deleted")
+                self._readers.append(reader)  # closed with the record: request threads outlive it
+        return reader
 
     def check_open(self):
         if self.closed:
@@ -244,8 +252,9 @@ class Record:
         self.db.close()  # the originals files close once no reader holds them
         with self._readers_lock:
             readers, self._readers = self._readers, []
-        for conn in readers:  # a read still running on one fails, and answers NotFound (`reading`)
-            conn.close()
+        for reader in readers:  # after the read running on it, if any; later ones answer NotFound
+            with reader.lock:
+                reader.conn.close()
 
 
 def parsed(rows) -> list[tuple[int, dict | None]]:
