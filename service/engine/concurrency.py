@@ -14,7 +14,8 @@ every acquire, so a change that could deadlock fails its first test with LockOrd
   5 LEAF      a payload index build (PayloadIndexes.build_lock); outside this module, likewise
               taking no other lock: the scan's list copy (model/index.py), a field's numbers sorted
               by a reader (field_index.py), a job's process handle (service/training/job.py), the
-              search batcher (service/http/batching.py)
+              search batcher (service/http/batching.py), a thread's SQLite reader (record.py: a
+              close waits for the read on it)
 
 Encoding, SQLite reads and the training worker run outside every collection lock (the refiners
 of all collections take turns to encode: refine.ENCODING_TURN, a leaf).

@@ -212,7 +212,11 @@ class Record:
         """This thread's connection.  A collection deleted meanwhile (its folder gone, or a new
         collection of the same name in it) answers NotFound, never another collection's rows or a 500."""
         self.check_open()
-        reader = self._reader()
+        try:
+            reader = self._reader()
+        except sqlite3.Error:  # the folder removed since the check
+            self.check_open()
+            raise
         with reader.lock:  # `close` waits for the read: a connection closed mid-read crashes
             self.check_open()
             yield reader.conn
