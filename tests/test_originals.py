@@ -80,7 +80,7 @@ def test_a_collection_keeps_its_originals_in_the_file(tmp_path, glove_sample, da
     reader = threading.Thread(target=c.space.record.originals, args=([5],))  # another thread's reader
     reader.start()
     reader.join()
-    readers = list(c.record._readers)
+    readers = [r.conn for r in c.record._readers]
     assert len(readers) >= 2  # this thread's, the other's (and any background thread's)
     store.close()
     for conn in readers:  # closed with the record, though the threads may live on
