@@ -34,7 +34,8 @@ def add_ray_args(p: argparse.ArgumentParser):
                    help="encode on a Ray cluster (pip install -e '.[ray]'): alone, a new local cluster; or the "
                         "address of a cluster this machine is a node of (HEAD:6379, auto). Same codes as without it")
     p.add_argument("--ray-actors", dest="ray_actors", type=int, default=0,
-                   help="Ray actors (default 0: one per cluster CPU); each uses cluster CPUs / actors threads")
+                   help="Ray actors (default 0: one per cluster GPU where it lists GPUs and --device is not cpu, "
+                        "else one per cluster CPU); each uses cluster CPUs / actors threads")
 
 
 def ray_codes(args, x: np.ndarray, bar, batch_size: int | None, run: RayRun):
@@ -42,7 +43,7 @@ def ray_codes(args, x: np.ndarray, bar, batch_size: int | None, run: RayRun):
     if args.ray_actors < 0:
         raise ValueError(f"--ray-actors must be >= 0, got {args.ray_actors}")
     return encode_on_ray(args.model, x, encoder_from_args(args), args.batch, batch_size, args.ray,
-                         args.ray_actors, progress=bar, run=run)
+                         args.ray_actors, progress=bar, run=run, device=args.device)
 
 
 def encoder_from_args(args) -> Encoder:
@@ -120,7 +121,7 @@ def cmd_build(args):
         raise ValueError(f"{len(ids)} ids for {len(x)} vectors")
     index = QincoIndex(model)
     encoder = encoder_from_args(args)
-    device = distributed.resolve_device(args.device)
+    device = None if args.ray else distributed.resolve_device(args.device)  # on Ray: the actors' GPUs, if any
     run = RayRun()
     with tqdm(total=len(x), unit="vec", desc="encoding + adding") as bar:
         if args.ray and len(x):  # segments of --batch rows, each encoded like index.encode(segment): the same index
@@ -256,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     parser.add_argument("--device", default=os.environ.get("QINCO_DEVICE", "auto"),
                         help="train, encode and build on auto (a GPU where torch sees one), cpu, cuda or cuda:N "
-                             "(default: $QINCO_DEVICE, else auto); several GPUs or machines: torchrun")
+                             "(default: $QINCO_DEVICE, else auto); several GPUs or machines: torchrun to train, "
+                             "--ray to encode (one actor per cluster GPU unless cpu)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a QINCo model on a vector file")

@@ -9,6 +9,10 @@ loads the model once from its safetensors file (never a pickled module) and uses
 many torch threads as it has CPUs.  Results come back in row order, checked against
 the row numbers they carry.
 
+Where the cluster lists GPUs (and the device is not `cpu`), there is one actor per GPU and
+each encodes on its own (`encode(..., device)`: bf16 autocast), so the codes are those of one
+process on a GPU; an actor whose torch sees no CUDA device encodes on its CPUs under `auto`.
+
 The vectors travel through the object store from the driver: the base file does not
 have to be visible to the other nodes, but it all passes through the driver node's
 object store (Ray spills to disk when it does not fit in memory).  The model file goes
@@ -84,10 +88,12 @@ class EncoderActor:
     """A Ray Data map_batches worker: loads the model once, encodes whole segments."""
 
     def __init__(self, model_path: str, model_sha256: str, model_bytes_ref: list, encoder: dict,
-                 chunk: int, batch_size: int | None, threads: int):
+                 chunk: int, batch_size: int | None, threads: int, device: str):
         from . import io
+        from .distributed import resolve_device
         from .threads import set_threads
         set_threads(threads)
+        self.device = resolve_device(device)  # a GPU actor: Ray made its GPU this process's cuda:0
         path = Path(model_path)
         if not (path.is_file() and sha256(path) == model_sha256):
             # Not on this node (or another version there): the driver's copy of the file's bytes.
@@ -103,7 +109,7 @@ class EncoderActor:
         self.encoder = Encoder(**encoder)
         self.chunk = chunk
         self.encode_kwargs = {} if batch_size is None else {"batch_size": batch_size}
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{self.device.type}"
 
     def __call__(self, block):
         import pyarrow as pa
@@ -113,7 +119,7 @@ class EncoderActor:
         t0 = time.perf_counter()
         out = []
         for seg in _segments(rows, self.chunk):  # one local encode() call per segment, as in one process
-            out.append(encode(self.model, x[seg], self.encoder, **self.encode_kwargs))
+            out.append(encode(self.model, x[seg], self.encoder, device=self.device, **self.encode_kwargs))
         if out:
             codes = np.concatenate(out)
         else:
@@ -165,15 +171,45 @@ def connect(address: str | None):
     return ray, True
 
 
+@dataclass
+class Placement:
+    """How many actors, and what each asks Ray for."""
+    actors: int
+    threads: int  # torch threads per actor
+    num_cpus: float
+    num_gpus: float
+    device: str  # what each actor resolves: auto, cpu or cuda
+
+
+def placement(cpus: int, node_cpus: int, gpus: float, actors: int, device: str) -> Placement:
+    """Actors for a cluster of `cpus` CPUs (at most `node_cpus` on a node) and `gpus` GPUs.
+    device cpu: one actor per CPU; auto: one per GPU where the cluster has GPUs, else as cpu;
+    cuda: one per GPU, and a cluster without GPUs is an error.  `actors` > 0 overrides the count:
+    the GPUs (or CPUs) are then shared between them."""
+    kind = device.split(":")[0]
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and gpus <= 0:
+        raise ValueError("--device cuda with --ray: the Ray cluster lists no GPU (ray start --num-gpus N "
+                         "on its GPU nodes), or use --device auto / cpu")
+    on_gpus = gpus > 0 and kind != "cpu"
+    actors = actors or (int(gpus) if on_gpus else cpus) or 1
+    threads = max(1, min(cpus // actors, node_cpus))  # an actor lives on one node
+    num_cpus = threads if actors <= cpus else cpus / actors  # more actors than CPUs: they share
+    num_gpus = min(1.0, gpus / actors) if on_gpus else 0.0
+    return Placement(actors, threads, num_cpus, num_gpus, "cuda" if kind == "cuda" else "auto" if on_gpus else "cpu")
+
+
 def encode_on_ray(model_path, x: np.ndarray, encoder: Encoder, chunk: int, batch_size: int | None = None,
                   address: str | None = "local", actors: int = 0, progress=None,
-                  run: RayRun | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  run: RayRun | None = None, device: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Encode x on a Ray cluster; yields (rows, codes) one segment at a time, in row order.
 
     The codes are those of a single process encoding x[i:i + chunk] for i = 0, chunk, ... with
     `encode(model, segment, encoder, batch_size)` (batch_size None: encode's default, as
-    QincoIndex.encode does).  `actors` 0: one per cluster CPU; otherwise the cluster's CPUs
-    are shared between them (each actor uses that many threads).
+    QincoIndex.encode does), on the CPU or, where the actors have GPUs, on a GPU.  `actors` 0:
+    one per cluster GPU (device auto or cuda) or CPU (`placement`); otherwise the cluster's
+    CPUs and GPUs are shared between them (each actor uses cluster CPUs / actors threads).
     """
     from . import io
     from .network import code_width
@@ -199,13 +235,13 @@ def encode_on_ray(model_path, x: np.ndarray, encoder: Encoder, chunk: int, batch
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
 
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        resources = ray.cluster_resources()
+        cpus = max(1, int(resources.get("CPU", 1)))
         node_cpus = max([int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")] or [1])
-        actors = actors or cpus
-        threads = max(1, min(cpus // actors, node_cpus))  # an actor lives on one node
-        num_cpus = threads if actors <= cpus else cpus / actors  # more actors than CPUs: they share
+        place = placement(cpus, node_cpus, float(resources.get("GPU", 0)), actors, device)
+        actors = place.actors
         run.address = address or "local"
-        run.actors, run.threads_per_actor = actors, threads
+        run.actors, run.threads_per_actor = actors, place.threads
 
         # Blocks of whole segments: about BLOCK_BYTES each, but at least ~4 blocks per actor.
         n_seg = math.ceil(n / chunk)
@@ -225,11 +261,13 @@ def encode_on_ray(model_path, x: np.ndarray, encoder: Encoder, chunk: int, batch
         del refs
         model_bytes_ref = [ray.put(model_path.read_bytes())]  # in a list: fetched only where the path is missing
         ds = ds.map_batches(
-            EncoderActor, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=num_cpus,
+            # Whole blocks (Ray wants a size with GPUs: a block's, so a batch is still one block)
+            EncoderActor, batch_size=per_block * chunk if place.num_gpus else None, batch_format="pyarrow",
+            zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=place.num_cpus, num_gpus=place.num_gpus,
             fn_constructor_kwargs=dict(model_path=str(model_path.resolve()), model_sha256=sha256(model_path),
                                        model_bytes_ref=model_bytes_ref, encoder=asdict(encoder), chunk=chunk,
-                                       batch_size=batch_size, threads=threads))
+                                       batch_size=batch_size, threads=place.threads, device=place.device))
         run.startup_s = time.perf_counter() - t_start
         t0 = time.perf_counter()
         seen = np.zeros(n, dtype=bool)

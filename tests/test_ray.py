@@ -49,7 +49,9 @@ def test_ray_missing_is_a_message(tmp_path, monkeypatch, capsys, ivf_model, glov
 def cluster():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
+    # Never a running cluster.  It lists one GPU, which Ray hands to an actor as it would a real one;
+    # its torch sees no CUDA device, so under --device auto the actor encodes on its CPU.
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -70,18 +72,38 @@ def test_encode_on_ray_gives_the_codes_of_one_process(cluster, tmp_path, model_f
           "--encoder", "fast", "--batch", "300", "--ray", "--ray-actors", "2"])
     report = capsys.readouterr().err
     assert "2 actors x 1 threads" in report and report.count(" vec/s") >= 1  # per-actor figures
+    assert report.count(":cpu ") == 2  # sharing the one GPU, neither has CUDA: both on their CPUs
     np.testing.assert_array_equal(np.load(tmp_path / "ray.npy"), encode(ivf_model, x, ENCODERS["fast"], 300))
 
 
-def test_build_on_ray_gives_the_index_of_one_process(cluster, tmp_path, model_file, glove_sample):
+def test_build_on_ray_gives_the_index_of_one_process(cluster, tmp_path, model_file, glove_sample, capsys):
     from model.index import QincoIndex
     base, ids = tmp_path / "base.npy", tmp_path / "ids.npy"
     np.save(base, glove_sample[2500:4500])
     np.save(ids, np.random.default_rng(0).permutation(10_000)[:2000].astype(np.int64))
     common = [str(base), "--model", str(model_file), "--ids", str(ids), "--encoder", "fast", "--batch", "700"]
     main(["build", *common, "--out", str(tmp_path / "local")])
+    capsys.readouterr()
     main(["build", *common, "--out", str(tmp_path / "ray"), "--ray"])
-    local, on_ray = QincoIndex.load(tmp_path / "local"), QincoIndex.load(tmp_path / "ray")
-    assert on_ray.ntotal == local.ntotal == 2000
-    for a, b in zip(local.stored_codes(), on_ray.stored_codes()):  # same ids, same codes, same list order
-        np.testing.assert_array_equal(a, b)
+    assert "1 actors x 2 threads" in capsys.readouterr().err  # one actor per cluster GPU
+    main(["--device", "cpu", "build", *common, "--out", str(tmp_path / "ray-cpu"), "--ray"])
+    assert "2 actors x 1 threads" in capsys.readouterr().err  # one per CPU
+    local = QincoIndex.load(tmp_path / "local")
+    for run in ("ray", "ray-cpu"):
+        on_ray = QincoIndex.load(tmp_path / run)
+        assert on_ray.ntotal == local.ntotal == 2000
+        for a, b in zip(local.stored_codes(), on_ray.stored_codes()):  # same ids, same codes, same list order
+            np.testing.assert_array_equal(a, b)
+
+
+def test_actors_follow_the_clusters_gpus_or_cpus():
+    from model.ray_encode import Placement, placement
+    assert placement(16, 8, 0, 0, "auto") == Placement(16, 1, 1, 0.0, "cpu")  # no GPU: one actor per CPU
+    assert placement(16, 8, 2, 0, "auto") == Placement(2, 8, 8, 1.0, "auto")  # one per GPU, its node's CPUs
+    assert placement(16, 8, 2, 0, "cpu") == Placement(16, 1, 1, 0.0, "cpu")
+    assert placement(16, 8, 2, 4, "cuda:1") == Placement(4, 4, 4, 0.5, "cuda")  # two actors share a GPU
+    assert placement(2, 2, 0, 4, "cpu") == Placement(4, 1, 0.5, 0.0, "cpu")  # more actors than CPUs
+    with pytest.raises(ValueError, match="lists no GPU"):
+        placement(16, 8, 0, 0, "cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        placement(16, 8, 0, 0, "tpu")
