@@ -40,9 +40,9 @@ RECIPES = {
     "de0": ["--de", "0"],  # the blocks at width d (the default below d = 256)
     "de128": ["--de", "128"],  # the blocks at width 128 (QINCo2's de; the default from d = 256 on)
     "rq": ["--init", "rq"],  # the start: faiss RQ's codebooks
-    "lsq": ["--init", "lsq"],  # LSQ++'s codebooks, and its local-search codes as seeds
+    "lsq": ["--init", "lsq"],  # LSQ++'s codebooks (50 iterations), and its local-search codes as seeds
     "lsq-noseeds": ["--init", "lsq", "--no-seeds"],  # LSQ++'s codebooks, the beam search alone
-    "lsq50": ["--init", "lsq", "--lsq-iters", "50"],  # LSQ++ trained twice as long (faiss's default: 25)
+    "lsq25": ["--init", "lsq", "--lsq-iters", "25"],  # LSQ++ trained as faiss's default does (the default to session 21)
 }
 
 

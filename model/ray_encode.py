@@ -90,10 +90,9 @@ class EncoderActor:
     def __init__(self, model_path: str, model_sha256: str, model_bytes_ref: list, encoder: dict,
                  chunk: int, batch_size: int | None, threads: int, device: str):
         from . import io
-        from .distributed import resolve_device
         from .threads import set_threads
         set_threads(threads)
-        self.device = resolve_device(device)  # a GPU actor: Ray made its GPU this process's cuda:0
+        self.device = actor_device(device)
         path = Path(model_path)
         if not (path.is_file() and sha256(path) == model_sha256):
             # Not on this node (or another version there): the driver's copy of the file's bytes.
@@ -131,6 +130,23 @@ class EncoderActor:
             "actor": pa.array([self.name] * len(rows)).dictionary_encode(),
             "busy": pa.array(np.full(len(rows), busy / max(len(rows), 1))),
         })
+
+
+def actor_device(device: str):
+    """An actor's torch device: Ray made the GPU it gave the actor, if any, the only one it sees."""
+    import torch
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda with --ray: torch sees no CUDA device in an actor given a GPU "
+                         "(a CPU build of torch on that node?)")
+    return torch.device("cuda", 0)
+
+
+def last_line(e: Exception) -> str:
+    """The error an actor raised, from the end of Ray's report of it."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
 
 
 def _vectors(column, n: int) -> np.ndarray:
@@ -178,26 +194,32 @@ class Placement:
     threads: int  # torch threads per actor
     num_cpus: float
     num_gpus: float
-    device: str  # what each actor resolves: auto, cpu or cuda
+    device: str  # what each actor uses: cpu, or auto / cuda (its GPU; `actor_device`)
 
 
-def placement(cpus: int, node_cpus: int, gpus: float, actors: int, device: str) -> Placement:
-    """Actors for a cluster of `cpus` CPUs (at most `node_cpus` on a node) and `gpus` GPUs.
-    device cpu: one actor per CPU; auto: one per GPU where the cluster has GPUs, else as cpu;
-    cuda: one per GPU, and a cluster without GPUs is an error.  `actors` > 0 overrides the count:
-    the GPUs (or CPUs) are then shared between them."""
+def placement(cpus: int, node_cpus: int, gpus: float, actors: int, device: str, cpus_per_gpu: float = 0) -> Placement:
+    """Actors for a cluster of `cpus` CPUs (at most `node_cpus` on a node) and `gpus` GPUs, whose GPU
+    nodes have at least `cpus_per_gpu` CPUs per GPU.  device cpu: one actor per CPU; auto: one per
+    GPU where the cluster has GPUs, else as cpu; cuda (cuda:N: Ray chooses the GPUs): one per GPU,
+    and a cluster without GPUs is an error.  `actors` > 0 overrides the count: the CPUs, or the
+    GPUs in equal shares that fit one GPU, are then shared between them."""
     kind = device.split(":")[0]
     if kind not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if kind == "cuda" and gpus <= 0:
         raise ValueError("--device cuda with --ray: the Ray cluster lists no GPU (ray start --num-gpus N "
                          "on its GPU nodes), or use --device auto / cpu")
-    on_gpus = gpus > 0 and kind != "cpu"
-    actors = actors or (int(gpus) if on_gpus else cpus) or 1
-    threads = max(1, min(cpus // actors, node_cpus))  # an actor lives on one node
-    num_cpus = threads if actors <= cpus else cpus / actors  # more actors than CPUs: they share
-    num_gpus = min(1.0, gpus / actors) if on_gpus else 0.0
-    return Placement(actors, threads, num_cpus, num_gpus, "cuda" if kind == "cuda" else "auto" if on_gpus else "cpu")
+    if gpus <= 0 or kind == "cpu":
+        actors = actors or cpus
+        threads = max(1, min(cpus // actors, node_cpus))  # an actor lives on one node
+        num_cpus = threads if actors <= cpus else cpus / actors  # more actors than CPUs: they share
+        return Placement(actors, threads, num_cpus, 0.0, "cpu")
+    actors = actors or max(1, int(gpus))
+    # A share that whole GPUs divide into (2 GPUs, 3 actors: halves, not thirds that no GPU holds).
+    num_gpus = 1.0 / math.ceil(actors / int(gpus)) if gpus >= 1 else gpus / actors
+    cpu_share = cpus_per_gpu * num_gpus  # of its GPU node's CPUs
+    threads = max(1, int(cpu_share))
+    return Placement(actors, threads, min(threads, cpu_share), num_gpus, kind)
 
 
 def encode_on_ray(model_path, x: np.ndarray, encoder: Encoder, chunk: int, batch_size: int | None = None,
@@ -237,8 +259,10 @@ def encode_on_ray(model_path, x: np.ndarray, encoder: Encoder, chunk: int, batch
 
         resources = ray.cluster_resources()
         cpus = max(1, int(resources.get("CPU", 1)))
-        node_cpus = max([int(nd["Resources"].get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")] or [1])
-        place = placement(cpus, node_cpus, float(resources.get("GPU", 0)), actors, device)
+        nodes = [nd["Resources"] for nd in ray.nodes() if nd.get("Alive")]
+        node_cpus = max([int(r.get("CPU", 0)) for r in nodes] or [1])
+        cpus_per_gpu = min([r.get("CPU", 0) / r["GPU"] for r in nodes if r.get("GPU", 0) > 0] or [0])
+        place = placement(cpus, node_cpus, float(resources.get("GPU", 0)), actors, device, cpus_per_gpu)
         actors = place.actors
         run.address = address or "local"
         run.actors, run.threads_per_actor = actors, place.threads
@@ -272,30 +296,33 @@ def encode_on_ray(model_path, x: np.ndarray, encoder: Encoder, chunk: int, batch
         t0 = time.perf_counter()
         seen = np.zeros(n, dtype=bool)
         width = code_width(cfg)
-        for out in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            rows = out["row"].to_numpy()
-            if not len(rows):
-                continue
-            codes = _vectors(out["codes"], len(rows))
-            if codes.shape[1:] != (width,) or rows.min() < 0 or rows.max() >= n:
-                raise RuntimeError(f"ray: unexpected result block (rows {rows[:3]}..., codes {codes.shape})")
-            if seen[rows].any():
-                raise RuntimeError("ray: some rows came back twice")
-            seen[rows] = True
-            names = np.array(out["actor"].to_pylist(), dtype=object)
-            busy = out["busy"].to_numpy()
-            for name in np.unique(names):
-                mask = names == name
-                s = run.per_actor.setdefault(name, ActorStats(name))
-                s.vectors += int(mask.sum())
-                s.busy_s += float(busy[mask].sum())
-            order = np.argsort(rows, kind="stable")
-            rows, codes = rows[order], codes[order]
-            for seg in _segments(rows, chunk):
-                yield rows[seg], codes[seg]
-            run.vectors += len(rows)
-            if progress is not None:
-                progress.update(len(rows))
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                rows = out["row"].to_numpy()
+                if not len(rows):
+                    continue
+                codes = _vectors(out["codes"], len(rows))
+                if codes.shape[1:] != (width,) or rows.min() < 0 or rows.max() >= n:
+                    raise RuntimeError(f"ray: unexpected result block (rows {rows[:3]}..., codes {codes.shape})")
+                if seen[rows].any():
+                    raise RuntimeError("ray: some rows came back twice")
+                seen[rows] = True
+                names = np.array(out["actor"].to_pylist(), dtype=object)
+                busy = out["busy"].to_numpy()
+                for name in np.unique(names):
+                    mask = names == name
+                    s = run.per_actor.setdefault(name, ActorStats(name))
+                    s.vectors += int(mask.sum())
+                    s.busy_s += float(busy[mask].sum())
+                order = np.argsort(rows, kind="stable")
+                rows, codes = rows[order], codes[order]
+                for seg in _segments(rows, chunk):
+                    yield rows[seg], codes[seg]
+                run.vectors += len(rows)
+                if progress is not None:
+                    progress.update(len(rows))
+        except ray.exceptions.RayError as e:  # an actor's own error (its device, its file): its message
+            raise ValueError(f"ray: an encoding actor failed: {last_line(e)}") from None
         run.wall_s = time.perf_counter() - t0
         if not seen.all():
             raise RuntimeError(f"ray: {int((~seen).sum())} of {n} rows did not come back")

@@ -50,10 +50,16 @@ def cluster():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     # Never a running cluster.  It lists one GPU, which Ray hands to an actor as it would a real one;
-    # its torch sees no CUDA device, so under --device auto the actor encodes on its CPU.
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    # its torch (the CPU build the project pins) sees no CUDA device, so under --device auto the
+    # actor encodes on its CPU.
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this cluster's GPU would be this machine's real one: the codes would be bf16's")
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("QINCO_DEVICE", raising=False)
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
 
 
 @pytest.fixture
@@ -72,7 +78,7 @@ def test_encode_on_ray_gives_the_codes_of_one_process(cluster, tmp_path, model_f
           "--encoder", "fast", "--batch", "300", "--ray", "--ray-actors", "2"])
     report = capsys.readouterr().err
     assert "2 actors x 1 threads" in report and report.count(" vec/s") >= 1  # per-actor figures
-    assert report.count(":cpu ") == 2  # sharing the one GPU, neither has CUDA: both on their CPUs
+    assert ":cpu " in report and ":cuda" not in report  # sharing the one GPU, without CUDA: on their CPUs
     np.testing.assert_array_equal(np.load(tmp_path / "ray.npy"), encode(ivf_model, x, ENCODERS["fast"], 300))
 
 
@@ -96,12 +102,23 @@ def test_build_on_ray_gives_the_index_of_one_process(cluster, tmp_path, model_fi
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_cuda_actor_without_cuda_is_a_message(cluster, tmp_path, model_file, glove_sample, capsys):
+    np.save(tmp_path / "x.npy", glove_sample[:100])
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cuda", "encode", str(tmp_path / "x.npy"), "--model", str(model_file),
+              "--out", str(tmp_path / "c.npy"), "--ray"])
+    assert e.value.code == 2 and "torch sees no CUDA device in an actor" in capsys.readouterr().err
+
+
 def test_actors_follow_the_clusters_gpus_or_cpus():
     from model.ray_encode import Placement, placement
     assert placement(16, 8, 0, 0, "auto") == Placement(16, 1, 1, 0.0, "cpu")  # no GPU: one actor per CPU
-    assert placement(16, 8, 2, 0, "auto") == Placement(2, 8, 8, 1.0, "auto")  # one per GPU, its node's CPUs
-    assert placement(16, 8, 2, 0, "cpu") == Placement(16, 1, 1, 0.0, "cpu")
-    assert placement(16, 8, 2, 4, "cuda:1") == Placement(4, 4, 4, 0.5, "cuda")  # two actors share a GPU
+    assert placement(16, 8, 2, 0, "cpu", 4) == Placement(16, 1, 1, 0.0, "cpu")
+    # One per GPU, with the CPUs of its GPU node (a 32-CPU head without GPU, two 8-CPU GPU nodes).
+    assert placement(48, 32, 2, 0, "auto", 8) == Placement(2, 8, 8, 1.0, "auto")
+    # 3 actors on 2 GPUs: halves (thirds would leave one actor without a GPU that holds it).
+    assert placement(16, 8, 2, 3, "cuda:1", 8) == Placement(3, 4, 4, 0.5, "cuda")
+    assert placement(4, 4, 8, 0, "auto", 0.5) == Placement(8, 1, 0.5, 1.0, "auto")  # fewer CPUs than GPUs
     assert placement(2, 2, 0, 4, "cpu") == Placement(4, 1, 0.5, 0.0, "cpu")  # more actors than CPUs
     with pytest.raises(ValueError, match="lists no GPU"):
         placement(16, 8, 0, 0, "cuda")

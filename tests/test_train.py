@@ -135,6 +135,16 @@ def test_training_with_the_bf16_code_search(tmp_path, glove_sample):
     assert abs(states[True]["best_val_mse"] / states[False]["best_val_mse"] - 1) < 0.01, states
 
 
+def test_a_short_budget_trains_lsq_shorter_before_it_skips_it():
+    from model.train import LSQ_VS_RQ, lsq_iterations
+    lsq_25 = LSQ_VS_RQ * 10  # seconds of LSQ++ at faiss's 25 iterations, after RQ's 10 s
+    assert lsq_iterations(50, 20, 10, budget=2 * (20 + 2 * lsq_25)) == 50
+    assert lsq_iterations(50, 20, 10, budget=2 * (20 + 2 * lsq_25) - 1) == 25  # 50 would end past half
+    assert lsq_iterations(50, 20, 10, budget=2 * (20 + lsq_25) - 1) == 0  # so would 25: skipped
+    assert lsq_iterations(10, 20, 10, budget=2 * (20 + lsq_25) - 1) == 10  # fewer than 25 asked: kept
+    assert lsq_iterations(10, 20, 10, budget=2 * 20) == 0
+
+
 def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample):
     """At step 0 QINCo is an additive quantizer: started from LSQ++, it decodes any code as the sum
     of LSQ++'s codewords (its tables largest energy first), and "best" keeps the better start."""
@@ -148,7 +158,7 @@ def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample):
     assert (np.diff(energy) <= 0).all()
     # The same tables as faiss's LSQ++ trained the same way on the same normalised data.
     xn = ((x - model.mean.numpy()) / float(model.scale)).astype(np.float32)
-    lsq = train_lsq(xn, cfg, tc.seed)
+    lsq = train_lsq(xn, cfg, tc.seed, tc.lsq_iters)
     raw = faiss.vector_to_array(lsq.codebooks).reshape(cfg.M, cfg.K, cfg.d)
     np.testing.assert_allclose(lsq_codebooks(lsq, cfg), raw[np.argsort(-(raw ** 2).sum((1, 2)), kind="stable")])
     # lsq_iters (--lsq-iters) reaches faiss: the tables of LSQ++ trained that long.
