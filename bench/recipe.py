@@ -1,7 +1,7 @@
 """Training recipes at equal budget: one `qinco train` per recipe, one after the other, same data.
 
 Each recipe is a set of `qinco train` flags on top of the common ones (warm-up as the
-self-training worker sets it, min(100,000, 5 n)); the table gives the validation MSE with the
+self-training worker sets it, min(100,000, 5 n); no early stop); the table gives the validation MSE with the
 recipe's training encoder and with the `balanced` encoder the collections use, on the same
 held-out vectors, over faiss RQ's (beam 5) at the same bytes.
 
@@ -62,7 +62,8 @@ def main():
     x = io.as_float32(io.read_vectors(args.data))
     n = args.limit or len(x)
     common = ["--bytes", str(args.bytes), "--nlist", str(args.nlist), "--h", str(args.h),
-              "--max-minutes", str(args.minutes), "--warmup", str(min(100_000, 5 * n))]
+              "--max-minutes", str(args.minutes), "--warmup", str(min(100_000, 5 * n)),
+              "--stop-after", "0"]  # the whole budget each: an early stop would make it unequal
     if args.limit:
         common += ["--limit", str(args.limit)]
     out = Path(args.out)

@@ -204,6 +204,8 @@ def test_a_file_mostly_of_replaced_vectors_is_compacted_at_a_snapshot(tmp_path, 
     assert c.space.record.dead_originals() == 601
     c.snapshots.write()
     assert originals_files(folder) == ["originals-1.f32"] and c.space.record.dead_originals() == 0
+    runs = c.space.record.row_runs  # read again: row = the id's rank in the new file
+    assert runs.generation == 1 and runs.runs.starts.tolist() == [0, 8] and runs.runs.rows.tolist() == [0, 7]
     assert (folder / "originals-1.f32").stat().st_size == 299 * 50 * 4
     got = c.space.record.originals(range(300))
     assert sorted(got) == [i for i in range(300) if i != 7]
@@ -310,6 +312,80 @@ def test_a_write_that_fails_before_its_commit_leaves_no_original(tmp_path, glove
     assert (tmp_path / "collections/s/originals-0.f32").stat().st_size == 11 * 50 * 4
     assert store.get("s").count() == 11
     store.close()
+
+
+def test_row_runs_follow_puts_and_deletes_as_the_table_does():
+    """Random batches of puts (later duplicates win) and deletes, against a dict."""
+    from service.engine.row_runs import RowRuns
+    rng = np.random.default_rng(0)
+    runs, table, next_row = RowRuns.empty(), {}, 0
+    for step in range(300):
+        if rng.random() < 0.7:  # an upsert: ascending ids from somewhere, sometimes shuffled or repeated
+            ids = rng.integers(0, 400) + np.arange(rng.integers(1, 40))
+            ids = rng.permutation(ids) if rng.random() < 0.2 else ids
+            ids = np.concatenate([ids, ids[:2]]) if rng.random() < 0.2 else ids
+            rows = np.arange(next_row, next_row + len(ids))
+            next_row += len(ids)
+            table.update(zip(ids.tolist(), rows.tolist()))
+        else:
+            ids, rows = rng.integers(0, 450, rng.integers(1, 30)), None
+            for i in ids.tolist():
+                table.pop(i, None)
+        runs = runs.with_changes(ids, rows)
+        assert np.all(runs.lengths > 0) and np.all(runs.starts[1:] >= runs.starts[:-1] + runs.lengths[:-1])
+        asked = np.arange(-5, 500)
+        found, found_rows = runs.lookup(asked)
+        assert dict(zip(found.tolist(), found_rows.tolist())) == table, step
+    assert len(runs) < len(table)  # runs, not a run per id
+    assert len(RowRuns.empty().with_changes(np.arange(0, 4000, 2), np.arange(2000)).lookup(np.arange(4000))[0]) == 2000
+    top = np.iinfo(np.int64).max  # a run through the largest id would end past int64: no map
+    assert RowRuns.empty().with_changes(np.array([top - 1, top]), np.arange(2)) is None
+
+
+def test_a_rescore_finds_rows_in_the_runs_and_sqlite_answers_for_scattered_ids(tmp_path, glove_sample, monkeypatch):
+    from service.engine import row_runs, space_record
+    x = glove_sample[:600]
+    store, c = new_collection(tmp_path)
+    for i0 in range(0, 400, 100):
+        c.upsert(list(range(i0, i0 + 100)), x[i0:i0 + 100], [None] * 100)
+    c.upsert([5, 6], x[500:502], [None] * 2)
+    c.delete([7])
+    known = c.space.record.row_runs
+    assert known is not None and len(known.runs) == 3  # 0-4, 5-6 (rows 400-401), 8-399
+    expected = {i: x[i] for i in range(400) if i not in (5, 6, 7)} | {5: x[500], 6: x[501]}
+
+    def no_sql(*a):
+        raise AssertionError("read from SQLite")
+    with monkeypatch.context() as m:  # the runs answer: not one look-up in SQLite
+        m.setattr(space_record, "select_by_ids", no_sql)
+        got = c.space.record.originals(range(-1, 401))
+    assert got.keys() == expected.keys() and all(np.array_equal(got[i], expected[i]) for i in got)
+    with c.record.write():  # a transaction not yet committed: its readers use SQLite, as of before it
+        c.space.record.put_originals([1000], x[550:551])
+        assert 1000 not in threading_read(c.space.record.originals, [1000, 3])
+    assert np.array_equal(c.space.record.originals([1000])[1000], x[550])
+    store.close()
+    store = Store(tmp_path)  # opening reads the runs again
+    store.open_all()
+    c = store.get("s")
+    assert len(c.space.record.row_runs.runs) == 4
+    got = c.space.record.originals(range(1001))
+    assert got.keys() == expected.keys() | {1000} and np.array_equal(got[6], x[501])
+    monkeypatch.setattr(row_runs, "MAX_RUNS", 5)  # scattered ids: SQLite answers
+    c.upsert([2000, 2002, 2004], x[560:563], [None] * 3)
+    assert c.space.record.row_runs is None
+    got = c.space.record.originals([2002, 6, 7])
+    assert sorted(got) == [6, 2002] and np.array_equal(got[2002], x[561])
+    store.close()
+
+
+def threading_read(read, *args):
+    """`read(*args)` on another thread (its own reader connection)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(read(*args)))
+    t.start()
+    t.join()
+    return out[0]
 
 
 def test_kill_9_loses_no_acknowledged_original(tmp_path, glove_sample):

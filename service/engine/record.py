@@ -5,7 +5,8 @@ module that knows its tables:
   meta             'seq' (the last write's sequence number); 'tracked_writes' (how many of the writes
                    set points.seq on payload changes: builds before session 16 counted none, and
                    older ones did not set it); vector space 0's 'generation' (its model),
-                   'originals_file' (its originals file's generation) and 'originals_rows' (its rows)
+                   'originals_file' (its originals file's generation), 'originals_rows' (its rows)
+                   and 'original_rows_version' (bumped by each transaction that changes original_rows)
   payload_indexes  declared payload indexes: field -> schema
   state            vector space 0's training lifecycle facts: 'job', 'last_error', 'paused', 'model'
   uuids            client UUID -> internal id (service/engine/ids.py)
@@ -119,6 +120,8 @@ class Record:
     def transaction(self):
         """One transaction; the originals it appended are durable before its commit."""
         self.db.execute("BEGIN IMMEDIATE")
+        for space in self.spaces:
+            space.began()
         try:
             yield
             for space in self.spaces:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import Unavailable
 from .originals import OriginalsFile, file_path, read_rows
+from .row_runs import RowRuns, RowRunsAsOf
 from .sql import READ_ROWS, array_of, blobs_of, delete_in, last_seq, select_by_ids
 
 log = logging.getLogger("qinco.store")
@@ -38,6 +39,7 @@ CREATE INDEX IF NOT EXISTS refine{s}_order ON refine{s}(seq, id);
 INSERT OR IGNORE INTO meta VALUES ('generation{s}', 0);
 INSERT OR IGNORE INTO meta VALUES ('originals_file{s}', 0);
 INSERT OR IGNORE INTO meta VALUES ('originals_rows{s}', 0);
+INSERT OR IGNORE INTO meta VALUES ('original_rows_version{s}', 0);
 """
 
 
@@ -112,11 +114,14 @@ class SpaceRecord:
         self.record, self.k = record, k
         self.file: OriginalsFile | None = None
         self._next_file: OriginalsFile | None = None  # the next generation's, written in this transaction
+        self.row_runs: RowRunsAsOf | None = None  # None: no originals, or too scattered for runs
+        self._changes: list[tuple[np.ndarray, np.ndarray | None] | None] = []  # this transaction's (None: all rows)
         if meta.get("size"):
             self.file = OriginalsFile(record.path.parent, self.table("originals"), meta["size"],
                                       meta.get("datatype", "float32"), self.meta("originals_file"),
                                       self.meta("originals_rows"))
             self.file.remove_others()
+            self.row_runs = self._runs_after([None])
 
     def table(self, name: str) -> str:
         return scoped(name, self.k)
@@ -134,15 +139,18 @@ class SpaceRecord:
         """Originals appended to the file (durable before the commit: `before_commit`), mapped by
         id; returns their rows."""
         rows = self.file.append(x)
+        ids = [int(i) for i in ids]
         self.db.executemany(f"INSERT OR REPLACE INTO {self.table('original_rows')} (id, row) VALUES (?, ?)",
-                            zip([int(i) for i in ids], rows.tolist()))
+                            zip(ids, rows.tolist()))
+        self._changes.append((np.array(ids, dtype=np.int64), rows))
         return rows
 
     def delete_vectors(self, ids: list[int], seq: int) -> int:
         """The vectors of `ids` in this space (codes, original, queue row), recorded as deleted at
         `seq`; returns how many queue rows went."""
         delete_in(self.db, self.table("codes"), ids)
-        delete_in(self.db, self.table("original_rows"), ids)
+        if delete_in(self.db, self.table("original_rows"), ids):
+            self._changes.append((np.array([int(i) for i in ids], dtype=np.int64), None))
         self.db.executemany(f"INSERT OR REPLACE INTO {self.table('deleted')} (id, seq) VALUES (?, ?)",
                             [(int(i), seq) for i in ids])
         return self.unqueue(ids)
@@ -166,6 +174,7 @@ class SpaceRecord:
     def drop_originals(self):
         """Every original: the rows go, and the commit switches to the next generation's empty file."""
         self.db.execute(f"DELETE FROM {self.table('original_rows')}")
+        self._changes.append(None)
         self._switch_file()
 
     def compact_originals(self) -> OriginalsFile:
@@ -181,6 +190,7 @@ class SpaceRecord:
         self.db.execute(f"INSERT INTO {table}_new SELECT id, ROW_NUMBER() OVER (ORDER BY id) - 1 FROM {table}")
         self.db.execute(f"DROP TABLE {table}")
         self.db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
+        self._changes.append(None)
         return new
 
     def dead_originals(self) -> int:
@@ -200,9 +210,14 @@ class SpaceRecord:
             f.sync()
         if f is not None and (f.end != f.rows or f is self._next_file):
             self.set_meta("originals_rows", f.end)
+        if self._changes:
+            self.db.execute("UPDATE meta SET value = value + 1 WHERE key = ?", (self.table("original_rows_version"),))
 
     def committed(self):
         """After the commit; cannot fail (the record's other spaces commit after it)."""
+        changes, self._changes = self._changes, []
+        if changes:
+            self.row_runs = self._runs_after(changes)
         if self._next_file is not None:
             self.file, self._next_file = self._next_file, None
             self.file.committed()
@@ -213,12 +228,39 @@ class SpaceRecord:
         elif self.file is not None:
             self.file.committed()
 
+    def began(self):
+        self._changes = []  # a transaction's own only, whatever the last one's end
+
     def rolled_back(self):
+        self._changes = []
         if self._next_file is not None:
             self._next_file.path.unlink(missing_ok=True)
             self._next_file = None
         if self.file is not None:
             self.file.rolled_back()
+
+    def _runs_after(self, changes: list) -> RowRunsAsOf | None:
+        """The row runs once a transaction's changes are applied, on the writer's connection (at
+        open, or write lock held); a table rewritten (None) is read again.  None: SQLite answers."""
+        try:
+            version = self.meta("original_rows_version")
+            if any(c is None for c in changes):
+                runs = RowRuns.empty()
+                for batch in self._rows_in_id_order():  # stops once past MAX_RUNS
+                    if (runs := runs.with_changes(*batch)) is None:
+                        return None
+                return RowRunsAsOf(self.meta("originals_file"), version, runs)
+            known = self.row_runs
+            if known is None or known.version != version - 1:  # not as of before this transaction
+                return None
+            runs = known.runs
+            for ids, rows in changes:
+                if (runs := runs.with_changes(ids, rows)) is None:
+                    return None
+            return RowRunsAsOf(known.generation, version, runs)
+        except Exception:  # SQLite answers for them from now on
+            log.exception("%s: the originals' row runs were dropped", self.record.name)
+            return None
 
     def move_blob_originals(self):
         """A record written before the originals file kept them as blobs in `originals`: move them
@@ -237,8 +279,9 @@ class SpaceRecord:
     def set_meta(self, key: str, value: int):
         self.db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, self.table(key)))
 
-    def meta(self, key: str) -> int:
-        return self.db.execute("SELECT value FROM meta WHERE key = ?", (self.table(key),)).fetchone()[0]
+    def meta(self, key: str, db: sqlite3.Connection | None = None) -> int:
+        """One of this space's meta values (on the writer's connection, or on `db`)."""
+        return (db or self.db).execute("SELECT value FROM meta WHERE key = ?", (self.table(key),)).fetchone()[0]
 
     # ---- the refine queue (fast ingest) -----------------------------------------------------------
     def queue(self, ids, x: np.ndarray, seq: int):
@@ -288,22 +331,30 @@ class SpaceRecord:
     def original_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, rows) of every kept original in the current file, in id order (write lock, or
         at open)."""
-        ids, rows = [], []
+        batches = list(self._rows_in_id_order())
+        if not batches:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return tuple(np.concatenate(part) for part in zip(*batches))
+
+    def _rows_in_id_order(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         cursor = self.db.execute(f"SELECT id, row FROM {self.table('original_rows')} ORDER BY id")
         while batch := cursor.fetchmany(READ_ROWS):
-            i, r = ids_and_rows(batch)
-            ids.append(i)
-            rows.append(r)
-        return (np.concatenate(ids), np.concatenate(rows)) if ids else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+            yield ids_and_rows(batch)
 
     # ---- reads (any thread, no lock) ---------------------------------------------------------------
     def originals(self, ids) -> dict[int, np.ndarray]:
         """The stored original vectors of `ids` (absent ones skipped)."""
-        found, x = self._read_originals(lambda db: select_by_ids(db, self.table("original_rows"), "row", ids))
+        def select(db, generation: int) -> tuple[np.ndarray, np.ndarray]:
+            known = self.row_runs
+            if known is not None and known.generation == generation \
+                    and known.version == self.meta("original_rows_version", db):
+                return known.runs.lookup(np.asarray(ids, dtype=np.int64))
+            return ids_and_rows(select_by_ids(db, self.table("original_rows"), "row", ids))
+        found, x = self._read_originals(select)
         return dict(zip(found.tolist(), x))
 
     def _read_originals(self, select, db: sqlite3.Connection | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, originals) of the (id, row) pairs that `select(conn)` reads, in one read
+        """(ids, originals) of the (ids, rows) that `select(conn, generation)` reads, in one read
         transaction with the file's generation (on this thread's reader, or on `db`)."""
         if self.file is None:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
@@ -311,14 +362,12 @@ class SpaceRecord:
             with (contextlib.nullcontext(db) if db is not None else self.record.reading()) as conn:
                 conn.execute("BEGIN")
                 try:
-                    generation = conn.execute("SELECT value FROM meta WHERE key = ?",
-                                              (self.table("originals_file"),)).fetchone()[0]
-                    pairs = select(conn)
+                    generation = self.meta("originals_file", conn)
+                    ids, rows = select(conn, generation)
                 finally:
                     conn.execute("COMMIT")
             f = self.file
             if f.generation == generation:
-                ids, rows = ids_and_rows(pairs)
                 return ids, f.read(rows)
             time.sleep(0.001)
         raise Unavailable(f"the originals of {self.table('originals')} are being replaced: try again")
@@ -334,9 +383,10 @@ class SpaceRecord:
         (on this thread's reader, or on the writer's connection: write lock held)."""
         now = []
 
-        def select(db):
+        def select(db, generation: int):
             now.append(last_seq(db))
-            return db.execute(f"SELECT c.id, o.row FROM {self.table('codes')} c JOIN {self.table('original_rows')} o "
-                              f"ON o.id = c.id WHERE c.seq > ? ORDER BY c.id", (seq,)).fetchall()
+            return ids_and_rows(db.execute(
+                f"SELECT c.id, o.row FROM {self.table('codes')} c JOIN {self.table('original_rows')} o "
+                f"ON o.id = c.id WHERE c.seq > ? ORDER BY c.id", (seq,)).fetchall())
         ids, x = self._read_originals(select, self.db if writer else None)
         return ids, x, now[-1]
