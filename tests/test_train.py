@@ -183,10 +183,15 @@ def test_stop_after_validations_without_progress(tmp_path, glove_sample):
     cfg = QincoConfig(d=50, M=2, K=16, L=1, h=16)
     out = tmp_path / "m.safetensors"
     # A learning rate too small to move anything: after the warm-up, 2 stale validations end the run.
-    train_fixture(glove_sample[:3000], out, cfg, A=4, B=2, batch=128, val=500, eval_every=1000, lr=1e-12,
-                  warmup=1000, stop_after=2, max_vectors=100_000, init="rq")
+    options = dict(A=4, B=2, batch=128, val=500, eval_every=1000, lr=1e-12, warmup=1000, stop_after=2,
+                   max_vectors=100_000, init="rq")
+    train_fixture(glove_sample[:3000], out, cfg, **options)
     state = load_model(out, with_extra=True)[1]["training"]["state"]
     assert state["since_best"] == 2 and state["vectors_seen"] < 20_000, state
+    # resumed: its own 2 validations without progress, not a stop at the first
+    train(glove_sample[:3000], out, None, TrainConfig(**{**FIXTURE_TRAINING, **options}), resume=True, report=False)
+    resumed = load_model(out, with_extra=True)[1]["training"]["state"]
+    assert resumed["since_best"] == 2 and resumed["vectors_seen"] >= state["vectors_seen"] + 2000, resumed
 
 
 class RecordingOptimizer(torch.optim.SGD):
