@@ -196,8 +196,9 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
     MSE, and the candidate base codebooks by name (tc.init: "rq", "lsq" or both).
 
     LSQ++ cannot be interrupted: with init "best" it may train for fewer iterations, or be
-    skipped, in a short `budget` (`lsq_iterations`).  A quarter skipped it at d = 384 in 12 minutes, where its start still won by 7% of MSE
-    (bench/RESULTS.md, session 16); at d = 784 it would take most of any budget, and is skipped."""
+    skipped, in a short `budget` (`lsq_iterations`).  A quarter skipped it at d = 384 in 12
+    minutes, where its start still won by 7% of MSE (bench/RESULTS.md, session 16); at d = 784 it
+    would take most of any budget, and is skipped."""
     check_data(len(x), cfg)
     model = Qinco(cfg)
     mean = x.mean(0)
