@@ -24,6 +24,9 @@ def in_processes(world: int, work, tmp_path, *args):
 def _member(rank, world, rendezvous, work, tmp_path, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    # Every process finishes connecting before any works: one that failed at once and closed its
+    # group would otherwise break a peer's connect, and spawn could report that error instead.
+    dist.barrier()
     try:
         work(rank, tmp_path, *args)
     finally:
