@@ -43,6 +43,8 @@ RECIPES = {
     "lsq": ["--init", "lsq"],  # LSQ++'s codebooks (50 iterations), and its local-search codes as seeds
     "lsq-noseeds": ["--init", "lsq", "--no-seeds"],  # LSQ++'s codebooks, the beam search alone
     "lsq25": ["--init", "lsq", "--lsq-iters", "25"],  # LSQ++ trained as faiss's default does (the default to session 21)
+    "lsq-h128": ["--init", "lsq", "--h", "128"],  # half the hidden width (capacity for a small learn set)
+    "lsq-wd1": ["--init", "lsq", "--weight-decay", "1.0"],  # 10x AdamW's weight decay
 }
 
 
