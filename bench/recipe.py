@@ -45,6 +45,7 @@ RECIPES = {
     "lsq25": ["--init", "lsq", "--lsq-iters", "25"],  # LSQ++ trained as faiss's default does (the default to session 21)
     "lsq-h128": ["--init", "lsq", "--h", "128"],  # half the hidden width (capacity for a small learn set)
     "lsq-wd1": ["--init", "lsq", "--weight-decay", "1.0"],  # 10x AdamW's weight decay
+    "lsq100": ["--init", "lsq", "--lsq-iters", "100"],  # LSQ++ trained twice as long as the default
 }
 
 
