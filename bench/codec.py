@@ -76,7 +76,8 @@ def faiss_codecs(d: int, nbytes: int) -> dict[str, str]:
               f"RQ{M}x8 (beam 5)": f"RQ{M}x8|beam=5",
               f"RQ{M}x8 (beam 32, codebook refinement)": f"RQ{M}x8|beam=32,refine=1",
               f"LSQ{M}x8 (LSQ++, defaults)": f"LSQ{M}x8",
-              f"LSQ{M}x8 (LSQ++, train_iters 50, encode_ils_iters 32)": f"LSQ{M}x8|train_iters=50,encode_ils_iters=32"}
+              f"LSQ{M}x8 (LSQ++, train_iters 50, encode_ils_iters 32)": f"LSQ{M}x8|train_iters=50,encode_ils_iters=32",
+              f"LSQ{M}x8 (LSQ++, train_iters 100, encode_ils_iters 32)": f"LSQ{M}x8|train_iters=100,encode_ils_iters=32"}
     if M % 2 == 0:  # product variants: 2 halves of the vector, M/2 bytes each
         codecs[f"PRQ2x{M // 2}x8"] = f"PRQ2x{M // 2}x8|beam=5"
         codecs[f"PLSQ2x{M // 2}x8"] = f"PLSQ2x{M // 2}x8"
