@@ -43,10 +43,11 @@ class TrainConfig:
     # wordnet-384 LSQ++'s start won by far (60 min: 0.860x RQ's MSE against 0.911x, RESULTS); on
     # glove-50, where LSQ++ loses to RQ, "best" keeps RQ's, at the cost of training both.
     init: str = "best"
-    # LSQ++'s training iterations: twice faiss's default (LSQ_ITERS).  On the real 1M MiniLM set's
-    # learn split LSQ++ reached 0.819x RQ's validation MSE with 50 against 0.837x with 25, for 522 s
-    # instead of 257 s of a 60-minute budget (bench/RESULTS.md, session 22).
-    lsq_iters: int = 2 * LSQ_ITERS
+    # LSQ++'s training iterations: 4x faiss's default (LSQ_ITERS).  Its codebooks are worth more
+    # than the network's minutes: on the 1M MiniLM learn split 50 iterations gave 0.819x RQ's
+    # validation MSE against 25's 0.837x (session 22); on wordnet in 15-minute jobs, 100 gave
+    # 0.819x against 50's 0.830x with `balanced` (session 24; bench/RESULTS.md).
+    lsq_iters: int = 4 * LSQ_ITERS
     # An LSQ++ start keeps LSQ++'s codebooks as the model's seed codebooks: every seeded encoder
     # (training's included) also tries their local-search codes, so the model starts as good as
     # LSQ++ with its own encoder (`Qinco.seed_codes`).  False: the beam search alone.
@@ -181,13 +182,16 @@ def lsq_codebooks(lsq: faiss.LocalSearchQuantizer, cfg: QincoConfig) -> np.ndarr
 
 
 def lsq_iterations(wanted: int, elapsed: float, rq_seconds: float, budget: float) -> int:
-    """LSQ++'s iterations under init "best": `wanted`, or faiss's default LSQ_ITERS where `wanted`
-    would likely end past half the budget, or 0 (skipped) where even those would; the time it
-    takes is estimated as LSQ_VS_RQ times RQ's per LSQ_ITERS iterations, after `elapsed` seconds."""
-    for iters in sorted({wanted, min(wanted, LSQ_ITERS)}, reverse=True):
-        if elapsed + LSQ_VS_RQ * iters / LSQ_ITERS * rq_seconds <= budget / 2:
-            return iters
-    return 0
+    """LSQ++'s iterations under init "best": `wanted`, or the first of wanted / 2, wanted / 4, ...
+    down to faiss's default LSQ_ITERS that would likely end within half the budget, or 0 (skipped)
+    where even LSQ_ITERS would not; the time it takes is estimated as LSQ_VS_RQ times RQ's per
+    LSQ_ITERS iterations, after `elapsed` seconds."""
+    iters = wanted
+    while elapsed + LSQ_VS_RQ * iters / LSQ_ITERS * rq_seconds > budget / 2:
+        if iters <= LSQ_ITERS:
+            return 0
+        iters = max(LSQ_ITERS, iters // 2)
+    return iters
 
 
 def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfig, budget: float = math.inf

@@ -45,7 +45,8 @@ def gaussian():
 # Fixture models train for a number of vectors, not minutes, on one thread and in float32: the
 # same model on every machine, whatever its speed or its bf16 hardware (about 6 s here).
 # stop_after=0: the fixtures see many epochs of a few thousand vectors, and an early stop would change them
-FIXTURE_TRAINING = dict(max_vectors=60_000, max_minutes=30, threads=1, bf16=False, seed=0, device="cpu", stop_after=0)
+FIXTURE_TRAINING = dict(max_vectors=60_000, max_minutes=30, threads=1, bf16=False, seed=0, device="cpu", stop_after=0,
+                        lsq_iters=50)  # the models the tests were tuned on (the default is 100)
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,9 @@ def test_a_short_budget_trains_lsq_shorter_before_it_skips_it():
     assert lsq_iterations(50, 20, 10, budget=2 * (20 + lsq_25) - 1) == 0  # so would 25: skipped
     assert lsq_iterations(10, 20, 10, budget=2 * (20 + lsq_25) - 1) == 10  # fewer than 25 asked: kept
     assert lsq_iterations(10, 20, 10, budget=2 * 20) == 0
+    assert lsq_iterations(100, 20, 10, budget=2 * (20 + 4 * lsq_25)) == 100  # the default
+    assert lsq_iterations(100, 20, 10, budget=2 * (20 + 4 * lsq_25) - 1) == 50  # halved first
+    assert lsq_iterations(100, 20, 10, budget=2 * (20 + 2 * lsq_25) - 1) == 25
 
 
 def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample):
