@@ -40,12 +40,13 @@ RECIPES = {
     "de0": ["--de", "0"],  # the blocks at width d (the default below d = 256)
     "de128": ["--de", "128"],  # the blocks at width 128 (QINCo2's de; the default from d = 256 on)
     "rq": ["--init", "rq"],  # the start: faiss RQ's codebooks
-    "lsq": ["--init", "lsq"],  # LSQ++'s codebooks (50 iterations), and its local-search codes as seeds
+    "lsq": ["--init", "lsq"],  # LSQ++'s codebooks (100 iterations), and its local-search codes as seeds
     "lsq-noseeds": ["--init", "lsq", "--no-seeds"],  # LSQ++'s codebooks, the beam search alone
     "lsq25": ["--init", "lsq", "--lsq-iters", "25"],  # LSQ++ trained as faiss's default does (the default to session 21)
-    "lsq-h128": ["--init", "lsq", "--h", "128"],  # half the hidden width (capacity for a small learn set)
-    "lsq-wd1": ["--init", "lsq", "--weight-decay", "1.0"],  # 10x AdamW's weight decay
-    "lsq100": ["--init", "lsq", "--lsq-iters", "100"],  # LSQ++ trained twice as long as the default
+    "lsq50": ["--init", "lsq", "--lsq-iters", "50"],  # the default of sessions 22-23
+    # capacity for a small learn set, at 50 iterations (session 24: run with --h 256, the CLI's width)
+    "lsq50-h128": ["--init", "lsq", "--lsq-iters", "50", "--h", "128"],  # half the hidden width
+    "lsq50-wd1": ["--init", "lsq", "--lsq-iters", "50", "--weight-decay", "1.0"],  # 10x AdamW's weight decay
 }
 
 

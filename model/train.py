@@ -225,8 +225,10 @@ def initialise(x: np.ndarray, xval: np.ndarray, cfg: QincoConfig, tc: TrainConfi
     state.rq_val_mse = mse(valn, rq.decode(rq.compute_codes(valn))) * scale ** 2
     log(f"faiss RQ {cfg.M}x{cfg.nbits} (beam 5) in {time.time() - t0:.0f}s, validation MSE {state.rq_val_mse:.5g}")
     candidates = {"rq": rq_codebooks(rq, cfg)} if tc.init in ("rq", "best") else {}
-    iters = tc.lsq_iters if tc.init == "lsq" else \
-        lsq_iterations(tc.lsq_iters, time.time() - t_start, time.time() - t0, budget)
+    fits = lsq_iterations(tc.lsq_iters, time.time() - t_start, time.time() - t0, budget)
+    iters = tc.lsq_iters if tc.init == "lsq" else fits  # --init lsq: as many as asked, whatever the budget
+    if iters > fits:
+        log(f"faiss LSQ++: {iters} iterations (--init lsq) will likely take over half the {budget:.0f}s budget")
     if tc.init == "best" and not iters:
         log(f"faiss LSQ++ skipped: even {min(tc.lsq_iters, LSQ_ITERS)} iterations would likely end past half "
             f"the {budget:.0f}s budget")
