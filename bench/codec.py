@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
 
 from model import datasets
 from model.io import load_model, to_faiss_qinco
-from model.network import ENCODERS, Encoder, decode, encode
+from model.network import decode, encode, parse_encoder
 
 
 MINILM_1M = "minilm-1m"
@@ -127,14 +127,14 @@ def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
     model = load_model(path)
     rows = []
     codes = None
-    for name in encoders:  # a named setting, or "AxB" such as 64x16
-        enc = ENCODERS[name] if name in ENCODERS else Encoder(*map(int, name.split("x")))
+    for name in encoders:
+        enc = parse_encoder(name)
         # A model with seed codes (an LSQ++ start) also gets the row without them: what they add.
         for seeded in [True, False] if enc.seeded and len(model.seed_codebooks) else [enc.seeded]:
             codes, t_enc = timed(encode, model, xb, dataclasses.replace(enc, seeded=seeded))
             recon, t_dec = timed(decode, model, codes)
             row = evaluate("", xb, xq, gt, recon, t_enc, t_dec)
-            seeds = ", LSQ++ seeds" if seeded and len(model.seed_codebooks) else ""
+            seeds = f", LSQ++ seeds {enc.seed_rounds} rounds" if seeded and len(model.seed_codebooks) else ""
             row["codec"] = f"QINCo {name} (A={min(enc.A, model.cfg.K)}, B={enc.B}{seeds}), {path.stem}"
             rows.append(row)
     if model.cfg.nlist == 0 and model.cfg.de == 0 and model.cfg.rank == 0 and codes is not None:
@@ -164,7 +164,7 @@ def main():
     p.add_argument("--bytes", type=int, default=8)
     p.add_argument("--model", action="append", default=[], help="QINCo model(s) trained on this set's learn split")
     p.add_argument("--encoders", default="greedy,fast,quality",
-                   help="QINCo encoder settings: names (greedy,fast,balanced,quality) or AxB such as 64x16")
+                   help="QINCo encoder settings: names (greedy,fast,balanced,quality), AxB such as 64x16, or AxBxR (R seed rounds)")
     p.add_argument("--nb", type=int, default=0, help="use the first NB base vectors (default: all)")
     p.add_argument("--nt", type=int, default=0, help="train faiss codecs on the first NT learn vectors (default: all)")
     p.add_argument("--nq", type=int, default=2000, help="queries (default 2000)")

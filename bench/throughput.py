@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import datasets  # noqa: E402
 from model.io import load_model  # noqa: E402
-from model.network import ENCODERS, Encoder, Qinco, check_vectors, decode, encode, fast_steps  # noqa: E402
+from model.network import Encoder, Qinco, check_vectors, decode, encode, fast_steps, parse_encoder  # noqa: E402
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "service" / "demo" / "glove-50-ivf-8B.safetensors"
 
@@ -204,7 +204,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["glove-50", "wordnet-minilm-384"], default="glove-50")
     p.add_argument("--model", default=str(DEMO_MODEL), help="QINCo model (default: the demo model, glove-50)")
-    p.add_argument("--encoder", default="balanced", help="a name from ENCODERS or AxB (default balanced)")
+    p.add_argument("--encoder", default="balanced", help="a name from ENCODERS, AxB or AxBxR (default balanced)")
     p.add_argument("--nb", type=int, default=2048, help="base vectors to encode (default 2048)")
     p.add_argument("--repeat", type=int, default=3, help="interleaved encode repetitions (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
@@ -220,7 +220,7 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    enc = ENCODERS[args.encoder] if args.encoder in ENCODERS else Encoder(*map(int, args.encoder.split("x")))
+    enc = parse_encoder(args.encoder)
     model = load_model(args.model)
     ds = datasets.load(args.dataset)
     xb = np.ascontiguousarray(ds.base[:args.nb], dtype=np.float32)
@@ -229,8 +229,7 @@ def main():
         bench_encode(model, xb, enc, args.repeat)
     bench_decode(model, encode(model, xb[:max(args.decode_rows, 64)], enc), args.decode_rows, args.decode_reps)
     if not args.skip_query:
-        build = ENCODERS[args.build_encoder] if args.build_encoder in ENCODERS else \
-            Encoder(*map(int, args.build_encoder.split("x")))
+        build = parse_encoder(args.build_encoder)
         bench_query(Path(args.model) if args.dataset == "glove-50" else DEMO_MODEL,
                     args.query_points, args.queries, build, args.query_rounds)
 

@@ -3,7 +3,7 @@
 faiss's `LocalSearchQuantizer.compute_codes` recomputes the M x M x K x K codeword inner
 products on every call: 0.1-0.2 s at d = 384, M = 8, however few vectors it encodes.  Here they
 are computed once per set of codebooks, and faiss's own steps (unary terms, ICM sweeps,
-errors; C++ and OpenMP) run inside the loop of faiss's encoder: random codes, then `ils_iters`
+errors; C++ and OpenMP) run inside the loop of faiss's encoder: random codes, then `rounds`
 rounds of perturbing `nperts` codes per vector, `icm_iters` ICM sweeps, and keeping each
 vector's best.  The random draws come from a hash of the vector itself, so a vector gets the
 same code in any batch (faiss draws them in batch order).
@@ -20,6 +20,8 @@ import numpy as np
 MAX_BINARY_BYTES = 256 << 20
 CHUNK = 4096  # vectors encoded at a time: their unary terms are CHUNK x M x K floats (32 MiB at M = 8)
 SMALL = 64  # fewer vectors than this are encoded on the calling thread alone
+SEED_ROUNDS = 16  # faiss's default encode_ils_iters
+MAX_SEED_ROUNDS = 256  # each round costs about as much as the first: a bound, not a setting
 
 # faiss's LSQ steps keep no state of their own, but most time themselves in one global timer
 # (faiss's lsq_timer, an unguarded map): two threads in them at once would race on it.  The ICM
@@ -63,23 +65,26 @@ class LocalSearch:
         with _faiss_lsq:
             self.lsq.compute_binary_terms(faiss.swig_ptr(self.binaries))
 
-    def codes(self, x: np.ndarray) -> np.ndarray:
-        """Residuals (n, d) -> codes (n, M) int64, each row's independent of the others."""
+    def codes(self, x: np.ndarray, rounds: int = SEED_ROUNDS) -> np.ndarray:
+        """Residuals (n, d) -> codes (n, M) int64 after `rounds` rounds of local search, each row's
+        independent of the others (a row's first rounds are the same whatever `rounds` is)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(f"expected residuals of shape (n, {self.d}), got {x.shape}")
+        if not 1 <= rounds <= MAX_SEED_ROUNDS:
+            raise ValueError(f"expected 1 <= rounds <= {MAX_SEED_ROUNDS}, got {rounds}")
         out = np.empty((len(x), self.M), dtype=np.int64)
         threads = faiss.omp_get_max_threads()
         if len(x) < SMALL:  # one thread: faiss's parallel regions (~100 a round) would cost more than they share
             faiss.omp_set_num_threads(1)
         try:
             for i0 in range(0, len(x), CHUNK):
-                out[i0:i0 + CHUNK] = self._chunk(x[i0:i0 + CHUNK])
+                out[i0:i0 + CHUNK] = self._chunk(x[i0:i0 + CHUNK], rounds)
         finally:
             faiss.omp_set_num_threads(threads)
         return out
 
-    def _chunk(self, x: np.ndarray) -> np.ndarray:
+    def _chunk(self, x: np.ndarray, rounds: int) -> np.ndarray:
         lsq, n, M, K = self.lsq, len(x), self.M, self.K
         p = lsq.nperts
         # One stream of draws per vector, keyed on its bytes: draw j of row i is mix(key_i + j).
@@ -93,7 +98,7 @@ class LocalSearch:
         with _faiss_lsq:
             lsq.compute_unary_terms(faiss.swig_ptr(x), faiss.swig_ptr(unaries), n)
             lsq.evaluate(faiss.swig_ptr(best), faiss.swig_ptr(x), n, faiss.swig_ptr(best_err))
-        for it in range(lsq.encode_ils_iters):
+        for it in range(rounds):
             r = draws(M + 2 * p * it, 2 * p)
             codes[rows, (r[:, :p] % np.uint64(M)).astype(np.int64)] = (r[:, p:] % np.uint64(K)).astype(np.int32)
             lsq.icm_encode_step(faiss.swig_ptr(codes), faiss.swig_ptr(unaries), faiss.swig_ptr(self.binaries),

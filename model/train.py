@@ -152,7 +152,7 @@ def validation_mse(model: Qinco, xval: torch.Tensor, lval, encoder: Encoder, bat
     """Raw-space MSE of normalised validation vectors; shared: each process encodes its share.
     seeds: their seed codes, when the caller has them."""
     if encoder.seeded and seeds is None:
-        seeds = model.seed_codes(xval, lval)
+        seeds = model.seed_codes(xval, lval, encoder.seed_rounds)
     part = distributed.share(len(xval)) if shared else slice(None)
     xval, lval = xval[part], None if lval is None else lval[part]
     seeds = None if seeds is None else seeds[part]
@@ -340,9 +340,9 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     lv = model.assign(xv) if cfg.nlist else None
     # Seed codes depend only on the fixed seed codebooks: found once, on the CPU (faiss; every
     # process finds all of them, rather than exchange them).
-    seeds_v = model.seed_codes(xv, lv) if train_encoder.seeded else None
+    seeds_v = model.seed_codes(xv, lv, train_encoder.seed_rounds) if train_encoder.seeded else None
     t0 = time.time()
-    seeds_t = model.seed_codes(xt, lt) if train_encoder.seeded else None
+    seeds_t = model.seed_codes(xt, lt, train_encoder.seed_rounds) if train_encoder.seeded else None
     # What a vector's seed costs (the tables' encode below finds them again): one figure for all processes.
     seed_seconds = distributed.mean_all([(time.time() - t0) / len(xt)], device)[0]
     xt, xv, lt, lv, seeds_t, seeds_v = [None if t is None else t.to(device) for t in (xt, xv, lt, lv, seeds_t, seeds_v)]

@@ -301,6 +301,45 @@ def test_encode_workers_and_background_threads_keep_their_own_torch_threads():
     assert seen == [1] and torch_threads_default() == default
 
 
+def test_more_seed_rounds_never_reconstruct_worse_and_the_encoder_uses_its_rounds(gaussian):
+    """A seed after 32 rounds of local search is, per vector, at least as close over the seed
+    codebooks as after 16 (the first 16 rounds are the same draws); an encoder's `seed_rounds`
+    reaches the local search, and `quality` searches 32.  Rounds outside [1, MAX_SEED_ROUNDS] are
+    refused."""
+    import dataclasses
+    from model.seeds import MAX_SEED_ROUNDS, SEED_ROUNDS
+    cfg = QincoConfig(d=16, M=4, K=16, L=1, h=16)
+    model = random_model(cfg)
+    books = torch.stack([step.codebook.detach() for step in model.steps])  # (M, K, d)
+    model.set_seed_codebooks(books.numpy())
+    xn = model.normalize(torch.from_numpy(gaussian))
+
+    def additive_err(codes):  # what the local search minimises: the seed codebooks' sum, no network
+        return (xn - books[torch.arange(cfg.M), codes].sum(1)).square().sum(1)
+
+    with torch.no_grad():
+        err = {r: additive_err(model.seed_codes(xn, None, r)) for r in (1, 16, 32)}
+    assert (err[16] <= err[1] + 1e-6).all() and (err[32] <= err[16] + 1e-6).all()
+    assert err[32].mean() < err[1].mean()  # the search does something
+    assert (model.seed_codes(xn) == model.seed_codes(xn, None, SEED_ROUNDS)).all()
+    assert ENCODERS["balanced"].seed_rounds == SEED_ROUNDS and ENCODERS["quality"].seed_rounds == 32
+    enc = Encoder(A=1, B=1)  # a weak search, so the seeds win often and their rounds show
+    (c16, _), (c32, _) = (model.encode_normalized(xn, dataclasses.replace(enc, seed_rounds=r)) for r in (16, 32))
+    assert not (c16 == c32).all()
+    for bad in (0, -1, MAX_SEED_ROUNDS + 1):
+        with pytest.raises(ValueError, match="seed_rounds"):
+            Encoder(A=4, B=4, seed_rounds=bad)
+        with pytest.raises(ValueError, match="rounds"):
+            model.seed_codes(xn, None, bad)
+    # The benchmarks' encoder names: a setting, AxB, or AxBxR.
+    from model.network import parse_encoder
+    assert parse_encoder("quality") == ENCODERS["quality"]
+    assert parse_encoder("4x16") == Encoder(A=4, B=16) and parse_encoder("4x16x32") == Encoder(A=4, B=16, seed_rounds=32)
+    for bad in ("4", "4x", "x16", "4x16x32x1", "-4x16", "best", "4x16x0"):
+        with pytest.raises(ValueError):
+            parse_encoder(bad)
+
+
 @pytest.mark.parametrize("cfg", [QincoConfig(d=16, M=3, K=16, L=1, h=16), QincoConfig(d=16, M=3, K=16, L=1, h=16,
                                                                                         nlist=4)])
 def test_seeded_encoders_keep_the_better_of_the_search_and_the_seed(cfg, gaussian, tmp_path):
