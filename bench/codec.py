@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `bench` importable
 
 from model import datasets
 from model.io import load_model, to_faiss_qinco
-from model.network import decode, encode, parse_encoder
+from model.network import Encoder, decode, encode, parse_encoder
 
 
 MINILM_1M = "minilm-1m"
@@ -123,12 +123,11 @@ def bench_faiss(key: str, xt, xb, xq, gt, lsq_train: int) -> dict:
     return {**evaluate("", xb, xq, gt, recon, t_enc, t_dec), "train_s": t_train, "trained_on": len(xt)}
 
 
-def bench_qinco(path: Path, xb, xq, gt, encoders: list[str]) -> list[dict]:
+def bench_qinco(path: Path, xb, xq, gt, encoders: dict[str, Encoder]) -> list[dict]:
     model = load_model(path)
     rows = []
     codes = None
-    for name in encoders:
-        enc = parse_encoder(name)
+    for name, enc in encoders.items():
         # A model with seed codes (an LSQ++ start) also gets the row without them: what they add.
         for seeded in [True, False] if enc.seeded and len(model.seed_codebooks) else [enc.seeded]:
             codes, t_enc = timed(encode, model, xb, dataclasses.replace(enc, seeded=seeded))
@@ -173,6 +172,10 @@ def main():
     p.add_argument("--lsq-train", type=int, default=0, help="train LSQ on the first N learn vectors (default: all)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
+    try:  # a typo fails now, not after the faiss rows' training
+        encoders = {name: parse_encoder(name) for name in args.encoders.split(",")}
+    except ValueError as e:
+        p.error(str(e))
 
     ds, gt = load_dataset(args.dataset)
     if args.nt:
@@ -200,7 +203,7 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     for path in args.model:
-        for row in bench_qinco(Path(path), xb, xq, gt, args.encoders.split(",")):
+        for row in bench_qinco(Path(path), xb, xq, gt, encoders):
             rows.append(row)
             print(json.dumps(row), flush=True)
     print_table(f"{args.dataset}, {args.bytes} bytes per vector, base {len(xb):,}, {len(xq):,} queries", rows)

@@ -43,7 +43,8 @@ NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 def build_qinco(model_path: Path, base: np.ndarray, encoder: str, cache: Path) -> tuple[QincoIndex, float]:
     """Encode and add the base (cached by model file and encoder: encoding is the slow part)."""
     enc = ENCODERS[encoder]
-    stamp = f"{model_path.stem}-{model_path.stat().st_mtime_ns}-A{enc.A}B{enc.B}-{len(base)}"
+    stamp = f"{model_path.stem}-{model_path.stat().st_mtime_ns}-A{enc.A}B{enc.B}" \
+        f"S{enc.seed_rounds if enc.seeded else 0}-{len(base)}"
     folder = cache / "indexes" / stamp
     if (folder / "manifest.json").exists():
         meta = json.loads((folder / "load.json").read_text())

@@ -220,7 +220,7 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    enc = parse_encoder(args.encoder)
+    enc, build = parse_encoder(args.encoder), parse_encoder(args.build_encoder)
     model = load_model(args.model)
     ds = datasets.load(args.dataset)
     xb = np.ascontiguousarray(ds.base[:args.nb], dtype=np.float32)
@@ -229,7 +229,6 @@ def main():
         bench_encode(model, xb, enc, args.repeat)
     bench_decode(model, encode(model, xb[:max(args.decode_rows, 64)], enc), args.decode_rows, args.decode_reps)
     if not args.skip_query:
-        build = parse_encoder(args.build_encoder)
         bench_query(Path(args.model) if args.dataset == "glove-50" else DEMO_MODEL,
                     args.query_points, args.queries, build, args.query_rounds)
 

@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -116,8 +117,8 @@ class Encoder:
     def __post_init__(self):
         if self.A < 1 or self.B < 1:
             raise ValueError(f"encoder needs A >= 1 and B >= 1, got A={self.A} B={self.B}")
-        if not 1 <= self.seed_rounds <= MAX_SEED_ROUNDS:
-            raise ValueError(f"encoder needs 1 <= seed_rounds <= {MAX_SEED_ROUNDS}, got {self.seed_rounds}")
+        if type(self.seed_rounds) is not int or not 1 <= self.seed_rounds <= MAX_SEED_ROUNDS:
+            raise ValueError(f"encoder needs an integer 1 <= seed_rounds <= {MAX_SEED_ROUNDS}, got {self.seed_rounds!r}")
 
 
 # Named settings used by the CLI, the benchmark and the service.  For the same
@@ -137,16 +138,15 @@ ENCODERS = {
 }
 
 
-
 def parse_encoder(name: str) -> Encoder:
     """A name from ENCODERS, "AxB" (such as 64x16) or "AxBxR" (R seed rounds) -> Encoder, or ValueError."""
     if name in ENCODERS:
         return ENCODERS[name]
-    parts = name.split("x")
-    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+    numbers = re.fullmatch(r"([0-9]{1,9})x([0-9]{1,9})(?:x([0-9]{1,9}))?", name)
+    if numbers is None:
         raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, AxB or AxBxR, got {name!r}")
-    A, B, *rounds = map(int, parts)
-    return Encoder(A=A, B=B, seed_rounds=rounds[0] if rounds else SEED_ROUNDS)
+    A, B, rounds = numbers.groups()
+    return Encoder(A=int(A), B=int(B), seed_rounds=int(rounds) if rounds else SEED_ROUNDS)
 
 
 class ResidualBlock(nn.Module):
@@ -380,7 +380,8 @@ class Qinco(nn.Module):
         """Beam search with candidate pre-selection, then the seed code where it is better.
 
         xn (n, d) normalised vectors -> codes (n, M) int64 and their reconstruction (n, d).
-        seeds: the vectors' `seed_codes` when the caller has them (training computes them once).
+        seeds: the vectors' `seed_codes` when the caller has them (training computes them once),
+        found with the encoder's `seed_rounds`: they are used as given.
         The fast path (`FastSteps.encode`): under torch.autocast (training) the network runs in
         the autocast dtype, the candidate errors always in float32.
         """

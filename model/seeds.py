@@ -51,7 +51,8 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 
 class LocalSearch:
-    """LSQ++'s encoder over codebooks (M, K, d) float32, K a power of 2 (faiss's default settings)."""
+    """LSQ++'s encoder over codebooks (M, K, d) float32, K a power of 2 (faiss's default settings
+    but the rounds, which each call chooses)."""
 
     def __init__(self, codebooks: np.ndarray):
         M, K, d = codebooks.shape
@@ -71,8 +72,8 @@ class LocalSearch:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(f"expected residuals of shape (n, {self.d}), got {x.shape}")
-        if not 1 <= rounds <= MAX_SEED_ROUNDS:
-            raise ValueError(f"expected 1 <= rounds <= {MAX_SEED_ROUNDS}, got {rounds}")
+        if type(rounds) is not int or not 1 <= rounds <= MAX_SEED_ROUNDS:
+            raise ValueError(f"expected an integer 1 <= rounds <= {MAX_SEED_ROUNDS}, got {rounds!r}")
         out = np.empty((len(x), self.M), dtype=np.int64)
         threads = faiss.omp_get_max_threads()
         if len(x) < SMALL:  # one thread: faiss's parallel regions (~100 a round) would cost more than they share

@@ -321,12 +321,17 @@ def test_more_seed_rounds_never_reconstruct_worse_and_the_encoder_uses_its_round
         err = {r: additive_err(model.seed_codes(xn, None, r)) for r in (1, 16, 32)}
     assert (err[16] <= err[1] + 1e-6).all() and (err[32] <= err[16] + 1e-6).all()
     assert err[32].mean() < err[1].mean()  # the search does something
-    assert (model.seed_codes(xn) == model.seed_codes(xn, None, SEED_ROUNDS)).all()
+    import faiss
+    assert SEED_ROUNDS == faiss.LocalSearchQuantizer(16, 3, 4).encode_ils_iters  # faiss's default
     assert ENCODERS["balanced"].seed_rounds == SEED_ROUNDS and ENCODERS["quality"].seed_rounds == 32
+    # Both entry points (torch and numpy) search the encoder's rounds.
     enc = Encoder(A=1, B=1)  # a weak search, so the seeds win often and their rounds show
     (c16, _), (c32, _) = (model.encode_normalized(xn, dataclasses.replace(enc, seed_rounds=r)) for r in (16, 32))
     assert not (c16 == c32).all()
-    for bad in (0, -1, MAX_SEED_ROUNDS + 1):
+    assert (torch.from_numpy(encode(model, gaussian, dataclasses.replace(enc, seed_rounds=32)).astype(np.int64))
+            == c32).all()
+    assert (torch.from_numpy(encode(model, gaussian, enc).astype(np.int64)) == c16).all()
+    for bad in (0, -1, MAX_SEED_ROUNDS + 1, 16.5, True, "16"):
         with pytest.raises(ValueError, match="seed_rounds"):
             Encoder(A=4, B=4, seed_rounds=bad)
         with pytest.raises(ValueError, match="rounds"):
@@ -335,7 +340,7 @@ def test_more_seed_rounds_never_reconstruct_worse_and_the_encoder_uses_its_round
     from model.network import parse_encoder
     assert parse_encoder("quality") == ENCODERS["quality"]
     assert parse_encoder("4x16") == Encoder(A=4, B=16) and parse_encoder("4x16x32") == Encoder(A=4, B=16, seed_rounds=32)
-    for bad in ("4", "4x", "x16", "4x16x32x1", "-4x16", "best", "4x16x0"):
+    for bad in ("4", "4x", "x16", "4x16x32x1", "-4x16", "best", "4x16x0", "\u0664x16", "4x16x\u00b3", "9" * 5000 + "x1"):
         with pytest.raises(ValueError):
             parse_encoder(bad)
 
