@@ -126,10 +126,15 @@ def bench_faiss(key: str, xt, xb, xq, gt, lsq_train: int) -> dict:
 def bench_qinco(path: Path, xb, xq, gt, encoders: dict[str, Encoder]) -> list[dict]:
     model = load_model(path)
     rows = []
-    codes = None
+    codes, searched = None, set()
     for name, enc in encoders.items():
-        # A model with seed codes (an LSQ++ start) also gets the row without them: what they add.
+        # A model with seed codes (an LSQ++ start) also gets the row without them: what they add
+        # (once per search: the seeds' rounds do not change it).
         for seeded in [True, False] if enc.seeded and len(model.seed_codebooks) else [enc.seeded]:
+            if not seeded:
+                if (enc.A, enc.B) in searched:
+                    continue
+                searched.add((enc.A, enc.B))
             codes, t_enc = timed(encode, model, xb, dataclasses.replace(enc, seeded=seeded))
             recon, t_dec = timed(decode, model, codes)
             row = evaluate("", xb, xq, gt, recon, t_enc, t_dec)
