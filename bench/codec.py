@@ -168,7 +168,8 @@ def main():
     p.add_argument("--bytes", type=int, default=8)
     p.add_argument("--model", action="append", default=[], help="QINCo model(s) trained on this set's learn split")
     p.add_argument("--encoders", default="greedy,fast,quality",
-                   help="QINCo encoder settings: names (greedy,fast,balanced,quality), AxB such as 64x16, or AxBxR (R seed rounds)")
+                   help="QINCo encoder settings: names (greedy,fast,balanced,quality), AxB such as 64x16, "
+                        "or AxBxR (R seed rounds)")
     p.add_argument("--nb", type=int, default=0, help="use the first NB base vectors (default: all)")
     p.add_argument("--nt", type=int, default=0, help="train faiss codecs on the first NT learn vectors (default: all)")
     p.add_argument("--nq", type=int, default=2000, help="queries (default 2000)")

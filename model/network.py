@@ -118,7 +118,8 @@ class Encoder:
         if self.A < 1 or self.B < 1:
             raise ValueError(f"encoder needs A >= 1 and B >= 1, got A={self.A} B={self.B}")
         if type(self.seed_rounds) is not int or not 1 <= self.seed_rounds <= MAX_SEED_ROUNDS:
-            raise ValueError(f"encoder needs an integer 1 <= seed_rounds <= {MAX_SEED_ROUNDS}, got {self.seed_rounds!r}")
+            raise ValueError(f"encoder needs an integer 1 <= seed_rounds <= {MAX_SEED_ROUNDS}, "
+                             f"got {self.seed_rounds!r}")
 
 
 # Named settings used by the CLI, the benchmark and the service.  For the same
@@ -133,7 +134,7 @@ ENCODERS = {
     "fast": Encoder(A=4, B=4, seeded=False),  # 16 network evaluations per step, greedy's 256
     "balanced": Encoder(A=4, B=16),  # 64 per step; the default of the index and the service
     # 1024 per step: the lowest MSE.  Its seeds search 32 rounds, as LSQ++'s best faiss row
-    # does: 0.4% lower MSE on wordnet for ~7% more of `balanced`'s time, <1% of this one's
+    # does: 0.3% lower MSE on wordnet for ~7% more of `balanced`'s time, <1% of this one's
     "quality": Encoder(A=32, B=32, seed_rounds=32),
 }
 
@@ -771,7 +772,8 @@ def encode(model: Qinco, x, encoder: Encoder = ENCODERS["quality"], batch_size: 
         with torch.inference_mode():
             xn = model.normalize(torch.from_numpy(x[i0:i0 + batch_size]))
             lists = model.assign(xn) if cfg.nlist else None  # in faiss, on the CPU
-            seeds = model.seed_codes(xn, lists, encoder.seed_rounds) if encoder.seeded else None  # faiss too, on all threads
+            # faiss too, on all threads
+            seeds = model.seed_codes(xn, lists, encoder.seed_rounds) if encoder.seeded else None
         codes = search(xn, lists, seeds)
         if cfg.nlist:
             codes = torch.cat([lists[:, None], codes], 1)

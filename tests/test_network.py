@@ -339,8 +339,10 @@ def test_more_seed_rounds_never_reconstruct_worse_and_the_encoder_uses_its_round
     # The benchmarks' encoder names: a setting, AxB, or AxBxR.
     from model.network import parse_encoder
     assert parse_encoder("quality") == ENCODERS["quality"]
-    assert parse_encoder("4x16") == Encoder(A=4, B=16) and parse_encoder("4x16x32") == Encoder(A=4, B=16, seed_rounds=32)
-    for bad in ("4", "4x", "x16", "4x16x32x1", "-4x16", "best", "4x16x0", "\u0664x16", "4x16x\u00b3", "9" * 5000 + "x1"):
+    assert parse_encoder("4x16") == Encoder(A=4, B=16)
+    assert parse_encoder("4x16x32") == Encoder(A=4, B=16, seed_rounds=32)
+    for bad in ("4", "4x", "x16", "4x16x32x1", "-4x16", "best", "4x16x0", "\u0664x16", "4x16x\u00b3",
+                "9" * 5000 + "x1"):
         with pytest.raises(ValueError):
             parse_encoder(bad)
 

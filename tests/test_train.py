@@ -3,6 +3,7 @@ import numpy as np
 import torch
 import pytest
 
+import model.train as training
 from model.io import load_model
 from model.network import Encoder, QincoConfig, decode
 from model.train import (TrainConfig, choose_start, gradient_passes, initialise, lr_factor, lsq_codebooks,
@@ -148,7 +149,7 @@ def test_a_short_budget_trains_lsq_shorter_before_it_skips_it():
     assert lsq_iterations(100, 20, 10, budget=2 * (20 + 2 * lsq_25) - 1) == 25
 
 
-def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample):
+def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample, monkeypatch):
     """At step 0 QINCo is an additive quantizer: started from LSQ++, it decodes any code as the sum
     of LSQ++'s codewords (its tables largest energy first), and "best" keeps the better start."""
     cfg = QincoConfig(d=50, M=3, K=16, L=1, h=16)
@@ -173,13 +174,19 @@ def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample):
     choose_start(model, state, {"lsq": tables}, xv, Encoder(A=4, B=2))
     expected = sum(tables[m][codes[:, m]] for m in range(cfg.M)) * float(model.scale) + model.mean.numpy()
     np.testing.assert_allclose(decode(model, codes), expected, rtol=1e-4, atol=1e-4)
-    # "best": the start with the lower validation MSE under the training encoder.
+    # "best": the start with the lower validation MSE under the training encoder, LSQ++'s only
+    # where it wins by LSQ_MARGIN.
     scores = {}
     for name in ("rq", "lsq"):
         choose_start(model, state, {name: candidates[name]}, xv, Encoder(A=4, B=2))
         scores[name] = validation_mse(model, xv, None, Encoder(A=4, B=2))
     choose_start(model, state, candidates, xv, Encoder(A=4, B=2))
-    assert state.init == min(scores, key=scores.get)
+    assert state.init == ("lsq" if scores["lsq"] <= scores["rq"] * (1 - training.LSQ_MARGIN) else "rq")
+    for margin, expected in ((-10.0, "lsq"), (0.0, min(scores, key=scores.get)), (0.99, "rq")):
+        monkeypatch.setattr(training, "LSQ_MARGIN", margin)
+        choose_start(model, state, candidates, xv, Encoder(A=4, B=2))
+        assert state.init == expected
+        assert len(model.seed_codebooks) == (cfg.M if expected == "lsq" else 0)  # seeds go with LSQ++'s start
 
 
 def test_stop_after_validations_without_progress(tmp_path, glove_sample):
