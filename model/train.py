@@ -39,9 +39,10 @@ class TrainConfig:
     max_vectors: int = 0
     # Base codebooks at step 0, where QINCo is an additive quantizer (its branches start at zero):
     # "rq" faiss ResidualQuantizer, "lsq" faiss LocalSearchQuantizer (LSQ++), "best" both, keeping
-    # the one whose codebooks the training encoder searches better on the validation set.  On
-    # wordnet-384 LSQ++'s start won by far (60 min: 0.860x RQ's MSE against 0.911x, RESULTS); on
-    # glove-50, where LSQ++ loses to RQ, "best" keeps RQ's, at the cost of training both.
+    # the one whose codebooks the training encoder searches better on the validation set, LSQ++'s
+    # only by LSQ_MARGIN.  On wordnet-384 LSQ++'s start won by far (60 min: 0.860x RQ's MSE against
+    # 0.911x, RESULTS); on glove-50 it won by 0.2% and trained worse, so "best" keeps RQ's there,
+    # at the cost of training both.
     init: str = "best"
     # LSQ++'s training iterations: 4x faiss's default (LSQ_ITERS).  Its codebooks are worth more
     # than the network's minutes: on the 1M MiniLM learn split 50 iterations gave 0.819x RQ's

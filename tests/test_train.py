@@ -151,7 +151,8 @@ def test_a_short_budget_trains_lsq_shorter_before_it_skips_it():
 
 def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample, monkeypatch):
     """At step 0 QINCo is an additive quantizer: started from LSQ++, it decodes any code as the sum
-    of LSQ++'s codewords (its tables largest energy first), and "best" keeps the better start."""
+    of LSQ++'s codewords (its tables largest energy first), and "best" keeps the better start,
+    LSQ++'s only by a margin."""
     cfg = QincoConfig(d=50, M=3, K=16, L=1, h=16)
     x, xval = glove_sample[:3000], glove_sample[3000:3500]
     tc = TrainConfig(init="best", seed=0, threads=1)
@@ -182,10 +183,13 @@ def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample, monkeypa
         scores[name] = validation_mse(model, xv, None, Encoder(A=4, B=2))
     choose_start(model, state, candidates, xv, Encoder(A=4, B=2))
     assert state.init == ("lsq" if scores["lsq"] <= scores["rq"] * (1 - training.LSQ_MARGIN) else "rq")
-    for margin, expected in ((-10.0, "lsq"), (0.0, min(scores, key=scores.get)), (0.99, "rq")):
+    assert scores["lsq"] < scores["rq"], scores  # this sample's LSQ++ start wins: each margin below decides
+    for margin, expected in ((-10.0, "lsq"), (0.0, "lsq"), (0.99, "rq")):
         monkeypatch.setattr(training, "LSQ_MARGIN", margin)
         choose_start(model, state, candidates, xv, Encoder(A=4, B=2))
         assert state.init == expected
+        np.testing.assert_array_equal(torch.stack([s.codebook.detach() for s in model.steps]).numpy(),
+                                      candidates[expected])
         assert len(model.seed_codebooks) == (cfg.M if expected == "lsq" else 0)  # seeds go with LSQ++'s start
 
 
