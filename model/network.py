@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .seeds import MAX_SEED_ROUNDS, SEED_ROUNDS, LocalSearch, check_codebooks
+from .seeds import SEED_ROUNDS, LocalSearch, check_codebooks, check_rounds
 from .threads import numpy_blas_one_thread, own_torch_threads
 
 
@@ -117,9 +117,7 @@ class Encoder:
     def __post_init__(self):
         if self.A < 1 or self.B < 1:
             raise ValueError(f"encoder needs A >= 1 and B >= 1, got A={self.A} B={self.B}")
-        if type(self.seed_rounds) is not int or not 1 <= self.seed_rounds <= MAX_SEED_ROUNDS:
-            raise ValueError(f"encoder needs an integer 1 <= seed_rounds <= {MAX_SEED_ROUNDS}, "
-                             f"got {self.seed_rounds!r}")
+        check_rounds(self.seed_rounds)
 
 
 # Named settings used by the CLI, the benchmark and the service.  For the same

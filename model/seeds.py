@@ -42,6 +42,12 @@ def check_codebooks(shape: tuple, M: int, K: int, d: int) -> None:
                          f"at most {MAX_BINARY_BYTES >> 20} MiB, got {tuple(shape)}")
 
 
+def check_rounds(rounds) -> None:
+    """Rounds of local search are an integer in [1, MAX_SEED_ROUNDS], or ValueError."""
+    if type(rounds) is not int or not 1 <= rounds <= MAX_SEED_ROUNDS:
+        raise ValueError(f"expected an integer 1 <= seed_rounds <= {MAX_SEED_ROUNDS}, got {rounds!r}")
+
+
 def _mix(z: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: uint64 -> well-spread uint64 (wrapping arithmetic)."""
     z = z + np.uint64(0x9E3779B97F4A7C15)
@@ -72,8 +78,7 @@ class LocalSearch:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.d:
             raise ValueError(f"expected residuals of shape (n, {self.d}), got {x.shape}")
-        if type(rounds) is not int or not 1 <= rounds <= MAX_SEED_ROUNDS:
-            raise ValueError(f"expected an integer 1 <= rounds <= {MAX_SEED_ROUNDS}, got {rounds!r}")
+        check_rounds(rounds)
         out = np.empty((len(x), self.M), dtype=np.int64)
         threads = faiss.omp_get_max_threads()
         if len(x) < SMALL:  # one thread: faiss's parallel regions (~100 a round) would cost more than they share
