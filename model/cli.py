@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                               ("init", str, "base codebooks from faiss rq, lsq (LSQ++) or the best of both"),
                               ("lsq_iters", int, "LSQ++'s training iterations"),
                               ("stop_after", int, "validations without progress before stopping, 0: never"),
-                              ("grad_clip", float, "clip gradient values to +-this, 0: off")]:
+                              ("grad_clip", float, "clip gradient values to +-this, 0: off"),
+                              ("loss", str, "steps (QINCo's: every step's error) or final (the last step's)")]:
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # --lr_codebooks and --lr-codebooks
         p.add_argument(*flags, dest=name, type=kind, help=f"{help_} (default {getattr(TrainConfig, name)})")
     p.add_argument("--no-seeds", dest="seeds", action="store_false", default=None,

@@ -80,6 +80,10 @@ class TrainConfig:
     #                       best model is kept anyway; on 36k wordnet vectors it came at 17 of 60 minutes
     grad_clip: float = 0.0  # clip each gradient value to [-grad_clip, grad_clip] (QINCo2: 0.1; 0: off)
     reset_dead: bool = False  # each epoch, codewords no code chose get a random residual of that step
+    # "steps": QINCo's loss, the sum of every step's reconstruction error (what a residual beam search
+    # needs); "final": the last step's alone.  LSQ++'s codes are not residual (their partial sums are
+    # poor), so under "steps" a model started from them trades its final error for the partial ones.
+    loss: str = "steps"
 
 
 @dataclass
@@ -101,6 +105,7 @@ class TrainState:
 
 
 INITS = ("rq", "lsq", "best")
+LOSSES = ("steps", "final")
 LSQ_VS_RQ = 3.5  # LSQ++'s training time (LSQ_ITERS) over RQ's (beam 5): 3.3x measured at d = 384, 2.1x at d = 784
 # `best` keeps LSQ++'s start only when it searches this much better than RQ's: on glove-50 it won
 # by 0.2% at step 0 and then trained worse than RQ's start (bench/RESULTS.md, session 25); on the
@@ -388,6 +393,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}s [ETA {remaining}] {postfix}")
     bar.update(round(time.time() - start))
     since_eval, stop = 0, False
+    steps_in_loss = 1 if tc.loss == "final" else cfg.M
     chunk = min(tc.batch * tc.chunk_batches, len(xt))
     mine = distributed.share(chunk)  # this process's share of every chunk (all of it in one process)
     batch = max(1, tc.batch // world)
@@ -414,7 +420,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             if progress is not None and lead:
                 progress(state, elapsed, budget)
             bar.update(max(0, round(elapsed) - bar.n))
-            bar.set_postfix_str(f"step-mean MSE={loss * float(model.scale) ** 2 / cfg.M:.4g} "
+            bar.set_postfix_str(f"step-mean MSE={loss * float(model.scale) ** 2 / steps_in_loss:.4g} "
                                 f"val={state.best_val_mse:.5g} lr={optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             # Stop when one more chunk and a last validation would overrun the budget.
             stop = elapsed + 1.2 * (time.time() - chunk_start) + 1.1 * val_seconds > budget
@@ -465,6 +471,8 @@ def check_config(tc: TrainConfig) -> None:
     if tc.init not in INITS or not 1 <= tc.lsq_iters <= 1000:
         raise ValueError(f"init must be one of {', '.join(INITS)} and lsq_iters in [1, 1000], got {tc.init!r}, "
                          f"{tc.lsq_iters}")
+    if tc.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {tc.loss!r}")
     if tc.stop_after < 0 or tc.grad_clip < 0:
         raise ValueError(f"stop_after and grad_clip must be >= 0, got {tc.stop_after}, {tc.grad_clip}")
 
@@ -509,9 +517,13 @@ def search_codes(model: Qinco, xc: torch.Tensor, lc, encoder: Encoder, batch: in
                           for i in range(0, len(xc), step)])
 
 
-def qinco_loss(net: torch.nn.Module, xb: torch.Tensor, codes: torch.Tensor, lists) -> torch.Tensor:
-    """Sum over steps of the mean squared error of that step's reconstruction (normalised space)."""
+def qinco_loss(net: torch.nn.Module, xb: torch.Tensor, codes: torch.Tensor, lists, final: bool = False
+               ) -> torch.Tensor:
+    """Sum over steps of the mean squared error of that step's reconstruction (normalised space);
+    `final`: the last step's alone."""
     recon = net(codes, lists).float()  # (M, batch, d)
+    if final:
+        recon = recon[-1:]
     return (xb - recon).square().sum(-1).mean(-1).sum()
 
 
@@ -524,7 +536,7 @@ def gradient_passes(net: torch.nn.Module, optimizer: torch.optim.Optimizer, xc: 
         for b0 in range(0, len(xc), batch):
             b = order[b0:b0 + batch]
             with torch.autocast(xc.device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = qinco_loss(net, xc[b], codes[b], None if lc is None else lc[b])
+                loss = qinco_loss(net, xc[b], codes[b], None if lc is None else lc[b], tc.loss == "final")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:

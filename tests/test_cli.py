@@ -84,5 +84,7 @@ def test_data_names_the_missing_source(tmp_path, monkeypatch, capsys):
 def test_training_options_take_dashes_or_underscores():
     from model.cli import build_parser
     args = build_parser().parse_args(["train", "x.npy", "--out", "m.safetensors", "--stop-after", "3",
-                                      "--grad_clip", "0.1", "--lr-codebooks", "1e-4", "--max-vectors", "5000"])
-    assert (args.stop_after, args.grad_clip, args.lr_codebooks, args.max_vectors) == (3, 0.1, 1e-4, 5000)
+                                      "--grad_clip", "0.1", "--lr-codebooks", "1e-4", "--max-vectors", "5000",
+                                      "--loss", "final"])
+    assert (args.stop_after, args.grad_clip, args.lr_codebooks, args.max_vectors, args.loss) == (3, 0.1, 1e-4, 5000,
+                                                                                                 "final")

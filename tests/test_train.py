@@ -7,7 +7,7 @@ import model.train as training
 from model.io import load_model
 from model.network import Encoder, QincoConfig, decode
 from model.train import (TrainConfig, choose_start, gradient_passes, initialise, lr_factor, lsq_codebooks,
-                         make_optimizer, reset_dead_codewords, train, train_lsq, validation_mse)
+                         make_optimizer, qinco_loss, reset_dead_codewords, train, train_lsq, validation_mse)
 from tests.conftest import FIXTURE_TRAINING, random_model, train_fixture
 
 QUICK = TrainConfig(A=8, B=2, batch=128, val=1000, eval_every=2000, lr=1e-3, **FIXTURE_TRAINING)
@@ -229,6 +229,27 @@ def test_gradient_values_are_clipped(glove_sample):
         tc = TrainConfig(grad_clip=clip, reuse=1)
         gradient_passes(model, opt, x, codes, None, tc, 128, torch.Generator().manual_seed(0), False)
         assert (opt.largest <= clip * (1 + 1e-6)) if clip else (opt.largest > 1e-2), (clip, opt.largest)
+
+
+def test_the_final_loss_counts_the_last_step_alone(glove_sample):
+    """QINCo's loss sums every step's error; `loss="final"` (for LSQ++'s non-residual codes) the
+    last step's alone, and the gradient passes use the configured one."""
+    model = random_model(QincoConfig(d=50, M=3, K=16, L=1, h=16)).train()
+    x = torch.from_numpy(glove_sample[:256])
+    with torch.no_grad():
+        codes = model.encode_normalized(x, Encoder(A=4, B=2))[0]
+        per_step = (x - model(codes)).square().sum(-1).mean(-1)  # (M,)
+        assert torch.allclose(qinco_loss(model, x, codes, None), per_step.sum())
+        assert torch.allclose(qinco_loss(model, x, codes, None, final=True), per_step[-1])
+    assert per_step[-1] < per_step.sum() * 0.9  # the two differ here
+    for loss, expected in (("steps", per_step.sum()), ("final", per_step[-1])):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        got = gradient_passes(model, opt, x, codes, None, TrainConfig(loss=loss, reuse=1), len(x),
+                              torch.Generator().manual_seed(0), False)
+        assert abs(got - float(expected)) < 1e-4 * float(expected), (loss, got, expected)
+    with pytest.raises(ValueError, match="loss must be one of steps, final"):
+        train(np.zeros((100, 8), np.float32), "/nonexistent/x.safetensors", QincoConfig(d=8, M=2, K=16),
+              TrainConfig(loss="last"))
 
 
 def test_dead_codewords_get_a_residual_of_their_step(glove_sample):
