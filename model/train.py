@@ -83,6 +83,7 @@ class TrainConfig:
     # "steps": QINCo's loss, the sum of every step's reconstruction error (what a residual beam search
     # needs); "final": the last step's alone.  LSQ++'s codes are not residual (their partial sums are
     # poor), so under "steps" a model started from them trades its final error for the partial ones.
+    # "final" has fewer terms, hence smaller gradients: a grad_clip clips less under it.
     loss: str = "steps"
 
 
@@ -320,6 +321,9 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             raise ValueError(f"expected dim {model.cfg.d}, got {x.shape[1]}")
         state = TrainState(**extra["training"]["state"])
         state.since_best = 0  # a resumed run gets its own --stop-after
+        stored = extra["training"].get("config", {}).get("loss", "steps")
+        if stored != tc.loss:
+            log(f"resuming with loss {tc.loss!r}; {out} was trained with {stored!r}")
         cfg = model.cfg
         if not tc.seeds:
             model.set_seed_codebooks(None)

@@ -88,3 +88,7 @@ def test_training_options_take_dashes_or_underscores():
                                       "--loss", "final"])
     assert (args.stop_after, args.grad_clip, args.lr_codebooks, args.max_vectors, args.loss) == (3, 0.1, 1e-4, 5000,
                                                                                                  "final")
+    for option, bad in (("--loss", "last"), ("--init", "pq"), ("--schedule", "step")):  # refused before any data is read
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["train", "x.npy", "--out", "m.safetensors", option, bad])
+        assert e.value.code == 2
