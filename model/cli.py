@@ -18,7 +18,7 @@ from .index import QincoIndex, SearchParams
 from .network import ENCODERS, HIGH_D, HIGH_D_WIDTH, Encoder, QincoConfig, code_dtype, code_width, decode, default_de, encode
 from .ray_encode import RayRun, encode_on_ray
 from .threads import set_threads
-from .train import INITS, LOSSES, TrainConfig, train
+from .train import INITS, LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig, train
 
 
 def add_encoder_args(p: argparse.ArgumentParser, default: str):
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h", type=int, default=arch.h, help="hidden width (default 256)")
     p.add_argument("--de", type=int, help=f"embedding width, 0: d (default {HIGH_D_WIDTH} from d = {HIGH_D} on, else 0)")
     p.add_argument("--rank", type=int, default=arch.rank, help="low-rank concatenation, QINCo-LR (default 0: off)")
-    choices = {"init": INITS, "loss": LOSSES, "optimizer": ("adam", "adamw"), "schedule": ("plateau", "cosine")}
+    choices = {"init": INITS, "loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
     for name, kind, help_ in [("A", int, "training pre-selection"), ("B", int, "training beam"),
                               ("lr", float, "learning rate"), ("batch", int, "batch size"),
                               ("seed", int, "random seed"), ("val", int, "validation vectors"),

@@ -107,6 +107,8 @@ class TrainState:
 
 INITS = ("rq", "lsq", "best")
 LOSSES = ("steps", "final")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("plateau", "cosine")
 LSQ_VS_RQ = 3.5  # LSQ++'s training time (LSQ_ITERS) over RQ's (beam 5): 3.3x measured at d = 384, 2.1x at d = 784
 # `best` keeps LSQ++'s start only when it searches this much better than RQ's: on glove-50 it won
 # by 0.2% at step 0 and then trained worse than RQ's start (bench/RESULTS.md, session 25); on the
@@ -467,7 +469,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
 
 
 def check_config(tc: TrainConfig) -> None:
-    if tc.optimizer not in ("adam", "adamw") or tc.schedule not in ("plateau", "cosine") or tc.lr <= 0:
+    if tc.optimizer not in OPTIMIZERS or tc.schedule not in SCHEDULES or tc.lr <= 0:
         raise ValueError(f"optimizer must be adam or adamw, schedule plateau or cosine, lr > 0; got {tc.optimizer!r}, "
                          f"{tc.schedule!r}, {tc.lr}")
     if tc.max_vectors < 0 or tc.max_minutes <= 0:
