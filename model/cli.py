@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                               ("lsq_iters", int, "LSQ++'s training iterations"),
                               ("stop_after", int, "validations without progress before stopping, 0: never"),
                               ("grad_clip", float, "clip gradient values to +-this, 0: off"),
-                              ("loss", str, "steps (QINCo's: every step's error) or final (the last step's)")]:
+                              ("loss", str, "steps (QINCo's: every step's error), final (the last step's) or auto "
+                                                "(final from an LSQ++ start, else steps)")]:
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # --lr_codebooks and --lr-codebooks
         p.add_argument(*flags, dest=name, type=kind, choices=choices.get(name),
                        help=f"{help_} (default {getattr(TrainConfig, name)})")

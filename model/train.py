@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -82,9 +82,11 @@ class TrainConfig:
     reset_dead: bool = False  # each epoch, codewords no code chose get a random residual of that step
     # "steps": QINCo's loss, the sum of every step's reconstruction error (what a residual beam search
     # needs); "final": the last step's alone.  LSQ++'s codes are not residual (their partial sums are
-    # poor), so under "steps" a model started from them trades its final error for the partial ones.
+    # poor), so under "steps" a model started from them trades its final error for the partial ones:
+    # from LSQ++'s start, "final" improved every validation where "steps" improved none (bench/RESULTS.md,
+    # session 26).  "auto": "final" from LSQ++'s start, "steps" from RQ's.
     # "final" has fewer terms, hence smaller gradients: a grad_clip clips less under it.
-    loss: str = "steps"
+    loss: str = "auto"
 
 
 @dataclass
@@ -106,7 +108,7 @@ class TrainState:
 
 
 INITS = ("rq", "lsq", "best")
-LOSSES = ("steps", "final")
+LOSSES = ("auto", "steps", "final")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("plateau", "cosine")
 LSQ_VS_RQ = 3.5  # LSQ++'s training time (LSQ_ITERS) over RQ's (beam 5): 3.3x measured at d = 384, 2.1x at d = 784
@@ -324,6 +326,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         state = TrainState(**extra["training"]["state"])
         state.since_best = 0  # a resumed run gets its own --stop-after
         stored = extra["training"].get("config", {}).get("loss", "steps")
+        tc = replace(tc, loss=resolve_loss(tc.loss, state.init))
         if stored != tc.loss:
             log(f"resuming with loss {tc.loss!r}; {out} was trained with {stored!r}")
         cfg = model.cfg
@@ -348,6 +351,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         else:
             model, state = Qinco(cfg), None
         state = distributed.broadcast_state(model, state, device)
+        tc = replace(tc, loss=resolve_loss(tc.loss, state.init))  # stored resolved: a resume keeps it
+        log(f"loss: {tc.loss} (the start is {state.init.upper()}'s)")
 
     # The coarse assignment runs in faiss, on the CPU; then everything moves to the device.
     xt = model.normalize(torch.from_numpy(xtrain))
@@ -481,6 +486,14 @@ def check_config(tc: TrainConfig) -> None:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {tc.loss!r}")
     if tc.stop_after < 0 or tc.grad_clip < 0:
         raise ValueError(f"stop_after and grad_clip must be >= 0, got {tc.stop_after}, {tc.grad_clip}")
+
+
+def resolve_loss(loss: str, init: str) -> str:
+    """The loss a run trains with: "auto" is "final" from LSQ++'s start (its codes are not residual)
+    and "steps" from RQ's."""
+    if loss != "auto":
+        return loss
+    return "final" if init == "lsq" else "steps"
 
 
 def cpu_copy(model: Qinco) -> dict[str, torch.Tensor]:

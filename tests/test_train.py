@@ -25,6 +25,7 @@ def test_short_training_on_real_data_beats_rq_initialisation(tmp_path, glove_sam
     assert state["best_val_mse"] < 0.99 * state["init_val_mse"], state["history"]
     assert state["init_val_mse"] < 1.05 * state["rq_val_mse"]  # starts at the RQ solution
     assert 50_000 <= state["vectors_seen"] < 50_000 + 1024  # stops at the first chunk past max_vectors
+    assert extra["training"]["config"]["loss"] == "steps"  # "auto" from RQ's start: QINCo's loss
 
 
 def test_a_vector_budget_gives_the_same_model_twice(tmp_path, glove_sample):
@@ -247,7 +248,7 @@ def test_the_final_loss_counts_the_last_step_alone(glove_sample):
         got = gradient_passes(model, opt, x, codes, None, TrainConfig(loss=loss, reuse=1), len(x),
                               torch.Generator().manual_seed(0), False)
         assert abs(got - float(expected)) < 1e-4 * float(expected), (loss, got, expected)
-    with pytest.raises(ValueError, match="loss must be one of steps, final"):
+    with pytest.raises(ValueError, match="loss must be one of auto, steps, final"):
         train(np.zeros((100, 8), np.float32), "/nonexistent/x.safetensors", QincoConfig(d=8, M=2, K=16),
               TrainConfig(loss="last"))
 
@@ -297,3 +298,10 @@ def test_an_lsq_start_encodes_at_least_as_well_as_lsq(tmp_path, glove_sample):
     s = extra["training"]["state"]
     assert trained.seed_codebooks.shape == (cfg.M, cfg.K, cfg.d)
     assert s["vectors_seen"] >= 20_000 and s["init"] == "lsq" and s["init_val_mse"] <= s["lsq_val_mse"] * 1.02, s
+    assert extra["training"]["config"]["loss"] == "final"  # "auto" from LSQ++'s start (its codes are not residual)
+    # A resume keeps it; an explicit loss overrides it.
+    for loss, expected in (("auto", "final"), ("steps", "steps")):
+        train(glove_sample[:4000], out, None, TrainConfig(**{**FIXTURE_TRAINING, "max_vectors": 22_000}, A=4, B=2,
+                                                          batch=128, val=1000, eval_every=2000, loss=loss),
+              resume=True, report=False)
+        assert load_model(out, with_extra=True)[1]["training"]["config"]["loss"] == expected
