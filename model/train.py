@@ -76,8 +76,12 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 autocast for the code search (and, on CUDA, the network); None: on CUDA
     #                           and on CPUs with bf16 hardware
     device: str = "auto"  # auto | cpu | cuda[:N] (model/distributed.py; several processes: torchrun)
-    stop_after: int = 10  # stop after this many validations without progress past the warm-up (0: never): the
-    #                       best model is kept anyway; on 36k wordnet vectors it came at 17 of 60 minutes
+    # After this many validations without progress past the warm-up (0: never), the cosine schedule
+    # anneals to 0 over as many validations' vectors, then stops (the plateau schedule stops at once).
+    # The best model is kept anyway.  On 36k wordnet vectors the best came at 17 of 60 minutes; on
+    # glove-50 the run stalled with the learning rate at half its peak, where a shorter cosine was 1.7%
+    # better (bench/RESULTS.md, session 25): a stall is ended by annealing, not by stopping.
+    stop_after: int = 10
     grad_clip: float = 0.0  # clip each gradient value to [-grad_clip, grad_clip] (QINCo2: 0.1; 0: off)
     reset_dead: bool = False  # each epoch, codewords no code chose get a random residual of that step
     # "steps": QINCo's loss, the sum of every step's reconstruction error (what a residual beam search
@@ -105,6 +109,7 @@ class TrainState:
     init: str = "rq"  # the codebooks training started from
     since_best: int = 0  # validations since the best one
     dead_reset: int = 0  # codewords reset (reset_dead)
+    annealed_at: int = 0  # vectors seen when a stall started the cosine's early anneal (0: none)
 
 
 INITS = ("rq", "lsq", "best")
@@ -291,6 +296,21 @@ def lr_factor(tc: TrainConfig, vectors_seen: int, elapsed: float, budget: float)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
+def anneal_factor(start: int, end: int, factor: float, vectors_seen: int) -> float:
+    """The cosine's early anneal after a stall: from `factor` at `start` vectors to 0 at `end`."""
+    done = min(1.0, max(0, vectors_seen - start) / max(1, end - start))
+    return factor * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def anneal_end(tc: TrainConfig, vectors_seen: int, eval_every: int, vectors_left: float) -> int:
+    """Where an anneal that starts now ends: `stop_after` validations later, sooner where the
+    budget would end first (`vectors_left`: what it likely leaves, in vectors; max_vectors)."""
+    left = min(tc.stop_after * eval_every, vectors_left)
+    if tc.max_vectors:
+        left = min(left, tc.max_vectors - vectors_seen)
+    return vectors_seen + max(1, int(left))
+
+
 def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConfig(),
           resume: bool = False, progress=None, report: bool = True) -> Qinco:
     """Train a QINCo model on raw vectors `data` (n, d) and save it to `out`.
@@ -324,7 +344,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         if model.cfg.d != x.shape[1]:
             raise ValueError(f"expected dim {model.cfg.d}, got {x.shape[1]}")
         state = TrainState(**extra["training"]["state"])
-        state.since_best = 0  # a resumed run gets its own --stop-after
+        state.since_best = state.annealed_at = 0  # a resumed run gets its own --stop-after and anneal
         stored = extra["training"].get("config", {}).get("loss", "steps")
         tc = replace(tc, loss=resolve_loss(tc.loss, state.init))
         if stored != tc.loss:
@@ -404,6 +424,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}s [ETA {remaining}] {postfix}")
     bar.update(round(time.time() - start))
     since_eval, stop = 0, False
+    anneal = None  # (start, end, factor): the cosine's early anneal after a stall, in vectors seen
+    seen_before, loop_start = state.vectors_seen, time.time() - start  # for the training loop's rate
     steps_in_loss = 1 if tc.loss == "final" else cfg.M
     chunk = min(tc.batch * tc.chunk_batches, len(xt))
     mine = distributed.share(chunk)  # this process's share of every chunk (all of it in one process)
@@ -421,7 +443,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                 usage += torch.bincount((codes + torch.arange(cfg.M, device=device) * cfg.K).flatten(),
                                         minlength=cfg.M * cfg.K).view(cfg.M, cfg.K)
             clock = distributed.mean_all([time.time() - start], device)[0]  # one schedule in every process
-            factor = lr_factor(tc, state.vectors_seen + chunk, clock, budget)
+            factor = (lr_factor(tc, state.vectors_seen + chunk, clock, budget) if anneal is None
+                      else anneal_factor(*anneal, state.vectors_seen + chunk))
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * (state.lr / tc.lr) * factor  # state.lr: after plateau cuts
             loss = gradient_passes(net, optimizer, xc, codes, lc, tc, batch, gen, bf16 and device.type == "cuda")
@@ -435,8 +458,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                                 f"val={state.best_val_mse:.5g} lr={optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             # Stop when one more chunk and a last validation would overrun the budget.
             stop = elapsed + 1.2 * (time.time() - chunk_start) + 1.1 * val_seconds > budget
-            stop = distributed.any_process(stop or bool(tc.max_vectors and state.vectors_seen >= tc.max_vectors),
-                                           device)
+            stop = stop or bool(tc.max_vectors and state.vectors_seen >= tc.max_vectors)
+            stop = distributed.any_process(stop or bool(anneal and state.vectors_seen >= anneal[1]), device)
             if since_eval >= eval_every or (stop and since_eval > 0):
                 t0 = time.time()
                 val = validation_mse(model, xv, lv, train_encoder, shared=True, seeds=seeds_v)
@@ -446,8 +469,19 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                     state.best_val_mse, state.stale, state.since_best = val, 0, 0
                     best = cpu_copy(model)
                     checkpoint()
-                elif state.vectors_seen > warmup_vectors(tc):  # leaving the start costs a little at first
-                    stop = schedule_after_stale(state, tc) or stop
+                elif state.vectors_seen > warmup_vectors(tc) and schedule_after_stale(state, tc):
+                    # (leaving the start costs a little at first: no stall counts in the warm-up)
+                    if tc.schedule == "cosine" and anneal is None:
+                        rate = (state.vectors_seen - seen_before) / max(clock - loop_start, 1e-9)
+                        end = anneal_end(tc, state.vectors_seen, eval_every, rate * (budget - clock))
+                        anneal = (state.vectors_seen, end, factor)
+                        state.annealed_at, state.since_best = state.vectors_seen, 0
+                        log(f"no progress in {tc.stop_after} validations: annealing the learning rate to 0 "
+                            f"over {end - state.vectors_seen} vectors, then stopping")
+                    else:
+                        if tc.stop_after and state.since_best >= tc.stop_after:
+                            log(f"no progress in {state.since_best} validations: early stop")
+                        stop = True
                 log(f"{(time.time() - start + prior) / 60:5.1f} min  {state.vectors_seen:>9} vectors  "
                     f"validation MSE {val:.5g} (best {state.best_val_mse:.5g}, lr {optimizer.param_groups[0]['lr']:.1e})")
             if stop:
@@ -565,10 +599,10 @@ def gradient_passes(net: torch.nn.Module, optimizer: torch.optim.Optimizer, xc: 
 
 
 def schedule_after_stale(state: TrainState, tc: TrainConfig) -> bool:
-    """A validation without progress: the plateau schedule's cut, and whether to stop now."""
+    """A validation without progress: the plateau schedule's cut, and whether the run has stalled
+    (`stop_after` of them; the plateau schedule: stale at its smallest learning rate)."""
     state.since_best += 1
     if tc.stop_after and state.since_best >= tc.stop_after:
-        log(f"no progress in {state.since_best} validations: early stop")
         return True
     if tc.schedule != "plateau":
         return False

@@ -202,11 +202,27 @@ def test_stop_after_validations_without_progress(tmp_path, glove_sample):
                    max_vectors=100_000, init="rq")
     train_fixture(glove_sample[:3000], out, cfg, **options)
     state = load_model(out, with_extra=True)[1]["training"]["state"]
+    # The cosine schedule first anneals over 2 validations' vectors (2,000), then stops.
     assert state["since_best"] == 2 and state["vectors_seen"] < 20_000, state
+    assert 1000 < state["annealed_at"] and state["annealed_at"] + 2000 <= state["vectors_seen"] < 20_000, state
+    plateau = tmp_path / "plateau.safetensors"  # the plateau schedule stops at once
+    train_fixture(glove_sample[:3000], plateau, cfg, **options, schedule="plateau")
+    stopped = load_model(plateau, with_extra=True)[1]["training"]["state"]
+    assert stopped["annealed_at"] == 0 and stopped["since_best"] == 2 and stopped["vectors_seen"] < state["vectors_seen"]
     # resumed: its own 2 validations without progress, not a stop at the first
     train(glove_sample[:3000], out, None, TrainConfig(**{**FIXTURE_TRAINING, **options}), resume=True, report=False)
     resumed = load_model(out, with_extra=True)[1]["training"]["state"]
     assert resumed["since_best"] == 2 and resumed["vectors_seen"] >= state["vectors_seen"] + 2000, resumed
+
+
+def test_a_stall_anneals_the_cosine_within_the_budget():
+    from model.train import anneal_end, anneal_factor
+    assert anneal_factor(100, 200, 0.5, 100) == 0.5 and abs(anneal_factor(100, 200, 0.5, 150) - 0.25) < 1e-9
+    assert anneal_factor(100, 200, 0.5, 200) == 0.0 == anneal_factor(100, 200, 0.5, 500)
+    tc = TrainConfig(stop_after=10)
+    assert anneal_end(tc, 1000, 50, 1e9) == 1500  # stop_after validations' vectors
+    assert anneal_end(tc, 1000, 50, 200.7) == 1200  # what the budget leaves
+    assert anneal_end(TrainConfig(stop_after=10, max_vectors=1100), 1000, 50, 1e9) == 1100
 
 
 class RecordingOptimizer(torch.optim.SGD):
