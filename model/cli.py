@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                               ("warmup", int, "vectors of linear learning-rate warm-up"),
                               ("init", str, "base codebooks from faiss rq, lsq (LSQ++) or the best of both"),
                               ("lsq_iters", int, "LSQ++'s training iterations"),
-                              ("stop_after", int, "validations without progress before stopping, 0: never"),
+                              ("stop_after", int, "validations without progress before the cosine anneals to 0 and stops "
+                                                   "(plateau: stops), 0: never"),
                               ("grad_clip", float, "clip gradient values to +-this, 0: off"),
                               ("loss", str, "steps (QINCo's: every step's error), final (the last step's) or auto "
                                                 "(final from an LSQ++ start, else steps)")]:

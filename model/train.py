@@ -79,8 +79,8 @@ class TrainConfig:
     # After this many validations without progress past the warm-up (0: never), the cosine schedule
     # anneals to 0 over as many validations' vectors, then stops (the plateau schedule stops at once).
     # The best model is kept anyway.  On 36k wordnet vectors the best came at 17 of 60 minutes; on
-    # glove-50 the run stalled with the learning rate at half its peak, where a shorter cosine was 1.7%
-    # better (bench/RESULTS.md, session 25): a stall is ended by annealing, not by stopping.
+    # glove-50 the run stopped with the learning rate at half its peak (bench/RESULTS.md, session 25),
+    # before the low rates where a cosine makes most of its gain: a stall ends in an anneal.
     stop_after: int = 10
     grad_clip: float = 0.0  # clip each gradient value to [-grad_clip, grad_clip] (QINCo2: 0.1; 0: off)
     reset_dead: bool = False  # each epoch, codewords no code chose get a random residual of that step
@@ -345,8 +345,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             raise ValueError(f"expected dim {model.cfg.d}, got {x.shape[1]}")
         state = TrainState(**extra["training"]["state"])
         state.since_best = state.annealed_at = 0  # a resumed run gets its own --stop-after and anneal
-        stored = extra["training"].get("config", {}).get("loss", "steps")
-        tc = replace(tc, loss=resolve_loss(tc.loss, state.init))
+        stored = extra["training"].get("config", {}).get("loss", "steps")  # older files: QINCo's loss
+        tc = replace(tc, loss=stored if tc.loss == "auto" else tc.loss)  # a resume keeps its loss
         if stored != tc.loss:
             log(f"resuming with loss {tc.loss!r}; {out} was trained with {stored!r}")
         cfg = model.cfg
@@ -371,7 +371,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         else:
             model, state = Qinco(cfg), None
         state = distributed.broadcast_state(model, state, device)
-        tc = replace(tc, loss=resolve_loss(tc.loss, state.init))  # stored resolved: a resume keeps it
+        tc = replace(tc, loss=resolve_loss(tc.loss, state.init))  # stored resolved: what a resume keeps
         log(f"loss: {tc.loss} (the start is {state.init.upper()}'s)")
 
     # The coarse assignment runs in faiss, on the CPU; then everything moves to the device.
@@ -425,7 +425,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     bar.update(round(time.time() - start))
     since_eval, stop = 0, False
     anneal = None  # (start, end, factor): the cosine's early anneal after a stall, in vectors seen
-    seen_before, loop_start = state.vectors_seen, time.time() - start  # for the training loop's rate
+    seen_before = state.vectors_seen  # for the training loop's rate, from loop_start (one in every process)
+    loop_start = distributed.mean_all([time.time() - start], device)[0]
     steps_in_loss = 1 if tc.loss == "final" else cfg.M
     chunk = min(tc.batch * tc.chunk_batches, len(xt))
     mine = distributed.share(chunk)  # this process's share of every chunk (all of it in one process)
@@ -443,8 +444,9 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                 usage += torch.bincount((codes + torch.arange(cfg.M, device=device) * cfg.K).flatten(),
                                         minlength=cfg.M * cfg.K).view(cfg.M, cfg.K)
             clock = distributed.mean_all([time.time() - start], device)[0]  # one schedule in every process
-            factor = (lr_factor(tc, state.vectors_seen + chunk, clock, budget) if anneal is None
-                      else anneal_factor(*anneal, state.vectors_seen + chunk))
+            factor = lr_factor(tc, state.vectors_seen + chunk, clock, budget)
+            if anneal is not None:  # never above the cosine it cuts short
+                factor = min(factor, anneal_factor(*anneal, state.vectors_seen + chunk))
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * (state.lr / tc.lr) * factor  # state.lr: after plateau cuts
             loss = gradient_passes(net, optimizer, xc, codes, lc, tc, batch, gen, bf16 and device.type == "cuda")
@@ -459,7 +461,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             # Stop when one more chunk and a last validation would overrun the budget.
             stop = elapsed + 1.2 * (time.time() - chunk_start) + 1.1 * val_seconds > budget
             stop = stop or bool(tc.max_vectors and state.vectors_seen >= tc.max_vectors)
-            stop = distributed.any_process(stop or bool(anneal and state.vectors_seen >= anneal[1]), device)
+            annealed = bool(anneal and state.vectors_seen >= anneal[1])
+            stop = distributed.any_process(stop or annealed, device)
             if since_eval >= eval_every or (stop and since_eval > 0):
                 t0 = time.time()
                 val = validation_mse(model, xv, lv, train_encoder, shared=True, seeds=seeds_v)
@@ -469,19 +472,26 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                     state.best_val_mse, state.stale, state.since_best = val, 0, 0
                     best = cpu_copy(model)
                     checkpoint()
-                elif state.vectors_seen > warmup_vectors(tc) and schedule_after_stale(state, tc):
-                    # (leaving the start costs a little at first: no stall counts in the warm-up)
-                    if tc.schedule == "cosine" and anneal is None:
-                        rate = (state.vectors_seen - seen_before) / max(clock - loop_start, 1e-9)
-                        end = anneal_end(tc, state.vectors_seen, eval_every, rate * (budget - clock))
+                # (leaving the start costs a little at first: no stall counts in the warm-up; an
+                # anneal ends at its own end)
+                elif state.vectors_seen > warmup_vectors(tc) and schedule_after_stale(state, tc) and anneal is None:
+                    if tc.schedule == "cosine" and not stop:
+                        # What the budget leaves for it, less the margin of the budget's stop (above).
+                        now, chunk_seconds = distributed.mean_all([time.time() - start, time.time() - chunk_start],
+                                                                  device)
+                        left = budget - now - 1.2 * chunk_seconds - 1.1 * val_seconds
+                        rate = (state.vectors_seen - seen_before) / max(now - loop_start, 1e-9)
+                        end = anneal_end(tc, state.vectors_seen, eval_every, rate * max(0.0, left))
                         anneal = (state.vectors_seen, end, factor)
                         state.annealed_at, state.since_best = state.vectors_seen, 0
                         log(f"no progress in {tc.stop_after} validations: annealing the learning rate to 0 "
                             f"over {end - state.vectors_seen} vectors, then stopping")
-                    else:
+                    elif not stop:
                         if tc.stop_after and state.since_best >= tc.stop_after:
                             log(f"no progress in {state.since_best} validations: early stop")
                         stop = True
+                if annealed:
+                    log("the learning rate is annealed to 0: stopping")
                 log(f"{(time.time() - start + prior) / 60:5.1f} min  {state.vectors_seen:>9} vectors  "
                     f"validation MSE {val:.5g} (best {state.best_val_mse:.5g}, lr {optimizer.param_groups[0]['lr']:.1e})")
             if stop:
