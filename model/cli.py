@@ -292,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                               ("stop_after", int, "validations without progress before the cosine anneals to 0 and stops "
                                                    "(plateau: stops), 0: never"),
                               ("grad_clip", float, "clip gradient values to +-this, 0: off"),
-                              ("loss", str, "steps (QINCo's: every step's error), final (the last step's) or auto "
-                                                "(final from an LSQ++ start, else steps)")]:
+                              ("loss", str, "steps (QINCo's: every step's error), final (the last step's), steps-then-final "
+                                                "(final once the run stalls) or auto (steps-then-final from an "
+                                                "LSQ++ start, else steps)")]:
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # --lr_codebooks and --lr-codebooks
         p.add_argument(*flags, dest=name, type=kind, choices=choices.get(name),
                        help=f"{help_} (default {getattr(TrainConfig, name)})")

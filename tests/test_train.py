@@ -194,18 +194,28 @@ def test_lsq_initialisation_is_the_lsq_additive_quantizer(glove_sample, monkeypa
         assert len(model.seed_codebooks) == (cfg.M if expected == "lsq" else 0)  # seeds go with LSQ++'s start
 
 
-def test_stop_after_validations_without_progress(tmp_path, glove_sample):
+def test_stop_after_validations_without_progress(tmp_path, glove_sample, monkeypatch):
     cfg = QincoConfig(d=50, M=2, K=16, L=1, h=16)
     out = tmp_path / "m.safetensors"
+    losses, learning_rates = [], []  # per chunk
+    passes = training.gradient_passes
+
+    def recording(net, optimizer, xc, codes, lc, tc, *args):
+        losses.append(tc.loss)
+        learning_rates.append(optimizer.param_groups[0]["lr"])
+        return passes(net, optimizer, xc, codes, lc, tc, *args)
+    monkeypatch.setattr(training, "gradient_passes", recording)
     # A learning rate too small to move anything: after the warm-up, 2 stale validations end the run.
     options = dict(A=4, B=2, batch=128, val=500, eval_every=1000, lr=1e-12, warmup=1000, stop_after=2,
-                   max_vectors=100_000, init="rq")
+                   max_vectors=100_000, init="rq", loss="steps-then-final")
     train_fixture(glove_sample[:3000], out, cfg, **options)
     state = load_model(out, with_extra=True)[1]["training"]["state"]
     # The cosine schedule first anneals over 2 validations' vectors (2,000), then stops at the first
     # chunk (1,024 vectors) past them: the anneal's end, not a stall (max_vectors would be 100,000).
     assert state["since_best"] == 2, state
     assert 1000 < state["annealed_at"] and 2000 <= state["vectors_seen"] - state["annealed_at"] < 2000 + 1024, state
+    assert learning_rates[-1] == 0.0 < learning_rates[-2] < learning_rates[-3]  # annealed (the cosine is at ~1e-12)
+    assert losses[0] == "steps" and losses[-1] == "final" and losses == sorted(losses, key=["steps", "final"].index)
     plateau = tmp_path / "plateau.safetensors"  # the plateau schedule stops at once
     train_fixture(glove_sample[:3000], plateau, cfg, **options, schedule="plateau")
     stopped = load_model(plateau, with_extra=True)[1]["training"]["state"]
@@ -265,7 +275,7 @@ def test_the_final_loss_counts_the_last_step_alone(glove_sample):
         got = gradient_passes(model, opt, x, codes, None, TrainConfig(loss=loss, reuse=1), len(x),
                               torch.Generator().manual_seed(0), False)
         assert abs(got - float(expected)) < 1e-4 * float(expected), (loss, got, expected)
-    with pytest.raises(ValueError, match="loss must be one of auto, steps, final"):
+    with pytest.raises(ValueError, match="loss must be one of auto, steps, final, steps-then-final"):
         train(np.zeros((100, 8), np.float32), "/nonexistent/x.safetensors", QincoConfig(d=8, M=2, K=16),
               TrainConfig(loss="last"))
 
@@ -315,9 +325,9 @@ def test_an_lsq_start_encodes_at_least_as_well_as_lsq(tmp_path, glove_sample):
     s = extra["training"]["state"]
     assert trained.seed_codebooks.shape == (cfg.M, cfg.K, cfg.d)
     assert s["vectors_seen"] >= 20_000 and s["init"] == "lsq" and s["init_val_mse"] <= s["lsq_val_mse"] * 1.02, s
-    assert extra["training"]["config"]["loss"] == "final"  # "auto" from LSQ++'s start (its codes are not residual)
+    assert extra["training"]["config"]["loss"] == "steps-then-final"  # "auto" from LSQ++'s start (not residual codes)
     # A resume keeps the file's loss; an explicit one overrides it (and is kept in turn).
-    for loss, expected in (("auto", "final"), ("steps", "steps"), ("auto", "steps")):
+    for loss, expected in (("auto", "steps-then-final"), ("steps", "steps"), ("auto", "steps")):
         train(glove_sample[:4000], out, None, TrainConfig(**{**FIXTURE_TRAINING, "max_vectors": 22_000}, A=4, B=2,
                                                           batch=128, val=1000, eval_every=2000, loss=loss),
               resume=True, report=False)
