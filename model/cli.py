@@ -289,12 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
                               ("warmup", int, "vectors of linear learning-rate warm-up"),
                               ("init", str, "base codebooks from faiss rq, lsq (LSQ++) or the best of both"),
                               ("lsq_iters", int, "LSQ++'s training iterations"),
-                              ("stop_after", int, "validations without progress before the cosine anneals to 0 and stops "
-                                                   "(plateau: stops), 0: never"),
+                              ("stop_after", int, "validations without progress before the cosine goes back to the best "
+                                                   "model, anneals to 0 and stops (plateau: stops), 0: never"),
                               ("grad_clip", float, "clip gradient values to +-this, 0: off"),
                               ("loss", str, "steps (QINCo's: every step's error), final (the last step's), steps-then-final "
-                                                "(final once the run stalls) or auto (steps-then-final from an "
-                                                "LSQ++ start, else steps)")]:
+                                                "(final once the cosine schedule stalls) or auto (from an LSQ++ start "
+                                                "steps-then-final, or final without a stall to switch at; else steps)")]:
         flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # --lr_codebooks and --lr-codebooks
         p.add_argument(*flags, dest=name, type=kind, choices=choices.get(name),
                        help=f"{help_} (default {getattr(TrainConfig, name)})")

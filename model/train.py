@@ -339,6 +339,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     if cfg is not None and not resume and cfg.d != x.shape[1]:
         raise ValueError(f"expected dim {cfg.d}, got {x.shape[1]}")
     xtrain, xval = split_learn(x, tc.val, tc.seed)
+    switched = False  # a resumed steps-then-final run already in its final phase
     train_encoder = Encoder(A=tc.A, B=tc.B)
 
     if resume:
@@ -346,9 +347,11 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         if model.cfg.d != x.shape[1]:
             raise ValueError(f"expected dim {model.cfg.d}, got {x.shape[1]}")
         state = TrainState(**extra["training"]["state"])
+        switched = state.annealed_at > 0  # a steps-then-final run that reached its final phase goes on in it
         state.since_best = state.annealed_at = 0  # a resumed run gets its own --stop-after and anneal
         stored = extra["training"].get("config", {}).get("loss", "steps")  # older files: QINCo's loss
         tc = replace(tc, loss=stored if tc.loss == "auto" else tc.loss)  # a resume keeps its loss
+        check_config(tc)
         if stored != tc.loss:
             log(f"resuming with loss {tc.loss!r}; {out} was trained with {stored!r}")
         cfg = model.cfg
@@ -373,7 +376,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
         else:
             model, state = Qinco(cfg), None
         state = distributed.broadcast_state(model, state, device)
-        tc = replace(tc, loss=resolve_loss(tc.loss, state.init))  # stored resolved: what a resume keeps
+        tc = replace(tc, loss=resolve_loss(tc, state.init))  # stored resolved: what a resume keeps
         log(f"loss: {tc.loss} (the start is {state.init.upper()}'s)")
 
     # The coarse assignment runs in faiss, on the CPU; then everything moves to the device.
@@ -429,7 +432,8 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     anneal = None  # (start, end, factor): the cosine's early anneal after a stall, in vectors seen
     seen_before = state.vectors_seen  # for the training loop's rate, from loop_start (one in every process)
     loop_start = distributed.mean_all([time.time() - start], device)[0]
-    phase = replace(tc, loss="steps" if tc.loss == "steps-then-final" else tc.loss)  # the loss until a stall
+    # The loss until a stall (steps-then-final: "steps" unless a resumed run had already switched).
+    phase = replace(tc, loss=("final" if switched else "steps") if tc.loss == "steps-then-final" else tc.loss)
     steps_in_loss = 1 if phase.loss == "final" else cfg.M
     chunk = min(tc.batch * tc.chunk_batches, len(xt))
     mine = distributed.share(chunk)  # this process's share of every chunk (all of it in one process)
@@ -487,7 +491,9 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                         end = anneal_end(tc, state.vectors_seen, eval_every, rate * max(0.0, left))
                         anneal = (state.vectors_seen, end, factor)
                         state.annealed_at, state.since_best = state.vectors_seen, 0
-                        model.load_state_dict(best)  # the same in every process: `best` follows the shared validation
+                        # The same in every process (`best` follows the shared validation).  AdamW's moments
+                        # are kept: so measured (bench/RESULTS.md, session 27).
+                        model.load_state_dict(best)
                         if tc.loss == "steps-then-final":
                             phase = replace(tc, loss="final")
                             steps_in_loss = 1
@@ -535,16 +541,22 @@ def check_config(tc: TrainConfig) -> None:
                          f"{tc.lsq_iters}")
     if tc.loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {tc.loss!r}")
+    if tc.loss == "steps-then-final" and (tc.schedule != "cosine" or not tc.stop_after):
+        raise ValueError("loss steps-then-final switches at a stall of the cosine schedule: it needs schedule "
+                         "cosine and stop_after > 0")
     if tc.stop_after < 0 or tc.grad_clip < 0:
         raise ValueError(f"stop_after and grad_clip must be >= 0, got {tc.stop_after}, {tc.grad_clip}")
 
 
-def resolve_loss(loss: str, init: str) -> str:
+def resolve_loss(tc: TrainConfig, init: str) -> str:
     """The loss a run trains with: "auto" is "steps-then-final" from LSQ++'s start (its codes are not
-    residual) and "steps" from RQ's."""
-    if loss != "auto":
-        return loss
-    return "steps-then-final" if init == "lsq" else "steps"
+    residual), "final" there where no stall would switch it (the plateau schedule, stop_after 0),
+    and "steps" from RQ's."""
+    if tc.loss != "auto":
+        return tc.loss
+    if init != "lsq":
+        return "steps"
+    return "steps-then-final" if tc.schedule == "cosine" and tc.stop_after else "final"
 
 
 def cpu_copy(model: Qinco) -> dict[str, torch.Tensor]:
@@ -599,7 +611,10 @@ def qinco_loss(net: torch.nn.Module, xb: torch.Tensor, codes: torch.Tensor, list
 
 def gradient_passes(net: torch.nn.Module, optimizer: torch.optim.Optimizer, xc: torch.Tensor, codes: torch.Tensor,
                     lc, tc: TrainConfig, batch: int, gen: torch.Generator, autocast: bool) -> float:
-    """`reuse` passes over the chunk's codes (the search dominates the cost); returns the last loss."""
+    """`reuse` passes over the chunk's codes (the search dominates the cost); returns the last loss.
+    tc.loss: the loss of this phase, "steps" or "final" (`train` resolves the others)."""
+    if tc.loss not in ("steps", "final"):
+        raise ValueError(f"gradient passes take the steps or final loss, got {tc.loss!r}")
     loss = torch.zeros(())
     for _ in range(tc.reuse):
         order = torch.randperm(len(xc), generator=gen).to(xc.device)

@@ -217,13 +217,47 @@ def test_stop_after_validations_without_progress(tmp_path, glove_sample, monkeyp
     assert learning_rates[-1] == 0.0 < learning_rates[-2] < learning_rates[-3]  # annealed (the cosine is at ~1e-12)
     assert losses[0] == "steps" and losses[-1] == "final" and losses == sorted(losses, key=["steps", "final"].index)
     plateau = tmp_path / "plateau.safetensors"  # the plateau schedule stops at once
-    train_fixture(glove_sample[:3000], plateau, cfg, **options, schedule="plateau")
+    train_fixture(glove_sample[:3000], plateau, cfg, **{**options, "loss": "steps"}, schedule="plateau")
     stopped = load_model(plateau, with_extra=True)[1]["training"]["state"]
     assert stopped["annealed_at"] == 0 and stopped["since_best"] == 2 and stopped["vectors_seen"] < state["vectors_seen"]
-    # resumed: its own 2 validations without progress, not a stop at the first
+    # resumed: its own 2 validations without progress, not a stop at the first; in the final phase it
+    # had reached
+    losses.clear()
     train(glove_sample[:3000], out, None, TrainConfig(**{**FIXTURE_TRAINING, **options}), resume=True, report=False)
+    assert set(losses) == {"final"}
     resumed = load_model(out, with_extra=True)[1]["training"]["state"]
     assert resumed["since_best"] == 2 and resumed["annealed_at"] > state["vectors_seen"], resumed
+
+
+def test_the_loss_resolves_from_the_start_and_the_schedule():
+    from model.train import check_config, resolve_loss
+    assert resolve_loss(TrainConfig(), "lsq") == "steps-then-final" and resolve_loss(TrainConfig(), "rq") == "steps"
+    assert resolve_loss(TrainConfig(stop_after=0), "lsq") == "final" == resolve_loss(TrainConfig(schedule="plateau"), "lsq")
+    assert resolve_loss(TrainConfig(loss="steps"), "lsq") == "steps"
+    for bad in (TrainConfig(loss="steps-then-final", stop_after=0), TrainConfig(loss="steps-then-final", schedule="plateau")):
+        with pytest.raises(ValueError, match="switches at a stall"):
+            check_config(bad)
+
+
+def test_a_stall_goes_back_to_the_best_model(tmp_path, glove_sample, monkeypatch):
+    """A learning rate so high that every validation is worse than the start: at the stall the
+    model is the best (the saved start) again, and the anneal trains it with the final loss."""
+    cfg = QincoConfig(d=50, M=2, K=16, L=1, h=16)
+    out = tmp_path / "m.safetensors"
+    at_switch = {}
+    passes = training.gradient_passes
+
+    def recording(net, optimizer, xc, codes, lc, tc, *args):
+        if tc.loss == "final" and not at_switch:
+            at_switch.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return passes(net, optimizer, xc, codes, lc, tc, *args)
+    monkeypatch.setattr(training, "gradient_passes", recording)
+    train_fixture(glove_sample[:3000], out, cfg, A=4, B=2, batch=128, val=500, eval_every=1000, lr=1.0, warmup=1000,
+                  stop_after=2, max_vectors=100_000, init="rq", loss="steps-then-final")
+    saved, extra = load_model(out, with_extra=True)
+    state = extra["training"]["state"]
+    assert state["best_val_mse"] == state["init_val_mse"] and state["annealed_at"] > 0, state
+    assert at_switch and all(torch.equal(at_switch[k], v) for k, v in saved.state_dict().items())
 
 
 def test_a_stall_anneals_the_cosine_within_the_budget():
@@ -325,9 +359,10 @@ def test_an_lsq_start_encodes_at_least_as_well_as_lsq(tmp_path, glove_sample):
     s = extra["training"]["state"]
     assert trained.seed_codebooks.shape == (cfg.M, cfg.K, cfg.d)
     assert s["vectors_seen"] >= 20_000 and s["init"] == "lsq" and s["init_val_mse"] <= s["lsq_val_mse"] * 1.02, s
-    assert extra["training"]["config"]["loss"] == "steps-then-final"  # "auto" from LSQ++'s start (not residual codes)
+    # "auto" from LSQ++'s start (not residual codes), where no stall would switch it (stop_after=0): final
+    assert extra["training"]["config"]["loss"] == "final"
     # A resume keeps the file's loss; an explicit one overrides it (and is kept in turn).
-    for loss, expected in (("auto", "steps-then-final"), ("steps", "steps"), ("auto", "steps")):
+    for loss, expected in (("auto", "final"), ("steps", "steps"), ("auto", "steps")):
         train(glove_sample[:4000], out, None, TrainConfig(**{**FIXTURE_TRAINING, "max_vectors": 22_000}, A=4, B=2,
                                                           batch=128, val=1000, eval_every=2000, loss=loss),
               resume=True, report=False)
