@@ -77,7 +77,8 @@ class TrainConfig:
     #                           and on CPUs with bf16 hardware
     device: str = "auto"  # auto | cpu | cuda[:N] (model/distributed.py; several processes: torchrun)
     # After this many validations without progress past the warm-up (0: never), the cosine schedule
-    # anneals to 0 over as many validations' vectors, then stops (the plateau schedule stops at once).
+    # goes back to the best model and anneals to 0 over as many validations' vectors, then stops (the
+    # plateau schedule stops at once).
     # The best model is kept anyway.  On 36k wordnet vectors the best came at 17 of 60 minutes; on
     # glove-50 the run stopped with the learning rate at half its peak (bench/RESULTS.md, session 25),
     # before the low rates where a cosine makes most of its gain: a stall ends in an anneal.
@@ -90,7 +91,8 @@ class TrainConfig:
     # from LSQ++'s start, "final" improved every validation where "steps" improved none (bench/RESULTS.md,
     # session 26).  "steps-then-final": "steps" until the run stalls, then "final" for the anneal: on
     # wordnet that was 0.6% better than "final" throughout, which overfits sooner (session 27).
-    # "auto": "steps-then-final" from LSQ++'s start, "steps" from RQ's.
+    # "auto": "steps-then-final" from LSQ++'s start ("final" where no stall would switch), "steps"
+    # from RQ's (`resolve_loss`).
     # "final" has fewer terms, hence smaller gradients: a grad_clip clips less under it.
     loss: str = "auto"
 
@@ -434,7 +436,6 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
     loop_start = distributed.mean_all([time.time() - start], device)[0]
     # The loss until a stall (steps-then-final: "steps" unless a resumed run had already switched).
     phase = replace(tc, loss=("final" if switched else "steps") if tc.loss == "steps-then-final" else tc.loss)
-    steps_in_loss = 1 if phase.loss == "final" else cfg.M
     chunk = min(tc.batch * tc.chunk_batches, len(xt))
     mine = distributed.share(chunk)  # this process's share of every chunk (all of it in one process)
     batch = max(1, tc.batch // world)
@@ -463,6 +464,7 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
             if progress is not None and lead:
                 progress(state, elapsed, budget)
             bar.update(max(0, round(elapsed) - bar.n))
+            steps_in_loss = 1 if phase.loss == "final" else cfg.M
             bar.set_postfix_str(f"step-mean MSE={loss * float(model.scale) ** 2 / steps_in_loss:.4g} "
                                 f"val={state.best_val_mse:.5g} lr={optimizer.param_groups[0]['lr']:.1e}", refresh=False)
             # Stop when one more chunk and a last validation would overrun the budget.
@@ -496,7 +498,6 @@ def train(data, out, cfg: QincoConfig | None = None, tc: TrainConfig = TrainConf
                         model.load_state_dict(best)
                         if tc.loss == "steps-then-final":
                             phase = replace(tc, loss="final")
-                            steps_in_loss = 1
                         log(f"no progress in {tc.stop_after} validations: from the best model, annealing the learning "
                             f"rate to 0 over {end - state.vectors_seen} vectors with the {phase.loss} loss, then stopping")
                     elif not stop:
